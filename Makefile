@@ -1,0 +1,37 @@
+# The two commands: `make demo` and `make test`. Both build .venv from scratch when it is missing.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+
+.PHONY: demo test lint typecheck unit bench loadtest clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch==2.13.0 is pinned on purpose: it resolves to the CPU build on disk, an unpinned torch pulls CUDA.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/shadowproxy demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy comparators tests loadtest
+	$(BIN)/ruff format --check proxy comparators tests loadtest
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+loadtest: $(STAMP)
+	$(BIN)/python -m loadtest.mirror_overhead
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
