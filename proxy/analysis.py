@@ -1,0 +1,107 @@
+"""Decode both answers and score them: the decode -> compare stage, run in a worker thread.
+
+Pure and synchronous on purpose: the mirror task hands it copies of both exchanges through an
+executor, so numpy and tritonclient work never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from comparators import OutputVerdict, compare_outputs, resolve_spec
+
+from .codec import DecodedResponse, MalformedMessage, decode_infer_response, preview
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One side's answer to the same request, as bytes (never parsed on the live path)."""
+
+    upstream: str
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    latency_s: float
+
+
+@dataclass(slots=True)
+class Analysis:
+    outcome: str
+    flagged: bool
+    reason: str = ""
+    severity: float = 0.0
+    verdicts: list[OutputVerdict] = field(default_factory=list)
+    reference: DecodedResponse | None = None
+    candidate: DecodedResponse | None = None
+    previews: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _error_text(body: bytes) -> str:
+    return body[:200].decode("utf-8", "replace").strip()
+
+
+def analyze(
+    ref: Exchange,
+    cand: Exchange,
+    model: str,
+    comparisons: Mapping[str, Mapping[str, Mapping[str, Any]]],
+) -> Analysis:
+    """Compare two answers to one infer request.
+
+    Outcomes: ``compared`` (both decoded; flagged per the comparators), ``status_mismatch``
+    (flagged: the candidate errs where the reference answers, or the reverse), ``both_failed``
+    (same error status on both sides; not a divergence), ``candidate_invalid`` (flagged: a 200
+    that is not a V2 answer), ``reference_undecodable`` (not flagged; nothing to compare against).
+    """
+    if ref.status != 200 or cand.status != 200:
+        if ref.status == cand.status:
+            return Analysis("both_failed", flagged=False)
+        return Analysis(
+            "status_mismatch",
+            flagged=True,
+            severity=1.0,
+            reason=(
+                f"reference answered {ref.status}, candidate answered {cand.status}"
+                f" ({_error_text(cand.body if cand.status != 200 else ref.body)})"
+            ),
+        )
+    try:
+        decoded_ref = decode_infer_response(ref.body, ref.headers)
+    except MalformedMessage as exc:
+        return Analysis("reference_undecodable", flagged=False, reason=f"reference: {exc}")
+    try:
+        decoded_cand = decode_infer_response(cand.body, cand.headers)
+    except MalformedMessage as exc:
+        return Analysis(
+            "candidate_invalid",
+            flagged=True,
+            severity=1.0,
+            reason=f"candidate answer is not valid V2: {exc}",
+            reference=decoded_ref,
+        )
+
+    def spec_for(output: str) -> Any:
+        return resolve_spec(comparisons, model, output)
+
+    verdicts = compare_outputs(decoded_ref.outputs, decoded_cand.outputs, spec_for)
+    flagged = [v for v in verdicts if v.flagged]
+    previews = {}
+    for name in decoded_ref.outputs.keys() | decoded_cand.outputs.keys():
+        previews[name] = {
+            "reference": preview(decoded_ref.outputs[name]) if name in decoded_ref.outputs else None,
+            "candidate": (
+                preview(decoded_cand.outputs[name]) if name in decoded_cand.outputs else None
+            ),
+        }
+    return Analysis(
+        "compared",
+        flagged=bool(flagged),
+        reason="; ".join(f"{v.output}: {v.reason}" for v in flagged),
+        severity=max((v.severity for v in verdicts), default=0.0),
+        verdicts=verdicts,
+        reference=decoded_ref,
+        candidate=decoded_cand,
+        previews=previews,
+    )

@@ -1,0 +1,211 @@
+"""Wiring: the data plane and the admin plane, and who owns which resource.
+
+``create_apps`` returns two aiohttp applications. The data app owns every async resource through
+its cleanup contexts, which aiohttp unwinds in reverse order: telemetry -> sample store (and the
+embedded Redis) -> compare threads -> client sessions -> mirror scheduler. So on shutdown the
+scheduler drains first, then the sessions it used close, then the store, then telemetry flushes.
+The admin app only reads those resources; start it after the data app and stop it before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import aiohttp
+from aiohttp import web
+
+from . import admin
+from .buffer.embedded import EmbeddedRedis, running_url
+from .buffer.store import SampleStore
+from .errors import StoreError
+from .forwarding import LiveProxy, strip_server_defaults
+from .keys import (
+    DATA_APP,
+    EMBEDDED_REDIS,
+    EXECUTOR,
+    LIVE_PROXY,
+    LIVE_SESSION,
+    SCHEDULER,
+    SETTINGS,
+    SHADOW_SESSION,
+    STORE,
+    TELEMETRY,
+)
+from .mirror import MirrorScheduler
+from .settings import Settings
+from .telemetry import Telemetry
+
+log = logging.getLogger("shadowproxy")
+
+# aiohttp's client adds these when absent; a transparent proxy must not invent them upstream.
+_SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+def create_apps(
+    settings: Settings, *, telemetry: Telemetry | None = None
+) -> tuple[web.Application, web.Application]:
+    data = web.Application(
+        client_max_size=settings.proxy.max_body_bytes,
+        # Keep request bodies as the client sent them (gzip included): they are forwarded as-is.
+        handler_args={"auto_decompress": False},
+    )
+    data[SETTINGS] = settings
+    data.cleanup_ctx.append(_telemetry_ctx(telemetry))
+    data.cleanup_ctx.append(_store_ctx)
+    data.cleanup_ctx.append(_executor_ctx)
+    data.cleanup_ctx.append(_sessions_ctx)
+    data.cleanup_ctx.append(_scheduler_ctx)
+    data.on_response_prepare.append(strip_server_defaults)
+    data.router.add_route("*", "/{tail:.*}", _handle)
+
+    admin_app = admin.create_admin_app(settings)
+    admin_app[DATA_APP] = data
+    return data, admin_app
+
+
+async def _handle(request: web.Request) -> web.StreamResponse:
+    return await request.app[LIVE_PROXY].handle(request)
+
+
+def _telemetry_ctx(
+    given: Telemetry | None,
+) -> contextlib.AbstractAsyncContextManager[None] | object:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        tel = given or Telemetry(app[SETTINGS].telemetry)
+        app[TELEMETRY] = tel
+        yield
+        if given is None:
+            tel.shutdown()
+
+    return ctx
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    url = settings.buffer.redis_url.get_secret_value() if settings.buffer.redis_url else None
+    if url is None:
+        state_dir = settings.buffer.state_dir
+        if running_url(state_dir):
+            raise StoreError(
+                f"another embedded Redis already serves {state_dir}; "
+                "give this proxy its own buffer.state_dir or set buffer.redis_url"
+            )
+        embedded = EmbeddedRedis(state_dir)
+        await asyncio.to_thread(embedded.start)
+        app[EMBEDDED_REDIS] = embedded
+        url = embedded.url
+    store = SampleStore.from_url(url, settings.buffer)
+    app[STORE] = store
+    if not await store.ping():
+        # Not fatal: the live path never needs Redis. Samples are counted as not stored.
+        log.warning("redis is not reachable now; verdicts will be counted as store_failed")
+    try:
+        yield
+    finally:
+        await store.close()
+        if EMBEDDED_REDIS in app:
+            await asyncio.to_thread(app[EMBEDDED_REDIS].stop)
+
+
+async def _executor_ctx(app: web.Application) -> AsyncIterator[None]:
+    pool = ThreadPoolExecutor(
+        max_workers=app[SETTINGS].proxy.compare_workers, thread_name_prefix="compare"
+    )
+    app[EXECUTOR] = pool
+    yield
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    # Separate pools: a slow candidate can never hold a connection the live path needs.
+    live = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        auto_decompress=False,
+        skip_auto_headers=_SKIP_AUTO,
+        timeout=aiohttp.ClientTimeout(total=settings.reference.timeout_s),
+    )
+    shadow_limit = sum(c.max_in_flight for c in settings.candidates) + 4
+    shadow = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=shadow_limit, ttl_dns_cache=300),
+        auto_decompress=False,
+        skip_auto_headers=_SKIP_AUTO,
+    )
+    app[LIVE_SESSION] = live
+    app[SHADOW_SESSION] = shadow
+    yield
+    await shadow.close()
+    await live.close()
+
+
+async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    scheduler = MirrorScheduler(
+        settings, app[SHADOW_SESSION], app[STORE], app[EXECUTOR], app[TELEMETRY]
+    )
+    app[SCHEDULER] = scheduler
+    app[LIVE_PROXY] = LiveProxy(settings, app[LIVE_SESSION], scheduler, app[TELEMETRY])
+    yield
+    await scheduler.close()
+
+
+class ProxyRunner:
+    """Start and stop both planes on their ports (used by ``serve``, the demo and the tests)."""
+
+    def __init__(self, settings: Settings, *, telemetry: Telemetry | None = None) -> None:
+        self.settings = settings
+        self.data, self.admin = create_apps(settings, telemetry=telemetry)
+        self._runners: list[web.AppRunner] = []
+        self.data_port = settings.listen.port
+        self.admin_port = settings.admin.port
+
+    async def start(self) -> None:
+        data_runner = web.AppRunner(self.data, access_log=None, handle_signals=False)
+        await data_runner.setup()
+        self._runners.append(data_runner)
+        site = web.TCPSite(data_runner, self.settings.listen.host, self.settings.listen.port)
+        await site.start()
+        self.data_port = _bound_port(site)
+        admin_runner = web.AppRunner(self.admin, access_log=None, handle_signals=False)
+        await admin_runner.setup()
+        self._runners.append(admin_runner)
+        admin_site = web.TCPSite(admin_runner, self.settings.admin.host, self.settings.admin.port)
+        await admin_site.start()
+        self.admin_port = _bound_port(admin_site)
+
+    async def stop(self) -> None:
+        while self._runners:
+            await self._runners.pop().cleanup()
+
+    @property
+    def scheduler(self) -> MirrorScheduler:
+        return self.data[SCHEDULER]
+
+    @property
+    def telemetry(self) -> Telemetry:
+        return self.data[TELEMETRY]
+
+    @property
+    def store(self) -> SampleStore:
+        return self.data[STORE]
+
+    async def drained(self, timeout_s: float = 60.0) -> bool:
+        """Wait until no mirror is in flight (tests and the demo use this)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            if not any(self.scheduler.in_flight.values()):
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server  # aiohttp exposes no public accessor for the bound socket
+    assert server is not None
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1])

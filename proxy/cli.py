@@ -1,0 +1,210 @@
+"""The ``shadowproxy`` command line: serve, demo, review list/show/label/export."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .admin import render_payloads
+from .buffer.embedded import EmbeddedRedis, running_url
+from .buffer.store import LABELS, SampleStore
+from .errors import ShadowProxyError, StoreError
+from .settings import Settings, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shadowproxy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", required=True, type=Path, metavar="FILE")
+
+    demo = sub.add_parser("demo", help="run the whole demo on embedded defaults and report")
+    demo.add_argument("--requests", type=int, default=300, help="live requests to send")
+    demo.add_argument("--state-dir", type=Path, default=Path(".state/demo"))
+    demo.add_argument("--keep-running", action="store_true", help="stay up for review")
+
+    review = sub.add_parser("review", help="read and label stored samples")
+    rsub = review.add_subparsers(dest="review_command", required=True, metavar="ACTION")
+    lst = rsub.add_parser("list", help="list samples, newest first")
+    lst.add_argument("--flagged", action="store_true", help="only flagged samples")
+    lst.add_argument("--candidate", help="only this candidate")
+    lst.add_argument("--limit", type=int, default=50)
+    lst.add_argument("--json", action="store_true", help="JSON for scripts")
+    show = rsub.add_parser("show", help="one sample, with both answers")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    label = rsub.add_parser("label", help="judge a sample")
+    label.add_argument("id")
+    label.add_argument("--verdict", required=True, choices=LABELS)
+    label.add_argument("--note", default="")
+    export = rsub.add_parser("export", help="write the golden set as JSON lines")
+    export.add_argument("--out", required=True, type=Path, metavar="FILE")
+    for p in (lst, show, label, export):
+        p.add_argument("--config", required=True, type=Path, metavar="FILE")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            from .serve import install_event_loop_policy, serve
+
+            settings = load_settings(args.config)
+            logging.getLogger().setLevel(settings.log_level)
+            install_event_loop_policy()
+            asyncio.run(serve(settings))
+            return 0
+        if args.command == "demo":
+            from .demo.runner import run_demo
+
+            return asyncio.run(run_demo(args.requests, args.state_dir, args.keep_running))
+        return asyncio.run(_review(args, load_settings(args.config)))
+    except ShadowProxyError as exc:
+        print(f"shadowproxy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+@contextlib.asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[SampleStore]:
+    """The proxy's store: its Redis URL, the running embedded Redis, or one started on its data."""
+    embedded: EmbeddedRedis | None = None
+    if settings.buffer.redis_url is not None:
+        url = settings.buffer.redis_url.get_secret_value()
+    else:
+        found = running_url(settings.buffer.state_dir)
+        if found is None:
+            embedded = EmbeddedRedis(settings.buffer.state_dir)
+            await asyncio.to_thread(embedded.start)
+            found = embedded.url
+        url = found
+    store = SampleStore.from_url(url, settings.buffer)
+    try:
+        if not await store.ping():
+            raise StoreError(f"cannot reach the sample store at {url.split('@')[-1]}")
+        yield store
+    finally:
+        await store.close()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+def _row(s: dict[str, Any]) -> list[str]:
+    label = (s.get("label") or {}).get("verdict", "")
+    when = time.strftime("%H:%M:%S", time.localtime(float(s["ts"])))
+    reason = s.get("reason") or ""
+    return [
+        s["id"][:12], when, s["candidate"], s["model"], f"{float(s['severity']):.3g}",
+        "yes" if s.get("flagged") else "", label, str(s.get("request_id", ""))[:24],
+        reason[:60] + ("..." if len(reason) > 60 else ""),
+    ]  # fmt: skip
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    for line in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+async def _review(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_store(settings) as store:
+        if args.review_command == "list":
+            items = await store.list_samples(
+                flagged=args.flagged, candidate=args.candidate, limit=args.limit
+            )
+            if args.json:
+                for item in items:
+                    item.pop("previews", None)
+                print(json.dumps(items, indent=2))
+            else:
+                header = ["id", "time", "candidate", "model", "severity", "flagged", "label",
+                          "request id", "reason"]  # fmt: skip
+                print_table(header, [_row(s) for s in items])
+            return 0
+        if args.review_command == "show":
+            sample = await _find(store, args.id)
+            sample["payloads"] = render_payloads(sample["payloads"])
+            if args.json:
+                print(json.dumps(sample, indent=2))
+            else:
+                _print_sample(sample)
+            return 0
+        if args.review_command == "label":
+            sample = await _find(store, args.id)
+            label = await store.label(sample["id"], args.verdict, args.note, "cli")
+            print(f"{sample['id']}: {label['verdict']}" + (f" ({args.note})" if args.note else ""))
+            return 0
+        return await _export(store, args.out)
+
+
+async def _find(store: SampleStore, prefix: str) -> dict[str, Any]:
+    """A sample by id, or by a unique prefix of a flagged sample's id (as the table shows it)."""
+    sample = await store.get_sample(prefix)
+    if sample is not None:
+        return sample
+    matches = [s["id"] for s in await store.list_samples(flagged=True, limit=100_000)
+               if s["id"].startswith(prefix)]  # fmt: skip
+    if len(matches) == 1:
+        found = await store.get_sample(matches[0])
+        if found is not None:
+            return found
+    what = "is ambiguous" if len(matches) > 1 else "matches no stored sample (unknown or expired)"
+    raise StoreError(f"sample id {prefix!r} {what}")
+
+
+def _print_sample(s: dict[str, Any]) -> None:
+    ref, cand = s["reference"], s["candidate_side"]
+    print(f"sample {s['id']}  request {s['request_id']}  flagged: {s['flagged']}")
+    print(f"  reason: {s['reason'] or '-'}")
+    for side, d in (("reference", ref), ("candidate", cand)):
+        print(f"  {side:9} {d['upstream']}: model {d['model']} v{d['version']}, "
+              f"status {d['status']}, {d['latency_ms']:.1f} ms")  # fmt: skip
+    for out in s["outputs"]:
+        scores = ", ".join(f"{k}={v:.4g}" for k, v in out["scores"].items())
+        mark = "FLAGGED " if out["flagged"] else ""
+        print(f"  output {out['output']} [{out['metric']}] {mark}{scores}")
+    for name, pv in (s.get("previews") or {}).items():
+        for side in ("reference", "candidate"):
+            if pv.get(side):
+                print(f"    {name} {side}: {pv[side]['shape']} {pv[side]['head'][:6]}")
+    if s.get("label"):
+        print(f"  label: {s['label']['verdict']} by {s['label']['by']}: {s['label']['note']}")
+
+
+async def _export(store: SampleStore, out: Path) -> int:
+    count = 0
+    with out.open("w", encoding="utf-8") as fh:
+        for item in await store.list_samples(flagged=True, limit=1_000_000):
+            sample = await store.get_sample(item["id"])
+            if sample is None:
+                continue
+            payloads = render_payloads(sample.pop("payloads"))
+            label = sample.get("label") or {}
+            record = {
+                "id": sample["id"], "request_id": sample["request_id"],
+                "model": sample["model"], "candidate": sample["candidate"],
+                "request": payloads.get("request"),
+                "request_headers": payloads.get("request_headers"),
+                "reference_answer": payloads.get("reference_body"),
+                "candidate_answer": payloads.get("candidate_body"),
+                "label": label.get("verdict"), "note": label.get("note"),
+                "versions": {"reference": sample["reference"]["version"],
+                             "candidate": sample["candidate_side"]["version"]},
+                "scores": sample["outputs"], "reason": sample["reason"],
+            }  # fmt: skip
+            fh.write(json.dumps(record) + "\n")
+            count += 1
+    print(f"wrote {count} samples to {out}")
+    return 0

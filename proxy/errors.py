@@ -1,0 +1,72 @@
+"""The proxy's exception tree. Upstream failures are translated here, at one boundary.
+
+    ShadowProxyError
+    ├── ConfigError                      bad config file or CLI argument (names the key and file)
+    ├── StoreError                       Redis could not be reached or answered badly
+    └── UpstreamError                    a server behind the proxy failed (status on the class)
+        ├── UpstreamTimeout      504     no answer within the upstream's timeout
+        ├── UpstreamUnavailable  503     connection refused / DNS failure
+        └── UpstreamBadResponse  502     the connection broke or the answer was malformed
+
+The live path renders an ``UpstreamError`` in the V2 error shape ``{"error": "..."}``, naming the
+upstream, so a client sees which hop failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+
+class ShadowProxyError(Exception):
+    """Base of every error raised by the proxy on purpose."""
+
+
+class ConfigError(ShadowProxyError):
+    """The configuration (file, environment or CLI) is invalid; the message says where."""
+
+
+class StoreError(ShadowProxyError):
+    """The sample store (Redis) failed."""
+
+
+class UpstreamError(ShadowProxyError):
+    status: int = 502
+
+    def __init__(self, upstream: str, url: str, detail: str) -> None:
+        self.upstream = upstream
+        self.url = url
+        self.detail = detail
+        super().__init__(f"upstream '{upstream}' at {url}: {detail}")
+
+
+class UpstreamTimeout(UpstreamError, TimeoutError):
+    status = 504
+
+
+class UpstreamUnavailable(UpstreamError, ConnectionError):
+    status = 503
+
+
+class UpstreamBadResponse(UpstreamError):
+    status = 502
+
+
+def translate_upstream_error(exc: BaseException, upstream: str, url: str) -> UpstreamError:
+    """Map an aiohttp/asyncio failure talking to ``upstream`` onto our tree (the one boundary)."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamTimeout(upstream, url, "timed out waiting for an answer")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnavailable(upstream, url, f"cannot connect ({exc.os_error or exc})")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return UpstreamBadResponse(upstream, url, "closed the connection without an answer")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamBadResponse(upstream, url, f"sent a broken body ({exc})")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return UpstreamBadResponse(upstream, url, f"sent a malformed answer ({exc.message})")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return UpstreamBadResponse(upstream, url, f"connection failed ({type(exc).__name__}: {exc})")
+    return UpstreamBadResponse(upstream, url, f"{type(exc).__name__}: {exc}")

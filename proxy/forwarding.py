@@ -1,0 +1,220 @@
+"""The live path: every request forwarded to the reference, transparently.
+
+What the client gets is what the reference sent: status, reason, body bytes (never decompressed)
+and end-to-end headers. Hop-by-hop headers are stripped both ways; headers aiohttp would add on its
+own (Date, Server, Content-Type) are removed again when the reference did not send them. Bodies
+stream in both directions; only infer requests that some candidate may shadow are buffered, because
+they are sent twice. The live path never awaits the mirror: it hands the scheduler a copy and
+publishes the reference's answer to a future that the shadow tasks read later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from opentelemetry.trace import SpanKind
+
+from .analysis import Exchange
+from .errors import UpstreamError, translate_upstream_error
+from .mirror import MirrorRequest, MirrorScheduler
+from .routes import RouteKind, classify
+from .settings import Settings
+from .telemetry import Telemetry
+
+log = logging.getLogger("shadowproxy.forward")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+# Headers aiohttp's server adds by itself when absent; removed again unless the reference sent them.
+_SERVER_DEFAULTS = ("Date", "Server", "Content-Type")
+# Answers up to this size are read whole and sent with one write: cheaper than streaming.
+_SMALL_BODY = 256 * 1024
+# Request bodies up to this size are read whole; larger or unsized ones stream to the reference.
+_SMALL_REQUEST = 1024 * 1024
+
+
+def end_to_end(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """Copy headers, less hop-by-hop ones and any named in ``Connection`` (RFC 9110 7.6.1)."""
+    named = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop | named)
+
+
+class ProxiedResponse(web.Response):
+    """A response whose headers came from an upstream; see ``strip_server_defaults``."""
+
+    upstream_headers: frozenset[str] = frozenset()
+
+
+class ProxiedStreamResponse(web.StreamResponse):
+    upstream_headers: frozenset[str] = frozenset()
+
+
+async def strip_server_defaults(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` hook: keep proxied headers exactly as the reference sent them."""
+    if isinstance(response, ProxiedResponse | ProxiedStreamResponse):
+        for name in _SERVER_DEFAULTS:
+            if name.lower() not in response.upstream_headers:
+                response.headers.popall(name, None)
+
+
+def v2_error(err: UpstreamError) -> web.Response:
+    """The V2 protocol's error shape, naming the upstream that failed."""
+    return web.json_response({"error": str(err)}, status=err.status)
+
+
+class LiveProxy:
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        scheduler: MirrorScheduler,
+        telemetry: Telemetry,
+    ) -> None:
+        self._ref = settings.reference
+        self._session = session
+        self._scheduler = scheduler
+        self._tel = telemetry
+        self._timeout = aiohttp.ClientTimeout(
+            total=self._ref.timeout_s, sock_connect=self._ref.connect_timeout_s
+        )
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        route = classify(request.method, request.raw_path)
+        mirror = route.kind is RouteKind.INFER and self._scheduler.wants(route.model or "")
+        if route.kind is RouteKind.ADMIN:
+            self._tel.skipped("admin_route")
+        headers = end_to_end(request.headers, _REQUEST_DROP)
+        ctx = self._tel.propagator.extract(request.headers)
+        with self._tel.tracer.start_as_current_span(
+            f"{request.method} {route.kind.value}", context=ctx, kind=SpanKind.SERVER
+        ) as span:
+            self._tel.propagator.inject(headers)
+            body: bytes | aiohttp.StreamReader | None = None
+            if mirror or (
+                request.body_exists
+                and request.content_length is not None
+                and request.content_length <= _SMALL_REQUEST
+            ):
+                body = await request.read()
+            elif request.body_exists:
+                body = request.content
+                if request.content_length is not None:
+                    headers["Content-Length"] = str(request.content_length)
+            future: asyncio.Future[Exchange | None] | None = None
+            if mirror:
+                assert isinstance(body, bytes)
+                future = asyncio.get_running_loop().create_future()
+                self._scheduler.offer(
+                    MirrorRequest(
+                        route=route,
+                        query=request.query_string,
+                        headers=end_to_end(request.headers, _REQUEST_DROP),
+                        body=body,
+                        received_at=time.time(),
+                        live_span=span.get_span_context(),
+                        reference=future,
+                    )
+                )
+            try:
+                response = await self._forward(request, headers, body, future)
+            finally:
+                if future is not None and not future.done():
+                    future.set_result(None)
+            span.set_attribute("http.response.status_code", response.status)
+            self._tel.request(route.kind.value, response.status)
+            return response
+
+    async def _forward(
+        self,
+        request: web.Request,
+        headers: CIMultiDict[str],
+        body: bytes | aiohttp.StreamReader | None,
+        future: asyncio.Future[Exchange | None] | None,
+    ) -> web.StreamResponse:
+        url = self._ref.url + request.raw_path
+        started = time.perf_counter()
+        try:
+            upstream = await self._session.request(
+                request.method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        except Exception as exc:
+            err = translate_upstream_error(exc, self._ref.name, self._ref.url)
+            log.warning("live request %s %s failed: %s", request.method, request.path, err)
+            return v2_error(err)
+        try:
+            resp_headers = end_to_end(upstream.headers, _RESPONSE_DROP)
+            names = frozenset(k.lower() for k in upstream.headers)
+            size = upstream.content_length
+            if future is not None or (size is not None and size <= _SMALL_BODY):
+                return await self._whole(upstream, resp_headers, names, started, future)
+            return await self._stream(request, upstream, resp_headers, names, size)
+        except UpstreamError as err:
+            return v2_error(err)
+        finally:
+            upstream.release()
+
+    async def _whole(
+        self,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        names: frozenset[str],
+        started: float,
+        future: asyncio.Future[Exchange | None] | None,
+    ) -> web.StreamResponse:
+        try:
+            data = await upstream.read()
+        except Exception as exc:
+            raise translate_upstream_error(exc, self._ref.name, self._ref.url) from exc
+        latency = time.perf_counter() - started
+        self._tel.latency("reference", self._ref.name, latency)
+        if future is not None and not future.done():
+            ref_headers = CIMultiDict(upstream.headers)
+            future.set_result(Exchange(self._ref.name, upstream.status, ref_headers, data, latency))
+        resp = ProxiedResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        resp.upstream_headers = names
+        resp.body = data
+        return resp
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        names: frozenset[str],
+        size: int | None,
+    ) -> web.StreamResponse:
+        resp = ProxiedStreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        resp.upstream_headers = names
+        if size is not None:
+            resp.content_length = size
+        await resp.prepare(request)
+        # Past this point the status is sent: an upstream failure can only cut the connection,
+        # which is what a direct client of the reference would see too.
+        async for chunk in upstream.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp

@@ -1,0 +1,26 @@
+"""Typed keys for what the aiohttp applications hold (one owner per resource)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import aiohttp
+from aiohttp import web
+
+from .buffer.embedded import EmbeddedRedis
+from .buffer.store import SampleStore
+from .forwarding import LiveProxy
+from .mirror import MirrorScheduler
+from .settings import Settings
+from .telemetry import Telemetry
+
+SETTINGS = web.AppKey("settings", Settings)
+TELEMETRY = web.AppKey("telemetry", Telemetry)
+EMBEDDED_REDIS = web.AppKey("embedded_redis", EmbeddedRedis)
+STORE = web.AppKey("store", SampleStore)
+EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+LIVE_SESSION = web.AppKey("live_session", aiohttp.ClientSession)
+SHADOW_SESSION = web.AppKey("shadow_session", aiohttp.ClientSession)
+SCHEDULER = web.AppKey("scheduler", MirrorScheduler)
+LIVE_PROXY = web.AppKey("live_proxy", LiveProxy)
+DATA_APP = web.AppKey("data_app", web.Application)

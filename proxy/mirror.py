@@ -1,0 +1,330 @@
+"""The mirror scheduler: sampled, bounded, tracked shadow calls that never touch the live path.
+
+``offer()`` is synchronous and never awaits: per candidate it decides sampling, checks the
+in-flight bound (a full candidate drops the copy and counts it), and starts a tracked task. The
+task does everything else off the live path: it parses the request copy (unsafe requests are
+skipped and counted by reason), calls the candidate under its own timeout, waits for the reference
+answer the live handler publishes, decodes and compares in a worker thread, and stores the verdict.
+On shutdown the scheduler stops taking copies, lets in-flight ones finish for
+``proxy.drain_timeout_s``, then cancels the rest; the app closes the sessions only after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext, SpanKind
+
+from .analysis import Analysis, Exchange, analyze
+from .buffer.store import SampleStore
+from .codec import MalformedMessage, parse_request_header, unsafe_to_mirror
+from .errors import StoreError, UpstreamError, UpstreamTimeout, translate_upstream_error
+from .routes import Route, candidate_path
+from .settings import CandidateSettings, Settings
+from .telemetry import Telemetry
+
+log = logging.getLogger("shadowproxy.mirror")
+
+CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
+# Request headers below this size are parsed inline in the task; larger JSON goes to a thread.
+_INLINE_PARSE_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class MirrorRequest:
+    """A copy of one live infer request; ``reference`` resolves when the live answer is known."""
+
+    route: Route
+    query: str
+    headers: CIMultiDict[str]
+    body: bytes
+    received_at: float
+    live_span: SpanContext | None
+    reference: asyncio.Future[Exchange | None]
+
+
+class MirrorScheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        store: SampleStore | None,
+        executor: Executor,
+        telemetry: Telemetry,
+    ) -> None:
+        self._settings = settings
+        self._session = session
+        self._store = store
+        self._executor = executor
+        self._tel = telemetry
+        self._in_flight = {c.name: 0 for c in settings.candidates}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._rng = random.Random()
+        self._stateful: dict[str, bool] = {}
+
+    @property
+    def in_flight(self) -> Mapping[str, int]:
+        return dict(self._in_flight)
+
+    def wants(self, model: str) -> bool:
+        """Whether any candidate might take a copy of a request to ``model`` (cheap, no body)."""
+        return any(c.sample_rate > 0 and c.shadows(model) for c in self._settings.candidates)
+
+    def _sampled(self, cand: CandidateSettings, headers: Mapping[str, str]) -> bool:
+        if cand.sample_rate >= 1.0:
+            return True
+        key = headers.get(cand.sample_key_header) if cand.sample_key_header else None
+        if key is not None:
+            # A stable hash: the same key is always in or always out, across replicas and restarts.
+            digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+            return int.from_bytes(digest, "big") / 2.0**64 < cand.sample_rate
+        return self._rng.random() < cand.sample_rate
+
+    def offer(self, req: MirrorRequest) -> None:
+        """Start a shadow call per sampled candidate. Never blocks, never raises into the caller."""
+        model = req.route.model or ""
+        for cand in self._settings.candidates:
+            if not cand.shadows(model):
+                continue
+            if not self._sampled(cand, req.headers):
+                self._tel.skipped("not_sampled", cand.name)
+            elif self._closing:
+                self._tel.mirror(cand.name, "dropped_shutdown")
+            elif self._in_flight[cand.name] >= cand.max_in_flight:
+                self._tel.mirror(cand.name, "dropped_queue_full")
+            else:
+                self._in_flight[cand.name] += 1
+                task = asyncio.get_running_loop().create_task(self._run(cand, req))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop taking copies, let in-flight ones finish for the drain timeout, cancel the rest."""
+        self._closing = True
+        if self._tasks:
+            _, pending = await asyncio.wait(
+                set(self._tasks), timeout=self._settings.proxy.drain_timeout_s
+            )
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _run(self, cand: CandidateSettings, req: MirrorRequest) -> None:
+        try:
+            await self._mirror_one(cand, req)
+        except asyncio.CancelledError:
+            self._tel.mirror(cand.name, "cancelled")
+            raise
+        except Exception:
+            log.exception("mirror to %s failed unexpectedly", cand.name)
+            self._tel.mirror(cand.name, "internal_error")
+        finally:
+            self._in_flight[cand.name] -= 1
+
+    async def _parse(self, req: MirrorRequest) -> dict[str, Any] | None:
+        if len(req.body) <= _INLINE_PARSE_BYTES:
+            return parse_request_header(req.body, req.headers)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, parse_request_header, req.body, req.headers
+        )
+
+    async def _mirror_one(self, cand: CandidateSettings, req: MirrorRequest) -> None:
+        try:
+            header = await self._parse(req)
+        except MalformedMessage:
+            self._tel.skipped("unparseable_request", cand.name)
+            return
+        reason = unsafe_to_mirror(header)
+        if reason is None and await self._is_stateful(req.route.model or ""):
+            reason = "sequence_model"
+        if reason is not None:
+            self._tel.skipped(reason, cand.name)
+            return
+        request_id = (
+            req.headers.get(self._settings.proxy.request_id_header)
+            or (str(header["id"]) if header and header.get("id") else None)
+            or uuid.uuid4().hex
+        )
+        links = [Link(req.live_span)] if req.live_span is not None else []
+        span = self._tel.tracer.start_span(
+            f"shadow {cand.name}", kind=SpanKind.CLIENT, links=links,
+            attributes={"shadowproxy.candidate": cand.name, "shadowproxy.request_id": request_id},
+        )  # fmt: skip
+        with trace.use_span(span, end_on_exit=True):
+            exchange = await self._call_candidate(cand, req)
+            if isinstance(exchange, UpstreamError):
+                outcome = "timeout" if isinstance(exchange, UpstreamTimeout) else "unavailable"
+                if exchange.status == 502:
+                    outcome = "bad_response"
+                span.set_attribute("shadowproxy.outcome", outcome)
+                self._tel.mirror(cand.name, outcome)
+                return
+            ref = await self._await_reference(req)
+            if ref is None:
+                self._tel.mirror(cand.name, "reference_failed")
+                return
+            with self._tel.tracer.start_as_current_span("compare") as cspan:
+                loop = asyncio.get_running_loop()
+                analysis = await loop.run_in_executor(
+                    self._executor,
+                    analyze, ref, exchange, req.route.model or "", self._settings.comparisons,
+                )  # fmt: skip
+                cspan.set_attribute("shadowproxy.outcome", analysis.outcome)
+                cspan.set_attribute("shadowproxy.flagged", analysis.flagged)
+                cspan.set_attribute("shadowproxy.severity", analysis.severity)
+            self._record_metrics(cand, req, analysis)
+            self._tel.mirror(cand.name, analysis.outcome)
+            await self._store_sample(cand, req, request_id, ref, exchange, analysis)
+
+    async def _call_candidate(
+        self, cand: CandidateSettings, req: MirrorRequest
+    ) -> Exchange | UpstreamError:
+        model = req.route.model or ""
+        path = candidate_path(req.route, cand.served_name(model))
+        url = f"{cand.url}{path}" + (f"?{req.query}" if req.query else "")
+        headers = CIMultiDict(req.headers)
+        if not cand.forward_credentials:
+            for name in CREDENTIAL_HEADERS:
+                headers.popall(name, None)
+        self._tel.propagator.inject(headers)
+        timeout = aiohttp.ClientTimeout(total=cand.timeout_s, sock_connect=cand.connect_timeout_s)
+        started = time.perf_counter()
+        try:
+            async with self._session.post(
+                url, data=req.body, headers=headers, timeout=timeout, allow_redirects=False
+            ) as resp:
+                body = await resp.read()
+                latency = time.perf_counter() - started
+                self._tel.latency("candidate", cand.name, latency)
+                return Exchange(cand.name, resp.status, CIMultiDict(resp.headers), body, latency)
+        except Exception as exc:
+            return translate_upstream_error(exc, cand.name, cand.url)
+
+    async def _await_reference(self, req: MirrorRequest) -> Exchange | None:
+        timeout = self._settings.reference.timeout_s + 1.0
+        try:
+            return await asyncio.wait_for(asyncio.shield(req.reference), timeout)
+        except TimeoutError:
+            return None
+
+    async def _is_stateful(self, model: str) -> bool:
+        """Whether the reference's config for ``model`` uses sequence batching (cached)."""
+        if model in self._stateful:
+            return self._stateful[model]
+        url = f"{self._settings.reference.url}/v2/models/{model}/config"
+        stateful = False
+        try:
+            timeout = aiohttp.ClientTimeout(total=2.0)
+            async with self._session.get(url, timeout=timeout) as resp:
+                if resp.status == 200:
+                    config = await resp.json(content_type=None)
+                    stateful = bool(config.get("sequence_batching")) or bool(
+                        (config.get("model_transaction_policy") or {}).get("decoupled")
+                    )
+                    self._stateful[model] = stateful
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            pass  # not cached: asked again next time; requests with sequence ids are still caught
+        return stateful
+
+    def _record_metrics(self, cand: CandidateSettings, req: MirrorRequest, a: Analysis) -> None:
+        for v in a.verdicts:
+            attrs = {
+                "candidate": cand.name, "model": req.route.model or "", "output": v.output,
+                "metric": v.metric, "noise_floor": str(cand.noise_floor).lower(),
+            }  # fmt: skip
+            self._tel.divergence(attrs, v.severity, v.flagged)
+
+    async def _store_sample(
+        self,
+        cand: CandidateSettings,
+        req: MirrorRequest,
+        request_id: str,
+        ref: Exchange,
+        exchange: Exchange,
+        a: Analysis,
+    ) -> None:
+        if self._store is None:
+            return
+        keep = a.flagged or self._rng.random() < self._settings.buffer.store_unflagged_rate
+        meta = sample_meta(cand, req, request_id, ref, exchange, a, stored=keep)
+        payloads = None
+        if keep:
+            payloads = {
+                "request": req.body,
+                "request_headers": _headers_json(req.headers),
+                "reference_body": ref.body,
+                "reference_headers": _headers_json(ref.headers),
+                "candidate_body": exchange.body,
+                "candidate_headers": _headers_json(exchange.headers),
+            }
+        try:
+            await self._store.record(meta, payloads)
+        except StoreError as exc:
+            log.warning("sample %s for %s not stored: %s", meta["id"], cand.name, exc)
+            self._tel.stored(cand.name, ok=False)
+        else:
+            self._tel.stored(cand.name, ok=True)
+
+
+def _headers_json(headers: Mapping[str, str]) -> bytes:
+    import json
+
+    return json.dumps(list(headers.items())).encode()
+
+
+def sample_meta(
+    cand: CandidateSettings,
+    req: MirrorRequest,
+    request_id: str,
+    ref: Exchange,
+    exchange: Exchange,
+    a: Analysis,
+    *,
+    stored: bool,
+) -> dict[str, Any]:
+    """The JSON record of one comparison: ids, both sides, every score, and why it was flagged."""
+    model = req.route.model or ""
+    return {
+        "id": uuid.uuid4().hex,
+        "ts": req.received_at,
+        "request_id": request_id,
+        "candidate": cand.name,
+        "noise_floor": cand.noise_floor,
+        "model": model,
+        "outcome": a.outcome,
+        "flagged": a.flagged,
+        "severity": a.severity,
+        "reason": a.reason,
+        "stored": stored,
+        "reference": {
+            "upstream": ref.upstream,
+            "status": ref.status,
+            "model": a.reference.model_name if a.reference else model,
+            "version": a.reference.model_version if a.reference else None,
+            "latency_ms": round(ref.latency_s * 1000, 3),
+        },
+        "candidate_side": {
+            "upstream": exchange.upstream,
+            "status": exchange.status,
+            "model": a.candidate.model_name if a.candidate else cand.served_name(model),
+            "version": a.candidate.model_version if a.candidate else None,
+            "latency_ms": round(exchange.latency_s * 1000, 3),
+        },
+        "outputs": [v.to_dict() for v in a.verdicts],
+        "previews": a.previews,
+    }

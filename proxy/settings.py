@@ -1,0 +1,219 @@
+"""One typed, validated settings object for the whole proxy, loaded from YAML.
+
+``${VAR}`` and ``${VAR:-default}`` in string values expand from the environment. Unknown keys are
+an error that names the key and the file. Secrets (the admin token, a Redis URL that may carry a
+password) are ``SecretStr`` so they never show in a ``repr`` or a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from comparators import MetricSpec, validate_spec
+
+from .errors import ConfigError
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_url(value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    return value.rstrip("/")
+
+
+class ListenSettings(_Model):
+    host: str = "127.0.0.1"
+    """Address the data plane (what clients call) binds."""
+    port: int = Field(8000, ge=0, le=65535)
+
+
+class AdminSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=0, le=65535)
+    token: SecretStr | None = None
+    """Bearer token for every admin route but the health checks. Required by ``serve``."""
+
+
+class UpstreamSettings(_Model):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str
+    timeout_s: float = Field(60.0, gt=0)
+    """Whole-request timeout. For the reference this bounds the live call."""
+    connect_timeout_s: float = Field(5.0, gt=0)
+
+    _url = field_validator("url")(_check_url)
+
+
+class CandidateSettings(UpstreamSettings):
+    timeout_s: float = Field(5.0, gt=0)
+    sample_rate: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of mirrorable requests copied to this candidate."""
+    sample_key_header: str | None = None
+    """Sample by a stable hash of this header (a user or session id) instead of at random, so
+    related requests are mirrored together or not at all."""
+    max_in_flight: int = Field(64, ge=1)
+    """Copies in flight to this candidate at once; one more is dropped and counted, never queued."""
+    model_map: dict[str, str] = {}
+    """Reference model name -> the name this candidate serves it under."""
+    models: list[str] = []
+    """Reference models this candidate shadows; empty means every model."""
+    noise_floor: bool = False
+    """A second instance of the reference: its divergence is the noise floor, not a regression."""
+    forward_credentials: bool = False
+    """Send the client's Authorization and Cookie headers to this candidate too."""
+
+    def shadows(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+    def served_name(self, model: str) -> str:
+        return self.model_map.get(model, model)
+
+
+class BufferSettings(_Model):
+    redis_url: SecretStr | None = None
+    """Omitted: the proxy runs an embedded Redis with its data under ``state_dir``."""
+    state_dir: Path = Path(".state")
+    stream_maxlen: int = Field(100_000, ge=100)
+    """Verdicts kept in the stream (approximate trim)."""
+    flagged_index_max: int = Field(100_000, ge=100)
+    sample_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    """How long a stored sample (payloads included) lives unless labelled."""
+    store_unflagged_rate: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of unflagged comparisons whose full payloads are stored too (context for QA)."""
+    write_timeout_s: float = Field(1.0, gt=0)
+    max_payload_bytes: int = Field(4 * 1024 * 1024, ge=0)
+    """Request/response bodies above this are stored truncated (and marked so)."""
+
+
+class TelemetrySettings(_Model):
+    service_name: str = "shadowproxy"
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318); traces and metrics go there."""
+    otlp_metrics_interval_s: float = Field(15.0, gt=0)
+
+
+class ProxySettings(_Model):
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Largest request body accepted (Triton's own default is 64 MiB)."""
+    compare_workers: int = Field(2, ge=1, le=64)
+    """Threads that decode and compare, off the event loop."""
+    drain_timeout_s: float = Field(10.0, ge=0)
+    """On shutdown, how long in-flight mirrors may finish before they are cancelled."""
+    request_id_header: str = "X-Request-Id"
+
+
+class Settings(_Model):
+    listen: ListenSettings = ListenSettings()
+    admin: AdminSettings = AdminSettings()
+    reference: UpstreamSettings
+    candidates: list[CandidateSettings] = []
+    buffer: BufferSettings = BufferSettings()
+    comparisons: dict[str, dict[str, dict[str, Any]]] = {"*": {"*": {"metric": "auto"}}}
+    """model -> output -> {metric, thresholds...}; ``"*"`` is the default at both levels."""
+    telemetry: TelemetrySettings = TelemetrySettings()
+    proxy: ProxySettings = ProxySettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique_names(cls, value: list[CandidateSettings]) -> list[CandidateSettings]:
+        names = [c.name for c in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"candidate names must be unique, repeated: {', '.join(dupes)}")
+        return value
+
+    @field_validator("comparisons")
+    @classmethod
+    def _valid_specs(
+        cls, value: dict[str, dict[str, dict[str, Any]]]
+    ) -> dict[str, dict[str, dict[str, Any]]]:
+        for model, outputs in value.items():
+            for output, raw in outputs.items():
+                params = dict(raw)
+                metric = str(params.pop("metric", "auto"))
+                try:
+                    validate_spec(MetricSpec(metric, params))
+                except ValueError as exc:
+                    raise ValueError(f"[{model!r}][{output!r}]: {exc}") from None
+        return value
+
+    def candidate(self, name: str) -> CandidateSettings:
+        for c in self.candidates:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+def expand_env(value: Any, path: str = "") -> Any:
+    """Expand ``${VAR}`` / ``${VAR:-default}`` in every string; an unset VAR names its key."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set")
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, Mapping):
+        return {k: expand_env(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"])
+        key = key.replace(".[", "[") or "<root>"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def settings_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Settings:
+    try:
+        expanded = expand_env(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    try:
+        return Settings.model_validate(expanded)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from None
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read, expand and validate a YAML config file; every error names the file and the key."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return settings_from_mapping(data, str(p))

@@ -1,0 +1,139 @@
+"""OpenTelemetry providers and the proxy's instruments, owned by one ``Telemetry`` object.
+
+No globals: the providers are created here, handed to whoever records, and shut down by the app's
+cleanup context. Metrics are read by a Prometheus reader on a private registry (served as text on
+the admin plane's ``/metrics``) and, when ``telemetry.otlp_endpoint`` is set, pushed over OTLP/HTTP
+with the traces.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.trace import Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry, generate_latest
+
+from .settings import TelemetrySettings
+
+# Seconds: the live path lives in the sub-millisecond to seconds range.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+)  # fmt: skip
+# Divergence severities span many decades (1e-9 noise to 1+ for flips), so log-spaced buckets.
+DIVERGENCE_BUCKETS = (0.0, 1e-9, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5, 1.0, 10.0)
+
+
+class Telemetry:
+    def __init__(
+        self, settings: TelemetrySettings, *, span_exporter: SpanExporter | None = None
+    ) -> None:
+        resource = Resource.create({"service.name": settings.service_name})
+        self.registry = CollectorRegistry(auto_describe=True)
+        readers: list[MetricReader] = [
+            PrometheusMetricReader(registry=self.registry, disable_target_info=True)
+        ]
+        self.tracer_provider = TracerProvider(resource=resource)
+        if span_exporter is not None:
+            self.tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+        if settings.otlp_endpoint:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            base = settings.otlp_endpoint.rstrip("/")
+            readers.append(
+                PeriodicExportingMetricReader(
+                    OTLPMetricExporter(endpoint=f"{base}/v1/metrics"),
+                    export_interval_millis=settings.otlp_metrics_interval_s * 1000,
+                )
+            )
+            self.tracer_provider.add_span_processor(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{base}/v1/traces"))
+            )
+        self.meter_provider = MeterProvider(
+            resource=resource,
+            metric_readers=readers,
+            views=[
+                View(
+                    instrument_name="shadowproxy_divergence",
+                    aggregation=ExplicitBucketHistogramAggregation(DIVERGENCE_BUCKETS),
+                ),
+                View(
+                    instrument_name="shadowproxy_*latency*",
+                    aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS),
+                ),
+            ],
+        )
+        self.tracer: Tracer = self.tracer_provider.get_tracer("shadowproxy")
+        self.propagator: TextMapPropagator = TraceContextTextMapPropagator()
+        meter = self.meter_provider.get_meter("shadowproxy")
+        self._requests = meter.create_counter(
+            "shadowproxy_requests", description="Live requests by route kind and status class"
+        )
+        self._mirror = meter.create_counter(
+            "shadowproxy_mirror_outcomes",
+            description="What happened to each copy offered to a candidate, by outcome",
+        )
+        self._skipped = meter.create_counter(
+            "shadowproxy_mirror_skipped", description="Requests never mirrored, by reason"
+        )
+        self._latency = meter.create_histogram(
+            "shadowproxy_upstream_latency", unit="s", description="Upstream latency per side"
+        )
+        self._divergence = meter.create_histogram(
+            "shadowproxy_divergence",
+            description="Per-output divergence severity (0 = identical) per candidate",
+        )
+        self._flagged = meter.create_counter(
+            "shadowproxy_flagged", description="Outputs flagged as divergent"
+        )
+        self._stored = meter.create_counter(
+            "shadowproxy_samples_stored", description="Verdicts written to Redis, by result"
+        )
+        # Plain in-process tallies for /api/summary and the demo report (cheap, no export).
+        self.tally: Counter[tuple[str, str]] = Counter()
+
+    # Recording helpers: one place that names attributes, so dashboards stay consistent.
+    def request(self, route_kind: str, status: int) -> None:
+        self._requests.add(1, {"route": route_kind, "status_class": f"{status // 100}xx"})
+
+    def mirror(self, candidate: str, outcome: str) -> None:
+        self._mirror.add(1, {"candidate": candidate, "outcome": outcome})
+        self.tally[(candidate, outcome)] += 1
+
+    def skipped(self, reason: str, candidate: str = "*") -> None:
+        self._skipped.add(1, {"reason": reason, "candidate": candidate})
+        self.tally[(candidate, f"skipped:{reason}")] += 1
+
+    def latency(self, side: str, upstream: str, seconds: float) -> None:
+        self._latency.record(seconds, {"side": side, "upstream": upstream})
+
+    def divergence(self, attrs: Mapping[str, str], severity: float, flagged: bool) -> None:
+        self._divergence.record(severity, dict(attrs))
+        if flagged:
+            self._flagged.add(1, dict(attrs))
+
+    def stored(self, candidate: str, ok: bool) -> None:
+        result = "stored" if ok else "store_failed"
+        self._stored.add(1, {"candidate": candidate, "result": result})
+        self.tally[(candidate, result)] += 1
+
+    def prometheus_text(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+    def shutdown(self) -> None:
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()

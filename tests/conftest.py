@@ -1,0 +1,84 @@
+"""Session fixtures: a real Redis server, a real Triton server, and proxies on free ports."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.app import ProxyRunner
+from proxy.buffer.embedded import EmbeddedRedis
+from proxy.settings import Settings, settings_from_mapping
+from tests.fakes import FakeBehaviour, FakeUpstream, start_fake
+from tests.triton_fixture import triton_server  # noqa: F401
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis_url(redis_server: EmbeddedRedis) -> AsyncIterator[str]:
+    """A clean database per test."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushdb()
+    await client.aclose()
+    yield redis_server.url
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[Callable[..., Any]]:
+    """Start fake upstreams: ``await fake(mode=..., delay_s=..., drift=...)``."""
+    runners = []
+
+    async def start(**kw: Any) -> FakeUpstream:
+        upstream, runner = await start_fake(FakeBehaviour(**kw))
+        runners.append(runner)
+        return upstream
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def make_settings(reference_url: str, redis_url: str | None, **overrides: Any) -> Settings:
+    data: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0, "token": ADMIN_TOKEN},
+        "reference": {"name": "ref", "url": reference_url, "timeout_s": 10},
+        "buffer": {"redis_url": redis_url, "write_timeout_s": 0.5},
+        "proxy": {"drain_timeout_s": 2},
+    }
+    data.update(overrides)
+    return settings_from_mapping(data)
+
+
+@pytest.fixture
+async def proxy_factory() -> AsyncIterator[Callable[..., Any]]:
+    """Start a proxy for given settings: ``runner = await proxy_factory(settings)``."""
+    runners: list[ProxyRunner] = []
+
+    async def start(settings: Settings, **kw: Any) -> ProxyRunner:
+        runner = ProxyRunner(settings, **kw)
+        await runner.start()
+        runners.append(runner)
+        return runner
+
+    yield start
+    for runner in runners:
+        with contextlib.suppress(Exception):
+            await runner.stop()
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]

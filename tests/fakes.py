@@ -1,0 +1,95 @@
+"""Small fake upstreams that stage faults: slow, 5xx, garbage, reset. Real HTTP on loopback.
+
+A fake answers V2 infer requests with a deterministic output computed from the request body, so
+the same request to two fakes gives the same answer unless one is told to drift.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from aiohttp import web
+
+
+@dataclass
+class FakeBehaviour:
+    mode: str = "ok"  # ok | slow | error | garbage | reset
+    delay_s: float = 0.0
+    drift: float = 0.0  # added to every output value: a planted divergence
+    calls: int = 0
+    seen_headers: list[dict[str, str]] = field(default_factory=list)
+    seen_paths: list[str] = field(default_factory=list)
+
+
+def v2_answer(body: bytes, model: str, drift: float) -> bytes:
+    seed = int.from_bytes(hashlib.blake2b(body, digest_size=4).digest(), "little")
+    values = np.random.default_rng(seed).normal(size=8) + drift
+    out = {
+        "model_name": model,
+        "model_version": "1",
+        "outputs": [{"name": "scores", "datatype": "FP32", "shape": [1, 8],
+                     "data": [float(np.float32(v)) for v in values]}],
+    }  # fmt: skip
+    return json.dumps(out).encode()
+
+
+def make_app(behaviour: FakeBehaviour) -> web.Application:
+    async def infer(request: web.Request) -> web.StreamResponse:
+        behaviour.calls += 1
+        behaviour.seen_headers.append(dict(request.headers))
+        behaviour.seen_paths.append(request.path)
+        body = await request.read()
+        if behaviour.delay_s:
+            await asyncio.sleep(behaviour.delay_s)
+        if behaviour.mode == "error":
+            return web.json_response({"error": "model exploded"}, status=500)
+        if behaviour.mode == "garbage":
+            return web.Response(body=b"\x00\xffnot json at all", content_type="application/json")
+        if behaviour.mode == "reset":
+            assert request.transport is not None
+            request.transport.abort()  # connection reset mid-request
+            return web.Response()
+        model = request.match_info["model"]
+        return web.Response(
+            body=v2_answer(body, model, behaviour.drift), content_type="application/json"
+        )
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    app = web.Application(client_max_size=128 * 1024 * 1024)
+    app.router.add_post("/v2/models/{model}/infer", infer)
+    app.router.add_post("/v2/models/{model}/versions/{v}/infer", infer)
+    app.router.add_get("/v2/health/ready", ready)
+    return app
+
+
+@dataclass
+class FakeUpstream:
+    url: str
+    behaviour: FakeBehaviour
+
+
+async def start_fake(behaviour: FakeBehaviour) -> tuple[FakeUpstream, web.AppRunner]:
+    runner = web.AppRunner(make_app(behaviour), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return FakeUpstream(f"http://127.0.0.1:{port}", behaviour), runner
+
+
+def refused_url() -> str:
+    """A loopback URL where nothing listens: connections are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+

@@ -1,0 +1,121 @@
+"""The live path: transparent, and never hurt by the shadow side."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import make_settings
+from tests.fakes import refused_url
+
+BODY = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,2]}]}'
+
+
+async def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> Any:
+    async with (
+        aiohttp.ClientSession(auto_decompress=False, skip_auto_headers=("Accept-Encoding",)) as s,
+        s.post(url, data=body, headers=headers or {}) as r,
+    ):
+        return r.status, dict(r.headers), await r.read()
+
+
+async def test_gzip_request_and_response_pass_through_untouched(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref = await fake()
+    proxy = await proxy_factory(make_settings(ref.url, redis_url))
+    url = f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer"
+    gz = gzip.compress(BODY)
+    status, _, _ = await _post(url, gz, {"Content-Encoding": "gzip"})
+    assert status == 200
+    # The reference saw the client's compressed bytes and header, not a decompressed copy.
+    assert ref.behaviour.seen_headers[-1]["Content-Encoding"] == "gzip"
+    assert "Accept-Encoding" not in ref.behaviour.seen_headers[-1]
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "word"),
+    [("refused", 503, "cannot connect"), ("slow", 504, "timed out"), ("reset", 502, "closed")],
+)
+async def test_reference_failures_get_v2_errors_naming_the_upstream(
+    fake: Callable[..., Any],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+    mode: str,
+    status: int,
+    word: str,
+) -> None:
+    if mode == "refused":
+        url = refused_url()
+    else:
+        url = (await fake(mode=mode, delay_s=2.0 if mode == "slow" else 0)).url
+    settings = make_settings(url, redis_url, reference={"name": "ref", "url": url, "timeout_s": 0.5})
+    proxy = await proxy_factory(settings)
+    got_status, headers, body = await _post(f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer", BODY)
+    assert got_status == status
+    assert headers["Content-Type"].startswith("application/json")
+    import json
+
+    message = json.loads(body)["error"]
+    assert "upstream 'ref'" in message and url in message and word in message
+
+
+@pytest.mark.parametrize("mode", ["slow", "refused", "garbage", "error", "reset"])
+async def test_a_broken_candidate_changes_neither_answer_nor_latency(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str, mode: str
+) -> None:
+    ref = await fake()
+    cand_url = refused_url() if mode == "refused" else (await fake(mode=mode, delay_s=0.3)).url
+    candidates = [{"name": "c", "url": cand_url, "timeout_s": 5}]
+    proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=candidates))
+    url = f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer"
+    direct = await _post(f"{ref.url}/v2/models/m/infer", BODY)
+    started = time.perf_counter()
+    via = await _post(url, BODY)
+    elapsed = time.perf_counter() - started
+    assert via[0] == direct[0] and via[2] == direct[2]
+    # The candidate takes >= 300 ms when slow; the client must not wait for it.
+    assert elapsed < 0.25
+    assert await proxy.drained(10)
+    tally = proxy.telemetry.tally
+    expected = {"slow": "compared", "refused": "unavailable", "garbage": "candidate_invalid",
+                "error": "status_mismatch", "reset": "bad_response"}[mode]  # fmt: skip
+    assert tally[("c", expected)] == 1, dict(tally)
+
+
+async def test_redis_down_keeps_the_live_path_and_counts_unstored_samples(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any]
+) -> None:
+    ref = await fake()
+    cand = await fake(drift=1.0)
+    dead_redis = refused_url().replace("http", "redis") + "/0"
+    candidates = [{"name": "c", "url": cand.url}]
+    proxy = await proxy_factory(make_settings(ref.url, dead_redis, candidates=candidates))
+    url = f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer"
+    for _ in range(3):
+        status, _, body = await _post(url, BODY)
+        assert status == 200 and b"outputs" in body
+    assert await proxy.drained(10)
+    assert proxy.telemetry.tally[("c", "store_failed")] == 3
+
+
+async def test_a_full_candidate_drops_copies_and_counts_them(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref = await fake()
+    cand = await fake(mode="slow", delay_s=0.5)
+    candidates = [{"name": "c", "url": cand.url, "max_in_flight": 2}]
+    proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=candidates))
+    url = f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer"
+    results = await asyncio.gather(*(_post(url, BODY) for _ in range(6)))
+    assert all(r[0] == 200 for r in results)
+    assert await proxy.drained(10)
+    tally = proxy.telemetry.tally
+    assert tally[("c", "dropped_queue_full")] == 4
+    assert tally[("c", "compared")] == 2
