@@ -157,9 +157,27 @@ class Settings(_Model):
         raise KeyError(name)
 
 
-def expand_env(value: Any, path: str = "") -> Any:
+def _protect_env_refs(text: str) -> tuple[str, dict[str, str]]:
+    """Swap each ``${...}`` for a plain token before YAML parsing.
+
+    The documented example ``admin: {token: ${TOKEN}}`` is not valid YAML as written (a ``{``
+    inside a flow mapping); users copy it, so references are protected and expanded per key later.
+    """
+    refs: dict[str, str] = {}
+
+    def swap(m: re.Match[str]) -> str:
+        token = f"__shadowproxy_env_{len(refs)}__"
+        refs[token] = m.group(0)
+        return token
+
+    return _ENV.sub(swap, text), refs
+
+
+def expand_env(value: Any, path: str = "", refs: Mapping[str, str] | None = None) -> Any:
     """Expand ``${VAR}`` / ``${VAR:-default}`` in every string; an unset VAR names its key."""
     if isinstance(value, str):
+        for token, ref in (refs or {}).items():
+            value = value.replace(token, ref)
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
@@ -171,9 +189,11 @@ def expand_env(value: Any, path: str = "") -> Any:
 
         return _ENV.sub(sub, value)
     if isinstance(value, Mapping):
-        return {k: expand_env(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        return {
+            k: expand_env(v, f"{path}.{k}" if path else str(k), refs) for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [expand_env(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [expand_env(v, f"{path}[{i}]", refs) for i, v in enumerate(value)]
     return value
 
 
@@ -192,9 +212,11 @@ def _format_validation(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def settings_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Settings:
+def settings_from_mapping(
+    data: Mapping[str, Any], source: str = "<config>", refs: Mapping[str, str] | None = None
+) -> Settings:
     try:
-        expanded = expand_env(data)
+        expanded = expand_env(data, "", refs)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     try:
@@ -210,10 +232,11 @@ def load_settings(path: str | Path) -> Settings:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config file ({exc.strerror})") from None
+    protected, refs = _protect_env_refs(text)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(protected)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return settings_from_mapping(data, str(p))
+    return settings_from_mapping(data, str(p), refs)

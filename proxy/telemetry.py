@@ -44,7 +44,9 @@ class Telemetry:
         resource = Resource.create({"service.name": settings.service_name})
         self.registry = CollectorRegistry(auto_describe=True)
         readers: list[MetricReader] = [
-            PrometheusMetricReader(registry=self.registry, disable_target_info=True)
+            PrometheusMetricReader(
+                registry=self.registry, disable_target_info=True, scope_info_enabled=False
+            )
         ]
         self.tracer_provider = TracerProvider(resource=resource)
         if span_exporter is not None:
