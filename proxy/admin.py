@@ -148,7 +148,7 @@ async def label_sample(request: web.Request) -> web.Response:
     try:
         body = await request.json()
     except ValueError:
-        return _error(400, "body must be JSON: {\"verdict\": ..., \"note\": ...}")
+        return _error(400, 'body must be JSON: {"verdict": ..., "note": ...}')
     if not isinstance(body, dict) or body.get("verdict") not in LABELS:
         return _error(400, f"'verdict' must be one of: {', '.join(LABELS)}")
     try:

@@ -90,7 +90,9 @@ def analyze(
     previews = {}
     for name in decoded_ref.outputs.keys() | decoded_cand.outputs.keys():
         previews[name] = {
-            "reference": preview(decoded_ref.outputs[name]) if name in decoded_ref.outputs else None,
+            "reference": preview(decoded_ref.outputs[name])
+            if name in decoded_ref.outputs
+            else None,
             "candidate": (
                 preview(decoded_cand.outputs[name]) if name in decoded_cand.outputs else None
             ),

@@ -10,9 +10,8 @@ The admin app only reads those resources; start it after the data app and stop i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
@@ -73,7 +72,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
 
 def _telemetry_ctx(
     given: Telemetry | None,
-) -> contextlib.AbstractAsyncContextManager[None] | object:
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         tel = given or Telemetry(app[SETTINGS].telemetry)
         app[TELEMETRY] = tel

@@ -18,6 +18,8 @@ import numpy as np
 
 from .errors import ShadowProxyError
 
+Array = np.ndarray[Any, np.dtype[Any]]
+
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -29,7 +31,7 @@ class MalformedMessage(ShadowProxyError):
 class DecodedResponse:
     model_name: str | None
     model_version: str | None
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs: dict[str, Array] = field(default_factory=dict)
 
 
 def _decompress(body: bytes, encoding: str | None) -> bytes:
@@ -62,7 +64,7 @@ def decode_infer_response(body: bytes, headers: Mapping[str, str]) -> DecodedRes
         raise MalformedMessage(f"not a V2 infer response: {type(exc).__name__}: {exc}") from exc
     if not isinstance(response, dict) or not isinstance(response.get("outputs"), list):
         raise MalformedMessage("not a V2 infer response: no 'outputs' list")
-    outputs: dict[str, np.ndarray] = {}
+    outputs: dict[str, Array] = {}
     for out in response["outputs"]:
         name = out.get("name") if isinstance(out, dict) else None
         if not isinstance(name, str):
@@ -111,11 +113,12 @@ def unsafe_to_mirror(request: Mapping[str, Any] | None) -> str | None:
     if request is None:
         return None
     params = request.get("parameters") or {}
-    if isinstance(params, dict):
-        if params.get("sequence_id") not in (None, 0, "") or params.get("sequence_start") or (
-            params.get("sequence_end")
-        ):
-            return "sequence"
+    if isinstance(params, dict) and (
+        params.get("sequence_id") not in (None, 0, "")
+        or params.get("sequence_start")
+        or params.get("sequence_end")
+    ):
+        return "sequence"
     for key in ("inputs", "outputs"):
         for tensor in request.get(key) or ():
             tparams = tensor.get("parameters") if isinstance(tensor, dict) else None
@@ -124,7 +127,7 @@ def unsafe_to_mirror(request: Mapping[str, Any] | None) -> str | None:
     return None
 
 
-def preview(arr: np.ndarray, limit: int = 16) -> dict[str, Any]:
+def preview(arr: Array, limit: int = 16) -> dict[str, Any]:
     """A small JSON-able view of a tensor for the review page (shape, dtype, first values)."""
     flat = arr.reshape(-1)[:limit]
     if arr.dtype == np.object_:

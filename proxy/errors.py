@@ -68,5 +68,7 @@ def translate_upstream_error(exc: BaseException, upstream: str, url: str) -> Ups
     if isinstance(exc, aiohttp.ClientResponseError):
         return UpstreamBadResponse(upstream, url, f"sent a malformed answer ({exc.message})")
     if isinstance(exc, aiohttp.ClientError | OSError):
-        return UpstreamBadResponse(upstream, url, f"connection failed ({type(exc).__name__}: {exc})")
+        return UpstreamBadResponse(
+            upstream, url, f"connection failed ({type(exc).__name__}: {exc})"
+        )
     return UpstreamBadResponse(upstream, url, f"{type(exc).__name__}: {exc}")

@@ -207,7 +207,9 @@ class LiveProxy:
         names: frozenset[str],
         size: int | None,
     ) -> web.StreamResponse:
-        resp = ProxiedStreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        resp = ProxiedStreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
         resp.upstream_headers = names
         if size is not None:
             resp.content_length = size

@@ -189,9 +189,7 @@ def expand_env(value: Any, path: str = "", refs: Mapping[str, str] | None = None
 
         return _ENV.sub(sub, value)
     if isinstance(value, Mapping):
-        return {
-            k: expand_env(v, f"{path}.{k}" if path else str(k), refs) for k, v in value.items()
-        }
+        return {k: expand_env(v, f"{path}.{k}" if path else str(k), refs) for k, v in value.items()}
     if isinstance(value, list):
         return [expand_env(v, f"{path}[{i}]", refs) for i, v in enumerate(value)]
     return value
@@ -238,5 +236,7 @@ def load_settings(path: str | Path) -> Settings:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(
+            f"{p}: the top level must be a mapping of keys, got {type(data).__name__}"
+        )
     return settings_from_mapping(data, str(p), refs)

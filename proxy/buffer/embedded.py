@@ -96,15 +96,20 @@ class EmbeddedRedis:
                     f"embedded redis-server exited with {self._proc.returncode}; "
                     f"see {self.state_dir / 'redis.log'}"
                 )
-            with contextlib.suppress(OSError):
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        (self.state_dir / ADDRESS_FILE).write_text(json.dumps({"url": self.url}))
-                        return
+            if self._answers_ping():
+                (self.state_dir / ADDRESS_FILE).write_text(json.dumps({"url": self.url}))
+                return
             time.sleep(0.05)
         self.stop()
         raise StoreError(f"embedded redis-server did not answer within {timeout_s:.0f}s")
+
+    def _answers_ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def stop(self) -> None:
         """Stop the server (it saves its data on SIGTERM); idempotent."""

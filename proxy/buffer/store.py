@@ -102,7 +102,7 @@ class SampleStore:
             batch = await self._guard(self._r.xrevrange(self.keys.verdicts, last, "-", count=500))
             if not batch:
                 break
-            for entry_id, fields in batch:
+            for _entry_id, fields in batch:
                 item = json.loads(fields[b"json"])
                 if candidate is None or item.get("candidate") == candidate:
                     out.append(item)
@@ -149,7 +149,7 @@ class SampleStore:
         return sample
 
     async def label(self, sample_id: str, verdict: str, note: str, who: str) -> dict[str, Any]:
-        """Label a stored sample; a labelled sample no longer expires (it is golden-set material)."""
+        """Label a stored sample; labelled samples no longer expire (golden-set material)."""
         if verdict not in LABELS:
             raise ValueError(f"verdict must be one of {', '.join(LABELS)}, got {verdict!r}")
         key = self.keys.sample(sample_id)

@@ -35,9 +35,7 @@ async def test_every_route_but_health_needs_the_token(
     assert status == 200 and body["checks"] == {"reference": "ok", "redis": "ok"}
 
 
-async def test_readyz_names_what_is_down(
-    proxy_factory: Callable[..., Any], redis_url: str
-) -> None:
+async def test_readyz_names_what_is_down(proxy_factory: Callable[..., Any], redis_url: str) -> None:
     proxy = await proxy_factory(make_settings(refused_url(), redis_url))
     status, body = await _get(f"http://127.0.0.1:{proxy.admin_port}/readyz")
     assert status == 503 and body["checks"]["reference"].startswith("unreachable")
@@ -71,7 +69,9 @@ async def test_flagged_samples_api_summary_label_and_metrics(
         async with s.post(f"{base}/api/samples/{items[0]['id']}/label",
                           json={"verdict": "regression", "note": "bad"}) as r:  # fmt: skip
             assert r.status == 200
-        async with s.post(f"{base}/api/samples/{items[0]['id']}/label", json={"verdict": "meh"}) as r:
+        async with s.post(
+            f"{base}/api/samples/{items[0]['id']}/label", json={"verdict": "meh"}
+        ) as r:
             assert r.status == 400
     status, sample = await _get(f"{base}/api/samples/{items[0]['id']}", AUTH)
     assert sample["label"]["verdict"] == "regression"

@@ -55,9 +55,13 @@ async def test_reference_failures_get_v2_errors_naming_the_upstream(
         url = refused_url()
     else:
         url = (await fake(mode=mode, delay_s=2.0 if mode == "slow" else 0)).url
-    settings = make_settings(url, redis_url, reference={"name": "ref", "url": url, "timeout_s": 0.5})
+    settings = make_settings(
+        url, redis_url, reference={"name": "ref", "url": url, "timeout_s": 0.5}
+    )
     proxy = await proxy_factory(settings)
-    got_status, headers, body = await _post(f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer", BODY)
+    got_status, headers, body = await _post(
+        f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer", BODY
+    )
     assert got_status == status
     assert headers["Content-Type"].startswith("application/json")
     import json

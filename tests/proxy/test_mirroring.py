@@ -16,10 +16,13 @@ from tests.conftest import make_settings
 BODY = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,2]}]}'
 
 
-async def _send(port: int, body: bytes = BODY, path: str = "/v2/models/m/infer", **headers: str) -> int:
-    async with aiohttp.ClientSession() as s, s.post(
-        f"http://127.0.0.1:{port}{path}", data=body, headers=headers
-    ) as r:
+async def _send(
+    port: int, body: bytes = BODY, path: str = "/v2/models/m/infer", **headers: str
+) -> int:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"http://127.0.0.1:{port}{path}", data=body, headers=headers) as r,
+    ):
         await r.read()
         return r.status
 
@@ -113,8 +116,10 @@ async def test_unsafe_requests_are_never_mirrored_and_counted_by_reason(
     proxy = await proxy_factory(
         make_settings(ref.url, redis_url, candidates=[{"name": "c", "url": cand.url}])
     )
-    shm = (b'{"inputs":[{"name":"x","datatype":"FP32","shape":[2],'
-           b'"parameters":{"shared_memory_region":"r0","shared_memory_byte_size":8}}]}')  # fmt: skip
+    shm = (
+        b'{"inputs":[{"name":"x","datatype":"FP32","shape":[2],'
+        b'"parameters":{"shared_memory_region":"r0","shared_memory_byte_size":8}}]}'
+    )
     seq = b'{"parameters":{"sequence_id":7,"sequence_start":true},' + BODY[1:]
     await _send(proxy.data_port, shm)
     await _send(proxy.data_port, seq)

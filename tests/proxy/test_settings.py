@@ -45,10 +45,19 @@ def test_good_config_loads_with_env_and_hides_secrets(
         (("port: 8000}", "port: 8000, prot: 1}"), "listen.prot: unknown key"),
         (("sample_rate: 1.0", "sample_rate: 2.0"), "candidates[0].sample_rate"),
         (("url: http://127.0.0.1:9000", "url: 127.0.0.1:9000"), "reference.url: must be an http"),
-        (("metric: cosine,", "metric: cosin,"), "comparisons: ['minilm']['embedding']: unknown metric 'cosin'"),
+        (
+            ("metric: cosine,", "metric: cosin,"),
+            "comparisons: ['minilm']['embedding']: unknown metric 'cosin'",
+        ),
         (("min_cosine: 0.99", "atol: 0.99"), "'cosine'"),
-        (("reference: {name: fp32, url: http://127.0.0.1:9000}\n", ""), "reference: required key is missing"),
-        (("${SP_TEST_TOKEN}", "${SP_UNSET_VAR_XYZ}"), "admin.token: environment variable SP_UNSET_VAR_XYZ"),
+        (
+            ("reference: {name: fp32, url: http://127.0.0.1:9000}\n", ""),
+            "reference: required key is missing",
+        ),
+        (
+            ("${SP_TEST_TOKEN}", "${SP_UNSET_VAR_XYZ}"),
+            "admin.token: environment variable SP_UNSET_VAR_XYZ",
+        ),
     ],
 )
 def test_config_errors_name_the_file_and_key(

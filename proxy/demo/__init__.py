@@ -1,0 +1,1 @@
+"""The demo: traffic and defaults for `shadowproxy demo`."""

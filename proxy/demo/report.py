@@ -1,0 +1,64 @@
+"""The demo's report: per candidate, what was compared, what diverged, and by how much."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from ..settings import Settings
+
+
+def _q(values: list[float], q: float) -> float:
+    return float(np.quantile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
+
+
+def print_report(
+    settings: Settings,
+    verdicts: Iterable[Mapping[str, Any]],
+    tally: Mapping[tuple[str, str], int],
+) -> None:
+    by_cand: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for v in verdicts:
+        by_cand[v["candidate"]].append(v)
+    print("\n=== shadowproxy demo report ===")
+    for cand in settings.candidates:
+        rows = by_cand.get(cand.name, [])
+        compared = [r for r in rows if r["outcome"] == "compared"]
+        flagged = sum(1 for r in rows if r["flagged"])
+        role = " (noise floor: a second reference instance)" if cand.noise_floor else ""
+        served = ", ".join(f"{k} -> {v}" for k, v in cand.model_map.items())
+        print(f"\n{cand.name}{role}  [{served}]")
+        share = flagged / len(rows) if rows else 0.0
+        print(f"  samples compared {len(compared)}, flagged {flagged} ({share:.0%})")
+        scores: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+        for r in compared:
+            for out in r["outputs"]:
+                if out["headline"] and out["validity"] == "ok":
+                    key = (out["output"], out["metric"], out["headline"])
+                    scores[key].append(float(out["scores"][out["headline"]]))
+        for (output, metric, headline), vals in sorted(scores.items()):
+            print(f"  {output:<10} {metric:<13} {headline:<16} p50 {_q(vals, 0.5):<11.4g}"
+                  f" p99 {_q(vals, 0.99):<11.4g} worst {_worst(headline, vals):.4g}")  # fmt: skip
+        extra = Counter({what: n for (c, what), n in tally.items() if c == cand.name and n})
+        skipped = sum(n for what, n in extra.items() if what.startswith("skipped:"))
+        dropped = sum(n for what, n in extra.items() if what.startswith("dropped"))
+        others = {
+            w: n
+            for w, n in extra.items()
+            if not w.startswith(("skipped:", "dropped")) and w not in ("compared", "stored")
+        }
+        print(
+            f"  skipped {skipped}, dropped {dropped}"
+            + (f", other outcomes {others}" if others else "")
+        )
+
+
+def _worst(headline: str, vals: list[float]) -> float:
+    # Similarities and agreements are worst at their minimum; divergences at their maximum.
+    low_is_bad = any(
+        w in headline for w in ("cosine", "agreement", "similarity", "sqnr", "overlap", "exact")
+    )
+    return min(vals) if low_is_bad else max(vals)

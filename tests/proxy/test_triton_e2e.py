@@ -1,0 +1,122 @@
+"""End to end on the real Triton server: transparency and real divergence on the demo models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.triton
+HOP = {"connection", "keep-alive", "transfer-encoding", "date", "server"}
+SENTENCES = [b"The striker scored twice in the final.", b"Bond yields rose after the speech."]
+
+
+def _body(binary: bool, sentences: list[bytes] = SENTENCES) -> tuple[bytes, dict[str, str]]:
+    text = httpclient.InferInput("text", [len(sentences)], "BYTES")
+    text.set_data_from_numpy(np.array(sentences, dtype=np.object_), binary_data=binary)
+    out = httpclient.InferRequestedOutput("embedding", binary_data=binary)
+    body, json_size = httpclient.InferenceServerClient.generate_request_body(
+        [text], outputs=[out], request_id="e2e-1"
+    )
+    headers = {"Content-Type": "application/json"}
+    if json_size is not None:
+        headers = {"Inference-Header-Content-Length": str(json_size),
+                   "Content-Type": "application/octet-stream"}  # fmt: skip
+    return body, headers
+
+
+async def _raw(method: str, url: str, body: bytes | None, headers: dict[str, str]) -> Any:
+    async with (
+        aiohttp.ClientSession(auto_decompress=False, skip_auto_headers=("Accept-Encoding",)) as s,
+        s.request(method, url, data=body, headers=headers) as r,
+    ):
+        kept = {k.lower(): v for k, v in r.headers.items() if k.lower() not in HOP}
+        return r.status, r.reason, kept, await r.read()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kind"),
+    [
+        ("POST", "/v2/models/minilm_fp32/infer", "json"),
+        ("POST", "/v2/models/minilm_fp32/infer", "binary"),
+        ("POST", "/v2/models/minilm_fp32/infer", "gzip-accept"),
+        ("POST", "/v2/models/no_such_model/infer", "json"),  # 404 error body
+        ("POST", "/v2/models/minilm_fp32/infer", "bad-json"),  # 400 error body
+        ("GET", "/v2/models/minilm_fp32", "none"),
+        ("GET", "/v2/models/minilm_fp32/config", "none"),
+        ("GET", "/v2/health/ready", "none"),
+        ("GET", "/v2/nothing/here", "none"),
+    ],
+)
+async def test_responses_are_byte_identical_to_direct_calls(
+    triton_server: Any,
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+    method: str,
+    path: str,
+    kind: str,
+) -> None:
+    candidates = [{"name": "twin", "url": triton_server.url,
+                   "model_map": {"minilm_fp32": "minilm_fp32_twin"}}]  # fmt: skip
+    proxy = await proxy_factory(make_settings(triton_server.url, redis_url, candidates=candidates))
+    body: bytes | None = None
+    headers: dict[str, str] = {}
+    if kind in ("json", "binary", "gzip-accept"):
+        body, headers = _body(kind == "binary")
+    if kind == "gzip-accept":
+        headers["Accept-Encoding"] = "gzip"
+    if kind == "bad-json":
+        body, headers = b'{"inputs": [', {"Content-Type": "application/json"}
+    direct = await _raw(method, triton_server.url + path, body, headers)
+    via = await _raw(method, f"http://127.0.0.1:{proxy.data_port}{path}", body, headers)
+    assert via == direct
+    if kind == "gzip-accept":
+        assert direct[2].get("content-encoding") == "gzip"  # really compressed, passed as is
+    assert await proxy.drained(30)
+
+
+async def test_real_models_quantized_candidate_flagged_twin_not(
+    triton_server: Any, proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    url = triton_server.url
+    candidates = [
+        {"name": "int8", "url": url, "model_map": {"minilm_fp32": "minilm_int8"}},
+        {"name": "twin", "url": url, "model_map": {"minilm_fp32": "minilm_fp32_twin"},
+         "noise_floor": True},
+    ]  # fmt: skip
+    comparisons = {
+        "*": {"*": {"metric": "auto"}},
+        "minilm_fp32": {"embedding": {"metric": "cosine", "min_cosine": 0.9999}},
+    }
+    settings = make_settings(url, redis_url, candidates=candidates, comparisons=comparisons)
+    proxy = await proxy_factory(settings)
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{proxy.data_port}")
+    sentences = [
+        f"Sentence number {i} about markets, football and rain.".encode() for i in range(6)
+    ]
+    try:
+        for i, binary in enumerate([True, False, True, False]):
+            text = httpclient.InferInput("text", [3], "BYTES")
+            text.set_data_from_numpy(np.array(sentences[i : i + 3], dtype=np.object_),
+                                     binary_data=binary)  # fmt: skip
+            result = client.infer("minilm_fp32", [text], headers={"X-Request-Id": f"q-{i}"})
+            assert result.as_numpy("embedding").shape == (3, 384)
+    finally:
+        client.close()
+    assert await proxy.drained(60)
+    flagged = await proxy.store.list_samples(flagged=True)
+    assert flagged and {s["candidate"] for s in flagged} == {"int8"}
+    assert {s["request_id"] for s in flagged} <= {f"q-{i}" for i in range(4)}
+    twin = await proxy.store.list_samples(flagged=False, candidate="twin")
+    assert len(twin) == 4 and all(v["outcome"] == "compared" for v in twin)
+    assert all(v["outputs"][0]["metric"] == "cosine" for v in twin)
+    sample = await proxy.store.get_sample(flagged[0]["id"])
+    assert sample is not None
+    assert sample["candidate_side"]["model"] == "minilm_int8"
+    assert sample["reference"]["model"] == "minilm_fp32" and sample["reference"]["version"] == "1"
