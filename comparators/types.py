@@ -54,7 +54,8 @@ class OutputVerdict:
     output: str
     metric: str
     validity: Validity = Validity.OK
-    scores: Mapping[str, float] = _EMPTY
+    # A factory: dataclasses reject a mappingproxy as a plain default (it is unhashable).
+    scores: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
     headline: str = ""
     severity: float = 0.0
     flagged: bool = False

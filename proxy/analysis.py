@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from comparators import OutputVerdict, compare_outputs, resolve_spec
+from comparators import SEVERITY_CAP, OutputVerdict, compare_outputs, resolve_spec
 
 from .codec import DecodedResponse, MalformedMessage, decode_infer_response, preview
 
@@ -61,7 +61,7 @@ def analyze(
         return Analysis(
             "status_mismatch",
             flagged=True,
-            severity=1.0,
+            severity=SEVERITY_CAP,
             reason=(
                 f"reference answered {ref.status}, candidate answered {cand.status}"
                 f" ({_error_text(cand.body if cand.status != 200 else ref.body)})"
@@ -77,7 +77,7 @@ def analyze(
         return Analysis(
             "candidate_invalid",
             flagged=True,
-            severity=1.0,
+            severity=SEVERITY_CAP,
             reason=f"candidate answer is not valid V2: {exc}",
             reference=decoded_ref,
         )

@@ -1,0 +1,138 @@
+"""The entry points: score one output pair, or every output of a response pair.
+
+Neither raises on bad data: every problem becomes a flagged verdict with a reason, because the
+caller is a proxy worker that must keep going whatever an upstream sends.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from comparators.base import Scored, SpecError, clamp
+from comparators.registry import AUTO, REGISTRY, choose_metric, effective_params, validate_spec
+from comparators.types import MetricSpec, OutputVerdict, Validity
+from comparators.validity import Prepared, check_pair, invalid, to_numpy
+
+# Scores that are flat indices: after non-finite positions are dropped they must be mapped back.
+_INDEX_SCORES = ("argmax_abs", "first_mismatch")
+_FLAT_INDEX = re.compile(r"flat index (\d+)")
+_FMAX = sys.float_info.max
+_AUTO_SPEC = MetricSpec()
+
+
+def _json_safe(scores: Mapping[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in scores.items():
+        x = float(value)
+        out[key] = _FMAX if math.isnan(x) else math.copysign(_FMAX, x) if math.isinf(x) else x
+    return out
+
+
+def _run(metric: str, gate: Prepared, params: Mapping[str, Any]) -> tuple[Scored, dict[str, float]]:
+    info = REGISTRY[metric]
+    ref, cand = gate.ref, gate.cand
+    index_map = None
+    if gate.matched is not None:
+        if info.fill is None:
+            keep = ~gate.matched
+            index_map = np.flatnonzero(keep)
+            ref, cand = ref[keep], cand[keep]
+        else:
+            ref = np.where(gate.matched, info.fill, ref)
+            cand = np.where(gate.matched, info.fill, cand)
+    with np.errstate(all="ignore"):
+        scored = info.fn(ref, cand, params)
+    scores = {**gate.counts, **scored.scores}
+    if index_map is not None and index_map.size:
+        for key in _INDEX_SCORES:
+            if key in scores and scores[key] >= 0:
+                scores[key] = float(index_map[int(scores[key])])
+        mapped = _FLAT_INDEX.sub(lambda m: f"flat index {index_map[int(m[1])]}", scored.reason)
+        scored = replace(scored, reason=mapped)
+    return scored, scores
+
+
+def compare_output(name: str, ref: Any, cand: Any, spec: MetricSpec = _AUTO_SPEC) -> OutputVerdict:
+    """Score one output of a reference/candidate pair under ``spec``."""
+    metric = spec.metric
+    try:
+        r, c = to_numpy(ref), to_numpy(cand)
+        if metric == AUTO:
+            metric = choose_metric(name, r)
+        validate_spec(spec)
+    except SpecError as exc:
+        return invalid(name, metric, Validity.UNSUPPORTED, f"bad metric spec: {exc}")
+    except Exception as exc:
+        return invalid(name, metric, Validity.UNSUPPORTED, f"not an array: {exc}")
+    gate = check_pair(name, metric, r, c)
+    if isinstance(gate, OutputVerdict):
+        return gate
+    params = effective_params(metric, spec.params, gate.precision)
+    try:
+        scored, scores = _run(metric, gate, params)
+    except Exception as exc:
+        # A comparator bug must cost one verdict, not the proxy's scoring worker.
+        return invalid(
+            name,
+            metric,
+            Validity.UNSUPPORTED,
+            f"comparator '{metric}' failed: {type(exc).__name__}: {exc}",
+        )
+    return OutputVerdict(
+        output=name,
+        metric=metric,
+        validity=Validity.OK,
+        scores=_json_safe(scores),
+        headline=scored.headline,
+        severity=max(0.0, clamp(scored.severity)),
+        flagged=scored.flagged,
+        reason=scored.reason,
+    )
+
+
+def _metric_for(name: str, present: Any, spec: MetricSpec) -> str:
+    if spec.metric != AUTO:
+        return spec.metric
+    try:
+        return choose_metric(name, present)
+    except Exception:
+        return AUTO
+
+
+def compare_outputs(
+    ref: Mapping[str, Any], cand: Mapping[str, Any], spec_for: Callable[[str], MetricSpec]
+) -> list[OutputVerdict]:
+    """One verdict per output name in either response: the reference's order, then names only
+    the candidate has."""
+    names = [*ref, *(n for n in cand if n not in ref)]
+    verdicts: list[OutputVerdict] = []
+    for name in names:
+        spec = spec_for(name)
+        if name not in cand:
+            verdicts.append(
+                invalid(
+                    name,
+                    _metric_for(name, ref[name], spec),
+                    Validity.MISSING_IN_CANDIDATE,
+                    f"output '{name}' is in the reference response but not in the candidate's",
+                )
+            )
+        elif name not in ref:
+            verdicts.append(
+                invalid(
+                    name,
+                    _metric_for(name, cand[name], spec),
+                    Validity.MISSING_IN_REFERENCE,
+                    f"output '{name}' is in the candidate response but not in the reference's",
+                )
+            )
+        else:
+            verdicts.append(compare_output(name, ref[name], cand[name], spec))
+    return verdicts
