@@ -47,7 +47,9 @@ class SampleStore:
 
     async def ping(self) -> bool:
         try:
-            return bool(await asyncio.wait_for(self._r.ping(), self._settings.write_timeout_s))
+            pong = self._r.ping()  # typed as sync-or-async by redis-py; it is a coroutine here
+            assert not isinstance(pong, bool)
+            return bool(await asyncio.wait_for(pong, self._settings.write_timeout_s))
         except (RedisError, OSError, TimeoutError):
             return False
 
@@ -79,7 +81,7 @@ class SampleStore:
             key = self.keys.sample(sid)
             fields: dict[str, bytes | str] = {FIELD_META: json.dumps(meta)}
             fields.update({k: self._clip(v) for k, v in payloads.items() if k in PAYLOAD_FIELDS})
-            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.hset(key, mapping=fields)
             pipe.expire(key, self._settings.sample_ttl_s)
         if meta.get("flagged"):
             pipe.zadd(self.keys.flagged, {sid: float(meta["ts"])})
