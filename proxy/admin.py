@@ -19,7 +19,7 @@ from aiohttp import web
 
 from .buffer.store import LABELS
 from .errors import StoreError
-from .keys import DATA_APP, SCHEDULER, SETTINGS, STORE, TELEMETRY
+from .keys import DATA_APP, JUDGE, SCHEDULER, SETTINGS, STORE, TELEMETRY
 from .settings import Settings
 
 _OPEN = frozenset({"/healthz", "/readyz"})
@@ -182,6 +182,7 @@ async def summary(request: web.Request) -> web.Response:
             "in_flight": dict(data[SCHEDULER].in_flight),
             "this_process": process,
             "stored_counters": stored,
+            "population": data[JUDGE].population.summary(),
         }
     )
 

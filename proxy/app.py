@@ -22,10 +22,12 @@ from .buffer.embedded import EmbeddedRedis, running_url
 from .buffer.store import SampleStore
 from .errors import StoreError
 from .forwarding import LiveProxy, strip_server_defaults
+from .judge import Judge
 from .keys import (
     DATA_APP,
     EMBEDDED_REDIS,
     EXECUTOR,
+    JUDGE,
     LIVE_PROXY,
     LIVE_SESSION,
     SCHEDULER,
@@ -143,8 +145,15 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    judge = Judge(settings.noise)
+    app[JUDGE] = judge
+    app[TELEMETRY].gauge(
+        "shadowproxy_population",
+        "Population statistics per candidate, model and output (label stat says which)",
+        judge.observe_gauges,
+    )
     scheduler = MirrorScheduler(
-        settings, app[SHADOW_SESSION], app[STORE], app[EXECUTOR], app[TELEMETRY]
+        settings, app[SHADOW_SESSION], app[STORE], app[EXECUTOR], app[TELEMETRY], judge
     )
     app[SCHEDULER] = scheduler
     app[LIVE_PROXY] = LiveProxy(settings, app[LIVE_SESSION], scheduler, app[TELEMETRY])

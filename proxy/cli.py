@@ -108,10 +108,16 @@ def _row(s: dict[str, Any]) -> list[str]:
     when = time.strftime("%H:%M:%S", time.localtime(float(s["ts"])))
     reason = s.get("reason") or ""
     return [
-        s["id"][:12], when, s["candidate"], s["model"], f"{float(s['severity']):.3g}",
-        "yes" if s.get("flagged") else "", label, str(s.get("request_id", ""))[:24],
+        s["id"][:12],
+        when,
+        s["candidate"],
+        s["model"],
+        f"{float(s['severity']):.3g}",
+        "yes" if s.get("flagged") else "",
+        label,
+        str(s.get("request_id", ""))[:24],
         reason[:60] + ("..." if len(reason) > 60 else ""),
-    ]  # fmt: skip
+    ]
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
@@ -133,8 +139,17 @@ async def _review(args: argparse.Namespace, settings: Settings) -> int:
                     item.pop("previews", None)
                 print(json.dumps(items, indent=2))
             else:
-                header = ["id", "time", "candidate", "model", "severity", "flagged", "label",
-                          "request id", "reason"]  # fmt: skip
+                header = [
+                    "id",
+                    "time",
+                    "candidate",
+                    "model",
+                    "severity",
+                    "flagged",
+                    "label",
+                    "request id",
+                    "reason",
+                ]
                 print_table(header, [_row(s) for s in items])
             return 0
         if args.review_command == "show":
@@ -158,8 +173,11 @@ async def _find(store: SampleStore, prefix: str) -> dict[str, Any]:
     sample = await store.get_sample(prefix)
     if sample is not None:
         return sample
-    matches = [s["id"] for s in await store.list_samples(flagged=True, limit=100_000)
-               if s["id"].startswith(prefix)]  # fmt: skip
+    matches = [
+        s["id"]
+        for s in await store.list_samples(flagged=True, limit=100_000)
+        if s["id"].startswith(prefix)
+    ]
     if len(matches) == 1:
         found = await store.get_sample(matches[0])
         if found is not None:
@@ -173,8 +191,10 @@ def _print_sample(s: dict[str, Any]) -> None:
     print(f"sample {s['id']}  request {s['request_id']}  flagged: {s['flagged']}")
     print(f"  reason: {s['reason'] or '-'}")
     for side, d in (("reference", ref), ("candidate", cand)):
-        print(f"  {side:9} {d['upstream']}: model {d['model']} v{d['version']}, "
-              f"status {d['status']}, {d['latency_ms']:.1f} ms")  # fmt: skip
+        print(
+            f"  {side:9} {d['upstream']}: model {d['model']} v{d['version']}, "
+            f"status {d['status']}, {d['latency_ms']:.1f} ms"
+        )
     for out in s["outputs"]:
         scores = ", ".join(f"{k}={v:.4g}" for k, v in out["scores"].items())
         mark = "FLAGGED " if out["flagged"] else ""
@@ -197,17 +217,23 @@ async def _export(store: SampleStore, out: Path) -> int:
             payloads = render_payloads(sample.pop("payloads"))
             label = sample.get("label") or {}
             record = {
-                "id": sample["id"], "request_id": sample["request_id"],
-                "model": sample["model"], "candidate": sample["candidate"],
+                "id": sample["id"],
+                "request_id": sample["request_id"],
+                "model": sample["model"],
+                "candidate": sample["candidate"],
                 "request": payloads.get("request"),
                 "request_headers": payloads.get("request_headers"),
                 "reference_answer": payloads.get("reference_body"),
                 "candidate_answer": payloads.get("candidate_body"),
-                "label": label.get("verdict"), "note": label.get("note"),
-                "versions": {"reference": sample["reference"]["version"],
-                             "candidate": sample["candidate_side"]["version"]},
-                "scores": sample["outputs"], "reason": sample["reason"],
-            }  # fmt: skip
+                "label": label.get("verdict"),
+                "note": label.get("note"),
+                "versions": {
+                    "reference": sample["reference"]["version"],
+                    "candidate": sample["candidate_side"]["version"],
+                },
+                "scores": sample["outputs"],
+                "reason": sample["reason"],
+            }
             fh.write(json.dumps(record) + "\n")
             count += 1
     print(f"wrote {count} samples to {out}")

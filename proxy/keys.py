@@ -10,6 +10,7 @@ from aiohttp import web
 from .buffer.embedded import EmbeddedRedis
 from .buffer.store import SampleStore
 from .forwarding import LiveProxy
+from .judge import Judge
 from .mirror import MirrorScheduler
 from .settings import Settings
 from .telemetry import Telemetry
@@ -22,5 +23,6 @@ EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 LIVE_SESSION = web.AppKey("live_session", aiohttp.ClientSession)
 SHADOW_SESSION = web.AppKey("shadow_session", aiohttp.ClientSession)
 SCHEDULER = web.AppKey("scheduler", MirrorScheduler)
+JUDGE = web.AppKey("judge", Judge)
 LIVE_PROXY = web.AppKey("live_proxy", LiveProxy)
 DATA_APP = web.AppKey("data_app", web.Application)

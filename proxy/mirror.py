@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import random
 import time
@@ -31,6 +32,7 @@ from .analysis import Analysis, Exchange, analyze
 from .buffer.store import SampleStore
 from .codec import MalformedMessage, parse_request_header, unsafe_to_mirror
 from .errors import StoreError, UpstreamError, UpstreamTimeout, translate_upstream_error
+from .judge import Judge
 from .routes import Route, candidate_path
 from .settings import CandidateSettings, Settings
 from .telemetry import Telemetry
@@ -53,6 +55,8 @@ class MirrorRequest:
     received_at: float
     live_span: SpanContext | None
     reference: asyncio.Future[Exchange | None]
+    seq: int = 0
+    """Set by the scheduler: pairs the candidates' and the twin's verdicts on this request."""
 
 
 class MirrorScheduler:
@@ -63,12 +67,15 @@ class MirrorScheduler:
         store: SampleStore | None,
         executor: Executor,
         telemetry: Telemetry,
+        judge: Judge,
     ) -> None:
         self._settings = settings
         self._session = session
         self._store = store
         self._executor = executor
         self._tel = telemetry
+        self._judge = judge
+        self._seq = itertools.count(1)
         self._in_flight = {c.name: 0 for c in settings.candidates}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -96,6 +103,7 @@ class MirrorScheduler:
     def offer(self, req: MirrorRequest) -> None:
         """Start a shadow call per sampled candidate. Never blocks, never raises into the caller."""
         model = req.route.model or ""
+        req.seq = next(self._seq)
         for cand in self._settings.candidates:
             if not cand.shadows(model):
                 continue
@@ -162,9 +170,11 @@ class MirrorScheduler:
         )
         links = [Link(req.live_span)] if req.live_span is not None else []
         span = self._tel.tracer.start_span(
-            f"shadow {cand.name}", kind=SpanKind.CLIENT, links=links,
+            f"shadow {cand.name}",
+            kind=SpanKind.CLIENT,
+            links=links,
             attributes={"shadowproxy.candidate": cand.name, "shadowproxy.request_id": request_id},
-        )  # fmt: skip
+        )
         with trace.use_span(span, end_on_exit=True):
             exchange = await self._call_candidate(cand, req)
             if isinstance(exchange, UpstreamError):
@@ -182,8 +192,14 @@ class MirrorScheduler:
                 loop = asyncio.get_running_loop()
                 analysis = await loop.run_in_executor(
                     self._executor,
-                    analyze, ref, exchange, req.route.model or "", self._settings.comparisons,
-                )  # fmt: skip
+                    analyze,
+                    ref,
+                    exchange,
+                    req.route.model or "",
+                    self._settings.comparisons,
+                )
+                if analysis.verdicts:
+                    self._apply_judgement(cand, req, analysis)
                 cspan.set_attribute("shadowproxy.outcome", analysis.outcome)
                 cspan.set_attribute("shadowproxy.flagged", analysis.flagged)
                 cspan.set_attribute("shadowproxy.severity", analysis.severity)
@@ -241,12 +257,22 @@ class MirrorScheduler:
             pass  # not cached: asked again next time; requests with sequence ids are still caught
         return stateful
 
+    def _apply_judgement(self, cand: CandidateSettings, req: MirrorRequest, a: Analysis) -> None:
+        judged = self._judge.judge(cand, req.route.model or "", req.seq, a.verdicts)
+        flagged = [v for v in judged if v.flagged]
+        a.verdicts = judged
+        a.flagged = bool(flagged)
+        a.reason = "; ".join(f"{v.output}: {v.reason}" for v in flagged)
+
     def _record_metrics(self, cand: CandidateSettings, req: MirrorRequest, a: Analysis) -> None:
         for v in a.verdicts:
             attrs = {
-                "candidate": cand.name, "model": req.route.model or "", "output": v.output,
-                "metric": v.metric, "noise_floor": str(cand.noise_floor).lower(),
-            }  # fmt: skip
+                "candidate": cand.name,
+                "model": req.route.model or "",
+                "output": v.output,
+                "metric": v.metric,
+                "noise_floor": str(cand.noise_floor).lower(),
+            }
             self._tel.divergence(attrs, v.severity, v.flagged)
 
     async def _store_sample(

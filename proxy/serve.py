@@ -33,10 +33,14 @@ async def serve(settings: Settings) -> None:
     await runner.start()
     log.info(
         "shadowproxy: data plane on %s:%d -> reference %s (%s); admin on %s:%d; candidates: %s",
-        settings.listen.host, runner.data_port, settings.reference.name, settings.reference.url,
-        settings.admin.host, runner.admin_port,
+        settings.listen.host,
+        runner.data_port,
+        settings.reference.name,
+        settings.reference.url,
+        settings.admin.host,
+        runner.admin_port,
         ", ".join(c.name for c in settings.candidates) or "none",
-    )  # fmt: skip
+    )
     try:
         await stop.wait()
     finally:

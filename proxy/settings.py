@@ -104,6 +104,20 @@ class TelemetrySettings(_Model):
     otlp_metrics_interval_s: float = Field(15.0, gt=0)
 
 
+class NoiseSettings(_Model):
+    """How verdicts are judged against the noise floor (a ``noise_floor`` candidate's A/A)."""
+
+    mode: Literal["threshold_and_noise", "threshold_only", "noise_only"] = "threshold_and_noise"
+    """Flag when the comparator's threshold fires and the sample lies beyond the noise floor
+    (the threshold alone until a floor exists); or on one rule only."""
+    quantile: float = Field(0.99, gt=0, le=1)
+    """The A/A quantile that bounds noise."""
+    margin: float = Field(1.5, ge=1)
+    """Beyond noise means severity > margin x the A/A quantile."""
+    min_samples: int = Field(30, ge=1)
+    window: int = Field(4096, ge=1)
+
+
 class ProxySettings(_Model):
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest request body accepted (Triton's own default is 64 MiB)."""
@@ -122,6 +136,7 @@ class Settings(_Model):
     buffer: BufferSettings = BufferSettings()
     comparisons: dict[str, dict[str, dict[str, Any]]] = {"*": {"*": {"metric": "auto"}}}
     """model -> output -> {metric, thresholds...}; ``"*"`` is the default at both levels."""
+    noise: NoiseSettings = NoiseSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     proxy: ProxySettings = ProxySettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

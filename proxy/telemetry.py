@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Mapping
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackT
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
@@ -31,8 +32,22 @@ from .settings import TelemetrySettings
 
 # Seconds: the live path lives in the sub-millisecond to seconds range.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    30.0,
+)
 # Divergence severities span many decades (1e-9 noise to 1+ for flips), so log-spaced buckets.
 DIVERGENCE_BUCKETS = (0.0, 1e-9, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5, 1.0, 10.0)
 
@@ -81,7 +96,7 @@ class Telemetry:
         )
         self.tracer: Tracer = self.tracer_provider.get_tracer("shadowproxy")
         self.propagator: TextMapPropagator = TraceContextTextMapPropagator()
-        meter = self.meter_provider.get_meter("shadowproxy")
+        meter = self._meter = self.meter_provider.get_meter("shadowproxy")
         self._requests = meter.create_counter(
             "shadowproxy_requests", description="Live requests by route kind and status class"
         )
@@ -132,6 +147,10 @@ class Telemetry:
         result = "stored" if ok else "store_failed"
         self._stored.add(1, {"candidate": candidate, "result": result})
         self.tally[(candidate, result)] += 1
+
+    def gauge(self, name: str, description: str, callback: CallbackT) -> None:
+        """A gauge read at collection time (population statistics live with their owner)."""
+        self._meter.create_observable_gauge(name, callbacks=[callback], description=description)
 
     def prometheus_text(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -21,20 +21,30 @@ class FakeBehaviour:
     mode: str = "ok"  # ok | slow | error | garbage | reset
     delay_s: float = 0.0
     drift: float = 0.0  # added to every output value: a planted divergence
+    noise: float = 0.0  # fresh Gaussian noise of this scale per answer: non-determinism
+    size: int = 8  # output elements
     calls: int = 0
     seen_headers: list[dict[str, str]] = field(default_factory=list)
     seen_paths: list[str] = field(default_factory=list)
 
 
-def v2_answer(body: bytes, model: str, drift: float) -> bytes:
+def v2_answer(body: bytes, model: str, drift: float, noise: float = 0.0, size: int = 8) -> bytes:
     seed = int.from_bytes(hashlib.blake2b(body, digest_size=4).digest(), "little")
-    values = np.random.default_rng(seed).normal(size=8) + drift
+    values = np.random.default_rng(seed).normal(size=size) + drift
+    if noise:
+        values = values + np.random.default_rng().normal(scale=noise, size=size)
     out = {
         "model_name": model,
         "model_version": "1",
-        "outputs": [{"name": "scores", "datatype": "FP32", "shape": [1, 8],
-                     "data": [float(np.float32(v)) for v in values]}],
-    }  # fmt: skip
+        "outputs": [
+            {
+                "name": "scores",
+                "datatype": "FP32",
+                "shape": [1, size],
+                "data": [float(np.float32(v)) for v in values],
+            }
+        ],
+    }
     return json.dumps(out).encode()
 
 
@@ -56,7 +66,8 @@ def make_app(behaviour: FakeBehaviour) -> web.Application:
             return web.Response()
         model = request.match_info["model"]
         return web.Response(
-            body=v2_answer(body, model, behaviour.drift), content_type="application/json"
+            body=v2_answer(body, model, behaviour.drift, behaviour.noise, behaviour.size),
+            content_type="application/json",
         )
 
     async def ready(request: web.Request) -> web.Response:

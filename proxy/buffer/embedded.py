@@ -78,16 +78,25 @@ class EmbeddedRedis:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         args = [
             find_redis_server(),
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.state_dir.resolve()),
-            "--dbfilename", "dump.rdb",
-            "--save", "60 1",
-            "--appendonly", "no",
-            "--protected-mode", "yes",
-            "--daemonize", "no",
-            "--logfile", str((self.state_dir / "redis.log").resolve()),
-        ]  # fmt: skip
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.state_dir.resolve()),
+            "--dbfilename",
+            "dump.rdb",
+            "--save",
+            "60 1",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str((self.state_dir / "redis.log").resolve()),
+        ]
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

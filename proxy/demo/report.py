@@ -40,8 +40,10 @@ def print_report(
                     key = (out["output"], out["metric"], out["headline"])
                     scores[key].append(float(out["scores"][out["headline"]]))
         for (output, metric, headline), vals in sorted(scores.items()):
-            print(f"  {output:<10} {metric:<13} {headline:<16} p50 {_q(vals, 0.5):<11.4g}"
-                  f" p99 {_q(vals, 0.99):<11.4g} worst {_worst(headline, vals):.4g}")  # fmt: skip
+            print(
+                f"  {output:<10} {metric:<13} {headline:<16} p50 {_q(vals, 0.5):<11.4g}"
+                f" p99 {_q(vals, 0.99):<11.4g} worst {_worst(headline, vals):.4g}"
+            )
         extra = Counter({what: n for (c, what), n in tally.items() if c == cand.name and n})
         skipped = sum(n for what, n in extra.items() if what.startswith("skipped:"))
         dropped = sum(n for what, n in extra.items() if what.startswith("dropped"))

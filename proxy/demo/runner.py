@@ -32,10 +32,14 @@ DEMO_CANDIDATES: list[dict[str, Any]] = [
     {"name": "int8", "model_map": {EMBEDDER: "minilm_int8"}, "models": [EMBEDDER]},
     {"name": "bf16", "model_map": {EMBEDDER: "minilm_bf16"}, "models": [EMBEDDER]},
     {"name": "traced", "model_map": {EMBEDDER: "minilm_traced"}, "models": [EMBEDDER]},
-    {"name": "noise-floor", "model_map": {EMBEDDER: "minilm_fp32_twin"}, "models": [EMBEDDER],
-     "noise_floor": True},
+    {
+        "name": "noise-floor",
+        "model_map": {EMBEDDER: "minilm_fp32_twin"},
+        "models": [EMBEDDER],
+        "noise_floor": True,
+    },
     {"name": "distilled", "model_map": {CLASSIFIER: "topic_student"}, "models": [CLASSIFIER]},
-]  # fmt: skip
+]
 
 DEMO_COMPARISONS: dict[str, Any] = {
     "*": {"*": {"metric": "auto"}},
@@ -90,14 +94,20 @@ async def send_traffic(port: int, n: int, seed: int = 7, concurrency: int = 4) -
         batch = rng.sample(corpus, rng.randint(1, 6))
         binary = i % 2 == 0
         text = httpclient.InferInput("text", [len(batch)], "BYTES")
-        text.set_data_from_numpy(np.array([s.encode() for s in batch], dtype=np.object_),
-                                 binary_data=binary)  # fmt: skip
+        text.set_data_from_numpy(
+            np.array([s.encode() for s in batch], dtype=np.object_), binary_data=binary
+        )
         names = ["embedding"] if model == EMBEDDER else ["logits", "label_id", "label"]
         outputs = [httpclient.InferRequestedOutput(o, binary_data=binary) for o in names]
         async with gate:
             try:
-                await client.infer(model, [text], outputs=outputs, request_id=f"demo-{i}",
-                                   headers={"X-Request-Id": f"demo-{i:04d}"})  # fmt: skip
+                await client.infer(
+                    model,
+                    [text],
+                    outputs=outputs,
+                    request_id=f"demo-{i}",
+                    headers={"X-Request-Id": f"demo-{i:04d}"},
+                )
                 counts["ok"] += 1
             except Exception as exc:
                 counts["failed"] += 1
@@ -126,19 +136,22 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
         runner = ProxyRunner(settings)
         await runner.start()
         try:
-            print(f"[demo] proxy on 127.0.0.1:{runner.data_port}, admin on "
-                  f"127.0.0.1:{runner.admin_port}; sending {n_requests} requests ...")  # fmt: skip
+            print(
+                f"[demo] proxy on 127.0.0.1:{runner.data_port}, admin on "
+                f"127.0.0.1:{runner.admin_port}; sending {n_requests} requests ..."
+            )
             t0 = time.monotonic()
             counts = await send_traffic(runner.data_port, n_requests)
-            print(f"[demo] {counts['ok']} answered ({counts['json']} JSON, {counts['binary']} "
-                  f"binary), {counts['failed']} failed, in {time.monotonic() - t0:.1f}s; "
-                  "waiting for the shadows ...")  # fmt: skip
+            print(
+                f"[demo] {counts['ok']} answered ({counts['json']} JSON, {counts['binary']} "
+                f"binary), {counts['failed']} failed, in {time.monotonic() - t0:.1f}s; "
+                "waiting for the shadows ..."
+            )
             await runner.drained(180.0)
             verdicts = await runner.store.recent_verdicts(1_000_000)
             print_report(settings, verdicts, runner.telemetry.tally)
             admin = f"http://127.0.0.1:{runner.admin_port}"
-            print(f"\nReview the flagged samples: {admin}/review "
-                  f"(Authorization: Bearer {token})")  # fmt: skip
+            print(f"\nReview the flagged samples: {admin}/review (Authorization: Bearer {token})")
             print(f"  curl -H 'Authorization: Bearer {token}' '{admin}/api/samples?flagged=1'")
             print(f"[demo] done in {time.monotonic() - started:.0f}s")
             if keep_running:

@@ -51,8 +51,11 @@ async def test_flagged_samples_api_summary_label_and_metrics(
     )
     async with aiohttp.ClientSession() as s:
         for i in range(3):
-            async with s.post(f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
-                              data=BODY, headers={"X-Request-Id": f"r{i}"}) as r:  # fmt: skip
+            async with s.post(
+                f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
+                data=BODY,
+                headers={"X-Request-Id": f"r{i}"},
+            ) as r:
                 assert r.status == 200
     assert await proxy.drained(10)
     base = f"http://127.0.0.1:{proxy.admin_port}"
@@ -66,8 +69,10 @@ async def test_flagged_samples_api_summary_label_and_metrics(
     assert status == 200 and sample["payloads"]["request"]["json"]["inputs"][0]["name"] == "x"
     assert sample["outputs"][0]["output"] == "scores" and sample["outputs"][0]["flagged"]
     async with aiohttp.ClientSession(headers=AUTH) as s:
-        async with s.post(f"{base}/api/samples/{items[0]['id']}/label",
-                          json={"verdict": "regression", "note": "bad"}) as r:  # fmt: skip
+        async with s.post(
+            f"{base}/api/samples/{items[0]['id']}/label",
+            json={"verdict": "regression", "note": "bad"},
+        ) as r:
             assert r.status == 200
         async with s.post(
             f"{base}/api/samples/{items[0]['id']}/label", json={"verdict": "meh"}

@@ -31,8 +31,11 @@ async def test_review_list_show_label_export(
     )
     async with aiohttp.ClientSession() as s:
         for i in range(2):
-            async with s.post(f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
-                              data=BODY, headers={"X-Request-Id": f"cli-{i}"}) as r:  # fmt: skip
+            async with s.post(
+                f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
+                data=BODY,
+                headers={"X-Request-Id": f"cli-{i}"},
+            ) as r:
                 assert r.status == 200
     assert await proxy.drained(10)
     config = tmp_path / "c.yaml"
@@ -48,8 +51,17 @@ async def test_review_list_show_label_export(
     short = items[0]["id"][:12]
     shown = _cli("review", "show", short, "--json", "--config", str(config))
     assert json.loads(shown.stdout)["id"] == items[0]["id"]
-    labelled = _cli("review", "label", short, "--verdict", "regression", "--note", "drift",
-                    "--config", str(config))  # fmt: skip
+    labelled = _cli(
+        "review",
+        "label",
+        short,
+        "--verdict",
+        "regression",
+        "--note",
+        "drift",
+        "--config",
+        str(config),
+    )
     assert labelled.returncode == 0 and "regression" in labelled.stdout
     out = tmp_path / "golden.jsonl"
     exported = _cli("review", "export", "--out", str(out), "--config", str(config))

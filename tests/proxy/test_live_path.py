@@ -88,8 +88,13 @@ async def test_a_broken_candidate_changes_neither_answer_nor_latency(
     assert elapsed < 0.25
     assert await proxy.drained(10)
     tally = proxy.telemetry.tally
-    expected = {"slow": "compared", "refused": "unavailable", "garbage": "candidate_invalid",
-                "error": "status_mismatch", "reset": "bad_response"}[mode]  # fmt: skip
+    expected = {
+        "slow": "compared",
+        "refused": "unavailable",
+        "garbage": "candidate_invalid",
+        "error": "status_mismatch",
+        "reset": "bad_response",
+    }[mode]
     assert tally[("c", expected)] == 1, dict(tally)
 
 

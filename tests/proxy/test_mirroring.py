@@ -99,8 +99,12 @@ async def test_model_map_and_credentials(
     ref, cand = await fake(), await fake()
     c = {"name": "c", "url": cand.url, "model_map": {"m": "m_int8"}, "models": ["m"]}
     proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=[c]))
-    await _send(proxy.data_port, path="/v2/models/m/versions/1/infer",
-                Authorization="Bearer secret", Cookie="a=b")  # fmt: skip
+    await _send(
+        proxy.data_port,
+        path="/v2/models/m/versions/1/infer",
+        Authorization="Bearer secret",
+        Cookie="a=b",
+    )
     await _send(proxy.data_port, path="/v2/models/other/infer")  # not in the candidate's models
     assert await proxy.drained(10)
     assert cand.behaviour.seen_paths == ["/v2/models/m_int8/versions/1/infer"]

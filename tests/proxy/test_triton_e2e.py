@@ -26,8 +26,10 @@ def _body(binary: bool, sentences: list[bytes] = SENTENCES) -> tuple[bytes, dict
     )
     headers = {"Content-Type": "application/json"}
     if json_size is not None:
-        headers = {"Inference-Header-Content-Length": str(json_size),
-                   "Content-Type": "application/octet-stream"}  # fmt: skip
+        headers = {
+            "Inference-Header-Content-Length": str(json_size),
+            "Content-Type": "application/octet-stream",
+        }
     return body, headers
 
 
@@ -62,8 +64,9 @@ async def test_responses_are_byte_identical_to_direct_calls(
     path: str,
     kind: str,
 ) -> None:
-    candidates = [{"name": "twin", "url": triton_server.url,
-                   "model_map": {"minilm_fp32": "minilm_fp32_twin"}}]  # fmt: skip
+    candidates = [
+        {"name": "twin", "url": triton_server.url, "model_map": {"minilm_fp32": "minilm_fp32_twin"}}
+    ]
     proxy = await proxy_factory(make_settings(triton_server.url, redis_url, candidates=candidates))
     body: bytes | None = None
     headers: dict[str, str] = {}
@@ -87,9 +90,13 @@ async def test_real_models_quantized_candidate_flagged_twin_not(
     url = triton_server.url
     candidates = [
         {"name": "int8", "url": url, "model_map": {"minilm_fp32": "minilm_int8"}},
-        {"name": "twin", "url": url, "model_map": {"minilm_fp32": "minilm_fp32_twin"},
-         "noise_floor": True},
-    ]  # fmt: skip
+        {
+            "name": "twin",
+            "url": url,
+            "model_map": {"minilm_fp32": "minilm_fp32_twin"},
+            "noise_floor": True,
+        },
+    ]
     comparisons = {
         "*": {"*": {"metric": "auto"}},
         "minilm_fp32": {"embedding": {"metric": "cosine", "min_cosine": 0.9999}},
@@ -103,8 +110,9 @@ async def test_real_models_quantized_candidate_flagged_twin_not(
     try:
         for i, binary in enumerate([True, False, True, False]):
             text = httpclient.InferInput("text", [3], "BYTES")
-            text.set_data_from_numpy(np.array(sentences[i : i + 3], dtype=np.object_),
-                                     binary_data=binary)  # fmt: skip
+            text.set_data_from_numpy(
+                np.array(sentences[i : i + 3], dtype=np.object_), binary_data=binary
+            )
             result = client.infer("minilm_fp32", [text], headers={"X-Request-Id": f"q-{i}"})
             assert result.as_numpy("embedding").shape == (3, 384)
     finally:

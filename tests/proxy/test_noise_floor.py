@@ -1,0 +1,88 @@
+"""Noise-aware verdicts through the proxy: the twin's A/A divergence calibrates the flags."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import ADMIN_TOKEN, make_settings
+
+NOISE = 1e-3
+WARMUP, MEASURED = 30, 20
+
+
+async def _traffic(proxy: Any, start: int, count: int) -> None:
+    async with aiohttp.ClientSession() as s:
+        for i in range(start, start + count):
+            body = f'{{"inputs":[{{"name":"x","datatype":"FP32","shape":[1],"data":[{i}]}}]}}'
+            async with s.post(
+                f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
+                data=body.encode(),
+                headers={"X-Request-Id": f"r{i:03d}"},
+            ) as r:
+                assert r.status == 200
+            # One request at a time, so the twin's verdict on it is in before the next.
+            assert await proxy.drained(10)
+
+
+async def _population(proxy: Any, candidate: str) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{proxy.admin_port}/api/summary"
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r,
+    ):
+        summary = await r.json()
+    return next(p for p in summary["population"] if p["candidate"] == candidate)
+
+
+def _settings(ref: str, twin: str, cand: str, redis_url: str) -> Any:
+    candidates = [
+        {"name": "twin", "url": twin, "noise_floor": True},
+        {"name": "cand", "url": cand},
+    ]
+    return make_settings(
+        ref,
+        redis_url,
+        candidates=candidates,
+        noise={"min_samples": WARMUP},
+        comparisons={"*": {"*": {"metric": "tolerance"}}},
+    )
+
+
+async def test_noise_at_the_floor_is_not_flagged(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    # A non-deterministic reference: two instances already differ by NOISE on every answer.
+    ref, twin, cand = [await fake(noise=NOISE, size=256) for _ in range(3)]
+    proxy = await proxy_factory(_settings(ref.url, twin.url, cand.url, redis_url))
+    await _traffic(proxy, 0, WARMUP + MEASURED)
+    verdicts = await proxy.store.list_samples(flagged=False, candidate="cand", limit=1000)
+    measured = [v for v in verdicts if v["request_id"] >= f"r{WARMUP:03d}"]
+    assert len(measured) == MEASURED
+    # The static threshold (atol=rtol=1e-5) fires on every one of them...
+    assert all(v["outputs"][0]["scores"]["fail_fraction"] > 0 for v in measured)
+    # ...but each lies within what the reference does to itself, so none is flagged.
+    assert not any(v["flagged"] for v in measured)
+    assert all(v["outputs"][0]["scores"]["noise_p"] > 0.01 for v in measured)
+    pop = await _population(proxy, "cand")
+    assert pop["paired_vs_noise_floor"]["wilcoxon_greater"]["p"] > 0.01
+
+
+async def test_the_same_magnitude_is_flagged_where_the_reference_is_deterministic(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, twin = await fake(size=256), await fake(size=256)
+    cand = await fake(noise=NOISE, size=256)  # a real divergence of the same magnitude
+    proxy = await proxy_factory(_settings(ref.url, twin.url, cand.url, redis_url))
+    await _traffic(proxy, 0, WARMUP)
+    await _traffic(proxy, WARMUP, 10)  # fewer samples than the noise floor saw
+    flagged = await proxy.store.list_samples(flagged=True, candidate="cand", limit=1000)
+    late = [v for v in flagged if v["request_id"] >= f"r{WARMUP:03d}"]
+    assert len(late) == 10
+    assert all("beyond the noise floor" in v["reason"] for v in late)
+    pop = await _population(proxy, "cand")
+    assert pop["flagged_rate_ci95"][0] > 0.5
+    assert pop["paired_vs_noise_floor"]["wilcoxon_greater"]["p"] < 0.001
+    assert pop["paired_vs_noise_floor"]["mcnemar"]["candidate_only"] == WARMUP + 10
