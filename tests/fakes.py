@@ -73,10 +73,27 @@ def make_app(behaviour: FakeBehaviour) -> web.Application:
     async def ready(request: web.Request) -> web.Response:
         return web.Response(status=200)
 
+    async def big(request: web.Request) -> web.StreamResponse:
+        """A large answer in many chunks, unsized: it must stream through, not buffer."""
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        for i in range(int(request.query.get("chunks", "64"))):
+            await resp.write(bytes([i % 256]) * 65536)
+        await resp.write_eof()
+        return resp
+
+    async def echo_size(request: web.Request) -> web.Response:
+        n = 0
+        async for chunk in request.content.iter_any():
+            n += len(chunk)
+        return web.json_response({"received": n})
+
     app = web.Application(client_max_size=128 * 1024 * 1024)
     app.router.add_post("/v2/models/{model}/infer", infer)
     app.router.add_post("/v2/models/{model}/versions/{v}/infer", infer)
     app.router.add_get("/v2/health/ready", ready)
+    app.router.add_get("/big", big)
+    app.router.add_put("/upload", echo_size)
     return app
 
 

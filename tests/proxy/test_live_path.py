@@ -128,3 +128,42 @@ async def test_a_full_candidate_drops_copies_and_counts_them(
     tally = proxy.telemetry.tally
     assert tally[("c", "dropped_queue_full")] == 4
     assert tally[("c", "compared")] == 2
+
+
+async def test_64_mib_infer_body_is_forwarded_and_mirrored(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await fake(), await fake()
+    candidates = [{"name": "c", "url": cand.url}]
+    proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=candidates))
+    header = b'{"inputs":[{"name":"x","datatype":"UINT8","shape":[67108000],'
+    header += b'"parameters":{"binary_data_size":67108000}}]}'
+    body = header + b"\x01" * 67108000  # about 64 MiB in all
+    status, _, answer = await _post(
+        f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
+        body,
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert status == 200 and b"outputs" in answer
+    assert await proxy.drained(30)
+    assert cand.behaviour.calls == 1 and proxy.telemetry.tally[("c", "compared")] == 1
+
+
+async def test_large_bodies_stream_both_ways(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref = await fake()
+    proxy = await proxy_factory(make_settings(ref.url, redis_url))
+    base = f"http://127.0.0.1:{proxy.data_port}"
+
+    async def chunks() -> Any:
+        for _ in range(80):  # 80 MiB unsized upload (chunked), beyond client_max_size
+            yield b"\x02" * (1024 * 1024)
+
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.put(f"{base}/upload", data=chunks()) as r:
+            assert r.status == 200 and (await r.json())["received"] == 80 * 1024 * 1024
+        async with s.get(f"{base}/big?chunks=64") as r, s.get(f"{ref.url}/big?chunks=64") as d:
+            assert r.status == d.status == 200
+            assert "Content-Length" not in r.headers  # streamed (chunked), like the reference
+            assert await r.read() == await d.read()
