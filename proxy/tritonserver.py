@@ -125,7 +125,8 @@ class TritonServer:
         metrics_port: int | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
-        self.workdir = Path(workdir)
+        # Absolute: Triton runs with cwd=workdir and resolves its own paths from there.
+        self.workdir = Path(workdir).resolve()
         self.models = list(models) if models is not None else None
         self.http_port = http_port or _free_port()
         self.grpc_port = grpc_port or _free_port()

@@ -33,17 +33,28 @@ def print_report(
         print(f"\n{cand.name}{role}  [{served}]")
         share = flagged / len(rows) if rows else 0.0
         print(f"  samples compared {len(compared)}, flagged {flagged} ({share:.0%})")
-        scores: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+        # Per output: severity quantiles (0 = identical, larger = worse, the same scale for
+        # every metric) and the comparator's own headline score at its worst.
+        severities: dict[tuple[str, str], list[float]] = defaultdict(list)
+        headlines: dict[tuple[str, str], tuple[str, list[float]]] = {}
         for r in compared:
             for out in r["outputs"]:
-                if out["headline"] and out["validity"] == "ok":
-                    key = (out["output"], out["metric"], out["headline"])
-                    scores[key].append(float(out["scores"][out["headline"]]))
-        for (output, metric, headline), vals in sorted(scores.items()):
-            print(
-                f"  {output:<10} {metric:<13} {headline:<16} p50 {_q(vals, 0.5):<11.4g}"
-                f" p99 {_q(vals, 0.99):<11.4g} worst {_worst(headline, vals):.4g}"
+                if out["validity"] != "ok":
+                    continue
+                key = (out["output"], out["metric"])
+                severities[key].append(float(out["severity"]))
+                if out["headline"]:
+                    name, vals = headlines.setdefault(key, (out["headline"], []))
+                    vals.append(float(out["scores"][name]))
+        for (output, metric), sev in sorted(severities.items()):
+            line = (
+                f"  {output:<13} {metric:<13} divergence p50 {_q(sev, 0.5):<9.2e}"
+                f" p99 {_q(sev, 0.99):<9.2e} max {max(sev):<9.2e}"
             )
+            if (output, metric) in headlines:
+                name, vals = headlines[(output, metric)]
+                line += f"  worst {name} {_worst(name, vals):.6g}"
+            print(line)
         extra = Counter({what: n for (c, what), n in tally.items() if c == cand.name and n})
         skipped = sum(n for what, n in extra.items() if what.startswith("skipped:"))
         dropped = sum(n for what, n in extra.items() if what.startswith("dropped"))

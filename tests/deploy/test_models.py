@@ -37,7 +37,11 @@ def infer(
 ) -> dict[str, np.ndarray]:
     text = httpclient.InferInput("text", [len(texts)], "BYTES")
     text.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=np.object_), binary)
-    names = ["embedding"] if model in EMBEDDERS else ["logits", "label_id", "label"]
+    names = (
+        ["embedding"]
+        if model in EMBEDDERS
+        else ["logits", "probabilities", "topic_scores", "label_id", "label"]
+    )
     outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in names]
     result = client.infer(model, [text], outputs=outputs)
     return {n: result.as_numpy(n) for n in names}
@@ -66,6 +70,8 @@ def test_io_contract(client: httpclient.InferenceServerClient, model: str, binar
         assert out["label_id"].dtype == np.int64 and out["label_id"].shape == (3,)
         assert out["label"].shape == (3,)
         assert np.array_equal(out["label_id"], out["logits"].argmax(axis=1))
+        np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(out["topic_scores"] * 20, out["logits"], rtol=1e-5, atol=1e-5)
         # Binary mode gives bytes, JSON mode gives str: either way a topic name.
         assert all(len(v) > 0 and isinstance(v, bytes | str) for v in out["label"])
 

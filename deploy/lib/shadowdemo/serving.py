@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
@@ -78,7 +79,13 @@ class EmbeddingModel(_Base):
 
 
 class TopicModel(_Base):
-    """text BYTES [N] -> logits FP32 [N, K], label_id INT64 [N], label BYTES [N]."""
+    """text BYTES [N] -> logits, probabilities, topic_scores FP32 [N, K]; label_id INT64 [N];
+    label BYTES [N].
+
+    One output per kind the comparators know: logits, probabilities, a dense score tensor
+    (each topic's relevance in [-1, 1]: the teacher's cosine to the topic prototype, the student's
+    estimate of it), integer class ids and text labels.
+    """
 
     student = False
 
@@ -92,12 +99,16 @@ class TopicModel(_Base):
         )
 
     def outputs(self, texts: list[str]) -> list[Any]:
-        from shadowdemo.topics import label_outputs
+        from shadowdemo.topics import LOGIT_SCALE, label_outputs
 
         logits = self.classifier.logits(texts)
         ids, names = label_outputs(logits)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
         return [
             pb_utils.Tensor("logits", logits),
+            pb_utils.Tensor("probabilities", probabilities.astype(np.float32)),
+            pb_utils.Tensor("topic_scores", (logits / LOGIT_SCALE).astype(np.float32)),
             pb_utils.Tensor("label_id", ids),
             pb_utils.Tensor("label", names),
         ]
