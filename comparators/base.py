@@ -51,9 +51,53 @@ def param(params: Mapping[str, Any], defaults: Mapping[str, Any], key: str) -> A
     return params[key] if key in params else defaults[key]
 
 
+# Inputs in these dtypes are read as they are and widened to float64 a block at a time (the
+# widening is exact); anything else (ints, bools, ml_dtypes' bf16/float8) is widened up front.
+NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# Elements per block of the one-pass kernels: three float64 buffers of this size stay in a 1 MiB
+# L2 cache, so the intermediates never travel to main memory.
+BLOCK = 16384
+# Unscaled sums of squares at or above this owe nothing measurable to squares that underflowed
+# (each lost part is < 1e-307, times at most ~1e12 elements); below it the rescaled path is used.
+# Overflow needs no bound: a square that overflowed makes its sum infinite.
+SAFE_LO = 1e-200
+
+
+def source(x: Array) -> Array:
+    """``x`` as an array whose float64 widening is exact and done block-wise by the kernels:
+    numpy floats as they are (no copy), everything else as a float64 copy."""
+    a = np.asarray(x)
+    return a if a.dtype in NATIVE_FLOATS else a.astype(np.float64)
+
+
+def widen(x: Array, buf: F64) -> F64:
+    """``x`` (a block of a :func:`source` array) in float64: a view when it already is, else
+    copied into the front of ``buf``. The result may alias the caller's data: read-only."""
+    if x.dtype == np.float64:
+        out: F64 = x
+        return out
+    view = buf[: x.size].reshape(x.shape)
+    np.copyto(view, x, casting="safe")
+    return view
+
+
+def row_blocks(rows: int, width: int) -> list[slice]:
+    """Row slices of at most :data:`BLOCK` elements each (at least one row per slice)."""
+    step = max(1, BLOCK // max(1, width))
+    return [slice(i, min(rows, i + step)) for i in range(0, rows, step)] or [slice(0, 0)]
+
+
 def as_rows_last_axis(x: Array) -> F64:
     """Rows over the class axis: the last axis holds classes, every leading axis is batch."""
     a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 0:
+        return a.reshape(1, 1)
+    return a.reshape(-1, a.shape[-1])
+
+
+def rows_last_axis(x: Array) -> Array:
+    """Like :func:`as_rows_last_axis` without widening: a 2-D view of a :func:`source` array."""
+    a = source(x)
     if a.ndim == 0:
         return a.reshape(1, 1)
     return a.reshape(-1, a.shape[-1])
@@ -67,7 +111,7 @@ def as_rows_leading_axis(x: Array) -> F64:
     return a.reshape(a.shape[0], -1)
 
 
-def energies(ref: F64, cand: F64) -> tuple[float, float]:
+def energies_scaled(ref: F64, cand: F64) -> tuple[float, float]:
     """``(sum ref^2, sum (ref-cand)^2)``, both divided by the same ``max(|ref|, |cand|)^2``:
     the ratio is unchanged and neither the difference nor the squares can overflow."""
     if ref.size == 0:
@@ -79,15 +123,52 @@ def energies(ref: F64, cand: F64) -> tuple[float, float]:
     return float(np.dot(r, r)), float(np.sum(np.square(r - c)))
 
 
-def sqnr_db(ref: F64, cand: F64) -> float:
-    """``10*log10(sum ref^2 / sum (ref-cand)^2)``, the reference as the signal, clamped to +-cap.
-    Takes flat arrays."""
-    signal, noise = energies(ref, cand)
+def energies_usable(signal: float, noise: float, max_abs: float) -> bool:
+    """Whether unscaled sums of squares can stand in for :func:`energies_scaled`: both finite and
+    neither so small that squares may have underflowed (a zero noise must mean identical, a zero
+    signal goes the rescaled way too: rare, and it decides the sign of the cap)."""
+    if not (math.isfinite(signal) and math.isfinite(noise)) or signal < SAFE_LO:
+        return False
+    return (noise == 0.0 and max_abs == 0.0) or noise >= SAFE_LO
+
+
+def energy_pass(r: Array, c: Array) -> tuple[float, float, float]:
+    """``(sum r^2, sum (r-c)^2, max |r-c|)`` of flat :func:`source` arrays in float64, in one
+    blocked pass without full-size temporaries. The two sums are rescaled together
+    (:func:`energies_scaled`) only when the plain ones are unusable: only their ratio counts."""
+    signal = noise = max_abs = 0.0
+    bufs = np.empty((3, min(BLOCK, r.size)))
+    for i in range(0, r.size, BLOCK):
+        rb, cb = widen(r[i : i + BLOCK], bufs[0]), widen(c[i : i + BLOCK], bufs[1])
+        d = np.subtract(rb, cb, out=bufs[2, : rb.size])
+        signal += float(np.dot(rb, rb))
+        noise += float(np.dot(d, d))
+        max_abs = max(max_abs, float(np.max(np.abs(d, out=d))))
+    if not energies_usable(signal, noise, max_abs):
+        signal, noise = energies_scaled(r.astype(np.float64), c.astype(np.float64))
+    return signal, noise, max_abs
+
+
+def energies(ref: Array, cand: Array) -> tuple[float, float]:
+    """``(sum ref^2, sum (ref-cand)^2)`` of flat arrays, up to a common factor (see
+    :func:`energy_pass`)."""
+    signal, noise, _ = energy_pass(source(ref).reshape(-1), source(cand).reshape(-1))
+    return signal, noise
+
+
+def db_from(signal: float, noise: float) -> float:
+    """``10*log10(signal/noise)`` clamped to +-cap; identical is +cap, no signal is -cap."""
     if noise == 0.0:
         return SQNR_CAP_DB
     if signal == 0.0:
         return -SQNR_CAP_DB
     return clamp(10.0 * (math.log10(signal) - math.log10(noise)), SQNR_CAP_DB)
+
+
+def sqnr_db(ref: Array, cand: Array) -> float:
+    """``10*log10(sum ref^2 / sum (ref-cand)^2)``, the reference as the signal, clamped to +-cap.
+    Takes flat arrays."""
+    return db_from(*energies(ref, cand))
 
 
 def fmt(x: float) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from comparators import torch_backend
 from comparators.base import Scored, SpecError, clamp
 from comparators.registry import AUTO, REGISTRY, choose_metric, effective_params, validate_spec
 from comparators.types import MetricSpec, OutputVerdict, Validity
@@ -59,8 +60,55 @@ def _run(metric: str, gate: Prepared, params: Mapping[str, Any]) -> tuple[Scored
     return scored, scores
 
 
+def _verdict(name: str, metric: str, scored: Scored, scores: Mapping[str, float]) -> OutputVerdict:
+    return OutputVerdict(
+        output=name,
+        metric=metric,
+        validity=Validity.OK,
+        scores=_json_safe(scores),
+        headline=scored.headline,
+        severity=max(0.0, clamp(scored.severity)),
+        flagged=scored.flagged,
+        reason=scored.reason,
+    )
+
+
+def _failed(name: str, metric: str, exc: Exception) -> OutputVerdict:
+    # A comparator bug must cost one verdict, not the proxy's scoring worker.
+    return invalid(
+        name,
+        metric,
+        Validity.UNSUPPORTED,
+        f"comparator '{metric}' failed: {type(exc).__name__}: {exc}",
+    )
+
+
+def _on_device(name: str, ref: Any, cand: Any, spec: MetricSpec) -> OutputVerdict | None:
+    """Two torch tensors in the plain case, scored where they live; ``None`` otherwise (the
+    numpy path then gives the verdict, the same one it always gave)."""
+    try:
+        metric = choose_metric(name, ref) if spec.metric == AUTO else spec.metric
+        validate_spec(spec)
+        pair = torch_backend.prepare(metric, ref, cand)
+    except Exception:
+        return None
+    if pair is None:
+        return None
+    params = effective_params(metric, spec.params, pair.precision)
+    try:
+        scored = torch_backend.score(metric, pair, params)
+    except Exception as exc:
+        return _failed(name, metric, exc)
+    return _verdict(name, metric, scored, {**pair.counts, **scored.scores})
+
+
 def compare_output(name: str, ref: Any, cand: Any, spec: MetricSpec = _AUTO_SPEC) -> OutputVerdict:
-    """Score one output of a reference/candidate pair under ``spec``."""
+    """Score one output of a reference/candidate pair under ``spec``. Two torch tensors are
+    scored on their device (see :mod:`comparators.torch_backend`)."""
+    if torch_backend.is_tensor(ref) and torch_backend.is_tensor(cand):
+        on_device = _on_device(name, ref, cand, spec)
+        if on_device is not None:
+            return on_device
     metric = spec.metric
     try:
         r, c = to_numpy(ref), to_numpy(cand)
@@ -78,23 +126,8 @@ def compare_output(name: str, ref: Any, cand: Any, spec: MetricSpec = _AUTO_SPEC
     try:
         scored, scores = _run(metric, gate, params)
     except Exception as exc:
-        # A comparator bug must cost one verdict, not the proxy's scoring worker.
-        return invalid(
-            name,
-            metric,
-            Validity.UNSUPPORTED,
-            f"comparator '{metric}' failed: {type(exc).__name__}: {exc}",
-        )
-    return OutputVerdict(
-        output=name,
-        metric=metric,
-        validity=Validity.OK,
-        scores=_json_safe(scores),
-        headline=scored.headline,
-        severity=max(0.0, clamp(scored.severity)),
-        flagged=scored.flagged,
-        reason=scored.reason,
-    )
+        return _failed(name, metric, exc)
+    return _verdict(name, metric, scored, scores)
 
 
 def _metric_for(name: str, present: Any, spec: MetricSpec) -> str:

@@ -44,11 +44,17 @@ def exact(ref: Array, cand: Array, params: Mapping[str, Any]) -> Scored:
     flagged = agreement < floor
     reason = ""
     if flagged:
-        reason = (
-            f"{bad.size} of {r.size} element(s) differ; first at flat index {first} "
-            f"(reference {r[first]!r}, candidate {c[first]!r})"
-        )
+        # Floats arrive unwidened (float16/32): show them as float64, as the reason always has.
+        rv, cv = (np.float64(x[first]) if x.dtype.kind == "f" else x[first] for x in (r, c))
+        reason = exact_reason(int(bad.size), int(r.size), first, rv, cv)
     return Scored(scores, "agreement", 1.0 - agreement, flagged, reason)
+
+
+def exact_reason(n_bad: int, n: int, first: int, rv: object, cv: object) -> str:
+    return (
+        f"{n_bad} of {n} element(s) differ; first at flat index {first} "
+        f"(reference {rv!r}, candidate {cv!r})"
+    )
 
 
 def _similarity() -> Callable[[str, str], float]:

@@ -13,7 +13,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from comparators.base import F64, Array, Scored, as_rows_last_axis, clamp, fmt, param
+from comparators.base import (
+    F64,
+    Array,
+    Scored,
+    as_rows_last_axis,
+    clamp,
+    fmt,
+    param,
+    row_blocks,
+    rows_last_axis,
+)
 
 LOGITS_DEFAULTS: Mapping[str, Any] = MappingProxyType({"max_kl": 0.01, "k": 5, "tie_margin": 0.05})
 PROBABILITIES_DEFAULTS: Mapping[str, Any] = MappingProxyType(
@@ -102,23 +112,42 @@ def _kl_rows(pr: F64, lr: F64, lc: F64) -> F64:
     return out
 
 
-@np.errstate(all="ignore")
-def logits(ref: Array, cand: Array, params: Mapping[str, Any]) -> Scored:
-    """KL(P_ref || P_cand) after log-softmax, top-1 agreement, top-k overlap and the signed
-    change of the reference top class's probability (negative: the candidate is less sure)."""
-    max_kl = float(param(params, LOGITS_DEFAULTS, "max_kl"))
-    tie = float(param(params, LOGITS_DEFAULTS, "tie_margin"))
-    r, c = as_rows_last_axis(ref), as_rows_last_axis(cand)
-    k = max(1, min(int(param(params, LOGITS_DEFAULTS, "k")), r.shape[1]))
+def _logit_rows(r: F64, c: F64, k: int) -> tuple[F64, I64, I64, F64, F64, F64]:
+    """Per row: KL, reference and candidate top-1, reference top-1 probability margin, change
+    of that class's probability, top-k overlap."""
     lr, pr = softmax_parts(r)
     lc, pc = softmax_parts(c)
     kl = _kl_rows(pr, lr, lc)
     top_r, top_c = top_indices(lr, max(k, 2)), top_indices(lc, k)
     ar, ac = top_r[:, 0], top_c[:, 0]
     margin = _top1_margin(pr, top_r)
-    flips = (ar != ac) & (margin > tie)
     delta = _at(pc, ar) - _at(pr, ar)
     overlap = (top_r[:, :k, None] == top_c[:, None, :]).any(axis=2).sum(axis=1) / k
+    return kl, ar, ac, margin, delta, overlap
+
+
+@np.errstate(all="ignore")
+def logits(ref: Array, cand: Array, params: Mapping[str, Any]) -> Scored:
+    """KL(P_ref || P_cand) after log-softmax, top-1 agreement, top-k overlap and the signed
+    change of the reference top class's probability (negative: the candidate is less sure)."""
+    r, c = rows_last_axis(ref), rows_last_axis(cand)
+    k = max(1, min(int(param(params, LOGITS_DEFAULTS, "k")), r.shape[1]))
+    # Row blocks of a cache's size: the float64 softmax temporaries never reach main memory.
+    parts = [
+        _logit_rows(as_rows_last_axis(r[b]), as_rows_last_axis(c[b]), k)
+        for b in row_blocks(*r.shape)
+    ]
+    cols = [np.concatenate(col) for col in zip(*parts, strict=True)]
+    return logits_verdict(*cols, params=params)
+
+
+def logits_verdict(
+    kl: F64, ar: I64, ac: I64, margin: F64, delta: F64, overlap: F64, *, params: Mapping[str, Any]
+) -> Scored:
+    """The ``logits`` verdict from its per-row values (shared with the torch backend)."""
+    max_kl = float(param(params, LOGITS_DEFAULTS, "max_kl"))
+    tie = float(param(params, LOGITS_DEFAULTS, "tie_margin"))
+    flips = (ar != ac) & (margin > tie)
     worst = int(np.argmax(kl))
     scores = {
         "max_kl": clamp(float(kl[worst])),
@@ -170,15 +199,33 @@ def probabilities(ref: Array, cand: Array, params: Mapping[str, Any]) -> Scored:
     """Top-1 flips beyond the tie margin, |delta p| of the reference top class and JS divergence.
     Severity is the larger of max |delta p| and max JS, so single-column sigmoid outputs (where JS
     of the normalised rows is always 0) still rank by how far the probability moved."""
-    tie = float(param(params, PROBABILITIES_DEFAULTS, "tie_margin"))
-    max_dp = float(param(params, PROBABILITIES_DEFAULTS, "max_delta_p"))
-    r, c = as_rows_last_axis(ref), as_rows_last_axis(cand)
+    r, c = rows_last_axis(ref), rows_last_axis(cand)
+    # Row blocks of a cache's size: the float64 temporaries never reach main memory.
+    parts = [
+        _probability_rows(as_rows_last_axis(r[b]), as_rows_last_axis(c[b]))
+        for b in row_blocks(*r.shape)
+    ]
+    cols = [np.concatenate(col) for col in zip(*parts, strict=True)]
+    return probabilities_verdict(*cols, params=params)
+
+
+def _probability_rows(r: F64, c: F64) -> tuple[I64, I64, F64, F64, F64]:
+    """Per row: reference and candidate top-1, reference top-2 gap, |delta p| of the reference
+    top class, JS divergence."""
     top_r = top_indices(r, 2)
     ar, ac = top_r[:, 0], np.argmax(c, axis=1)
     margin = _top1_margin(r, top_r)
-    flips = (ar != ac) & (margin > tie)
     delta = np.abs(_at(c, ar) - _at(r, ar))
-    js = jensen_shannon(r, c)
+    return ar, ac, margin, delta, jensen_shannon(r, c)
+
+
+def probabilities_verdict(
+    ar: I64, ac: I64, margin: F64, delta: F64, js: F64, *, params: Mapping[str, Any]
+) -> Scored:
+    """The ``probabilities`` verdict from its per-row values (shared with the torch backend)."""
+    tie = float(param(params, PROBABILITIES_DEFAULTS, "tie_margin"))
+    max_dp = float(param(params, PROBABILITIES_DEFAULTS, "max_delta_p"))
+    flips = (ar != ac) & (margin > tie)
     worst = int(np.argmax(delta))
     scores = {
         "top1_agreement": float(np.mean(ar == ac)),
@@ -203,11 +250,21 @@ def probabilities(ref: Array, cand: Array, params: Mapping[str, Any]) -> Scored:
 def argmax(ref: Array, cand: Array, params: Mapping[str, Any]) -> Scored:
     """Top-1 agreement on raw class scores; a changed top-1 is flagged unless the reference's
     top-2 gap, in the scores' own units, is within ``tie_margin``."""
-    tie = float(param(params, ARGMAX_DEFAULTS, "tie_margin"))
-    r, c = as_rows_last_axis(ref), as_rows_last_axis(cand)
+    # Widening to float64 is exact and keeps the order: the indices come from the inputs as they
+    # are, only the margin is computed in float64.
+    r, c = rows_last_axis(ref), rows_last_axis(cand)
     top_r = top_indices(r, 2)
     ar, ac = top_r[:, 0], np.argmax(c, axis=1)
-    margin = _top1_margin(r, top_r) if r.shape[1] > 1 else np.full(r.shape[0], np.inf)
+    if r.shape[1] > 1:
+        margin = _at(r, top_r[:, 0]).astype(np.float64) - _at(r, top_r[:, 1])
+    else:
+        margin = np.full(r.shape[0], np.inf)
+    return argmax_verdict(ar, ac, margin, params=params)
+
+
+def argmax_verdict(ar: I64, ac: I64, margin: F64, *, params: Mapping[str, Any]) -> Scored:
+    """The ``argmax`` verdict from its per-row values (shared with the torch backend)."""
+    tie = float(param(params, ARGMAX_DEFAULTS, "tie_margin"))
     flips = (ar != ac) & (margin > tie)
     agreement = float(np.mean(ar == ac))
     scores = {"top1_agreement": agreement, "non_tie_flips": float(np.count_nonzero(flips))}

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from comparators import discrete, distributions, numeric
+from comparators import discrete, distributions, numeric, torch_backend
 from comparators.base import Array, Comparator, SpecError, as_rows_last_axis
 from comparators.types import MetricSpec
 from comparators.validity import group_of, to_numpy
@@ -114,8 +114,10 @@ def choose_metric(name: str, ref: Any) -> str:
     """The ``metric: auto`` rule, from the reference's dtype and shape and the output name.
     Name hints are checked before value heuristics, so an output called ``*embed*`` stays cosine
     even if its values happen to look like a distribution."""
-    a = to_numpy(ref)
-    group = group_of(a.dtype)
+    on_device = torch_backend.is_tensor(ref)
+    # A tensor is judged where it lives: its dtype and shape, and values only if needed.
+    a = ref if on_device else to_numpy(ref)
+    group = torch_backend.group_of(a) if on_device else group_of(a.dtype)
     if group == "text":
         return "exact_text"
     if group in ("int", "bool"):
@@ -129,7 +131,8 @@ def choose_metric(name: str, ref: Any) -> str:
         return "probabilities"
     if "embed" in lowered:
         return "cosine"
-    if _looks_like_probabilities(a):
+    probs = torch_backend.looks_like_probabilities if on_device else _looks_like_probabilities
+    if probs(a):
         return "probabilities"
     if a.ndim >= 1 and a.shape[-1] >= _EMBEDDING_MIN_DIM:
         return "cosine"

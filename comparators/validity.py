@@ -1,8 +1,10 @@
 """The validity gate run before any metric: conversion, shape, dtype, emptiness and NaN/Inf.
 
 A pair that cannot be scored becomes an :class:`~comparators.types.OutputVerdict` with a reason;
-a pair that can is returned as :class:`Prepared`, the floats widened to float64 copies so no
-metric ever sees (or mutates) the caller's arrays.
+a pair that can is returned as :class:`Prepared`. numpy's float16/32/64 arrays are passed on as
+they are (the caller's memory, read-only: metrics widen them to float64 a cache-sized block at a
+time, which is exact and avoids a full-size float64 copy); other floats (bf16, float8) are
+widened to float64 copies here.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from comparators.base import SEVERITY_CAP, Array
+from comparators.base import SEVERITY_CAP, Array, source
 from comparators.types import OutputVerdict, Validity
 
 Group = Literal["float", "int", "bool", "text", "unsupported"]
@@ -118,14 +120,18 @@ def _first(mask: npt.NDArray[np.bool_]) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _sum(a: Array) -> float:
+    return float(np.sum(a, dtype=np.float32 if a.dtype == np.float16 else None))
+
+
 def _nonfinite(name: str, metric: str, r: Array, c: Array) -> OutputVerdict | Prepared:
-    ref = r.astype(np.float64)
-    cand = c.astype(np.float64)
+    ref, cand = source(r), source(c)
     prec = precision_of(r.dtype, c.dtype)
     # Fast path without temporaries: a finite sum proves every element finite (NaN and Inf
-    # propagate); a non-finite sum, rare, falls through to the element-wise check.
+    # propagate); a non-finite sum (or one that overflowed, then exactly re-checked) falls
+    # through to the element-wise check. float16 sums in float32, whose range it cannot exceed.
     with np.errstate(all="ignore"):
-        if np.isfinite(np.sum(ref)) and np.isfinite(np.sum(cand)):
+        if np.isfinite(_sum(ref)) and np.isfinite(_sum(cand)):
             return Prepared(ref, cand, "float", prec, dict.fromkeys(_COUNT_KEYS, 0.0), None)
     fr, fc = np.isfinite(ref), np.isfinite(cand)
     counts = {
