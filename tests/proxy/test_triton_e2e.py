@@ -9,6 +9,7 @@ import aiohttp
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+import tritonclient.http.aio as aioclient
 
 from tests.conftest import make_settings
 
@@ -103,20 +104,21 @@ async def test_real_models_quantized_candidate_flagged_twin_not(
     }
     settings = make_settings(url, redis_url, candidates=candidates, comparisons=comparisons)
     proxy = await proxy_factory(settings)
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{proxy.data_port}")
+    # The aio client: a blocking one would stall the event loop the proxy itself runs on.
+    client = aioclient.InferenceServerClient(f"127.0.0.1:{proxy.data_port}")
     sentences = [
         f"Sentence number {i} about markets, football and rain.".encode() for i in range(6)
     ]
     try:
         for i, binary in enumerate([True, False, True, False]):
-            text = httpclient.InferInput("text", [3], "BYTES")
+            text = aioclient.InferInput("text", [3], "BYTES")
             text.set_data_from_numpy(
                 np.array(sentences[i : i + 3], dtype=np.object_), binary_data=binary
             )
-            result = client.infer("minilm_fp32", [text], headers={"X-Request-Id": f"q-{i}"})
+            result = await client.infer("minilm_fp32", [text], headers={"X-Request-Id": f"q-{i}"})
             assert result.as_numpy("embedding").shape == (3, 384)
     finally:
-        client.close()
+        await client.close()
     assert await proxy.drained(60)
     flagged = await proxy.store.list_samples(flagged=True)
     assert flagged and {s["candidate"] for s in flagged} == {"int8"}
