@@ -1,65 +1,81 @@
-"""The admin plane: health, readiness, metrics, the samples API, the summary and the review page.
+"""The admin plane: health, readiness, metrics, the review page and its API, the summary.
 
-Every route but ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer <admin.token>``; a
-missing or wrong token gets 401 and no data. Handlers only read resources owned by the data app.
+Access (tokens, roles, browser sessions, CSRF) is enforced by ``auth.auth_middleware`` on every
+route but the health checks, the login page and static assets; a missing or wrong token gets 401
+and no data. Handlers only read resources owned by the data app.
 """
 
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 import time
-from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from . import review_api
+from .auth import (
+    PRINCIPAL,
+    Authenticator,
+    Principal,
+    auth_middleware,
+    login,
+    login_page,
+    logout,
+)
 from .buffer.store import LABELS
 from .errors import StoreError
 from .keys import DATA_APP, JUDGE, SCHEDULER, SETTINGS, STORE, TELEMETRY
 from .settings import Settings
 
-_OPEN = frozenset({"/healthz", "/readyz"})
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+AUTH = web.AppKey("auth", Authenticator)
 
 
 def create_admin_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[_auth_middleware])
+    app = web.Application(middlewares=[auth_middleware(AUTH)])
     app[SETTINGS] = settings
+    app.on_startup.append(_make_authenticator)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/login", login_form)
+    app.router.add_post("/login", login_route)
+    app.router.add_post("/logout", logout_route)
+    app.router.add_get("/api/me", me)
     app.router.add_get("/api/samples", list_samples)
     app.router.add_get("/api/samples/{id}", get_sample)
+    app.router.add_get("/api/samples/{id}/tensors", get_tensors)
     app.router.add_post("/api/samples/{id}/label", label_sample)
     app.router.add_get("/api/summary", summary)
+    app.router.add_get("/api/timeseries", timeseries)
     app.router.add_get("/review", review_page)
+    app.router.add_static("/static/", str(resources.files("proxy").joinpath("static")))
     return app
+
+
+async def _make_authenticator(app: web.Application) -> None:
+    # Sessions share the data plane's Redis pool, which exists once the data app has started.
+    store = app[DATA_APP][STORE]
+    app[AUTH] = Authenticator(app[SETTINGS].admin, store.redis, store.keys)
+
+
+async def login_form(request: web.Request) -> web.Response:
+    return login_page()
+
+
+async def login_route(request: web.Request) -> web.Response:
+    return await login(request, request.app[AUTH])
+
+
+async def logout_route(request: web.Request) -> web.Response:
+    return await logout(request, request.app[AUTH])
 
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
-
-
-@web.middleware
-async def _auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in _OPEN:
-        return await handler(request)
-    token = request.app[SETTINGS].admin.token
-    given = request.headers.get("Authorization", "")
-    scheme, _, value = given.partition(" ")
-    if (
-        token is None
-        or scheme.lower() != "bearer"
-        or not hmac.compare_digest(value.encode(), token.get_secret_value().encode())
-    ):
-        resp = _error(401, "missing or wrong admin token (send Authorization: Bearer <token>)")
-        resp.headers["WWW-Authenticate"] = 'Bearer realm="shadowproxy"'
-        return resp
-    return await handler(request)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -88,33 +104,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=text, content_type="text/plain", charset="utf-8")
 
 
-def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": f"query parameter {name} must be an integer, got {raw!r}"}),
-            content_type="application/json",
-        ) from None
-    return max(lo, min(hi, value))
+async def me(request: web.Request) -> web.Response:
+    who: Principal = request[PRINCIPAL]
+    return web.json_response({"user": who.name, "role": who.role, "csrf": who.csrf})
 
 
 async def list_samples(request: web.Request) -> web.Response:
-    store = request.app[DATA_APP][STORE]
-    flagged = request.query.get("flagged", "0").lower() in ("1", "true", "yes")
-    limit = _int_param(request, "limit", 100, 1, 10_000)
-    try:
-        items = await store.list_samples(
-            flagged=flagged, candidate=request.query.get("candidate"), limit=limit
-        )
-    except StoreError as exc:
-        return _error(503, f"sample store unavailable: {exc}")
-    for item in items:
-        item.pop("previews", None)
-    return web.json_response(items)
+    return await review_api.list_samples(request, request.app[DATA_APP][STORE])
 
 
 def render_payloads(payloads: dict[str, bytes]) -> dict[str, Any]:
@@ -143,8 +139,20 @@ async def get_sample(request: web.Request) -> web.Response:
     return web.json_response(sample)
 
 
+async def get_tensors(request: web.Request) -> web.Response:
+    store = request.app[DATA_APP][STORE]
+    try:
+        sample = await store.get_sample(request.match_info["id"])
+    except StoreError as exc:
+        return _error(503, f"sample store unavailable: {exc}")
+    if sample is None:
+        return _error(404, f"no sample {request.match_info['id']!r} (unknown or expired)")
+    return web.json_response(review_api.sample_tensors(sample))
+
+
 async def label_sample(request: web.Request) -> web.Response:
     store = request.app[DATA_APP][STORE]
+    who: Principal = request[PRINCIPAL]
     try:
         body = await request.json()
     except ValueError:
@@ -153,13 +161,19 @@ async def label_sample(request: web.Request) -> web.Response:
         return _error(400, f"'verdict' must be one of: {', '.join(LABELS)}")
     try:
         label = await store.label(
-            request.match_info["id"], body["verdict"], str(body.get("note", "")), "admin"
+            request.match_info["id"], body["verdict"], str(body.get("note", "")), who.name
         )
     except KeyError:
         return _error(404, f"no sample {request.match_info['id']!r} (unknown or expired)")
     except StoreError as exc:
         return _error(503, f"sample store unavailable: {exc}")
     return web.json_response(label)
+
+
+async def timeseries(request: web.Request) -> web.Response:
+    data = request.app[DATA_APP]
+    noise = {c.name: c.noise_floor for c in data[SETTINGS].candidates}
+    return await review_api.timeseries(request, data[STORE], noise)
 
 
 async def summary(request: web.Request) -> web.Response:
@@ -189,4 +203,6 @@ async def summary(request: web.Request) -> web.Response:
 
 async def review_page(request: web.Request) -> web.Response:
     page = resources.files("proxy").joinpath("static/review.html").read_text(encoding="utf-8")
-    return web.Response(text=page, content_type="text/html")
+    resp = web.Response(text=page, content_type="text/html")
+    resp.headers["Cache-Control"] = "no-store"
+    return resp

@@ -39,11 +39,34 @@ class ListenSettings(_Model):
     port: int = Field(8000, ge=0, le=65535)
 
 
+class UserSettings(_Model):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
+    token: SecretStr
+    role: Literal["viewer", "reviewer", "admin"] = "viewer"
+    """viewer: read; reviewer: read and label; admin: everything."""
+
+
 class AdminSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8001, ge=0, le=65535)
     token: SecretStr | None = None
-    """Bearer token for every admin route but the health checks. Required by ``serve``."""
+    """Bearer token for every admin route but the health checks (role admin). Required by
+    ``serve``."""
+    users: list[UserSettings] = []
+    """Per-user tokens with roles; each label records who made it."""
+    session_ttl_s: int = Field(12 * 3600, ge=60)
+    """How long a browser login lasts."""
+
+    @field_validator("users")
+    @classmethod
+    def _distinct_users(cls, value: list[UserSettings]) -> list[UserSettings]:
+        names = [u.name for u in value]
+        tokens = [u.token.get_secret_value() for u in value]
+        if len(set(names)) != len(names):
+            raise ValueError("user names must be unique")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("each user needs their own token")
+        return value
 
 
 class UpstreamSettings(_Model):

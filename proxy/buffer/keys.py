@@ -6,15 +6,20 @@ Schema (``{ns}`` is the configurable namespace, default ``sp:v1``):
                                      ``buffer.stream_maxlen``. Fields: ``sample`` (the sample id),
                                      ``json`` (the verdict summary as JSON).
 ``{ns}:sample:{id}``         HASH    a stored sample: ``meta`` (JSON: ids, models, versions,
-                                     latencies, every score, reason), ``request``,
+                                     latencies, every score, reason), ``summary`` (the same
+                                     without tensor previews, for fast lists), ``request``,
                                      ``request_headers``, ``reference_body``, ``reference_headers``,
                                      ``candidate_body``, ``candidate_headers``, ``label`` (JSON).
-                                     Expires after ``buffer.sample_ttl_s``; a label removes the TTL.
+                                     Expires after ``buffer.sample_ttl_s``; a label removes the
+                                     TTL until the sample is exported to the golden set.
 ``{ns}:flagged``             ZSET    flagged sample ids scored by time; trimmed to
                                      ``buffer.flagged_index_max``; ids whose hash expired are
                                      pruned on read.
 ``{ns}:stats``               HASH    counters for ``/api/summary``: ``{candidate}|{outcome}`` and
                                      ``{candidate}|{model}|{output}|flagged``.
+
+``{ns}:session:{sid}``       STRING  a browser login (JSON: user, role, csrf), expiring after
+                                     ``admin.session_ttl_s``.
 
 Readers use SCAN-free access paths (the stream and the index); nothing calls KEYS.
 """
@@ -27,6 +32,7 @@ DEFAULT_NAMESPACE = "sp:v1"
 
 # Payload fields of a sample hash; ``meta`` and ``label`` are JSON, the rest raw bytes/JSON.
 FIELD_META = "meta"
+FIELD_SUMMARY = "summary"
 FIELD_LABEL = "label"
 PAYLOAD_FIELDS = (
     "request",
@@ -56,6 +62,9 @@ class KeySchema:
 
     def sample(self, sample_id: str) -> str:
         return f"{self.namespace}:sample:{sample_id}"
+
+    def session(self, session_id: str) -> str:
+        return f"{self.namespace}:session:{session_id}"
 
 
 def outcome_stat(candidate: str, outcome: str) -> str:

@@ -18,7 +18,15 @@ from redis.exceptions import RedisError
 
 from ..errors import StoreError
 from ..settings import BufferSettings
-from .keys import FIELD_LABEL, FIELD_META, PAYLOAD_FIELDS, KeySchema, flagged_stat, outcome_stat
+from .keys import (
+    FIELD_LABEL,
+    FIELD_META,
+    FIELD_SUMMARY,
+    PAYLOAD_FIELDS,
+    KeySchema,
+    flagged_stat,
+    outcome_stat,
+)
 
 LABELS = ("acceptable", "regression", "needs-look")
 
@@ -41,6 +49,11 @@ class SampleStore:
             health_check_interval=30,
         )
         return cls(client, settings, keys or KeySchema())
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The client (one pool), for the admin plane's sessions."""
+        return self._r
 
     async def close(self) -> None:
         await self._r.aclose()
@@ -79,7 +92,10 @@ class SampleStore:
                 pipe.hincrby(self.keys.stats, stat, 1)
         if payloads is not None:
             key = self.keys.sample(sid)
-            fields: dict[str, bytes | str] = {FIELD_META: json.dumps(meta)}
+            fields: dict[str, bytes | str] = {
+                FIELD_META: json.dumps(meta),
+                FIELD_SUMMARY: json.dumps(summary),
+            }
             fields.update({k: self._clip(v) for k, v in payloads.items() if k in PAYLOAD_FIELDS})
             pipe.hset(key, mapping=fields)
             pipe.expire(key, self._settings.sample_ttl_s)
@@ -93,15 +109,23 @@ class SampleStore:
         return value if len(value) <= limit else value[:limit]
 
     async def list_samples(
-        self, *, flagged: bool, candidate: str | None = None, limit: int = 100
+        self,
+        *,
+        flagged: bool,
+        candidate: str | None = None,
+        limit: int = 100,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[dict[str, Any]]:
         """Newest first. Flagged: from the index (full samples); else from the verdict stream."""
         if flagged:
-            return await self._list_flagged(candidate, limit)
+            return await self._list_flagged(candidate, limit, since, until)
         out: list[dict[str, Any]] = []
-        last = "+"
+        # Stream ids start with the entry's millisecond time: the time window maps onto them.
+        last = f"{int(until * 1000)}" if until is not None else "+"
+        first = f"{int(since * 1000)}" if since is not None else "-"
         while len(out) < limit:
-            batch = await self._guard(self._r.xrevrange(self.keys.verdicts, last, "-", count=500))
+            batch = await self._guard(self._r.xrevrange(self.keys.verdicts, last, first, count=500))
             if not batch:
                 break
             for _entry_id, fields in batch:
@@ -113,29 +137,37 @@ class SampleStore:
                 break
         return out[:limit]
 
-    async def _list_flagged(self, candidate: str | None, limit: int) -> list[dict[str, Any]]:
+    async def _list_flagged(
+        self, candidate: str | None, limit: int, since: float | None, until: float | None
+    ) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        start, page = 0, max(limit, 100)
+        start, page = 0, min(max(limit, 100), 2000)
+        hi = until if until is not None else "+inf"
+        lo = since if since is not None else "-inf"
         while len(out) < limit:
-            ids = await self._guard(self._r.zrevrange(self.keys.flagged, start, start + page - 1))
+            ids = await self._guard(
+                self._r.zrevrangebyscore(self.keys.flagged, hi, lo, start=start, num=page)
+            )
             if not ids:
                 break
             pipe = self._r.pipeline(transaction=False)
             for sid in ids:
-                pipe.hmget(self.keys.sample(sid.decode()), [FIELD_META, FIELD_LABEL])
+                # The compact summary lists fast; samples stored before it existed have only meta.
+                pipe.hmget(self.keys.sample(sid.decode()), [FIELD_SUMMARY, FIELD_LABEL, FIELD_META])
             rows = await self._guard(pipe.execute())
             expired = []
-            for sid, (meta, label) in zip(ids, rows, strict=True):
-                if meta is None:
+            for sid, (summary, label, meta) in zip(ids, rows, strict=True):
+                if summary is None and meta is None:
                     expired.append(sid)  # the hash's TTL ran out; prune the index lazily
                     continue
-                item = json.loads(meta)
+                item = json.loads(summary or meta)
                 if candidate is not None and item.get("candidate") != candidate:
                     continue
                 item["label"] = json.loads(label) if label else None
                 out.append(item)
             if expired:
                 await self._guard(self._r.zrem(self.keys.flagged, *expired))
+                start -= len(expired)  # pruned entries shift the ranks that follow
             start += page
         return out[:limit]
 
@@ -144,6 +176,7 @@ class SampleStore:
         if not raw:
             return None
         fields = {k.decode(): v for k, v in raw.items()}
+        fields.pop(FIELD_SUMMARY, None)
         sample: dict[str, Any] = json.loads(fields.pop(FIELD_META))
         label = fields.pop(FIELD_LABEL, None)
         sample["label"] = json.loads(label) if label else None
@@ -165,6 +198,13 @@ class SampleStore:
             await self._guard(self._r.delete(key))  # HSET created a bare hash; undo it
             raise KeyError(sample_id)
         return label
+
+    async def mark_exported(self, sample_ids: list[str]) -> None:
+        """Exported labelled samples live in the golden set now: give them their TTL back."""
+        pipe = self._r.pipeline(transaction=False)
+        for sid in sample_ids:
+            pipe.expire(self.keys.sample(sid), self._settings.sample_ttl_s)
+        await self._guard(pipe.execute())
 
     async def stats(self) -> dict[str, int]:
         raw = await self._guard(self._r.hgetall(self.keys.stats))
