@@ -16,7 +16,8 @@ from typing import Any
 from .admin import render_payloads
 from .buffer.embedded import EmbeddedRedis, running_url
 from .buffer.store import LABELS, SampleStore
-from .errors import ShadowProxyError, StoreError
+from .errors import ConfigError, ShadowProxyError, StoreError
+from .golden import export_golden, load_golden, print_replay_report, replay_golden, replay_report
 from .settings import Settings, load_settings
 
 
@@ -31,6 +32,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=300, help="live requests to send")
     demo.add_argument("--state-dir", type=Path, default=Path(".state/demo"))
     demo.add_argument("--keep-running", action="store_true", help="stay up for review")
+
+    replay = sub.add_parser("replay", help="re-send a golden set to a model and report")
+    replay.add_argument("file", type=Path, help="JSON lines from `review export`")
+    replay.add_argument("--url", required=True, help="base URL of the V2 server to test")
+    replay.add_argument(
+        "--model-map",
+        action="append",
+        default=[],
+        metavar="REF=NEW",
+        help="send requests for model REF to NEW (repeatable)",
+    )
+    replay.add_argument("--candidate", help="only samples that this candidate produced")
+    replay.add_argument("--label", help="only samples with this label (or 'unlabelled')")
+    replay.add_argument("--json", action="store_true")
+    replay.add_argument(
+        "--fail-on-regression",
+        action="store_true",
+        help="exit 1 when a sample labelled regression still diverges",
+    )
 
     review = sub.add_parser("review", help="read and label stored samples")
     rsub = review.add_subparsers(dest="review_command", required=True, metavar="ACTION")
@@ -71,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo.runner import run_demo
 
             return asyncio.run(run_demo(args.requests, args.state_dir, args.keep_running))
+        if args.command == "replay":
+            return asyncio.run(_replay(args))
         return asyncio.run(_review(args, load_settings(args.config)))
     except ShadowProxyError as exc:
         print(f"shadowproxy: error: {exc}", file=sys.stderr)
@@ -165,7 +187,8 @@ async def _review(args: argparse.Namespace, settings: Settings) -> int:
             label = await store.label(sample["id"], args.verdict, args.note, "cli")
             print(f"{sample['id']}: {label['verdict']}" + (f" ({args.note})" if args.note else ""))
             return 0
-        return await _export(store, args.out)
+        await export_golden(store, args.out, settings.comparisons)
+        return 0
 
 
 async def _find(store: SampleStore, prefix: str) -> dict[str, Any]:
@@ -207,34 +230,27 @@ def _print_sample(s: dict[str, Any]) -> None:
         print(f"  label: {s['label']['verdict']} by {s['label']['by']}: {s['label']['note']}")
 
 
-async def _export(store: SampleStore, out: Path) -> int:
-    count = 0
-    with out.open("w", encoding="utf-8") as fh:
-        for item in await store.list_samples(flagged=True, limit=1_000_000):
-            sample = await store.get_sample(item["id"])
-            if sample is None:
-                continue
-            payloads = render_payloads(sample.pop("payloads"))
-            label = sample.get("label") or {}
-            record = {
-                "id": sample["id"],
-                "request_id": sample["request_id"],
-                "model": sample["model"],
-                "candidate": sample["candidate"],
-                "request": payloads.get("request"),
-                "request_headers": payloads.get("request_headers"),
-                "reference_answer": payloads.get("reference_body"),
-                "candidate_answer": payloads.get("candidate_body"),
-                "label": label.get("verdict"),
-                "note": label.get("note"),
-                "versions": {
-                    "reference": sample["reference"]["version"],
-                    "candidate": sample["candidate_side"]["version"],
-                },
-                "scores": sample["outputs"],
-                "reason": sample["reason"],
-            }
-            fh.write(json.dumps(record) + "\n")
-            count += 1
-    print(f"wrote {count} samples to {out}")
-    return 0
+def _parse_map(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        ref, sep, new = pair.partition("=")
+        if not sep or not ref or not new:
+            raise ConfigError(f"--model-map expects REF=NEW, got {pair!r}")
+        out[ref] = new
+    return out
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    records = load_golden(args.file)
+    if args.candidate:
+        records = [r for r in records if r["candidate"] == args.candidate]
+    if args.label:
+        records = [r for r in records if (r.get("label") or "unlabelled") == args.label]
+    results = await replay_golden(records, args.url, model_map=_parse_map(args.model_map))
+    report = replay_report(results)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_replay_report(report)
+    regressions = report["by_label"].get("regression", {}).get("still_diverges", 0)
+    return 1 if args.fail_on_regression and regressions else 0

@@ -19,10 +19,15 @@ from .errors import StoreError
 
 # How to draw each comparator's output on the review page.
 PLOT_KIND = {
-    "logits": "topk", "probabilities": "topk", "argmax": "topk",
-    "cosine": "dense", "tolerance": "dense", "sqnr": "dense",
-    "exact_text": "text", "exact": "labels",
-}  # fmt: skip
+    "logits": "topk",
+    "probabilities": "topk",
+    "argmax": "topk",
+    "cosine": "dense",
+    "tolerance": "dense",
+    "sqnr": "dense",
+    "exact_text": "text",
+    "exact": "labels",
+}
 MAX_PLOT_VALUES = 4096
 _SORTS = ("severity", "time")
 
@@ -85,9 +90,12 @@ async def list_samples(request: web.Request, store: SampleStore) -> web.Response
         # Flagged samples come from the index (bounded by buffer.flagged_index_max); plain
         # verdicts from the recent stream.
         items = await store.list_samples(
-            flagged=flagged, candidate=q.get("candidate") or None,
-            limit=1_000_000 if flagged else 10_000, since=since, until=until,
-        )  # fmt: skip
+            flagged=flagged,
+            candidate=q.get("candidate") or None,
+            limit=1_000_000 if flagged else 10_000,
+            since=since,
+            until=until,
+        )
     except StoreError as exc:
         return web.json_response({"error": f"sample store unavailable: {exc}"}, status=503)
     chosen = [i for i in items if _matches(i, q, lo, hi)]
@@ -112,8 +120,12 @@ def _plot_side(arr: np.ndarray[Any, Any] | None) -> dict[str, Any] | None:
         values = [float(v) if math.isfinite(v) else None for v in head.astype(np.float64)]
     else:
         values = [int(v) for v in head]
-    return {"shape": list(arr.shape), "dtype": str(arr.dtype), "values": values,
-            "truncated": flat.size > MAX_PLOT_VALUES}  # fmt: skip
+    return {
+        "shape": list(arr.shape),
+        "dtype": str(arr.dtype),
+        "values": values,
+        "truncated": flat.size > MAX_PLOT_VALUES,
+    }
 
 
 def _headers(raw: bytes | None) -> dict[str, str]:
@@ -170,11 +182,21 @@ async def timeseries(
         points = []
         for t, rows in sorted(buckets.items()):
             sev = np.asarray([s for s, _ in rows])
-            points.append({
-                "t": t, "n": len(rows), "flagged": sum(f for _, f in rows),
-                "p50": float(np.quantile(sev, 0.5)), "p99": float(np.quantile(sev, 0.99)),
-                "max": float(sev.max()),
-            })  # fmt: skip
-        series.append({"candidate": candidate, "noise_floor": noise_floor.get(candidate, False),
-                       "points": points})  # fmt: skip
+            points.append(
+                {
+                    "t": t,
+                    "n": len(rows),
+                    "flagged": sum(f for _, f in rows),
+                    "p50": float(np.quantile(sev, 0.5)),
+                    "p99": float(np.quantile(sev, 0.99)),
+                    "max": float(sev.max()),
+                }
+            )
+        series.append(
+            {
+                "candidate": candidate,
+                "noise_floor": noise_floor.get(candidate, False),
+                "points": points,
+            }
+        )
     return web.json_response({"bucket_s": bucket, "series": series})

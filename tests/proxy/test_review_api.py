@@ -28,8 +28,11 @@ async def _setup(
     async with aiohttp.ClientSession() as s:
         for i in range(3):
             body = f'{{"inputs":[{{"name":"x","datatype":"FP32","shape":[1],"data":[{i}]}}]}}'
-            async with s.post(f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
-                              data=body.encode(), headers={"X-Request-Id": f"r{i}"}) as r:  # fmt: skip
+            async with s.post(
+                f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
+                data=body.encode(),
+                headers={"X-Request-Id": f"r{i}"},
+            ) as r:
                 assert r.status == 200
     assert await proxy.drained(10)
     return proxy
@@ -66,11 +69,15 @@ async def test_browser_login_roles_and_csrf(
         label_url = f"{base}/api/samples/{sid}/label"
         async with s.post(label_url, json={"verdict": "regression"}) as r:
             assert r.status == 403 and "X-CSRF-Token" in (await r.json())["error"]
-        async with s.post(label_url, json={"verdict": "regression"},
-                          headers={"X-CSRF-Token": "forged"}) as r:  # fmt: skip
+        async with s.post(
+            label_url, json={"verdict": "regression"}, headers={"X-CSRF-Token": "forged"}
+        ) as r:
             assert r.status == 403
-        async with s.post(label_url, json={"verdict": "regression", "note": "drifted"},
-                          headers={"X-CSRF-Token": csrf}) as r:  # fmt: skip
+        async with s.post(
+            label_url,
+            json={"verdict": "regression", "note": "drifted"},
+            headers={"X-CSRF-Token": csrf},
+        ) as r:
             assert r.status == 200
             label = await r.json()
         assert label["by"] == "rita" and label["verdict"] == "regression" and label["at"] > 0
@@ -83,13 +90,17 @@ async def test_browser_login_roles_and_csrf(
         csrf = await _login(s, base, "viewer-token")
         async with s.get(f"{base}/api/samples/{sid}") as r:
             assert r.status == 200 and (await r.json())["label"]["by"] == "rita"
-        async with s.post(label_url, json={"verdict": "acceptable"},
-                          headers={"X-CSRF-Token": csrf}) as r:  # fmt: skip
+        async with s.post(
+            label_url, json={"verdict": "acceptable"}, headers={"X-CSRF-Token": csrf}
+        ) as r:
             assert r.status == 403 and "viewer" in (await r.json())["error"]
     # Scripts use bearer tokens (no cookie, so no CSRF needed); the user's name is recorded.
-    async with aiohttp.ClientSession(headers={"Authorization": "Bearer reviewer-token"}) as s:
-        async with s.post(label_url, json={"verdict": "needs-look"}) as r:
-            assert r.status == 200 and (await r.json())["by"] == "rita"
+    bearer = {"Authorization": "Bearer reviewer-token"}
+    async with (
+        aiohttp.ClientSession(headers=bearer) as s,
+        s.post(label_url, json={"verdict": "needs-look"}) as r,
+    ):
+        assert r.status == 200 and (await r.json())["by"] == "rita"
 
 
 async def test_filters_sorting_paging_tensors_and_timeseries(

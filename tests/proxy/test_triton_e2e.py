@@ -130,3 +130,71 @@ async def test_real_models_quantized_candidate_flagged_twin_not(
     assert sample is not None
     assert sample["candidate_side"]["model"] == "minilm_int8"
     assert sample["reference"]["model"] == "minilm_fp32" and sample["reference"]["version"] == "1"
+
+
+async def test_golden_set_export_and_replay_on_real_models(
+    triton_server: Any, proxy_factory: Callable[..., Any], redis_url: str, tmp_path: Any
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    url = triton_server.url
+    candidates = [{"name": "int8", "url": url, "model_map": {"minilm_fp32": "minilm_int8"}}]
+    comparisons = {"minilm_fp32": {"embedding": {"metric": "cosine", "min_cosine": 0.9999}}}
+    proxy = await proxy_factory(
+        make_settings(url, redis_url, candidates=candidates, comparisons=comparisons)
+    )
+    client = aioclient.InferenceServerClient(f"127.0.0.1:{proxy.data_port}")
+    try:
+        for i, binary in enumerate([True, False, True]):
+            text = aioclient.InferInput("text", [2], "BYTES")
+            batch = [f"Replay sentence {i} on rates and rain.".encode(), b"The match was close."]
+            text.set_data_from_numpy(np.array(batch, dtype=np.object_), binary_data=binary)
+            await client.infer("minilm_fp32", [text], headers={"X-Request-Id": f"g-{i}"})
+    finally:
+        await client.close()
+    assert await proxy.drained(60)
+    flagged = await proxy.store.list_samples(flagged=True)
+    assert len(flagged) == 3
+    await proxy.store.label(flagged[0]["id"], "regression", "int8 drift", "rita")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"reference: {{name: fp32, url: '{url}'}}\nbuffer: {{redis_url: '{redis_url}'}}\n"
+        "comparisons: {minilm_fp32: {embedding: {metric: cosine, min_cosine: 0.9999}}}\n"
+    )
+    golden = tmp_path / "golden.jsonl"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "proxy", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    exported = cli("review", "export", "--out", str(golden), "--config", str(config))
+    assert exported.returncode == 0, exported.stderr
+    # Replayed against the candidate's model: the same divergences, labels kept.
+    again = cli(
+        "replay",
+        str(golden),
+        "--url",
+        url,
+        "--model-map",
+        "minilm_fp32=minilm_int8",
+        "--json",
+        "--fail-on-regression",
+    )
+    assert again.returncode == 1, again.stderr
+    report = json.loads(again.stdout)
+    assert report["by_label"] == {
+        "regression": {"still_diverges": 1},
+        "unlabelled": {"still_diverges": 2},
+    }
+    reasons = [d["reason"] for ds in report["still_diverging"].values() for d in ds]
+    assert all("embedding" in r and "cosine" in r for r in reasons), reasons
+    assert "replaying [" in again.stderr  # the progress bar
+    # Against the reference model itself: nothing diverges.
+    clean = cli("replay", str(golden), "--url", url, "--json", "--fail-on-regression")
+    assert clean.returncode == 0, clean.stdout
+    assert json.loads(clean.stdout)["by_label"] == {
+        "regression": {"now_matches": 1},
+        "unlabelled": {"now_matches": 2},
+    }

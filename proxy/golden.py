@@ -1,0 +1,197 @@
+"""The golden set: export judged divergences as JSON lines, and replay them against a new model.
+
+Each record carries the request exactly as sent (bytes, base64, with the headers that frame
+them), the reference's answer, the candidate's answer, the label and note, both model versions,
+every score, and the comparator spec each output was judged by. ``replay`` re-sends every request
+to a new server, compares its answer with the recorded *reference* answer under the same spec,
+and reports per label which samples still diverge: a regression found once is checked on every
+later model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from comparators import resolve_spec
+
+from .admin import render_payloads
+from .analysis import Exchange, analyze
+from .buffer.store import SampleStore
+from .errors import ConfigError
+
+# Request headers that frame the body; everything else about the original client stays behind.
+_FRAMING = ("Content-Type", "Content-Encoding", "Inference-Header-Content-Length")
+
+
+async def export_golden(
+    store: SampleStore, out: Path, comparisons: Mapping[str, Mapping[str, Mapping[str, Any]]]
+) -> int:
+    """Write every stored flagged sample; labelled ones get their TTL back once exported."""
+    count, exported_labelled = 0, []
+    with out.open("w", encoding="utf-8") as fh:
+        for item in await store.list_samples(flagged=True, limit=1_000_000):
+            sample = await store.get_sample(item["id"])
+            if sample is None:
+                continue
+            raw = sample.pop("payloads")
+            payloads = render_payloads(raw)
+            label = sample.get("label") or {}
+            specs = {}
+            for o in sample["outputs"]:
+                spec = resolve_spec(comparisons, sample["model"], o["output"])
+                specs[o["output"]] = {"metric": spec.metric, **dict(spec.params)}
+            record = {
+                "id": sample["id"],
+                "request_id": sample["request_id"],
+                "model": sample["model"],
+                "candidate": sample["candidate"],
+                "ts": sample["ts"],
+                "label": label.get("verdict"),
+                "note": label.get("note"),
+                "labelled_by": label.get("by"),
+                "versions": {
+                    "reference": sample["reference"]["version"],
+                    "candidate": sample["candidate_side"]["version"],
+                },
+                "models": {
+                    "reference": sample["reference"]["model"],
+                    "candidate": sample["candidate_side"]["model"],
+                },
+                "scores": sample["outputs"],
+                "reason": sample["reason"],
+                "comparisons": specs,
+                "request": payloads.get("request"),
+                "request_headers": payloads.get("request_headers"),
+                "reference_answer": payloads.get("reference_body"),
+                "candidate_answer": payloads.get("candidate_body"),
+                "raw": {
+                    k: base64.b64encode(raw[k]).decode()
+                    for k in ("request", "reference_body", "candidate_body")
+                    if k in raw
+                },
+                "reference_headers": payloads.get("reference_headers"),
+            }
+            fh.write(json.dumps(record) + "\n")
+            count += 1
+            if label:
+                exported_labelled.append(sample["id"])
+    if exported_labelled:
+        await store.mark_exported(exported_labelled)
+    print(f"wrote {count} samples to {out} ({len(exported_labelled)} labelled)")
+    return count
+
+
+def load_golden(path: Path) -> list[dict[str, Any]]:
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the golden set ({exc.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record["raw"]["request"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path}:{n}: not a golden-set record (export it again)") from None
+        records.append(record)
+    return records
+
+
+def _progress(done: int, total: int) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    sys.stderr.write(f"\rreplaying [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+async def replay_golden(
+    records: list[dict[str, Any]],
+    url: str,
+    *,
+    model_map: Mapping[str, str],
+    concurrency: int = 4,
+    timeout_s: float = 60.0,
+) -> list[dict[str, Any]]:
+    """Re-send each request to ``url`` and judge the answer against the recorded reference."""
+    gate = asyncio.Semaphore(concurrency)
+    results: list[dict[str, Any]] = []
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def one(session: aiohttp.ClientSession, rec: dict[str, Any]) -> None:
+        model = model_map.get(rec["model"], rec["model"])
+        headers = {k: v for k, v in rec.get("request_headers") or [] if k in _FRAMING}
+        body = base64.b64decode(rec["raw"]["request"])
+        ref = Exchange(
+            "recorded reference",
+            200,
+            dict(rec.get("reference_headers") or []),
+            base64.b64decode(rec["raw"].get("reference_body", "")),
+            0.0,
+        )
+        async with gate:
+            try:
+                async with session.post(
+                    f"{url.rstrip('/')}/v2/models/{model}/infer", data=body, headers=headers
+                ) as r:
+                    new = Exchange(url, r.status, dict(r.headers), await r.read(), 0.0)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                results.append({"record": rec, "diverges": None, "reason": f"no answer: {exc}"})
+                _progress(len(results), len(records))
+                return
+        table = {rec["model"]: rec.get("comparisons") or {}, "*": {"*": {"metric": "auto"}}}
+        analysis = await asyncio.to_thread(analyze, ref, new, rec["model"], table)
+        results.append(
+            {
+                "record": rec,
+                "diverges": analysis.flagged,
+                "reason": analysis.reason,
+                "severity": analysis.severity,
+            }
+        )
+        _progress(len(results), len(records))
+
+    # Bodies exactly as the server sent them: the codec reads Content-Encoding itself.
+    async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
+        await asyncio.gather(*(one(session, r) for r in records))
+    return results
+
+
+def replay_report(results: list[dict[str, Any]]) -> dict[str, Any]:
+    by_label: dict[str, Counter[str]] = defaultdict(Counter)
+    diverging: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for res in results:
+        label = res["record"].get("label") or "unlabelled"
+        state = {True: "still_diverges", False: "now_matches", None: "no_answer"}[res["diverges"]]
+        by_label[label][state] += 1
+        if res["diverges"]:
+            diverging[label].append({"id": res["record"]["id"], "reason": res["reason"]})
+    return {
+        "samples": len(results),
+        "by_label": {k: dict(v) for k, v in sorted(by_label.items())},
+        "still_diverging": dict(diverging),
+    }
+
+
+def print_replay_report(report: Mapping[str, Any]) -> None:
+    print(f"replayed {report['samples']} golden samples")
+    for label, counts in report["by_label"].items():
+        total = sum(counts.values())
+        print(
+            f"  {label:<12} {total:>4} samples: {counts.get('still_diverges', 0)} still diverge,"
+            f" {counts.get('now_matches', 0)} now match, {counts.get('no_answer', 0)} no answer"
+        )
+        for item in report["still_diverging"].get(label, [])[:20] if label == "regression" else []:
+            print(f"    regression still present: {item['id'][:12]}: {item['reason'][:100]}")
