@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from ..app import ProxyRunner
 from ..settings import Settings, settings_from_mapping
@@ -88,6 +89,22 @@ def demo_settings(triton_url: str, state_dir: Path, token: str) -> Settings:
         },
         "<demo defaults>",
     )
+
+
+def write_demo_config(state_dir: Path, triton_url: str, token: str) -> Path:
+    """A config file for the review CLI on the demo's data (owner-only: it holds the token)."""
+    path = (state_dir / "shadowproxy.yaml").resolve()
+    text = yaml.safe_dump(
+        {
+            "admin": {"token": token},
+            "reference": {"name": "fp32", "url": triton_url},
+            "buffer": {"state_dir": str((state_dir / "redis").resolve())},
+            "comparisons": DEMO_COMPARISONS,
+        }
+    )
+    path.touch(mode=0o600)
+    path.write_text(text)
+    return path
 
 
 async def send_traffic(port: int, n: int, seed: int = 7, concurrency: int = 4) -> dict[str, int]:
@@ -165,9 +182,20 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
             await runner.drained(180.0)
             verdicts = await runner.store.recent_verdicts(1_000_000)
             print_report(settings, verdicts, runner.telemetry.tally)
+            config = write_demo_config(state_dir, triton.url, token)
             admin = f"http://127.0.0.1:{runner.admin_port}"
-            print(f"\nReview the flagged samples: {admin}/review (Authorization: Bearer {token})")
-            print(f"  curl -H 'Authorization: Bearer {token}' '{admin}/api/samples?flagged=1'")
+            print(
+                f"\nReview the flagged samples: open {admin}/review and log in with the "
+                f"token {token}"
+            )
+            print(f"From the command line (the config is {config}):")
+            print(f"  shadowproxy review list --flagged --config {config}")
+            print(f"  shadowproxy review export --out golden.jsonl --config {config}")
+            if keep_running:
+                print(
+                    f"  shadowproxy replay golden.jsonl --url {triton.url} "
+                    "--model-map minilm_fp32=minilm_int8"
+                )
             print(f"[demo] done in {time.monotonic() - started:.0f}s")
             if keep_running:
                 print("[demo] running until Ctrl-C ...")
