@@ -1414,6 +1414,12 @@
 
   async function initReview() {
     document.addEventListener("keydown", onKey);
+    // A mouse-clicked button keeps the focus, and Enter would then press it again instead of
+    // opening the selected sample: let go of it (keyboard activation, detail 0, keeps focus).
+    document.addEventListener("click", (ev) => {
+      const b = ev.target.closest && ev.target.closest("button");
+      if (b && ev.detail > 0 && !b.closest("dialog")) setTimeout(() => b.blur(), 0);
+    });
     $("filters").addEventListener("change", () => onFiltersChanged(0));
     $("filters").addEventListener("input", (ev) => {
       if (ev.target.tagName === "INPUT" && ev.target.type !== "datetime-local") onFiltersChanged(350);
