@@ -156,6 +156,7 @@ async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         settings, app[SHADOW_SESSION], app[STORE], app[EXECUTOR], app[TELEMETRY], judge
     )
     app[SCHEDULER] = scheduler
+    scheduler.start()
     app[LIVE_PROXY] = LiveProxy(settings, app[LIVE_SESSION], scheduler, app[TELEMETRY])
     yield
     await scheduler.close()

@@ -40,8 +40,40 @@ from .telemetry import Telemetry
 log = logging.getLogger("shadowproxy.mirror")
 
 CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
+_CONFIG_RETRY_S = 60.0
 # Request headers below this size are parsed inline in the task; larger JSON goes to a thread.
 _INLINE_PARSE_BYTES = 64 * 1024
+
+
+class LoopLag:
+    """How late the event loop runs its callbacks: the proxy's own overload signal.
+
+    A ticker sleeps ``interval`` and measures how much later it woke; the reading holds the
+    recent peak and decays, so a burst of lag sheds mirrors for a moment, not for good.
+    """
+
+    def __init__(self, interval: float = 0.01, decay: float = 0.7) -> None:
+        self.ms = 0.0
+        self._interval = interval
+        self._decay = decay
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(self._interval)
+            late = (loop.time() - started - self._interval) * 1000.0
+            self.ms = max(late, self.ms * self._decay)
 
 
 @dataclass(slots=True)
@@ -80,7 +112,9 @@ class MirrorScheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._rng = random.Random()
-        self._stateful: dict[str, bool] = {}
+        # model -> (stateful, retry-after monotonic time, or None when known for good)
+        self._stateful: dict[str, tuple[bool, float | None]] = {}
+        self._lag = LoopLag()
 
     @property
     def in_flight(self) -> Mapping[str, int]:
@@ -104,6 +138,7 @@ class MirrorScheduler:
         """Start a shadow call per sampled candidate. Never blocks, never raises into the caller."""
         model = req.route.model or ""
         req.seq = next(self._seq)
+        shed_ms = self._settings.proxy.shed_lag_ms
         for cand in self._settings.candidates:
             if not cand.shadows(model):
                 continue
@@ -111,6 +146,10 @@ class MirrorScheduler:
                 self._tel.skipped("not_sampled", cand.name)
             elif self._closing:
                 self._tel.mirror(cand.name, "dropped_shutdown")
+            elif shed_ms and self._lag.ms > shed_ms:
+                # The loop is late: this process is CPU-bound. Shadow work would come out of live
+                # latency, so the copy is dropped (and counted) until the loop catches up.
+                self._tel.mirror(cand.name, "dropped_overload")
             elif self._in_flight[cand.name] >= cand.max_in_flight:
                 self._tel.mirror(cand.name, "dropped_queue_full")
             else:
@@ -119,9 +158,13 @@ class MirrorScheduler:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
+    def start(self) -> None:
+        self._lag.start()
+
     async def close(self) -> None:
         """Stop taking copies, let in-flight ones finish for the drain timeout, cancel the rest."""
         self._closing = True
+        await self._lag.stop()
         if self._tasks:
             _, pending = await asyncio.wait(
                 set(self._tasks), timeout=self._settings.proxy.drain_timeout_s
@@ -239,11 +282,19 @@ class MirrorScheduler:
             return None
 
     async def _is_stateful(self, model: str) -> bool:
-        """Whether the reference's config for ``model`` uses sequence batching (cached)."""
-        if model in self._stateful:
-            return self._stateful[model]
+        """Whether the reference's config for ``model`` uses sequence batching.
+
+        Cached per model; a server without a config route (or a failed lookup) is remembered for
+        ``_CONFIG_RETRY_S`` too, so mirroring never costs an extra round trip per request.
+        Requests that carry sequence ids are caught from their parameters regardless.
+        """
+        now = time.monotonic()
+        cached = self._stateful.get(model)
+        if cached is not None and (cached[1] is None or cached[1] > now):
+            return cached[0]
         url = f"{self._settings.reference.url}/v2/models/{model}/config"
         stateful = False
+        self._stateful[model] = (False, now + _CONFIG_RETRY_S)
         try:
             timeout = aiohttp.ClientTimeout(total=2.0)
             async with self._session.get(url, timeout=timeout) as resp:
@@ -252,9 +303,9 @@ class MirrorScheduler:
                     stateful = bool(config.get("sequence_batching")) or bool(
                         (config.get("model_transaction_policy") or {}).get("decoupled")
                     )
-                    self._stateful[model] = stateful
+                    self._stateful[model] = (stateful, None)
         except (aiohttp.ClientError, TimeoutError, ValueError):
-            pass  # not cached: asked again next time; requests with sequence ids are still caught
+            pass  # remembered as unknown until the retry time above
         return stateful
 
     def _apply_judgement(self, cand: CandidateSettings, req: MirrorRequest, a: Analysis) -> None:

@@ -149,6 +149,9 @@ class ProxySettings(_Model):
     drain_timeout_s: float = Field(10.0, ge=0)
     """On shutdown, how long in-flight mirrors may finish before they are cancelled."""
     request_id_header: str = "X-Request-Id"
+    shed_lag_ms: float = Field(4.0, ge=0)
+    """When the event loop runs this many ms late (the process is CPU-bound), new mirror copies
+    are dropped and counted as ``dropped_overload``; live traffic keeps the CPU. 0 disables."""
 
 
 class Settings(_Model):

@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace import Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, generate_latest
@@ -63,7 +64,13 @@ class Telemetry:
                 registry=self.registry, disable_target_info=True, scope_info_enabled=False
             )
         ]
-        self.tracer_provider = TracerProvider(resource=resource)
+        # Without anywhere to send spans, record only what a caller asked to sample: span ids
+        # still propagate (traceparent is forwarded with our span as parent, the caller's sampled
+        # flag kept) but no span data is built for unsampled traffic.
+        exporting = span_exporter is not None or bool(settings.otlp_endpoint)
+        self.tracer_provider = TracerProvider(
+            resource=resource, sampler=ParentBased(ALWAYS_ON if exporting else ALWAYS_OFF)
+        )
         if span_exporter is not None:
             self.tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
         if settings.otlp_endpoint:

@@ -57,7 +57,9 @@ def make_settings(reference_url: str, redis_url: str | None, **overrides: Any) -
         "admin": {"host": "127.0.0.1", "port": 0, "token": ADMIN_TOKEN},
         "reference": {"name": "ref", "url": reference_url, "timeout_s": 10},
         "buffer": {"redis_url": redis_url, "write_timeout_s": 0.5},
-        "proxy": {"drain_timeout_s": 2},
+        # No overload shedding by default: tests count exact mirror outcomes, and a busy test
+        # machine would otherwise shed; test_overload_shedding covers it on purpose.
+        "proxy": {"drain_timeout_s": 2, "shed_lag_ms": 0},
     }
     data.update(overrides)
     return settings_from_mapping(data)

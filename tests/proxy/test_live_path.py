@@ -167,3 +167,34 @@ async def test_large_bodies_stream_both_ways(
             assert r.status == d.status == 200
             assert "Content-Length" not in r.headers  # streamed (chunked), like the reference
             assert await r.read() == await d.read()
+
+
+async def test_overload_sheds_mirrors_and_keeps_serving(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await fake(), await fake()
+    settings = make_settings(
+        ref.url,
+        redis_url,
+        candidates=[{"name": "c", "url": cand.url}],
+        proxy={"drain_timeout_s": 2, "shed_lag_ms": 5},
+    )
+    proxy = await proxy_factory(settings)
+    url = f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer"
+    assert (await _post(url, BODY))[0] == 200
+    assert await proxy.drained(10)
+    assert proxy.telemetry.tally[("c", "compared")] == 1  # a quiet loop mirrors
+    loop = asyncio.get_running_loop()
+    # Something CPU-bound keeps the loop 30 ms late, repeatedly: the proxy is overloaded.
+    hog = loop.call_soon(time.sleep, 0.03)
+    for _ in range(5):
+        hog = loop.call_later(0.005, time.sleep, 0.03)
+        await asyncio.sleep(0.04)
+        assert (await _post(url, BODY))[0] == 200  # live traffic is still served
+    hog.cancel()
+    assert await proxy.drained(10)
+    assert proxy.telemetry.tally[("c", "dropped_overload")] >= 3
+    await asyncio.sleep(0.3)  # the lag reading decays once the loop is on time again
+    assert (await _post(url, BODY))[0] == 200
+    assert await proxy.drained(10)
+    assert proxy.telemetry.tally[("c", "compared")] >= 2
