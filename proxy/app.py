@@ -20,6 +20,7 @@ from aiohttp import web
 from . import admin
 from .buffer.embedded import EmbeddedRedis, running_url
 from .buffer.store import SampleStore
+from .codec import warm_up
 from .errors import StoreError
 from .forwarding import LiveProxy, strip_server_defaults
 from .judge import Judge
@@ -117,6 +118,7 @@ async def _executor_ctx(app: web.Application) -> AsyncIterator[None]:
         max_workers=app[SETTINGS].proxy.compare_workers, thread_name_prefix="compare"
     )
     app[EXECUTOR] = pool
+    await asyncio.get_running_loop().run_in_executor(pool, warm_up)
     yield
     pool.shutdown(wait=True, cancel_futures=True)
 

@@ -47,6 +47,15 @@ def _decompress(body: bytes, encoding: str | None) -> bytes:
     raise MalformedMessage(f"unsupported Content-Encoding {encoding!r}")
 
 
+def warm_up() -> None:
+    """Import tritonclient's HTTP package (and gevent under it) now, at start-up.
+
+    Imported lazily on the first comparison, it held the GIL for a few hundred milliseconds in a
+    worker thread and stalled every live request in flight at that moment.
+    """
+    import tritonclient.http  # noqa: F401
+
+
 def decode_infer_response(body: bytes, headers: Mapping[str, str]) -> DecodedResponse:
     """Named numpy arrays from a 200 V2 infer response; shared-memory outputs are skipped."""
     from tritonclient.http import InferResult  # heavy import (gevent); only on the mirror side

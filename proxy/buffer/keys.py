@@ -15,6 +15,8 @@ Schema (``{ns}`` is the configurable namespace, default ``sp:v1``):
 ``{ns}:flagged``             ZSET    flagged sample ids scored by time; trimmed to
                                      ``buffer.flagged_index_max``; ids whose hash expired are
                                      pruned on read.
+``{ns}:labels``              HASH    sample id -> its label (JSON), read in one call for lists;
+                                     pruned with the index.
 ``{ns}:stats``               HASH    counters for ``/api/summary``: ``{candidate}|{outcome}`` and
                                      ``{candidate}|{model}|{output}|flagged``.
 
@@ -55,6 +57,10 @@ class KeySchema:
     @property
     def flagged(self) -> str:
         return f"{self.namespace}:flagged"
+
+    @property
+    def labels(self) -> str:
+        return f"{self.namespace}:labels"
 
     @property
     def stats(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,7 @@ class SampleStore:
         self._r = client
         self._settings = settings
         self.keys = keys
+        self._summaries: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     @classmethod
     def from_url(
@@ -140,36 +142,51 @@ class SampleStore:
     async def _list_flagged(
         self, candidate: str | None, limit: int, since: float | None, until: float | None
     ) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        start, page = 0, min(max(limit, 100), 2000)
+        """Flagged samples newest first, label attached.
+
+        Fast on a large index: summaries never change once written, so each is read from Redis
+        once and then served from a bounded in-process cache; labels (which do change) come from
+        one HMGET on the labels hash. Ids whose sample expired are pruned from the index.
+        """
         hi = until if until is not None else "+inf"
         lo = since if since is not None else "-inf"
-        while len(out) < limit:
-            ids = await self._guard(
-                self._r.zrevrangebyscore(self.keys.flagged, hi, lo, start=start, num=page)
-            )
-            if not ids:
-                break
+        raw_ids = await self._guard(self._r.zrevrangebyscore(self.keys.flagged, hi, lo))
+        ids = [i.decode() for i in raw_ids]
+        missing = [sid for sid in ids if sid not in self._summaries]
+        expired: list[str] = []
+        for chunk in range(0, len(missing), 2000):
+            part = missing[chunk : chunk + 2000]
             pipe = self._r.pipeline(transaction=False)
-            for sid in ids:
-                # The compact summary lists fast; samples stored before it existed have only meta.
-                pipe.hmget(self.keys.sample(sid.decode()), [FIELD_SUMMARY, FIELD_LABEL, FIELD_META])
-            rows = await self._guard(pipe.execute())
-            expired = []
-            for sid, (summary, label, meta) in zip(ids, rows, strict=True):
+            for sid in part:
+                # Samples stored before the compact summary existed have only meta.
+                pipe.hmget(self.keys.sample(sid), [FIELD_SUMMARY, FIELD_META])
+            for sid, (summary, meta) in zip(part, await self._guard(pipe.execute()), strict=True):
                 if summary is None and meta is None:
-                    expired.append(sid)  # the hash's TTL ran out; prune the index lazily
+                    expired.append(sid)
                     continue
                 item = json.loads(summary or meta)
-                if candidate is not None and item.get("candidate") != candidate:
-                    continue
-                item["label"] = json.loads(label) if label else None
-                out.append(item)
-            if expired:
-                await self._guard(self._r.zrem(self.keys.flagged, *expired))
-                start -= len(expired)  # pruned entries shift the ranks that follow
-            start += page
-        return out[:limit]
+                item.pop("previews", None)
+                self._remember(sid, item)
+        if expired:
+            await self._guard(self._r.zrem(self.keys.flagged, *expired))
+            await self._guard(self._r.hdel(self.keys.labels, *expired))
+        gone = set(expired)
+        chosen = [
+            sid
+            for sid in ids
+            if sid not in gone
+            and (candidate is None or self._summaries[sid].get("candidate") == candidate)
+        ][:limit]
+        labels = await self._guard(self._r.hmget(self.keys.labels, chosen)) if chosen else []
+        return [
+            {**self._summaries[sid], "label": json.loads(label) if label else None}
+            for sid, label in zip(chosen, labels, strict=True)
+        ]
+
+    def _remember(self, sid: str, summary: dict[str, Any]) -> None:
+        self._summaries[sid] = summary
+        while len(self._summaries) > self._settings.flagged_index_max:
+            self._summaries.popitem(last=False)
 
     async def get_sample(self, sample_id: str) -> dict[str, Any] | None:
         raw = await self._guard(self._r.hgetall(self.keys.sample(sample_id)))
@@ -189,14 +206,13 @@ class SampleStore:
             raise ValueError(f"verdict must be one of {', '.join(LABELS)}, got {verdict!r}")
         key = self.keys.sample(sample_id)
         label = {"verdict": verdict, "note": note, "by": who, "at": time.time()}
-        pipe = self._r.pipeline(transaction=True)
-        pipe.exists(key)
-        pipe.hset(key, FIELD_LABEL, json.dumps(label))
-        pipe.persist(key)
-        exists, *_ = await self._guard(pipe.execute())
-        if not exists:
-            await self._guard(self._r.delete(key))  # HSET created a bare hash; undo it
+        if not await self._guard(self._r.exists(key)):
             raise KeyError(sample_id)
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(key, FIELD_LABEL, json.dumps(label))
+        pipe.hset(self.keys.labels, sample_id, json.dumps(label))
+        pipe.persist(key)
+        await self._guard(pipe.execute())
         return label
 
     async def mark_exported(self, sample_ids: list[str]) -> None:
