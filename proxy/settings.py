@@ -94,6 +94,11 @@ class CandidateSettings(UpstreamSettings):
     """Reference models this candidate shadows; empty means every model."""
     noise_floor: bool = False
     """A second instance of the reference: its divergence is the noise floor, not a regression."""
+    breaker_failures: int = Field(5, ge=1)
+    """Consecutive connection failures that open this candidate's circuit: copies are then
+    skipped (counted as ``dropped_circuit_open``) instead of paying for doomed connects."""
+    breaker_open_s: float = Field(5.0, gt=0)
+    """How long the circuit stays open before one copy probes the candidate again."""
     forward_credentials: bool = False
     """Send the client's Authorization and Cookie headers to this candidate too."""
 

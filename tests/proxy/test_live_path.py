@@ -198,3 +198,24 @@ async def test_overload_sheds_mirrors_and_keeps_serving(
     assert (await _post(url, BODY))[0] == 200
     assert await proxy.drained(10)
     assert proxy.telemetry.tally[("c", "compared")] >= 2
+
+
+async def test_a_dead_candidate_trips_its_circuit_breaker(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref = await fake()
+    dead = {"name": "c", "url": refused_url(), "breaker_failures": 3, "breaker_open_s": 0.3}
+    proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=[dead]))
+    url = f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer"
+    for _ in range(10):
+        assert (await _post(url, BODY))[0] == 200
+        assert await proxy.drained(10)
+    tally = proxy.telemetry.tally
+    assert tally[("c", "unavailable")] == 3  # three tries, then the circuit opens...
+    assert tally[("c", "dropped_circuit_open")] == 7  # ...and copies skip the doomed connect
+    await asyncio.sleep(0.35)
+    for _ in range(2):
+        assert (await _post(url, BODY))[0] == 200
+        assert await proxy.drained(10)
+    assert tally[("c", "unavailable")] == 4  # one probe after the open period, then open again
+    assert tally[("c", "dropped_circuit_open")] == 8
