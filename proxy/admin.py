@@ -28,7 +28,8 @@ from .auth import (
 )
 from .buffer.store import LABELS
 from .errors import StoreError
-from .keys import DATA_APP, JUDGE, SCHEDULER, SETTINGS, STORE, TELEMETRY
+from .keys import DATA_APP, MIRROR, SETTINGS, STORE, TELEMETRY
+from .mirror_link import merge_tally
 from .settings import Settings
 
 AUTH = web.AppKey("auth", Authenticator)
@@ -100,7 +101,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = request.app[DATA_APP][TELEMETRY].prometheus_text()
+    """This process's metrics, then the mirror worker's (each family comes from one process)."""
+    data = request.app[DATA_APP]
+    snap = await data[MIRROR].snapshot()
+    text = data[TELEMETRY].prometheus_text() + snap["prometheus"].encode()
     return web.Response(body=text, content_type="text/plain", charset="utf-8")
 
 
@@ -127,26 +131,29 @@ def render_payloads(payloads: dict[str, bytes]) -> dict[str, Any]:
     return out
 
 
-async def get_sample(request: web.Request) -> web.Response:
-    store = request.app[DATA_APP][STORE]
+async def _load_sample(request: web.Request) -> dict[str, Any] | web.Response:
+    """The sample named in the path, or the error response to send instead (404 / 503)."""
     try:
-        sample = await store.get_sample(request.match_info["id"])
+        sample = await request.app[DATA_APP][STORE].get_sample(request.match_info["id"])
     except StoreError as exc:
         return _error(503, f"sample store unavailable: {exc}")
     if sample is None:
         return _error(404, f"no sample {request.match_info['id']!r} (unknown or expired)")
+    return sample
+
+
+async def get_sample(request: web.Request) -> web.Response:
+    sample = await _load_sample(request)
+    if isinstance(sample, web.Response):
+        return sample
     sample["payloads"] = render_payloads(sample["payloads"])
     return web.json_response(sample)
 
 
 async def get_tensors(request: web.Request) -> web.Response:
-    store = request.app[DATA_APP][STORE]
-    try:
-        sample = await store.get_sample(request.match_info["id"])
-    except StoreError as exc:
-        return _error(503, f"sample store unavailable: {exc}")
-    if sample is None:
-        return _error(404, f"no sample {request.match_info['id']!r} (unknown or expired)")
+    sample = await _load_sample(request)
+    if isinstance(sample, web.Response):
+        return sample
     return web.json_response(review_api.sample_tensors(sample))
 
 
@@ -178,10 +185,7 @@ async def timeseries(request: web.Request) -> web.Response:
 
 async def summary(request: web.Request) -> web.Response:
     data = request.app[DATA_APP]
-    tel = data[TELEMETRY]
-    process: dict[str, dict[str, int]] = {}
-    for (candidate, what), n in tel.tally.items():
-        process.setdefault(candidate, {})[what] = n
+    snap = await data[MIRROR].snapshot()
     try:
         stored: dict[str, int] | None = await data[STORE].stats()
     except StoreError:
@@ -193,10 +197,12 @@ async def summary(request: web.Request) -> web.Response:
                 {"name": c.name, "noise_floor": c.noise_floor, "sample_rate": c.sample_rate}
                 for c in data[SETTINGS].candidates
             ],
-            "in_flight": dict(data[SCHEDULER].in_flight),
-            "this_process": process,
+            "mirror_worker": snap["worker"],
+            "in_flight": snap["in_flight"],
+            # Since this proxy started (its live process and its mirror worker together).
+            "this_process": merge_tally(data[TELEMETRY].tally, snap["tally"]),
             "stored_counters": stored,
-            "population": data[JUDGE].population.summary(),
+            "population": snap["population"],
         }
     )
 

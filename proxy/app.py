@@ -2,8 +2,10 @@
 
 ``create_apps`` returns two aiohttp applications. The data app owns every async resource through
 its cleanup contexts, which aiohttp unwinds in reverse order: telemetry -> sample store (and the
-embedded Redis) -> compare threads -> client sessions -> mirror scheduler. So on shutdown the
-scheduler drains first, then the sessions it used close, then the store, then telemetry flushes.
+embedded Redis) -> compare threads -> client sessions -> mirror scheduler (or, with
+``proxy.mirror_process``, the link to the mirror worker, which runs the scheduler with the same
+contexts) -> the live proxy. So on shutdown the scheduler drains first, then the sessions it
+used close, then the store, then telemetry flushes.
 The admin app only reads those resources; start it after the data app and stop it before.
 """
 
@@ -16,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 from aiohttp import web
+from pydantic import SecretStr
 
 from . import admin
 from .buffer.embedded import EmbeddedRedis, running_url
@@ -28,16 +31,16 @@ from .keys import (
     DATA_APP,
     EMBEDDED_REDIS,
     EXECUTOR,
-    JUDGE,
     LIVE_PROXY,
     LIVE_SESSION,
-    SCHEDULER,
+    MIRROR,
     SETTINGS,
     SHADOW_SESSION,
     STORE,
     TELEMETRY,
 )
-from .mirror import MirrorScheduler
+from .mirror import Mirror, MirrorScheduler
+from .mirror_link import MirrorLink
 from .settings import Settings
 from .telemetry import Telemetry
 
@@ -45,6 +48,19 @@ log = logging.getLogger("shadowproxy")
 
 # aiohttp's client adds these when absent; a transparent proxy must not invent them upstream.
 _SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+def build_worker_app(settings: Settings) -> web.Application:
+    """The mirror worker's resources, no server: the same contexts, so the same teardown order
+    (the scheduler drains before the shadow session and the store close)."""
+    app = web.Application()
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_telemetry_ctx(None))
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_executor_ctx)
+    app.cleanup_ctx.append(_shadow_session_ctx)
+    app.cleanup_ctx.append(_scheduler_ctx)
+    return app
 
 
 def create_apps(
@@ -58,9 +74,15 @@ def create_apps(
     data[SETTINGS] = settings
     data.cleanup_ctx.append(_telemetry_ctx(telemetry))
     data.cleanup_ctx.append(_store_ctx)
-    data.cleanup_ctx.append(_executor_ctx)
-    data.cleanup_ctx.append(_sessions_ctx)
-    data.cleanup_ctx.append(_scheduler_ctx)
+    if settings.proxy.mirror_process:
+        data.cleanup_ctx.append(_live_session_ctx)
+        data.cleanup_ctx.append(_mirror_link_ctx)
+    else:
+        data.cleanup_ctx.append(_executor_ctx)
+        data.cleanup_ctx.append(_live_session_ctx)
+        data.cleanup_ctx.append(_shadow_session_ctx)
+        data.cleanup_ctx.append(_scheduler_ctx)
+    data.cleanup_ctx.append(_live_proxy_ctx)
     data.on_response_prepare.append(strip_server_defaults)
     data.router.add_route("*", "/{tail:.*}", _handle)
 
@@ -123,32 +145,36 @@ async def _executor_ctx(app: web.Application) -> AsyncIterator[None]:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+async def _live_session_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    # Separate pools: a slow candidate can never hold a connection the live path needs.
     live = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
         auto_decompress=False,
         skip_auto_headers=_SKIP_AUTO,
         timeout=aiohttp.ClientTimeout(total=settings.reference.timeout_s),
     )
+    app[LIVE_SESSION] = live
+    yield
+    await live.close()
+
+
+async def _shadow_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Its own pool: a slow candidate can never hold a connection the live path needs.
+    settings = app[SETTINGS]
     shadow_limit = sum(c.max_in_flight for c in settings.candidates) + 4
     shadow = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=shadow_limit, ttl_dns_cache=300),
         auto_decompress=False,
         skip_auto_headers=_SKIP_AUTO,
     )
-    app[LIVE_SESSION] = live
     app[SHADOW_SESSION] = shadow
     yield
     await shadow.close()
-    await live.close()
 
 
 async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     judge = Judge(settings.noise)
-    app[JUDGE] = judge
     app[TELEMETRY].gauge(
         "shadowproxy_population",
         "Population statistics per candidate, model and output (label stat says which)",
@@ -157,11 +183,29 @@ async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
     scheduler = MirrorScheduler(
         settings, app[SHADOW_SESSION], app[STORE], app[EXECUTOR], app[TELEMETRY], judge
     )
-    app[SCHEDULER] = scheduler
+    app[MIRROR] = scheduler
     scheduler.start()
-    app[LIVE_PROXY] = LiveProxy(settings, app[LIVE_SESSION], scheduler, app[TELEMETRY])
     yield
     await scheduler.close()
+
+
+async def _mirror_link_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if EMBEDDED_REDIS in app:  # the worker writes to the Redis this process started
+        url = SecretStr(app[EMBEDDED_REDIS].url)
+        settings = settings.model_copy(
+            update={"buffer": settings.buffer.model_copy(update={"redis_url": url})}
+        )
+    link = MirrorLink(settings, app[TELEMETRY])
+    await link.start()
+    app[MIRROR] = link
+    yield
+    await link.close()
+
+
+async def _live_proxy_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[LIVE_PROXY] = LiveProxy(app[SETTINGS], app[LIVE_SESSION], app[MIRROR], app[TELEMETRY])
+    yield
 
 
 class ProxyRunner:
@@ -193,8 +237,8 @@ class ProxyRunner:
             await self._runners.pop().cleanup()
 
     @property
-    def scheduler(self) -> MirrorScheduler:
-        return self.data[SCHEDULER]
+    def mirror(self) -> Mirror:
+        return self.data[MIRROR]
 
     @property
     def telemetry(self) -> Telemetry:
@@ -209,7 +253,8 @@ class ProxyRunner:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
-            if not any(self.scheduler.in_flight.values()):
+            snap = await self.mirror.snapshot()
+            if not snap["pending"] and not any(snap["in_flight"].values()):
                 return True
             await asyncio.sleep(0.02)
         return False

@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind
 
 from .analysis import Exchange
 from .errors import UpstreamError, translate_upstream_error
-from .mirror import MirrorRequest, MirrorScheduler
+from .mirror import Mirror, MirrorRequest
 from .routes import RouteKind, classify
 from .settings import Settings
 from .telemetry import Telemetry
@@ -86,7 +86,7 @@ class LiveProxy:
         self,
         settings: Settings,
         session: aiohttp.ClientSession,
-        scheduler: MirrorScheduler,
+        scheduler: Mirror,
         telemetry: Telemetry,
     ) -> None:
         self._ref = settings.reference
@@ -101,7 +101,7 @@ class LiveProxy:
         route = classify(request.method, request.raw_path)
         mirror = route.kind is RouteKind.INFER and self._scheduler.wants(route.model or "")
         if route.kind is RouteKind.ADMIN:
-            self._tel.skipped("admin_route")
+            self._scheduler.note_skip("admin_route")
         headers = end_to_end(request.headers, _REQUEST_DROP)
         ctx = self._tel.propagator.extract(request.headers)
         with self._tel.tracer.start_as_current_span(

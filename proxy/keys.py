@@ -10,8 +10,7 @@ from aiohttp import web
 from .buffer.embedded import EmbeddedRedis
 from .buffer.store import SampleStore
 from .forwarding import LiveProxy
-from .judge import Judge
-from .mirror import MirrorScheduler
+from .mirror import Mirror
 from .settings import Settings
 from .telemetry import Telemetry
 
@@ -22,7 +21,6 @@ STORE = web.AppKey("store", SampleStore)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 LIVE_SESSION = web.AppKey("live_session", aiohttp.ClientSession)
 SHADOW_SESSION = web.AppKey("shadow_session", aiohttp.ClientSession)
-SCHEDULER = web.AppKey("scheduler", MirrorScheduler)
-JUDGE = web.AppKey("judge", Judge)
+MIRROR = web.AppKey("mirror", Mirror)
 LIVE_PROXY = web.AppKey("live_proxy", LiveProxy)
 DATA_APP = web.AppKey("data_app", web.Application)

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from multidict import CIMultiDict
@@ -30,7 +30,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind
 
 from .analysis import Analysis, Exchange, analyze
 from .buffer.store import SampleStore
-from .codec import MalformedMessage, parse_request_header, unsafe_to_mirror
+from .codec import DecodedResponse, MalformedMessage, parse_request_header, unsafe_to_mirror
 from .errors import (
     StoreError,
     UpstreamError,
@@ -129,6 +129,21 @@ class MirrorRequest:
     """Set by the scheduler: pairs the candidates' and the twin's verdicts on this request."""
 
 
+class Mirror(Protocol):
+    """What the live path needs from mirroring, in-process (``MirrorScheduler``) or in a worker
+    process (``mirror_link.MirrorLink``)."""
+
+    def wants(self, model: str) -> bool: ...
+
+    def offer(self, req: MirrorRequest) -> None: ...
+
+    def note_skip(self, reason: str) -> None: ...
+
+    async def snapshot(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
 class MirrorScheduler:
     def __init__(
         self,
@@ -203,6 +218,22 @@ class MirrorScheduler:
 
     def start(self) -> None:
         self._lag.start()
+
+    def note_skip(self, reason: str) -> None:
+        self._tel.skipped(reason)
+
+    async def snapshot(self, *, include_tally: bool = False) -> dict[str, Any]:
+        """In-flight counts and population statistics. In the live process the tallies are
+        already in its own telemetry (the same object), so they are left out unless asked."""
+        tally = [[c, w, n] for (c, w), n in self._tel.tally.items()] if include_tally else []
+        return {
+            "tally": tally,
+            "in_flight": dict(self._in_flight),
+            "population": self._judge.population.summary(),
+            "prometheus": "",
+            "worker": "in-process",
+            "pending": 0,
+        }
 
     async def close(self) -> None:
         """Stop taking copies, let in-flight ones finish for the drain timeout, cancel the rest."""
@@ -402,6 +433,17 @@ class MirrorScheduler:
             self._tel.stored(cand.name, ok=True)
 
 
+def _side(x: Exchange, decoded: DecodedResponse | None, model: str) -> dict[str, Any]:
+    """One side of a sample: who answered, with which model and version, how fast."""
+    return {
+        "upstream": x.upstream,
+        "status": x.status,
+        "model": decoded.model_name if decoded else model,
+        "version": decoded.model_version if decoded else None,
+        "latency_ms": round(x.latency_s * 1000, 3),
+    }
+
+
 def _headers_json(headers: Mapping[str, str]) -> bytes:
     import json
 
@@ -432,20 +474,8 @@ def sample_meta(
         "severity": a.severity,
         "reason": a.reason,
         "stored": stored,
-        "reference": {
-            "upstream": ref.upstream,
-            "status": ref.status,
-            "model": a.reference.model_name if a.reference else model,
-            "version": a.reference.model_version if a.reference else None,
-            "latency_ms": round(ref.latency_s * 1000, 3),
-        },
-        "candidate_side": {
-            "upstream": exchange.upstream,
-            "status": exchange.status,
-            "model": a.candidate.model_name if a.candidate else cand.served_name(model),
-            "version": a.candidate.model_version if a.candidate else None,
-            "latency_ms": round(exchange.latency_s * 1000, 3),
-        },
+        "reference": _side(ref, a.reference, model),
+        "candidate_side": _side(exchange, a.candidate, cand.served_name(model)),
         "outputs": [v.to_dict() for v in a.verdicts],
         "previews": a.previews,
     }

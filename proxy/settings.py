@@ -154,6 +154,10 @@ class ProxySettings(_Model):
     drain_timeout_s: float = Field(10.0, ge=0)
     """On shutdown, how long in-flight mirrors may finish before they are cancelled."""
     request_id_header: str = "X-Request-Id"
+    mirror_process: bool = True
+    """Run mirroring (candidate calls, comparison, storage) in a worker process at lower CPU
+    priority, so shadow work cannot take the live path's event loop, GIL or CPU. False runs it
+    in the live process (simpler to debug; the demo and most tests do)."""
     shed_lag_ms: float = Field(4.0, ge=0)
     """When the event loop runs this many ms late (the process is CPU-bound), new mirror copies
     are dropped and counted as ``dropped_overload``; live traffic keeps the CPU. 0 disables."""

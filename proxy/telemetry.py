@@ -114,8 +114,17 @@ class Telemetry:
         self._skipped = meter.create_counter(
             "shadowproxy_mirror_skipped", description="Requests never mirrored, by reason"
         )
-        self._latency = meter.create_histogram(
-            "shadowproxy_upstream_latency", unit="s", description="Upstream latency per side"
+        # Live and shadow latency are separate instruments: with mirroring in a worker process
+        # each process exports its own, and one metric family must come from one process.
+        self._live_latency = meter.create_histogram(
+            "shadowproxy_live_latency", unit="s", description="Reference (live) upstream latency"
+        )
+        self._shadow_latency = meter.create_histogram(
+            "shadowproxy_shadow_latency", unit="s", description="Candidate (shadow) latency"
+        )
+        self._link_dropped = meter.create_counter(
+            "shadowproxy_mirror_link_dropped",
+            description="Copies the live process could not hand to the mirror worker, by reason",
         )
         self._divergence = meter.create_histogram(
             "shadowproxy_divergence",
@@ -143,7 +152,12 @@ class Telemetry:
         self.tally[(candidate, f"skipped:{reason}")] += 1
 
     def latency(self, side: str, upstream: str, seconds: float) -> None:
-        self._latency.record(seconds, {"side": side, "upstream": upstream})
+        target = self._live_latency if side == "reference" else self._shadow_latency
+        target.record(seconds, {"side": side, "upstream": upstream})
+
+    def link_dropped(self, reason: str) -> None:
+        self._link_dropped.add(1, {"reason": reason})
+        self.tally[("*", f"dropped_{reason}")] += 1
 
     def divergence(self, attrs: Mapping[str, str], severity: float, flagged: bool) -> None:
         self._divergence.record(severity, dict(attrs))

@@ -59,7 +59,7 @@ def make_settings(reference_url: str, redis_url: str | None, **overrides: Any) -
         "buffer": {"redis_url": redis_url, "write_timeout_s": 0.5},
         # No overload shedding by default: tests count exact mirror outcomes, and a busy test
         # machine would otherwise shed; test_overload_shedding covers it on purpose.
-        "proxy": {"drain_timeout_s": 2, "shed_lag_ms": 0},
+        "proxy": {"drain_timeout_s": 2, "shed_lag_ms": 0, "mirror_process": False},
     }
     data.update(overrides)
     return settings_from_mapping(data)

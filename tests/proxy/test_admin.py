@@ -87,4 +87,5 @@ async def test_flagged_samples_api_summary_label_and_metrics(
     status, text = await _get(f"{base}/metrics", AUTH)
     assert 'shadowproxy_mirror_outcomes_total{candidate="int8",outcome="compared"} 3.0' in text
     assert "shadowproxy_divergence_bucket" in text
-    assert 'shadowproxy_upstream_latency_seconds_count{side="reference",upstream="ref"}' in text
+    assert 'shadowproxy_live_latency_seconds_count{side="reference",upstream="ref"}' in text
+    assert 'shadowproxy_shadow_latency_seconds_count{side="candidate",upstream="int8"}' in text

@@ -1,0 +1,216 @@
+"""Mirroring in a worker process: the live process only ships copies over a socket.
+
+Shadow work (candidate calls, decoding, comparison, storage, telemetry for all of it) costs
+several times the CPU of forwarding. In the live process it shares the event loop, the GIL and
+the garbage collector with live requests, and a slow candidate then shows up in live p99. With
+``proxy.mirror_process`` (the default for ``serve``) that work runs in ``proxy.mirror_worker``, a
+child process at lower CPU priority; ``MirrorLink`` is its live-side end. It never awaits on the
+live path: a copy is one framed write (dropped and counted when the socket's buffer is full or the
+worker is down), and the reference's answer follows in a second frame when the live call ends.
+
+Frames are length-prefixed pickles on a private socketpair between parent and child (trusted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import pickle
+import socket
+import sys
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from .analysis import Exchange
+from .mirror import MirrorRequest
+from .settings import Settings
+from .telemetry import Telemetry
+
+log = logging.getLogger("shadowproxy.mirror")
+
+# Copies waiting in the socket buffer beyond this are dropped (the worker cannot keep up).
+MAX_BUFFERED_BYTES = 128 * 1024 * 1024
+_RESTART_DELAY_S = 1.0
+
+
+def write_frame(writer: asyncio.StreamWriter, message: Any) -> None:
+    data = pickle.dumps(message, protocol=5)
+    writer.writelines([len(data).to_bytes(4, "big"), data])
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any:
+    size = int.from_bytes(await reader.readexactly(4), "big")
+    return pickle.loads(await reader.readexactly(size))
+
+
+def exchange_to_wire(x: Exchange | None) -> tuple[Any, ...] | None:
+    if x is None:
+        return None
+    return (x.upstream, x.status, list(x.headers.items()), x.body, x.latency_s)
+
+
+class MirrorLink:
+    """The live process's side of the mirror worker; same interface as ``MirrorScheduler``."""
+
+    def __init__(self, settings: Settings, telemetry: Telemetry) -> None:
+        self._settings = settings
+        self._tel = telemetry
+        self._proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._queries: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._qid = itertools.count(1)
+        self._seq = itertools.count(1)
+        self._sent = 0
+        self._closing = False
+
+    def wants(self, model: str) -> bool:
+        return any(c.sample_rate > 0 and c.shadows(model) for c in self._settings.candidates)
+
+    async def start(self) -> None:
+        """Start the worker and wait until it is ready (its start-up errors surface here)."""
+        parent, child = socket.socketpair()
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy.mirror_worker",
+            str(child.fileno()),
+            pass_fds=(child.fileno(),),
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        child.close()
+        reader, self._writer = await asyncio.open_connection(sock=parent)
+        self._sent = 0
+        write_frame(self._writer, self._settings)
+        try:
+            ready = await asyncio.wait_for(read_frame(reader), timeout=60)
+        except (asyncio.IncompleteReadError, TimeoutError) as exc:
+            raise RuntimeError("the mirror worker did not start; see its log above") from exc
+        if ready != ("ready",):
+            raise RuntimeError(f"the mirror worker failed to start: {ready!r}")
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+        log.info("mirror worker started (pid %s)", self._proc.pid)
+
+    def _up(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
+    def offer(self, req: MirrorRequest) -> None:
+        writer = self._writer
+        if writer is None or writer.is_closing() or self._closing:
+            self._tel.link_dropped("worker_down")
+            return
+        if writer.transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
+            self._tel.link_dropped("link_full")
+            return
+        seq = next(self._seq)
+        span = req.live_span
+        wire_span = (span.trace_id, span.span_id, int(span.trace_flags)) if span else None
+        write_frame(
+            writer,
+            (
+                "req",
+                seq,
+                req.route,
+                req.query,
+                list(req.headers.items()),
+                req.body,
+                req.received_at,
+                wire_span,
+            ),
+        )
+        self._sent += 1
+        req.reference.add_done_callback(partial(self._send_reference, seq))
+
+    def _send_reference(self, seq: int, future: asyncio.Future[Exchange | None]) -> None:
+        if self._up() and self._writer is not None:
+            write_frame(self._writer, ("ref", seq, exchange_to_wire(future.result())))
+
+    def note_skip(self, reason: str) -> None:
+        if self._up() and self._writer is not None:
+            write_frame(self._writer, ("skip", reason))
+
+    async def snapshot(self) -> dict[str, Any]:
+        """The worker's tallies, in-flight counts, population statistics and metrics text."""
+        empty: dict[str, Any] = {
+            "tally": [],
+            "in_flight": {},
+            "population": [],
+            "prometheus": "",
+            "worker": "down",
+            "pending": 0,
+        }
+        if not self._up() or self._writer is None:
+            return empty
+        qid = next(self._qid)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._queries[qid] = future
+        write_frame(self._writer, ("snap", qid))
+        try:
+            snap = await asyncio.wait_for(future, timeout=5)
+        except TimeoutError:
+            return {**empty, "worker": "not answering"}
+        finally:
+            self._queries.pop(qid, None)
+        snap["pending"] = self._sent - snap.pop("received", 0)
+        return snap
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                kind, qid, payload = await read_frame(reader)
+                if kind == "snap" and qid in self._queries:
+                    self._queries[qid].set_result(payload)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        if self._writer is not None:
+            self._writer.close()
+        if not self._closing:
+            code = await self._proc.wait() if self._proc else None
+            log.error("mirror worker exited (%s); copies are dropped until it restarts", code)
+            asyncio.get_running_loop().call_later(_RESTART_DELAY_S, self._restart)
+
+    def _restart(self) -> None:
+        if self._closing:
+            return
+
+        async def again() -> None:
+            try:
+                await self.start()
+            except Exception:
+                log.exception("mirror worker restart failed; trying again")
+                asyncio.get_running_loop().call_later(_RESTART_DELAY_S * 5, self._restart)
+
+        self._restart_task = asyncio.get_running_loop().create_task(again())
+
+    async def close(self) -> None:
+        """Tell the worker to drain and exit; kill it if it outlives the drain timeout."""
+        self._closing = True
+        if self._writer is not None and not self._writer.is_closing():
+            write_frame(self._writer, ("close",))
+            with contextlib.suppress(ConnectionError):
+                await self._writer.drain()
+        if self._proc is not None:
+            try:
+                await asyncio.wait_for(self._proc.wait(), self._settings.proxy.drain_timeout_s + 10)
+            except TimeoutError:
+                self._proc.kill()
+                await self._proc.wait()
+        if self._reader_task is not None:
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+        if self._writer is not None:
+            self._writer.close()
+
+
+def merge_tally(
+    *tallies: Mapping[tuple[str, str], int] | list[list[Any]],
+) -> dict[str, dict[str, int]]:
+    """Candidate -> outcome -> count, from in-process counters and worker snapshots."""
+    out: dict[str, dict[str, int]] = {}
+    for tally in tallies:
+        rows = tally.items() if isinstance(tally, Mapping) else (((c, w), n) for c, w, n in tally)
+        for (candidate, what), n in rows:
+            out.setdefault(candidate, {})[what] = out.get(candidate, {}).get(what, 0) + n
+    return out

@@ -1,0 +1,101 @@
+"""Mirroring in a worker process (the default for ``serve``): same results, isolated from live."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import ADMIN_TOKEN, make_settings
+
+BODY = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,2]}]}'
+PROCESS = {"drain_timeout_s": 2, "shed_lag_ms": 0, "mirror_process": True}
+
+
+async def _post(port: int, request_id: str) -> tuple[int, float]:
+    started = time.perf_counter()
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"http://127.0.0.1:{port}/v2/models/m/infer",
+            data=BODY,
+            headers={"X-Request-Id": request_id},
+        ) as r,
+    ):
+        await r.read()
+        return r.status, time.perf_counter() - started
+
+
+async def _admin(port: int, path: str) -> Any:
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with (
+        aiohttp.ClientSession(headers=auth) as s,
+        s.get(f"http://127.0.0.1:{port}{path}") as r,
+    ):
+        assert r.status == 200
+        return await (r.json() if path.startswith("/api") else r.text())
+
+
+async def test_worker_mirrors_compares_and_stores(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, drifted, slow = await fake(), await fake(drift=0.5), await fake(mode="slow", delay_s=0.3)
+    candidates = [{"name": "int8", "url": drifted.url}, {"name": "slow", "url": slow.url}]
+    proxy = await proxy_factory(
+        make_settings(ref.url, redis_url, candidates=candidates, proxy=PROCESS)
+    )
+    for i in range(3):
+        status, elapsed = await _post(proxy.data_port, f"w{i}")
+        assert status == 200 and elapsed < 0.25  # the slow candidate never holds the client
+    await _post(proxy.data_port, "adm")  # and one admin-route request, never mirrored:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"http://127.0.0.1:{proxy.data_port}/v2/repository/index", data=b"{}"),
+    ):
+        pass
+    assert await proxy.drained(15)
+    flagged = await proxy.store.list_samples(flagged=True, candidate="int8")
+    assert sorted(s["request_id"] for s in flagged) == ["adm", "w0", "w1", "w2"]
+    summary = await _admin(proxy.admin_port, "/api/summary")
+    assert summary["mirror_worker"] != "in-process"
+    assert summary["this_process"]["int8"]["compared"] == 4
+    assert summary["this_process"]["slow"]["compared"] == 4
+    assert summary["this_process"]["*"]["skipped:admin_route"] == 1
+    assert {p["candidate"] for p in summary["population"]} == {"int8", "slow"}
+    text = await _admin(proxy.admin_port, "/metrics")
+    assert 'shadowproxy_mirror_outcomes_total{candidate="int8",outcome="compared"} 4.0' in text
+    assert "shadowproxy_requests_total" in text
+    families = [line for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(families) == len(set(families))  # each family from exactly one process
+
+
+async def test_a_dead_worker_never_breaks_the_live_path_and_comes_back(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await fake(), await fake(drift=0.5)
+    proxy = await proxy_factory(
+        make_settings(
+            ref.url, redis_url, candidates=[{"name": "c", "url": cand.url}], proxy=PROCESS
+        )
+    )
+    assert (await _post(proxy.data_port, "before"))[0] == 200
+    assert await proxy.drained(15)
+    pid = proxy.mirror._proc.pid
+    os.kill(pid, signal.SIGKILL)
+    await asyncio.sleep(0.1)
+    for i in range(3):
+        assert (await _post(proxy.data_port, f"during{i}"))[0] == 200
+    assert proxy.telemetry.tally[("*", "dropped_worker_down")] >= 1
+    for _ in range(100):  # restarted after a second
+        await asyncio.sleep(0.1)
+        if proxy.mirror._proc.pid != pid and (await proxy.mirror.snapshot())["worker"] != "down":
+            break
+    assert (await _post(proxy.data_port, "after"))[0] == 200
+    assert await proxy.drained(15)
+    ids = {s["request_id"] for s in await proxy.store.list_samples(flagged=True)}
+    assert {"before", "after"} <= ids
