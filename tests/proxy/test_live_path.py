@@ -177,7 +177,7 @@ async def test_overload_sheds_mirrors_and_keeps_serving(
         ref.url,
         redis_url,
         candidates=[{"name": "c", "url": cand.url}],
-        proxy={"drain_timeout_s": 2, "shed_lag_ms": 5},
+        proxy={"drain_timeout_s": 2, "shed_lag_ms": 5, "mirror_process": False},
     )
     proxy = await proxy_factory(settings)
     url = f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer"
