@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck unit chromium bench loadtest clean
+.PHONY: demo review test lint typecheck unit chromium bench loadtest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/shadowproxy demo
+
+# The review page for the samples the last `make demo` stored (Ctrl-C to stop).
+review: $(STAMP)
+	$(BIN)/shadowproxy serve --config .state/demo/shadowproxy.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy comparators tests loadtest

@@ -13,6 +13,7 @@ import os
 import random
 import secrets
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from .corpus import sentences
 from .report import print_report
 
 EMBEDDER = "minilm_fp32"
+# Where `make review` serves the demo's samples once the demo itself has exited.
+REVIEW_DATA_PORT, REVIEW_ADMIN_PORT = 8000, 8001
 CLASSIFIER = "topic_teacher"
 
 # One candidate per optimization the project exists for, all served by the same Triton.
@@ -95,11 +98,14 @@ def demo_settings(triton_url: str, state_dir: Path, token: str) -> Settings:
 
 
 def write_demo_config(state_dir: Path, triton_url: str, token: str) -> Path:
-    """A config file for the review CLI on the demo's data (owner-only: it holds the token)."""
+    """A config for the demo's data, used by ``make review`` and the review CLI after the demo
+    has exited (owner-only: it holds the token). Serving it needs no Triton: the review plane
+    reads Redis only."""
     path = (state_dir / "shadowproxy.yaml").resolve()
     text = yaml.safe_dump(
         {
-            "admin": {"token": token},
+            "listen": {"host": "127.0.0.1", "port": REVIEW_DATA_PORT},
+            "admin": {"host": "127.0.0.1", "port": REVIEW_ADMIN_PORT, "token": token},
             "reference": {"name": "fp32", "url": triton_url},
             "buffer": {"state_dir": str((state_dir / "redis").resolve())},
             "comparisons": DEMO_COMPARISONS,
@@ -184,13 +190,21 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
             )
             await runner.drained(180.0)
             verdicts = await runner.store.recent_verdicts(1_000_000)
-            print_report(settings, verdicts, runner.telemetry.tally)
+            # Outcome counts from both processes: the live one and the mirror worker.
+            tally = Counter(runner.telemetry.tally)
+            for candidate, what, n in (await runner.mirror.snapshot())["tally"]:
+                tally[(candidate, what)] += n
+            print_report(settings, verdicts, tally)
             config = write_demo_config(state_dir, triton.url, token)
             admin = f"http://127.0.0.1:{runner.admin_port}"
-            print(
-                f"\nReview the flagged samples: open {admin}/review and log in with the "
-                f"token {token}"
-            )
+            if keep_running:
+                print(f"\nReview the flagged samples: open {admin}/review, token {token}")
+            else:
+                print(
+                    "\nReview the flagged samples: run `make review` (that is, shadowproxy "
+                    f"serve --config {config}), open http://127.0.0.1:{REVIEW_ADMIN_PORT}/review "
+                    f"and log in with the token {token}"
+                )
             print(f"From the command line (the config is {config}):")
             print(f"  shadowproxy review list --flagged --config {config}")
             print(f"  shadowproxy review export --out golden.jsonl --config {config}")
