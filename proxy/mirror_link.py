@@ -66,6 +66,7 @@ class MirrorLink:
         self._seq = itertools.count(1)
         self._sent = 0
         self._closing = False
+        self._restart_task: asyncio.Task[None] | None = None
 
     def wants(self, model: str) -> bool:
         return any(c.sample_rate > 0 and c.shadows(model) for c in self._settings.candidates)

@@ -86,10 +86,16 @@ class EmbeddedRedis:
             str(self.state_dir.resolve()),
             "--dbfilename",
             "dump.rdb",
+            # Samples survive restarts and crashes: an append-only file synced every second,
+            # plus a snapshot on shutdown. (Each value is its own argument: "--save '60 1'" as
+            # one string silently configured no save point at all.)
             "--save",
-            "60 1",
+            "60",
+            "1",
             "--appendonly",
-            "no",
+            "yes",
+            "--appendfsync",
+            "everysec",
             "--protected-mode",
             "yes",
             "--daemonize",
