@@ -2,7 +2,7 @@
 
 It runs the same ``MirrorScheduler`` as in-process mirroring, with its own telemetry, sample
 store client, compare threads and shadow session, at a lower CPU priority than the live process
-(nice +10): when CPU is short, the live path gets it first. It exits when the live process closes
+(nice +19, the lowest): when CPU is short, the live path gets it first. It exits when the live process closes
 the socket or asks it to (after draining in-flight copies).
 """
 
@@ -98,7 +98,7 @@ def main() -> None:
     # Ctrl-C reaches the whole process group: the live process decides when this one stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
-        os.nice(10)
+        os.nice(19)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
