@@ -1,9 +1,9 @@
 """The mirror worker process (``python -m proxy.mirror_worker FD``), started by ``MirrorLink``.
 
 It runs the same ``MirrorScheduler`` as in-process mirroring, with its own telemetry, sample
-store client, compare threads and shadow session, at a lower CPU priority than the live process
-(nice +19, the lowest): when CPU is short, the live path gets it first. It exits when the live process closes
-the socket or asks it to (after draining in-flight copies).
+store client, compare threads and shadow session, at the lowest CPU priority (nice +19): when
+CPU is short, the live path gets it first. It exits when the live process closes the socket or
+asks it to (after draining in-flight copies).
 """
 
 from __future__ import annotations
