@@ -103,6 +103,8 @@ class LiveProxy:
         if route.kind is RouteKind.ADMIN:
             self._scheduler.note_skip("admin_route")
         headers = end_to_end(request.headers, _REQUEST_DROP)
+        # The copy keeps the client's own trace context; the live call carries our span's.
+        copy_headers = headers.copy() if mirror else headers
         ctx = self._tel.propagator.extract(request.headers)
         with self._tel.tracer.start_as_current_span(
             f"{request.method} {route.kind.value}", context=ctx, kind=SpanKind.SERVER
@@ -127,7 +129,7 @@ class LiveProxy:
                     MirrorRequest(
                         route=route,
                         query=request.query_string,
-                        headers=end_to_end(request.headers, _REQUEST_DROP),
+                        headers=copy_headers,
                         body=body,
                         received_at=time.time(),
                         live_span=span.get_span_context(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import logging
 import random
 import time
@@ -383,8 +384,6 @@ def _side(x: Exchange, decoded: DecodedResponse | None, model: str) -> dict[str,
 
 
 def _headers_json(headers: Mapping[str, str]) -> bytes:
-    import json
-
     return json.dumps(list(headers.items())).encode()
 
 
