@@ -68,3 +68,28 @@ class LoopLag:
             await asyncio.sleep(self._interval)
             late = (loop.time() - started - self._interval) * 1000.0
             self.ms = max(late, self.ms * self._decay)
+
+
+class CpuBudget:
+    """This process's CPU use over the last window, against a budget in cores.
+
+    The mirror worker sheds copies while it is over budget: on a host where the live process,
+    its clients and its backends share a few cores, shadow work must not take more than its
+    share, and nice levels alone do not stop it from crowding them.
+    """
+
+    def __init__(self, cores: float, window_s: float = 0.5) -> None:
+        self.cores = cores
+        self._window = window_s
+        self._mark = (time.monotonic(), time.process_time())
+        self.used = 0.0
+
+    def over(self) -> bool:
+        if self.cores <= 0:
+            return False
+        now, cpu = time.monotonic(), time.process_time()
+        elapsed = now - self._mark[0]
+        if elapsed >= self._window:
+            self.used = (cpu - self._mark[1]) / elapsed
+            self._mark = (now, cpu)
+        return self.used > self.cores

@@ -39,7 +39,7 @@ from .errors import (
     UpstreamUnavailable,
     translate_upstream_error,
 )
-from .guards import Breaker, LoopLag
+from .guards import Breaker, CpuBudget, LoopLag
 from .judge import Judge
 from .routes import Route, candidate_path
 from .settings import CandidateSettings, Settings
@@ -110,6 +110,7 @@ class MirrorScheduler:
         # model -> (stateful, retry-after monotonic time, or None when known for good)
         self._stateful: dict[str, tuple[bool, float | None]] = {}
         self._lag = LoopLag()
+        self._cpu: CpuBudget | None = None  # set in the mirror worker only
 
     @property
     def in_flight(self) -> Mapping[str, int]:
@@ -141,6 +142,8 @@ class MirrorScheduler:
                 self._tel.skipped("not_sampled", cand.name)
             elif self._closing:
                 self._tel.mirror(cand.name, "dropped_shutdown")
+            elif self._cpu is not None and self._cpu.over():
+                self._tel.mirror(cand.name, "dropped_cpu_budget")
             elif shed_ms and self._lag.ms > shed_ms:
                 # The loop is late: this process is CPU-bound. Shadow work would come out of live
                 # latency, so the copy is dropped (and counted) until the loop catches up.
@@ -157,6 +160,10 @@ class MirrorScheduler:
 
     def start(self) -> None:
         self._lag.start()
+
+    def limit_cpu(self, cores: float) -> None:
+        """In a process of its own, hold shadow work to this many cores of CPU."""
+        self._cpu = CpuBudget(cores)
 
     def note_skip(self, reason: str) -> None:
         self._tel.skipped(reason)

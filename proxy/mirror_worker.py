@@ -41,6 +41,7 @@ async def run(fd: int) -> None:
     await runner.setup()
     scheduler = app[MIRROR]
     assert isinstance(scheduler, MirrorScheduler)
+    scheduler.limit_cpu(settings.proxy.mirror_cpu_budget)
     tune_gc()
     write_frame(writer, ("ready",))
     loop = asyncio.get_running_loop()

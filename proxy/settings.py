@@ -158,6 +158,10 @@ class ProxySettings(_Model):
     """Run mirroring (candidate calls, comparison, storage) in a worker process at lower CPU
     priority, so shadow work cannot take the live path's event loop, GIL or CPU. False runs it
     in the live process (simpler to debug; the demo and most tests do)."""
+    mirror_cpu_budget: float = Field(0.5, ge=0)
+    """CPU cores the mirror worker may use; beyond it, copies are dropped and counted as
+    ``dropped_cpu_budget``. Shadow work then cannot crowd the live path off a small host.
+    0 means no budget (only the event-loop lag bounds it)."""
     shed_lag_ms: float = Field(4.0, ge=0)
     """When the event loop runs this many ms late (the process is CPU-bound), new mirror copies
     are dropped and counted as ``dropped_overload``; live traffic keeps the CPU. 0 disables."""

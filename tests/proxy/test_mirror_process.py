@@ -99,3 +99,21 @@ async def test_a_dead_worker_never_breaks_the_live_path_and_comes_back(
     assert await proxy.drained(15)
     ids = {s["request_id"] for s in await proxy.store.list_samples(flagged=True)}
     assert {"before", "after"} <= ids
+
+
+async def test_the_worker_keeps_to_its_cpu_budget(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await fake(), await fake()
+    tight = {**PROCESS, "mirror_cpu_budget": 0.001}  # a thousandth of a core: almost nothing fits
+    proxy = await proxy_factory(
+        make_settings(ref.url, redis_url, candidates=[{"name": "c", "url": cand.url}], proxy=tight)
+    )
+    for i in range(40):
+        assert (await _post(proxy.data_port, f"b{i}"))[0] == 200
+        await asyncio.sleep(0.02)  # spread over more than one budget window
+    assert await proxy.drained(15)
+    summary = await _admin(proxy.admin_port, "/api/summary")
+    outcomes = summary["this_process"]["c"]
+    assert outcomes.get("dropped_cpu_budget", 0) >= 20, outcomes
+    assert outcomes.get("compared", 0) + outcomes["dropped_cpu_budget"] == 40
