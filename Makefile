@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo review test lint typecheck unit chromium bench loadtest clean
+.PHONY: demo review test lint typecheck unit chromium loadtest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
