@@ -90,6 +90,7 @@ class LiveProxy:
         telemetry: Telemetry,
     ) -> None:
         self._ref = settings.reference
+        self._mirrors = settings.mirrors
         self._session = session
         self._scheduler = scheduler
         self._tel = telemetry
@@ -99,7 +100,7 @@ class LiveProxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = classify(request.method, request.raw_path)
-        mirror = route.kind is RouteKind.INFER and self._scheduler.wants(route.model or "")
+        mirror = route.kind is RouteKind.INFER and self._mirrors(route.model or "")
         if route.kind is RouteKind.ADMIN:
             self._scheduler.note_skip("admin_route")
         headers = end_to_end(request.headers, _REQUEST_DROP)

@@ -72,8 +72,6 @@ class Mirror(Protocol):
     """What the live path needs from mirroring, in-process (``MirrorScheduler``) or in a worker
     process (``mirror_link.MirrorLink``)."""
 
-    def wants(self, model: str) -> bool: ...
-
     def offer(self, req: MirrorRequest) -> None: ...
 
     def note_skip(self, reason: str) -> None: ...
@@ -111,14 +109,6 @@ class MirrorScheduler:
         self._stateful: dict[str, tuple[bool, float | None]] = {}
         self._lag = LoopLag()
         self._cpu: CpuBudget | None = None  # set in the mirror worker only
-
-    @property
-    def in_flight(self) -> Mapping[str, int]:
-        return dict(self._in_flight)
-
-    def wants(self, model: str) -> bool:
-        """Whether any candidate might take a copy of a request to ``model`` (cheap, no body)."""
-        return any(c.sample_rate > 0 and c.shadows(model) for c in self._settings.candidates)
 
     def _sampled(self, cand: CandidateSettings, headers: Mapping[str, str]) -> bool:
         if cand.sample_rate >= 1.0:

@@ -68,9 +68,6 @@ class MirrorLink:
         self._closing = False
         self._restart_task: asyncio.Task[None] | None = None
 
-    def wants(self, model: str) -> bool:
-        return any(c.sample_rate > 0 and c.shadows(model) for c in self._settings.candidates)
-
     async def start(self) -> None:
         """Start the worker and wait until it is ready (its start-up errors surface here)."""
         parent, child = socket.socketpair()

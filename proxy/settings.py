@@ -204,6 +204,10 @@ class Settings(_Model):
                     raise ValueError(f"[{model!r}][{output!r}]: {exc}") from None
         return value
 
+    def mirrors(self, model: str) -> bool:
+        """Whether any candidate may take a copy of a request to ``model`` (no body needed)."""
+        return any(c.sample_rate > 0 and c.shadows(model) for c in self.candidates)
+
     def candidate(self, name: str) -> CandidateSettings:
         for c in self.candidates:
             if c.name == name:

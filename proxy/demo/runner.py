@@ -89,8 +89,8 @@ def demo_settings(triton_url: str, state_dir: Path, token: str) -> Settings:
             ],
             "buffer": {"state_dir": str(state_dir / "redis")},
             "comparisons": DEMO_COMPARISONS,
-            # The demo's own load generator shares this event loop, so its lag is not the
-            # proxy's overload: shedding off here (it is on by default in serve).
+            # The report wants every copy compared: no lag-based shedding here (it protects
+            # production traffic and is on by default in serve).
             "proxy": {"shed_lag_ms": 0},
         },
         "<demo defaults>",
