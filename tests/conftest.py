@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
@@ -84,3 +85,23 @@ async def proxy_factory() -> AsyncIterator[Callable[..., Any]]:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+async def send_infers(
+    proxy: ProxyRunner, request_ids: Sequence[str], *, first: int = 0, drain_each: bool = False
+) -> None:
+    """POST one small V2 infer request per id (distinct bodies) and wait for the mirrors."""
+    async with aiohttp.ClientSession() as s:
+        for k, request_id in enumerate(request_ids):
+            body = (
+                f'{{"inputs":[{{"name":"x","datatype":"FP32","shape":[1],"data":[{first + k}]}}]}}'
+            )
+            async with s.post(
+                f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
+                data=body.encode(),
+                headers={"X-Request-Id": request_id},
+            ) as r:
+                assert r.status == 200
+            if drain_each:
+                assert await proxy.drained(10)
+    assert await proxy.drained(10)

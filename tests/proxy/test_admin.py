@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import ADMIN_TOKEN, make_settings
+from tests.conftest import ADMIN_TOKEN, make_settings, send_infers
 from tests.fakes import refused_url
 
 BODY = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,2]}]}'
@@ -49,15 +49,7 @@ async def test_flagged_samples_api_summary_label_and_metrics(
     proxy = await proxy_factory(
         make_settings(ref.url, redis_url, candidates=[{"name": "int8", "url": drifted.url}])
     )
-    async with aiohttp.ClientSession() as s:
-        for i in range(3):
-            async with s.post(
-                f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
-                data=BODY,
-                headers={"X-Request-Id": f"r{i}"},
-            ) as r:
-                assert r.status == 200
-    assert await proxy.drained(10)
+    await send_infers(proxy, ["r0", "r1", "r2"])
     base = f"http://127.0.0.1:{proxy.admin_port}"
     status, items = await _get(f"{base}/api/samples?flagged=1&candidate=int8&limit=2", AUTH)
     assert status == 200 and len(items) == 2

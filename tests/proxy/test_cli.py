@@ -9,9 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-from tests.conftest import make_settings
+from tests.conftest import make_settings, send_infers
 
 BODY = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,2]}]}'
 
@@ -29,15 +27,7 @@ async def test_review_list_show_label_export(
     proxy = await proxy_factory(
         make_settings(ref.url, redis_url, candidates=[{"name": "int8", "url": drifted.url}])
     )
-    async with aiohttp.ClientSession() as s:
-        for i in range(2):
-            async with s.post(
-                f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
-                data=BODY,
-                headers={"X-Request-Id": f"cli-{i}"},
-            ) as r:
-                assert r.status == 200
-    assert await proxy.drained(10)
+    await send_infers(proxy, ["cli-0", "cli-1"])
     config = tmp_path / "c.yaml"
     config.write_text(
         f"reference: {{name: ref, url: '{ref.url}'}}\nbuffer: {{redis_url: '{redis_url}'}}\n"

@@ -7,24 +7,16 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import ADMIN_TOKEN, make_settings
+from tests.conftest import ADMIN_TOKEN, make_settings, send_infers
 
 NOISE = 1e-3
 WARMUP, MEASURED = 30, 20
 
 
 async def _traffic(proxy: Any, start: int, count: int) -> None:
-    async with aiohttp.ClientSession() as s:
-        for i in range(start, start + count):
-            body = f'{{"inputs":[{{"name":"x","datatype":"FP32","shape":[1],"data":[{i}]}}]}}'
-            async with s.post(
-                f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
-                data=body.encode(),
-                headers={"X-Request-Id": f"r{i:03d}"},
-            ) as r:
-                assert r.status == 200
-            # One request at a time, so the twin's verdict on it is in before the next.
-            assert await proxy.drained(10)
+    # One request at a time, so the twin's verdict on it is in before the next.
+    ids = [f"r{i:03d}" for i in range(start, start + count)]
+    await send_infers(proxy, ids, first=start, drain_each=True)
 
 
 async def _population(proxy: Any, candidate: str) -> dict[str, Any]:

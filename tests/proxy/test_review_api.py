@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from tests.conftest import ADMIN_TOKEN, make_settings
+from tests.conftest import ADMIN_TOKEN, make_settings, send_infers
 
 USERS = [
     {"name": "vera", "token": "viewer-token", "role": "viewer"},
@@ -25,16 +25,7 @@ async def _setup(
     proxy = await proxy_factory(
         make_settings(ref.url, redis_url, candidates=candidates, admin=admin)
     )
-    async with aiohttp.ClientSession() as s:
-        for i in range(3):
-            body = f'{{"inputs":[{{"name":"x","datatype":"FP32","shape":[1],"data":[{i}]}}]}}'
-            async with s.post(
-                f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
-                data=body.encode(),
-                headers={"X-Request-Id": f"r{i}"},
-            ) as r:
-                assert r.status == 200
-    assert await proxy.drained(10)
+    await send_infers(proxy, ["r0", "r1", "r2"])
     return proxy
 
 

@@ -12,10 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, make_settings
+from tests.conftest import ADMIN_TOKEN, make_settings, send_infers
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Locally a missing browser skips the test; under CI it fails, so CI never passes without it.
@@ -64,16 +63,7 @@ async def _proxy_with_flagged_samples(
             ref.url, redis_url, candidates=[{"name": "int8", "url": drifted.url}], admin=admin
         )
     )
-    async with aiohttp.ClientSession() as s:
-        for i in range(N_REQUESTS):
-            body = f'{{"inputs":[{{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,{i}]}}]}}'
-            async with s.post(
-                f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
-                data=body.encode(),
-                headers={"X-Request-Id": f"req-{i}"},
-            ) as r:
-                assert r.status == 200
-    assert await proxy.drained(10)
+    await send_infers(proxy, [f"req-{i}" for i in range(N_REQUESTS)])
     return proxy
 
 
