@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -513,13 +513,14 @@ class Bench:
                 proc,
                 self.procs.log_dir / f"{log_name}.log",
             )
-            # The event loop runs on the main thread; the rest of "proxy" is the compare threads.
+            # The event loop runs on the main thread ("proxy-loop"); the proxy's children (its
+            # embedded Redis and its mirror worker) are named by what they run.
             pids: dict[str, int | str] = {
                 "proxy": proc.pid,
                 f"proxy{THREAD_SUFFIX}": f"{proc.pid}/task/{proc.pid}",
             }
-            for i, pid in enumerate(self.procs.adopt_children(proc)):
-                pids[f"redis{i or ''}"] = pid
+            for pid in self.procs.adopt_children(proc):
+                pids[child_name(pid, pids)] = pid
             before = {k: await backend_counts(self.control, u) for k, u in self.servers.items()}
             mem_before = memory_mb(proc.pid)
             load = await self.load(f"{data}/v2/models/{MODEL}/infer", pids)
@@ -612,6 +613,26 @@ def main_table(results: Sequence[ScenarioResult]) -> tuple[list[str], list[list[
             ]
         )
     return header, rows
+
+
+def child_name(pid: int, taken: Mapping[str, object]) -> str:
+    """A readable label for one of the proxy's child processes."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        cmdline = b""
+    base = (
+        "mirror-worker"
+        if b"mirror_worker" in cmdline
+        else "redis"
+        if b"redis" in cmdline
+        else "child"
+    )
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}{n}"
+    return name
 
 
 def detail_table(results: Sequence[ScenarioResult]) -> tuple[list[str], list[list[str]]]:
