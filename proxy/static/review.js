@@ -522,6 +522,10 @@
   /** Show sample `id`; push: true (new history entry), false (replace), null (leave the URL). */
   async function openSample(id, opts) {
     const gen = ++state.sampleGen;
+    // Show the sample view before waiting on the list: a reload of a sample URL is in the sample
+    // view at once, so Escape pressed while the list still loads goes back instead of being lost.
+    showView("sample");
+    $("sample-view").classList.add("loading");
     let index = opts && opts.index !== undefined ? opts.index : -1;
     if (index < 0) {
       if (state.listLoading) await state.listLoading;
@@ -531,10 +535,8 @@
     state.sampleId = id;
     state.sampleIndex = index;
     if (index >= 0) { state.selected = index; highlightSelected(false); }
-    showView("sample");
     if (opts && opts.push !== null && opts.push !== undefined) writeHash(opts.push);
     $("sample-view").dataset.sampleId = id;
-    $("sample-view").classList.add("loading");
     $("sample-error").hidden = true;
     updatePosition();
     try {
