@@ -211,8 +211,12 @@ async def _live_proxy_ctx(app: web.Application) -> AsyncIterator[None]:
 class ProxyRunner:
     """Start and stop both planes on their ports (used by ``serve``, the demo and the tests)."""
 
-    def __init__(self, settings: Settings, *, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, telemetry: Telemetry | None = None, reuse_port: bool = False
+    ) -> None:
         self.settings = settings
+        self._reuse_port = reuse_port
+        """Bind with SO_REUSEPORT, so several processes share the ports (``serve --workers``)."""
         self.data, self.admin = create_apps(settings, telemetry=telemetry)
         self._runners: list[web.AppRunner] = []
         self.data_port = settings.listen.port
@@ -222,13 +226,23 @@ class ProxyRunner:
         data_runner = web.AppRunner(self.data, access_log=None, handle_signals=False)
         await data_runner.setup()
         self._runners.append(data_runner)
-        site = web.TCPSite(data_runner, self.settings.listen.host, self.settings.listen.port)
+        site = web.TCPSite(
+            data_runner,
+            self.settings.listen.host,
+            self.settings.listen.port,
+            reuse_port=self._reuse_port or None,
+        )
         await site.start()
         self.data_port = _bound_port(site)
         admin_runner = web.AppRunner(self.admin, access_log=None, handle_signals=False)
         await admin_runner.setup()
         self._runners.append(admin_runner)
-        admin_site = web.TCPSite(admin_runner, self.settings.admin.host, self.settings.admin.port)
+        admin_site = web.TCPSite(
+            admin_runner,
+            self.settings.admin.host,
+            self.settings.admin.port,
+            reuse_port=self._reuse_port or None,
+        )
         await admin_site.start()
         self.admin_port = _bound_port(admin_site)
 

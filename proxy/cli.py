@@ -27,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", required=True, type=Path, metavar="FILE")
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run N proxy processes on the same ports (SO_REUSEPORT), sharing one Redis",
+    )
 
     demo = sub.add_parser("demo", help="run the whole demo on embedded defaults and report")
     demo.add_argument("--requests", type=int, default=300, help="live requests to send")
@@ -73,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -80,11 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "serve":
-            from .serve import install_event_loop_policy, serve
+            from .serve import install_event_loop_policy, serve, serve_workers
 
             settings = load_settings(args.config)
             logging.getLogger().setLevel(settings.log_level)
             install_event_loop_policy()
+            if args.workers > 1:
+                return serve_workers(settings, args.workers)
             asyncio.run(serve(settings))
             return 0
         if args.command == "demo":

@@ -62,3 +62,8 @@ async def serve(settings: Settings) -> None:
     finally:
         log.info("shadowproxy: stopping (draining mirrors)")
         await runner.stop()
+
+
+def serve_workers(settings: Settings, workers: int) -> int:
+    """Run ``workers`` proxy processes on the same ports (SO_REUSEPORT), sharing one Redis."""
+    raise ConfigError("--workers above 1 is not available yet")
