@@ -1,4 +1,15 @@
-"""``shadowproxy serve``: run both planes until SIGINT/SIGTERM, then drain and stop."""
+"""``shadowproxy serve``: run both planes until SIGINT/SIGTERM, then drain and stop.
+
+``serve --workers N`` runs N such processes on the same ports (SO_REUSEPORT: the kernel spreads
+connections over them), so the live path can use more than one core. They share one Redis:
+``buffer.redis_url``, or the embedded Redis that the parent starts once and hands to every
+worker. Each worker is a whole proxy with its own mirror worker, metrics and circuit breakers;
+``/metrics`` on the shared admin port shows whichever worker took the connection.
+
+A worker that dies is reported and started again, so one crash does not halve capacity for good.
+A worker that dies within ``CRASH_LOOP_S`` of its start (a port taken, a broken upstream URL)
+would only die again: then every worker is stopped and ``serve`` exits 1.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +17,27 @@ import asyncio
 import contextlib
 import gc
 import logging
+import multiprocessing
+import os
 import signal
+import time
+from multiprocessing.connection import wait as wait_any
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from pydantic import SecretStr
 
 from .app import ProxyRunner
-from .errors import ConfigError
+from .buffer.embedded import EmbeddedRedis, running_url
+from .errors import ConfigError, StoreError
 from .settings import Settings
 
 log = logging.getLogger("shadowproxy")
+
+CRASH_LOOP_S = 10.0
+"""A worker that dies sooner than this after its start is not restarted (see the module doc)."""
+STOP_GRACE_S = 30.0
+"""How long stopping workers may drain their mirrors before they are killed."""
 
 
 def install_event_loop_policy() -> None:
@@ -37,10 +62,10 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 20, 50)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     if settings.admin.token is None:
         raise ConfigError("admin.token: required by serve (the admin plane needs a token)")
-    runner = ProxyRunner(settings)
+    runner = ProxyRunner(settings, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -48,7 +73,9 @@ async def serve(settings: Settings) -> None:
     await runner.start()
     tune_gc()
     log.info(
-        "shadowproxy: data plane on %s:%d -> reference %s (%s); admin on %s:%d; candidates: %s",
+        "shadowproxy: pid %d: data plane on %s:%d -> reference %s (%s); admin on %s:%d; "
+        "candidates: %s",
+        os.getpid(),
         settings.listen.host,
         runner.data_port,
         settings.reference.name,
@@ -60,10 +87,138 @@ async def serve(settings: Settings) -> None:
     try:
         await stop.wait()
     finally:
-        log.info("shadowproxy: stopping (draining mirrors)")
+        log.info("shadowproxy: pid %d stopping (draining mirrors)", os.getpid())
         await runner.stop()
 
 
+def _worker_main(settings: Settings) -> None:
+    # Until this worker's loop installs its own handlers, a stop signal ends it at once (the
+    # parent's handlers, inherited by the fork, would only set a flag nobody reads here).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        asyncio.run(serve(settings, reuse_port=True))
+    except ConfigError as exc:
+        log.error("shadowproxy: worker %d: %s", os.getpid(), exc)
+        raise SystemExit(2) from exc
+
+
+def _check_workers(settings: Settings, workers: int) -> None:
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if settings.admin.token is None:
+        raise ConfigError("admin.token: required by serve (the admin plane needs a token)")
+    for name, port in (("listen.port", settings.listen.port), ("admin.port", settings.admin.port)):
+        if port == 0:
+            # Each worker would bind a different free port: there would be no shared port.
+            raise ConfigError(f"{name}: 0 (any free port) cannot be shared by --workers")
+
+
+class _Workers:
+    """The worker processes, started by fork so each gets the parent's settings as they are."""
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self._settings = settings
+        self._count = count
+        self._ctx = multiprocessing.get_context("fork")
+        self.procs: dict[int, tuple[BaseProcess, float]] = {}
+        """Sentinel -> (process, monotonic start time)."""
+
+    def start_one(self) -> None:
+        proc = self._ctx.Process(target=_worker_main, args=(self._settings,), name="shadowproxy")
+        proc.start()
+        self.procs[proc.sentinel] = (proc, time.monotonic())
+
+    def start_all(self) -> None:
+        while len(self.procs) < self._count:
+            self.start_one()
+
+    def reap(self, sentinels: list[int]) -> bool:
+        """Handle workers that exited; False when one died too soon to be restarted."""
+        keep_going = True
+        for sentinel in sentinels:
+            proc, started = self.procs.pop(sentinel)
+            proc.join()
+            lived = time.monotonic() - started
+            log.error(
+                "shadowproxy: worker %d exited with %s after %.1f s", proc.pid, proc.exitcode, lived
+            )
+            if lived < CRASH_LOOP_S:
+                keep_going = False
+        return keep_going
+
+    def stop_all(self) -> None:
+        for proc, _ in self.procs.values():
+            if proc.is_alive() and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc, _ in self.procs.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.error("shadowproxy: worker %d did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.join()
+        self.procs.clear()
+
+
+def _shared_redis(settings: Settings) -> tuple[Settings, EmbeddedRedis | None]:
+    """Settings that name one Redis for every worker, and the embedded one started for them."""
+    if settings.buffer.redis_url is not None:
+        return settings, None
+    state_dir = settings.buffer.state_dir
+    if running_url(state_dir):
+        raise StoreError(
+            f"another embedded Redis already serves {state_dir}; "
+            "give this proxy its own buffer.state_dir or set buffer.redis_url"
+        )
+    embedded = EmbeddedRedis(state_dir)
+    embedded.start()
+    buffer = settings.buffer.model_copy(update={"redis_url": SecretStr(embedded.url)})
+    return settings.model_copy(update={"buffer": buffer}), embedded
+
+
 def serve_workers(settings: Settings, workers: int) -> int:
-    """Run ``workers`` proxy processes on the same ports (SO_REUSEPORT), sharing one Redis."""
-    raise ConfigError("--workers above 1 is not available yet")
+    """Run ``workers`` proxy processes on the same ports (SO_REUSEPORT), sharing one Redis.
+
+    Returns the exit status: 0 after SIGINT/SIGTERM stopped every worker, 1 when a worker kept
+    dying (see the module doc).
+    """
+    _check_workers(settings, workers)
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    settings, embedded = _shared_redis(settings)
+    pool = _Workers(settings, workers)
+    status = 0
+    try:
+        pool.start_all()
+        log.info(
+            "shadowproxy: %d workers on %s:%d (pids %s)",
+            workers,
+            settings.listen.host,
+            settings.listen.port,
+            ", ".join(str(p.pid) for p, _ in pool.procs.values()),
+        )
+        while not stopping:
+            # A short timeout so a signal that arrives while waiting is seen promptly.
+            dead = [int(s) for s in wait_any(list(pool.procs), timeout=0.5)]  # type: ignore[arg-type]
+            if not dead or stopping:
+                continue
+            if not pool.reap(dead):
+                log.error("shadowproxy: a worker died right after its start; stopping all")
+                status = 1
+                break
+            pool.start_all()
+    finally:
+        log.info("shadowproxy: stopping %d workers (each drains its mirrors)", len(pool.procs))
+        pool.stop_all()
+        if embedded is not None:
+            embedded.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return status

@@ -1,0 +1,161 @@
+"""``serve --workers N``: N processes on one port, one shared Redis, all stopped by one signal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from loadtest.mirror_overhead import descendants, free_port
+from tests.conftest import ADMIN_TOKEN, repo_root
+
+pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+
+BODY = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}]}'
+
+
+def tcp_peers(pid: int) -> set[tuple[int, int]]:
+    """(local port, remote port) of each TCP connection that process ``pid`` holds open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes:
+            found.add((int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)))
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[int, set[int]]]:
+    """A V2 reference that records the source port of every request it answers."""
+    seen: set[int] = set()
+
+    async def infer(request: web.Request) -> web.Response:
+        await request.read()
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            seen.add(int(peer[1]))
+        return web.json_response({"outputs": []})
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v2/models/{model}/infer", infer)
+    app.router.add_get("/v2/health/ready", ready)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield port, seen
+    await runner.cleanup()
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if Path(f"/proc/{p}").exists()]
+
+
+async def _wait_ready(url: str, proc: asyncio.subprocess.Process, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            assert proc.returncode is None, "serve --workers exited during start-up"
+            try:
+                async with s.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"no answer from {url} within {timeout_s}s")
+
+
+async def test_workers_share_the_port_and_one_redis_and_stop_together(
+    upstream: tuple[int, set[int]], tmp_path: Path
+) -> None:
+    ref_port, seen = upstream
+    data_port, admin_port = free_port(), free_port()
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"host": "127.0.0.1", "port": data_port},
+                "admin": {"host": "127.0.0.1", "port": admin_port, "token": ADMIN_TOKEN},
+                "reference": {"name": "ref", "url": f"http://127.0.0.1:{ref_port}"},
+                "buffer": {"state_dir": str(tmp_path / "state")},  # embedded Redis
+                "proxy": {"drain_timeout_s": 2},
+            }
+        )
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "proxy", "serve", "--workers", "2", "--config", str(config)],
+        cwd=repo_root(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        await _wait_ready(f"http://127.0.0.1:{admin_port}/healthz", proc)
+        tree = descendants(proc.pid)
+        workers = [p for p in tree if cmdline(p) == cmdline(proc.pid) and p != proc.pid]
+        redis = [p for p in tree if "redis-server" in cmdline(p)]
+        assert len(workers) == 2, [cmdline(p) for p in tree]
+        assert len(redis) == 1, "the parent starts one embedded Redis for all workers"
+        redis_port = next(local for local, _ in tcp_peers(redis[0]) if local != 0)
+        # Each request on its own connection, so the kernel spreads them over both workers.
+        for _ in range(60):
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
+                s.post(f"http://127.0.0.1:{data_port}/v2/models/m/infer", data=BODY) as r,
+            ):
+                assert r.status == 200
+        for pid in workers:
+            peers = tcp_peers(pid)
+            answered = {local for local, remote in peers if remote == ref_port}
+            assert answered & seen, f"worker {pid} forwarded none of the requests"
+            assert any(remote == redis_port for _, remote in peers), f"{pid} not on the Redis"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+    assert proc.returncode == 0, output.decode(errors="replace")
+    assert not alive(tree), "a worker or Redis outlived the parent"
+
+
+def test_workers_zero_or_a_free_port_is_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"reference: {{name: ref, url: 'http://127.0.0.1:1'}}\nadmin: {{token: {ADMIN_TOKEN}}}\n"
+        "listen: {port: 0}\n"
+    )
+    base = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--workers"]
+    zero = subprocess.run([*base, "0"], capture_output=True, text=True, timeout=60)
+    assert zero.returncode == 2 and "--workers: must be at least 1, got 0" in zero.stderr
+    shared = subprocess.run([*base, "2"], capture_output=True, text=True, timeout=60)
+    assert shared.returncode == 2, shared.stderr
+    assert "listen.port: 0 (any free port) cannot be shared by --workers" in shared.stderr
