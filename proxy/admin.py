@@ -27,6 +27,7 @@ from .auth import (
     logout,
 )
 from .buffer.store import LABELS
+from .canary import api as canary_api
 from .errors import StoreError
 from .keys import DATA_APP, MIRROR, SETTINGS, STORE, TELEMETRY
 from .mirror_link import merge_tally
@@ -52,6 +53,7 @@ def create_admin_app(settings: Settings) -> web.Application:
     app.router.add_post("/api/samples/{id}/label", label_sample)
     app.router.add_get("/api/summary", summary)
     app.router.add_get("/api/timeseries", timeseries)
+    canary_api.add_routes(app, AUTH)
     app.router.add_get("/review", review_page)
     app.router.add_static("/static/", str(resources.files("proxy").joinpath("static")))
     return app

@@ -23,13 +23,17 @@ from pydantic import SecretStr
 from . import admin
 from .buffer.embedded import EmbeddedRedis, running_url
 from .buffer.store import SampleStore
+from .canary.controller import CanaryController
+from .canary.evidence import EvidenceBuffer
 from .codec import warm_up
 from .errors import StoreError
 from .forwarding import LiveProxy, strip_server_defaults
 from .judge import Judge
 from .keys import (
+    CANARY,
     DATA_APP,
     EMBEDDED_REDIS,
+    EVIDENCE,
     EXECUTOR,
     LIVE_PROXY,
     LIVE_SESSION,
@@ -57,6 +61,7 @@ def build_worker_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_telemetry_ctx(None))
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_evidence_ctx)
     app.cleanup_ctx.append(_executor_ctx)
     app.cleanup_ctx.append(_shadow_session_ctx)
     app.cleanup_ctx.append(_scheduler_ctx)
@@ -74,6 +79,8 @@ def create_apps(
     data[SETTINGS] = settings
     data.cleanup_ctx.append(_telemetry_ctx(telemetry))
     data.cleanup_ctx.append(_store_ctx)
+    data.cleanup_ctx.append(_evidence_ctx)
+    data.cleanup_ctx.append(_canary_ctx)
     if settings.proxy.mirror_process:
         data.cleanup_ctx.append(_live_session_ctx)
         data.cleanup_ctx.append(_mirror_link_ctx)
@@ -135,6 +142,36 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.to_thread(app[EMBEDDED_REDIS].stop)
 
 
+async def _evidence_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Canary evidence, batched to Redis; closed after the scheduler (which adds to it) drained.
+    if app[SETTINGS].canary is None:
+        yield
+        return
+    store = app[STORE]
+    evidence = EvidenceBuffer(store.redis, store.keys, app[TELEMETRY])
+    evidence.start()
+    app[EVIDENCE] = evidence
+    yield
+    await evidence.close()
+
+
+async def _canary_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if settings.canary is None:
+        yield
+        return
+    controller = CanaryController(settings, app[STORE], app[EVIDENCE], app[TELEMETRY])
+    app[TELEMETRY].gauge(
+        "shadowproxy_canary",
+        "The canary rollout: weight, step, and each gate's status, value and threshold",
+        controller.observe_gauges,
+    )
+    await controller.start()
+    app[CANARY] = controller
+    yield
+    await controller.close()
+
+
 async def _executor_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = ThreadPoolExecutor(
         max_workers=app[SETTINGS].proxy.compare_workers, thread_name_prefix="compare"
@@ -181,7 +218,13 @@ async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         judge.observe_gauges,
     )
     scheduler = MirrorScheduler(
-        settings, app[SHADOW_SESSION], app[STORE], app[EXECUTOR], app[TELEMETRY], judge
+        settings,
+        app[SHADOW_SESSION],
+        app[STORE],
+        app[EXECUTOR],
+        app[TELEMETRY],
+        judge,
+        app.get(EVIDENCE),
     )
     app[MIRROR] = scheduler
     scheduler.start()
@@ -204,7 +247,9 @@ async def _mirror_link_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _live_proxy_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[LIVE_PROXY] = LiveProxy(app[SETTINGS], app[LIVE_SESSION], app[MIRROR], app[TELEMETRY])
+    app[LIVE_PROXY] = LiveProxy(
+        app[SETTINGS], app[LIVE_SESSION], app[MIRROR], app[TELEMETRY], app.get(CANARY)
+    )
     yield
 
 
@@ -215,8 +260,8 @@ class ProxyRunner:
         self, settings: Settings, *, telemetry: Telemetry | None = None, reuse_port: bool = False
     ) -> None:
         self.settings = settings
+        # SO_REUSEPORT: several processes share the ports (``serve --workers``).
         self._reuse_port = reuse_port
-        """Bind with SO_REUSEPORT, so several processes share the ports (``serve --workers``)."""
         self.data, self.admin = create_apps(settings, telemetry=telemetry)
         self._runners: list[web.AppRunner] = []
         self.data_port = settings.listen.port
@@ -261,6 +306,10 @@ class ProxyRunner:
     @property
     def store(self) -> SampleStore:
         return self.data[STORE]
+
+    @property
+    def canary(self) -> CanaryController:
+        return self.data[CANARY]
 
     async def drained(self, timeout_s: float = 60.0) -> bool:
         """Wait until no mirror is in flight (tests and the demo use this)."""

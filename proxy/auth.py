@@ -30,7 +30,9 @@ CSRF_HEADER = "X-CSRF-Token"
 ROLES = ("viewer", "reviewer", "admin")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Routes anyone may reach: health checks, the login page and the static assets (no data).
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login"})
+# The Flagger webhook checks its own token: Flagger cannot send headers, so it may come in the
+# payload (see ``canary.api``).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login", "/api/canary/flagger"})
 OPEN_PREFIXES = ("/static/",)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

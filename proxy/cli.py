@@ -1,4 +1,4 @@
-"""The ``shadowproxy`` command line: serve, demo, review list/show/label/export."""
+"""The ``shadowproxy`` command line: serve, demo, replay, canary, review list/show/label/export."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 from .admin import render_payloads
 from .buffer.embedded import EmbeddedRedis, running_url
 from .buffer.store import LABELS, SampleStore
+from .canary import commands as canary_commands
 from .errors import ConfigError, ShadowProxyError, StoreError
 from .golden import export_golden, load_golden, print_replay_report, replay_golden, replay_report
 from .settings import Settings, load_settings
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 1 when a sample labelled regression still diverges",
     )
+
+    canary_commands.add_parser(sub)
 
     review = sub.add_parser("review", help="read and label stored samples")
     rsub = review.add_subparsers(dest="review_command", required=True, metavar="ACTION")
@@ -112,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_demo(args.requests, args.state_dir, args.keep_running))
         if args.command == "replay":
             return asyncio.run(_replay(args))
+        if args.command == "canary":
+            return asyncio.run(_canary(args, load_settings(args.config)))
         return asyncio.run(_review(args, load_settings(args.config)))
     except ShadowProxyError as exc:
         print(f"shadowproxy: error: {exc}", file=sys.stderr)
@@ -167,6 +172,11 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
     ]
     for line in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+async def _canary(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_store(settings) as store:
+        return await canary_commands.run(args, settings, store)
 
 
 async def _review(args: argparse.Namespace, settings: Settings) -> int:

@@ -3,6 +3,7 @@
     ShadowProxyError
     ├── ConfigError                      bad config file or CLI argument (names the key and file)
     ├── StoreError                       Redis could not be reached or answered badly
+    ├── CanaryError                      a rollout command that does not apply (names why)
     └── UpstreamError                    a server behind the proxy failed (status on the class)
         ├── UpstreamTimeout      504     no answer within the upstream's timeout
         ├── UpstreamUnavailable  503     connection refused / DNS failure
@@ -29,6 +30,10 @@ class ConfigError(ShadowProxyError):
 
 class StoreError(ShadowProxyError):
     """The sample store (Redis) failed."""
+
+
+class CanaryError(ShadowProxyError):
+    """A canary command that cannot apply to the rollout as it is (e.g. pausing a promoted one)."""
 
 
 class UpstreamError(ShadowProxyError):

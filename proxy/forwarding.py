@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -20,10 +21,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry.trace import SpanKind
 
 from .analysis import Exchange
-from .errors import UpstreamError, translate_upstream_error
+from .canary.controller import CanaryController
+from .errors import UpstreamError, UpstreamUnavailable, translate_upstream_error
 from .mirror import Mirror, MirrorRequest
-from .routes import RouteKind, classify
-from .settings import Settings
+from .routes import RouteKind, candidate_path, classify
+from .settings import Settings, UpstreamSettings
 from .telemetry import Telemetry
 
 log = logging.getLogger("shadowproxy.forward")
@@ -81,6 +83,23 @@ def v2_error(err: UpstreamError) -> web.Response:
     return web.json_response({"error": str(err)}, status=err.status)
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Who answers a live request: the reference, or the canary candidate."""
+
+    name: str
+    url: str
+    timeout: aiohttp.ClientTimeout
+    side: str  # the latency metric's side label
+
+    @classmethod
+    def of(cls, upstream: UpstreamSettings, side: str) -> _Target:
+        timeout = aiohttp.ClientTimeout(
+            total=upstream.timeout_s, sock_connect=upstream.connect_timeout_s
+        )
+        return cls(upstream.name, upstream.url, timeout, side)
+
+
 class LiveProxy:
     def __init__(
         self,
@@ -88,19 +107,31 @@ class LiveProxy:
         session: aiohttp.ClientSession,
         scheduler: Mirror,
         telemetry: Telemetry,
+        canary: CanaryController | None = None,
     ) -> None:
-        self._ref = settings.reference
+        self._settings = settings
         self._mirrors = settings.mirrors
         self._session = session
         self._scheduler = scheduler
         self._tel = telemetry
-        self._timeout = aiohttp.ClientTimeout(
-            total=self._ref.timeout_s, sock_connect=self._ref.connect_timeout_s
-        )
+        self._canary = canary
+        self._ref = _Target.of(settings.reference, "reference")
+        self._cand: _Target | None = None
+        self._served_header: str | None = None
+        if canary is not None:
+            self._cand = _Target.of(canary.candidate, "canary")
+            self._served_header = canary.config.response_header
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = classify(request.method, request.raw_path)
-        mirror = route.kind is RouteKind.INFER and self._mirrors(route.model or "")
+        model = route.model or ""
+        canary = (
+            self._canary
+            if route.kind is RouteKind.INFER and self._settings.canary_serves(model)
+            else None
+        )
+        by_candidate, tag = canary.split(request.headers) if canary is not None else (False, None)
+        mirror = route.kind is RouteKind.INFER and (by_candidate or self._mirrors(model))
         if route.kind is RouteKind.ADMIN:
             self._scheduler.note_skip("admin_route")
         headers = end_to_end(request.headers, _REQUEST_DROP)
@@ -135,13 +166,42 @@ class LiveProxy:
                         received_at=time.time(),
                         live_span=span.get_span_context(),
                         reference=future,
+                        served_by=self._cand.name if by_candidate and self._cand else None,
+                        canary=tag,
                     )
                 )
+            fell_back = False
             try:
-                response = await self._forward(request, headers, body, future)
+                if by_candidate and canary is not None and self._cand is not None:
+                    path = candidate_path(route, canary.candidate.served_name(model))
+                    path += f"?{request.query_string}" if request.query_string else ""
+                    try:
+                        response = await self._forward(
+                            request, headers, body, future, self._cand, path, refused_raises=True
+                        )
+                    except UpstreamUnavailable as err:
+                        # The candidate is not there at all: answer from the reference rather
+                        # than fail the client, and count it against the candidate.
+                        log.warning("canary candidate refused, answered by the reference: %s", err)
+                        fell_back, by_candidate = True, False
+                        if future is not None and not future.done():
+                            future.set_result(None)
+                        response = await self._forward(
+                            request, headers, body, None, self._ref, request.raw_path
+                        )
+                else:
+                    response = await self._forward(
+                        request, headers, body, future, self._ref, request.raw_path
+                    )
             finally:
                 if future is not None and not future.done():
                     future.set_result(None)
+            if canary is not None:
+                canary.count(tag, by_candidate, response.status, fallback=fell_back)
+                if self._served_header and not response.prepared:
+                    response.headers[self._served_header] = (
+                        self._cand.name if by_candidate and self._cand else self._ref.name
+                    )
             span.set_attribute("http.response.status_code", response.status)
             self._tel.request(route.kind.value, response.status)
             return response
@@ -152,20 +212,25 @@ class LiveProxy:
         headers: CIMultiDict[str],
         body: bytes | aiohttp.StreamReader | None,
         future: asyncio.Future[Exchange | None] | None,
+        target: _Target,
+        path: str,
+        *,
+        refused_raises: bool = False,
     ) -> web.StreamResponse:
-        url = self._ref.url + request.raw_path
         started = time.perf_counter()
         try:
             upstream = await self._session.request(
                 request.method,
-                url,
+                target.url + path,
                 data=body,
                 headers=headers,
-                timeout=self._timeout,
+                timeout=target.timeout,
                 allow_redirects=False,
             )
         except Exception as exc:
-            err = translate_upstream_error(exc, self._ref.name, self._ref.url)
+            err = translate_upstream_error(exc, target.name, target.url)
+            if refused_raises and isinstance(err, UpstreamUnavailable):
+                raise err from exc
             log.warning("live request %s %s failed: %s", request.method, request.path, err)
             return v2_error(err)
         try:
@@ -173,7 +238,7 @@ class LiveProxy:
             names = frozenset(k.lower() for k in upstream.headers)
             size = upstream.content_length
             if future is not None or (size is not None and size <= _SMALL_BODY):
-                return await self._whole(upstream, resp_headers, names, started, future)
+                return await self._whole(upstream, resp_headers, names, started, future, target)
             return await self._stream(request, upstream, resp_headers, names, size)
         except UpstreamError as err:
             return v2_error(err)
@@ -187,16 +252,17 @@ class LiveProxy:
         names: frozenset[str],
         started: float,
         future: asyncio.Future[Exchange | None] | None,
+        target: _Target,
     ) -> web.StreamResponse:
         try:
             data = await upstream.read()
         except Exception as exc:
-            raise translate_upstream_error(exc, self._ref.name, self._ref.url) from exc
+            raise translate_upstream_error(exc, target.name, target.url) from exc
         latency = time.perf_counter() - started
-        self._tel.latency("reference", self._ref.name, latency)
+        self._tel.latency(target.side, target.name, latency)
         if future is not None and not future.done():
-            ref_headers = CIMultiDict(upstream.headers)
-            future.set_result(Exchange(self._ref.name, upstream.status, ref_headers, data, latency))
+            live_headers = CIMultiDict(upstream.headers)
+            future.set_result(Exchange(target.name, upstream.status, live_headers, data, latency))
         resp = ProxiedResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         resp.upstream_headers = names
         resp.body = data

@@ -19,6 +19,8 @@ from comparators.population import PairBuffer, PopulationStats
 
 from .settings import CandidateSettings, NoiseSettings
 
+Pair = tuple[str, OutputVerdict, OutputVerdict]
+
 
 class Judge:
     def __init__(self, settings: NoiseSettings) -> None:
@@ -40,8 +42,9 @@ class Judge:
         model: str,
         request_seq: int,
         verdicts: Sequence[OutputVerdict],
-    ) -> list[OutputVerdict]:
-        """The verdicts to act on: twin verdicts unchanged, candidate verdicts noise-judged."""
+    ) -> tuple[list[OutputVerdict], list[Pair]]:
+        """The verdicts to act on (twin verdicts unchanged, candidate verdicts noise-judged), and
+        the (candidate, candidate verdict, twin verdict) pairs this request completed."""
         if cand.noise_floor:
             for v in verdicts:
                 self.noise.observe((model, v.output), v)
@@ -54,7 +57,7 @@ class Judge:
             self.population.record(model, cand.name, v)
         for candidate, ab, aa in pairs:
             self.population.record_pair(model, candidate, ab, aa)
-        return judged
+        return judged, pairs
 
     def observe_gauges(self, options: CallbackOptions) -> Iterator[Observation]:
         """OpenTelemetry callback: the population's rates and quantiles as gauges."""

@@ -9,6 +9,8 @@ from aiohttp import web
 
 from .buffer.embedded import EmbeddedRedis
 from .buffer.store import SampleStore
+from .canary.controller import CanaryController
+from .canary.evidence import EvidenceBuffer
 from .forwarding import LiveProxy
 from .mirror import Mirror
 from .settings import Settings
@@ -24,3 +26,5 @@ SHADOW_SESSION = web.AppKey("shadow_session", aiohttp.ClientSession)
 MIRROR = web.AppKey("mirror", Mirror)
 LIVE_PROXY = web.AppKey("live_proxy", LiveProxy)
 DATA_APP = web.AppKey("data_app", web.Application)
+EVIDENCE = web.AppKey("canary_evidence", EvidenceBuffer)
+CANARY = web.AppKey("canary", CanaryController)

@@ -31,6 +31,8 @@ from opentelemetry.trace import Link, SpanContext, SpanKind
 
 from .analysis import Analysis, Exchange, analyze
 from .buffer.store import SampleStore
+from .canary.evidence import CanaryTag, EvidenceBuffer, comparison_counters, pair_counters
+from .canary.gates import CAND_CALLS, CAND_ERRORS, REF_CALLS, REF_ERRORS
 from .codec import DecodedResponse, MalformedMessage, parse_request_header, unsafe_to_mirror
 from .errors import (
     StoreError,
@@ -66,6 +68,10 @@ class MirrorRequest:
     reference: asyncio.Future[Exchange | None]
     seq: int = 0
     """Set by the scheduler: pairs the candidates' and the twin's verdicts on this request."""
+    served_by: str | None = None
+    """The canary candidate that answered this request live: the copy goes to the reference."""
+    canary: CanaryTag | None = None
+    """The canary step whose evidence this request feeds."""
 
 
 class Mirror(Protocol):
@@ -90,8 +96,11 @@ class MirrorScheduler:
         executor: Executor,
         telemetry: Telemetry,
         judge: Judge,
+        evidence: EvidenceBuffer | None = None,
     ) -> None:
         self._settings = settings
+        self._evidence = evidence
+        self._canary_name = settings.canary.candidate if settings.canary else None
         self._session = session
         self._store = store
         self._executor = executor
@@ -128,7 +137,11 @@ class MirrorScheduler:
         for cand in self._settings.candidates:
             if not cand.shadows(model):
                 continue
-            if not self._sampled(cand, req.headers):
+            if req.served_by is not None and cand.name != req.served_by:
+                # The canary answered: there is no reference answer to compare this one with.
+                self._tel.skipped("served_by_canary", cand.name)
+            elif req.served_by is None and not self._sampled(cand, req.headers):
+                # (A canary answer is always compared: its copy goes to the reference.)
                 self._tel.skipped("not_sampled", cand.name)
             elif self._closing:
                 self._tel.mirror(cand.name, "dropped_shutdown")
@@ -228,20 +241,27 @@ class MirrorScheduler:
             links=links,
             attributes={"shadowproxy.candidate": cand.name, "shadowproxy.request_id": request_id},
         )
+        reverse = req.served_by == cand.name
         with trace.use_span(span, end_on_exit=True):
-            exchange = await self._call_candidate(cand, req)
-            self._breakers[cand.name].record(ok=not isinstance(exchange, UpstreamUnavailable))
-            if isinstance(exchange, UpstreamError):
-                outcome = "timeout" if isinstance(exchange, UpstreamTimeout) else "unavailable"
-                if exchange.status == 502:
+            if reverse:
+                shadow = await self._call_reference(req)
+            else:
+                shadow = await self._call_candidate(cand, req)
+                self._breakers[cand.name].record(ok=not isinstance(shadow, UpstreamUnavailable))
+            self._count_call(cand, req, reverse, shadow)
+            if isinstance(shadow, UpstreamError):
+                outcome = "timeout" if isinstance(shadow, UpstreamTimeout) else "unavailable"
+                if shadow.status == 502:
                     outcome = "bad_response"
+                outcome = f"reference_{outcome}" if reverse else outcome
                 span.set_attribute("shadowproxy.outcome", outcome)
                 self._tel.mirror(cand.name, outcome)
                 return
-            ref = await self._await_reference(req)
-            if ref is None:
-                self._tel.mirror(cand.name, "reference_failed")
+            live = await self._await_reference(req)
+            if live is None:
+                self._tel.mirror(cand.name, "live_failed" if reverse else "reference_failed")
                 return
+            ref, exchange = (shadow, live) if reverse else (live, shadow)
             with self._tel.tracer.start_as_current_span("compare") as cspan:
                 loop = asyncio.get_running_loop()
                 analysis = await loop.run_in_executor(
@@ -258,6 +278,8 @@ class MirrorScheduler:
                 cspan.set_attribute("shadowproxy.flagged", analysis.flagged)
                 cspan.set_attribute("shadowproxy.severity", analysis.severity)
             self._record_metrics(cand, req, analysis)
+            if self._evidence is not None and req.canary is not None and self._is_canary(cand):
+                self._evidence.add(req.canary, comparison_counters(analysis, ref, exchange))
             self._tel.mirror(cand.name, analysis.outcome)
             await self._store_sample(cand, req, request_id, ref, exchange, analysis)
 
@@ -284,6 +306,45 @@ class MirrorScheduler:
                 return Exchange(cand.name, resp.status, CIMultiDict(resp.headers), body, latency)
         except Exception as exc:
             return translate_upstream_error(exc, cand.name, cand.url)
+
+    async def _call_reference(self, req: MirrorRequest) -> Exchange | UpstreamError:
+        """The reverse copy of a request the canary answered: the reference, with the client's
+        own headers (it is the upstream they were meant for)."""
+        ref = self._settings.reference
+        path = candidate_path(req.route, req.route.model or "")
+        url = f"{ref.url}{path}" + (f"?{req.query}" if req.query else "")
+        headers = CIMultiDict(req.headers)
+        self._tel.propagator.inject(headers)
+        timeout = aiohttp.ClientTimeout(total=ref.timeout_s, sock_connect=ref.connect_timeout_s)
+        started = time.perf_counter()
+        try:
+            async with self._session.post(
+                url, data=req.body, headers=headers, timeout=timeout, allow_redirects=False
+            ) as resp:
+                body = await resp.read()
+                latency = time.perf_counter() - started
+                self._tel.latency("reference_shadow", ref.name, latency)
+                return Exchange(ref.name, resp.status, CIMultiDict(resp.headers), body, latency)
+        except Exception as exc:
+            return translate_upstream_error(exc, ref.name, ref.url)
+
+    def _is_canary(self, cand: CandidateSettings) -> bool:
+        return cand.name == self._canary_name
+
+    def _count_call(
+        self,
+        cand: CandidateSettings,
+        req: MirrorRequest,
+        reverse: bool,
+        shadow: Exchange | UpstreamError,
+    ) -> None:
+        """A shadow call to the canary candidate (or, reversed, to the reference) is evidence of
+        its error rate; live calls are counted by the live process."""
+        if self._evidence is None or req.canary is None or not self._is_canary(cand):
+            return
+        failed = isinstance(shadow, UpstreamError) or shadow.status >= 500
+        calls, errors = (REF_CALLS, REF_ERRORS) if reverse else (CAND_CALLS, CAND_ERRORS)
+        self._evidence.add(req.canary, {calls: 1, errors: int(failed)})
 
     async def _await_reference(self, req: MirrorRequest) -> Exchange | None:
         timeout = self._settings.reference.timeout_s + 1.0
@@ -320,7 +381,11 @@ class MirrorScheduler:
         return stateful
 
     def _apply_judgement(self, cand: CandidateSettings, req: MirrorRequest, a: Analysis) -> None:
-        judged = self._judge.judge(cand, req.route.model or "", req.seq, a.verdicts)
+        judged, pairs = self._judge.judge(cand, req.route.model or "", req.seq, a.verdicts)
+        if self._evidence is not None and req.canary is not None:
+            mine = [(ab, aa) for name, ab, aa in pairs if name == self._canary_name]
+            if mine:
+                self._evidence.add(req.canary, pair_counters(mine))
         flagged = [v for v in judged if v.flagged]
         a.verdicts = judged
         a.flagged = bool(flagged)

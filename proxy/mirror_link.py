@@ -117,6 +117,8 @@ class MirrorLink:
                 req.body,
                 req.received_at,
                 wire_span,
+                req.served_by,
+                req.canary,
             ),
         )
         self._sent += 1

@@ -55,7 +55,7 @@ async def run(fd: int) -> None:
                 break
             kind = msg[0]
             if kind == "req":
-                _, seq, route, query, headers, body, received_at, span = msg
+                _, seq, route, query, headers, body, received_at, span, served_by, tag = msg
                 received += 1
                 future: asyncio.Future[Exchange | None] = loop.create_future()
                 pending[seq] = future
@@ -66,7 +66,15 @@ async def run(fd: int) -> None:
                 )
                 scheduler.offer(
                     MirrorRequest(
-                        route, query, CIMultiDict(headers), body, received_at, live_span, future
+                        route,
+                        query,
+                        CIMultiDict(headers),
+                        body,
+                        received_at,
+                        live_span,
+                        future,
+                        served_by=served_by,
+                        canary=tag,
                     )
                 )
             elif kind == "ref":

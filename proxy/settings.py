@@ -7,6 +7,7 @@ password) are ``SecretStr`` so they never show in a ``repr`` or a log line.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Mapping
@@ -14,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from comparators import MetricSpec, validate_spec
 
@@ -167,6 +176,83 @@ class ProxySettings(_Model):
     are dropped and counted as ``dropped_overload``; live traffic keeps the CPU. 0 disables."""
 
 
+class CanaryGates(_Model):
+    """What each canary step must show before it advances; any failure rolls back at once."""
+
+    max_flagged_rate: float = Field(0.05, ge=0, le=1)
+    """The step passes only if the upper confidence bound of the flagged rate (share of compared
+    requests flagged as divergent) is at most this; it fails early once the lower bound is above."""
+    max_error_rate_increase: float = Field(0.02, ge=0, le=1)
+    """The candidate's error rate (transport failures and 5xx) may exceed the reference's by at
+    most this, judged on its upper confidence bound; fails early on the lower bound."""
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    """One-sided confidence of those bounds."""
+    max_latency_p99_ratio: float = Field(1.5, gt=0)
+    """Candidate p99 <= ratio x reference p99 + ``latency_slack_ms`` on the same requests."""
+    latency_slack_ms: float = Field(5.0, ge=0)
+    paired_alpha: float = Field(0.01, gt=0, lt=1)
+    """Where a noise-floor twin answers the same requests: the step fails when McNemar's test says
+    the candidate is flagged more often than the twin at this significance."""
+    min_pairs: int = Field(20, ge=1)
+    """Paired (candidate, twin) outputs needed before the paired test decides anything."""
+
+
+class CanarySettings(_Model):
+    """A progressive rollout: a growing share of live requests answered by one candidate."""
+
+    candidate: str
+    """The candidate (by name) that serves the canary share; it must not be a noise floor."""
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Names the rollout in Redis (default: the candidate's name). A new id starts a new rollout;
+    the same id resumes where it was, across restarts and replicas."""
+    steps: list[float] = [1.0, 5.0, 25.0, 50.0, 100.0]
+    """Percent of eligible live requests the candidate answers, step by step; the last promotes."""
+    min_samples: int = Field(200, ge=1)
+    """Compared requests a step needs before its gates can pass (fewer: it waits, and says so)."""
+    min_duration_s: float = Field(300.0, ge=0)
+    """And the least time each step is held."""
+    split: bool = True
+    """False: this proxy never answers from the candidate and never advances the rollout (an
+    external controller such as Flagger or Argo Rollouts moves the traffic); it still gathers the
+    evidence, fails the rollout on a failed gate, and answers the webhook and web-metric routes."""
+    sticky_header: str | None = None
+    """Split by a stable hash of this header (a user or session id): the same key always lands on
+    the same side, and stays on the candidate as the weight grows. Absent: at random."""
+    response_header: str | None = None
+    """When set, each canary-eligible response carries this header naming who answered."""
+    approve_before: list[float] = []
+    """Weights that wait for a person (``canary resume``) before the rollout moves to them;
+    include 100 to approve the promotion."""
+    interval_s: float = Field(5.0, gt=0)
+    """How often each replica reads the rollout from Redis and evaluates the gates."""
+    stale_after_s: float = Field(30.0, gt=0)
+    """If the rollout cannot be read from Redis for this long, this replica serves everything
+    from the reference until it can (the live path never waits on Redis)."""
+    gates: CanaryGates = CanaryGates()
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("needs at least one step")
+        if any(not 0 < w <= 100 for w in value):
+            raise ValueError("each step is a percentage in (0, 100]")
+        if any(b <= a for a, b in itertools.pairwise(value)):
+            raise ValueError("steps must increase")
+        return value
+
+    @model_validator(mode="after")
+    def _approvals_are_steps(self) -> CanarySettings:
+        unknown = [w for w in self.approve_before if w not in self.steps]
+        if unknown:
+            raise ValueError(f"approve_before: {unknown} are not among the steps {self.steps}")
+        return self
+
+    @property
+    def rollout_id(self) -> str:
+        return self.id or self.candidate
+
+
 class Settings(_Model):
     listen: ListenSettings = ListenSettings()
     admin: AdminSettings = AdminSettings()
@@ -178,6 +264,8 @@ class Settings(_Model):
     noise: NoiseSettings = NoiseSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     proxy: ProxySettings = ProxySettings()
+    canary: CanarySettings | None = None
+    """A progressive rollout of one candidate; absent, every live request goes to the reference."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("candidates")
@@ -188,6 +276,20 @@ class Settings(_Model):
         if dupes:
             raise ValueError(f"candidate names must be unique, repeated: {', '.join(dupes)}")
         return value
+
+    @model_validator(mode="after")
+    def _canary_candidate(self) -> Settings:
+        if self.canary is None:
+            return self
+        names = [c.name for c in self.candidates]
+        if self.canary.candidate not in names:
+            raise ValueError(
+                f"canary.candidate: {self.canary.candidate!r} is not a configured candidate "
+                f"(have: {', '.join(names) or 'none'})"
+            )
+        if self.candidate(self.canary.candidate).noise_floor:
+            raise ValueError("canary.candidate: a noise_floor twin cannot be rolled out")
+        return self
 
     @field_validator("comparisons")
     @classmethod
@@ -207,6 +309,10 @@ class Settings(_Model):
     def mirrors(self, model: str) -> bool:
         """Whether any candidate may take a copy of a request to ``model`` (no body needed)."""
         return any(c.sample_rate > 0 and c.shadows(model) for c in self.candidates)
+
+    def canary_serves(self, model: str) -> bool:
+        """Whether live requests to ``model`` take part in the canary split."""
+        return self.canary is not None and self.candidate(self.canary.candidate).shadows(model)
 
     def candidate(self, name: str) -> CandidateSettings:
         for c in self.candidates:
@@ -264,7 +370,8 @@ def _format_validation(exc: ValidationError, source: str) -> str:
             msg = "required key is missing"
         else:
             msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{source}: {key}: {msg}")
+        # Cross-key checks (``model_validator``) name their keys in the message themselves.
+        lines.append(f"{source}: {key}: {msg}" if key != "<root>" else f"{source}: {msg}")
     return "\n".join(lines)
 
 

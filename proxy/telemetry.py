@@ -136,6 +136,17 @@ class Telemetry:
         self._stored = meter.create_counter(
             "shadowproxy_samples_stored", description="Verdicts written to Redis, by result"
         )
+        self._canary_served = meter.create_counter(
+            "shadowproxy_canary_served",
+            description="Live requests in the canary split, by who answered them",
+        )
+        self._canary_decisions = meter.create_counter(
+            "shadowproxy_canary_decisions", description="Canary decisions taken here, by outcome"
+        )
+        self._canary_unflushed = meter.create_counter(
+            "shadowproxy_canary_evidence_unflushed",
+            description="Canary evidence counters a Redis write failed for (kept and retried)",
+        )
         # Plain in-process tallies for /api/summary and the demo report (cheap, no export).
         self.tally: Counter[tuple[str, str]] = Counter()
 
@@ -152,7 +163,10 @@ class Telemetry:
         self.tally[(candidate, f"skipped:{reason}")] += 1
 
     def latency(self, side: str, upstream: str, seconds: float) -> None:
-        target = self._live_latency if side == "reference" else self._shadow_latency
+        # "reference" and "canary" are live calls; "candidate" (and a reversed "reference_shadow")
+        # are shadow calls, recorded by the process that makes them.
+        live = side in ("reference", "canary")
+        target = self._live_latency if live else self._shadow_latency
         target.record(seconds, {"side": side, "upstream": upstream})
 
     def link_dropped(self, reason: str) -> None:
@@ -168,6 +182,17 @@ class Telemetry:
         result = "stored" if ok else "store_failed"
         self._stored.add(1, {"candidate": candidate, "result": result})
         self.tally[(candidate, result)] += 1
+
+    def canary_served(self, rollout: str, side: str, fallback: bool = False) -> None:
+        self._canary_served.add(
+            1, {"rollout": rollout, "side": side, "fallback": str(fallback).lower()}
+        )
+
+    def canary_decision(self, rollout: str, outcome: str) -> None:
+        self._canary_decisions.add(1, {"rollout": rollout, "outcome": outcome})
+
+    def canary_evidence_unflushed(self, n: int) -> None:
+        self._canary_unflushed.add(n)
 
     def gauge(self, name: str, description: str, callback: CallbackT) -> None:
         """A gauge read at collection time (population statistics live with their owner)."""

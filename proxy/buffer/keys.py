@@ -23,6 +23,21 @@ Schema (``{ns}`` is the configurable namespace, default ``sp:v1``):
 ``{ns}:session:{sid}``       STRING  a browser login (JSON: user, role, csrf), expiring after
                                      ``admin.session_ttl_s``.
 
+``{ns}:canary:{rollout}``              STRING  the rollout (JSON: status, step, weight, attempt,
+                                              when the step began, approvals, why). Every change
+                                              is a WATCH/MULTI check-and-set, so replicas and the
+                                              CLI never overwrite each other. No TTL.
+``{ns}:canary:{rollout}:decisions``    LIST    decisions, newest first (JSON: step, weight,
+                                              outcome, every gate's value and threshold, who);
+                                              trimmed to ``CANARY_DECISIONS_MAX``. No TTL.
+``{ns}:canary:{rollout}:ev:{attempt}:{step}``
+                                      HASH    the evidence of one step: counters (compared,
+                                              flagged, errors per side, paired discordances) and
+                                              latency histograms (``lat_ref:{bucket}``,
+                                              ``lat_cand:{bucket}``), summed by every replica.
+                                              Expires ``CANARY_EVIDENCE_TTL_S`` after the last
+                                              write.
+
 Readers use SCAN-free access paths (the stream and the index); nothing calls KEYS.
 """
 
@@ -31,6 +46,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_NAMESPACE = "sp:v1"
+CANARY_DECISIONS_MAX = 1000
+CANARY_EVIDENCE_TTL_S = 30 * 24 * 3600
 
 # Payload fields of a sample hash; ``meta`` and ``label`` are JSON, the rest raw bytes/JSON.
 FIELD_META = "meta"
@@ -71,6 +88,15 @@ class KeySchema:
 
     def session(self, session_id: str) -> str:
         return f"{self.namespace}:session:{session_id}"
+
+    def canary(self, rollout: str) -> str:
+        return f"{self.namespace}:canary:{rollout}"
+
+    def canary_decisions(self, rollout: str) -> str:
+        return f"{self.namespace}:canary:{rollout}:decisions"
+
+    def canary_evidence(self, rollout: str, attempt: int, step: int) -> str:
+        return f"{self.namespace}:canary:{rollout}:ev:{attempt}:{step}"
 
 
 def outcome_stat(candidate: str, outcome: str) -> str:

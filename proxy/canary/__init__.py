@@ -1,0 +1,1 @@
+"""Canary rollouts: traffic split, gates on evidence, state shared by replicas in Redis."""

@@ -1,0 +1,311 @@
+"""The canary controller: one per proxy process, all of them acting on one rollout in Redis.
+
+Every ``canary.interval_s`` each replica reads the rollout (its weight is what this process's live
+path uses), evaluates the gates on the step's evidence (summed by every replica), and proposes the
+next state through a check-and-set: the first replica to propose wins, the others see the new
+state on their next read. The live path only calls ``split`` and ``count``, which never await.
+If Redis cannot be read for ``canary.stale_after_s``, this replica serves everything from the
+reference until it can again: it never serves the candidate on a weight it cannot confirm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from ..buffer.store import SampleStore
+from ..errors import StoreError
+from ..settings import Settings
+from ..telemetry import Telemetry
+from . import gates as g
+from .evidence import CanaryTag, EvidenceBuffer
+from .state import CanaryStore, Change, Decision, RolloutState
+
+log = logging.getLogger("shadowproxy.canary")
+
+_STATUS_VALUE = {"pass": 1, "skip": 1, "wait": 0, "fail": -1}
+
+
+def has_twin(settings: Settings) -> bool:
+    """Whether a noise-floor twin answers (some of) the requests the canary candidate does."""
+    assert settings.canary is not None
+    cand = settings.candidate(settings.canary.candidate)
+    return any(
+        c.noise_floor and (not c.models or not cand.models or set(c.models) & set(cand.models))
+        for c in settings.candidates
+    )
+
+
+def decide(
+    cur: RolloutState | None,
+    seen: RolloutState,
+    evaluation: g.Evaluation,
+    settings: Settings,
+    now: float,
+) -> Change:
+    """The controller's move after evaluating ``seen``; None when there is nothing to do or the
+    rollout changed meanwhile (another replica or a person moved it: evaluate again next time)."""
+    canary = settings.canary
+    assert canary is not None
+    if cur is None or (cur.attempt, cur.step, cur.status) != (seen.attempt, seen.step, seen.status):
+        return None
+    gates = [r.to_dict() for r in evaluation.gates]
+    at = f"{cur.weight:g}%"
+    if evaluation.status == "fail":
+        why = f"gate failed at {at}: {evaluation.summary()}"
+        return replace(cur, status="rolled_back", updated_at=now, reason=why), Decision(
+            "rolled_back", why, gates=gates
+        )
+    if cur.status != "running" or not canary.split:
+        # Paused or awaiting approval (or an external controller moves the traffic): the gates
+        # still guard it, nothing advances here.
+        return None
+    if evaluation.status == "pass":
+        last = cur.step == len(cur.steps) - 1
+        if last:
+            why = f"every gate passed at {at}, the last step"
+            return replace(cur, status="promoted", updated_at=now, reason=why), Decision(
+                "promoted", why, gates=gates
+            )
+        nxt = cur.step + 1
+        weight = cur.steps[nxt]
+        if weight in canary.approve_before and nxt not in cur.approved:
+            why = (
+                f"every gate passed at {at}; moving to {weight:g}% needs a person's approval "
+                "(shadowproxy canary resume)"
+            )
+            new = replace(cur, status="awaiting_approval", updated_at=now, reason=why)
+            return new, Decision("awaiting_approval", why, gates=gates)
+        why = f"every gate passed at {at}; now {weight:g}%"
+        new = replace(
+            cur, step=nxt, step_started_at=now, updated_at=now, reason=why, noted_wait=False
+        )
+        return new, Decision("advanced", why, gates=gates)
+    if not cur.noted_wait and now - cur.step_started_at >= canary.min_duration_s:
+        why = f"no verdict at {at} yet, neither advancing nor failing: {evaluation.summary()}"
+        return replace(cur, noted_wait=True, updated_at=now, reason=why), Decision(
+            "waiting", why, gates=gates
+        )
+    return None
+
+
+class CanaryController:
+    def __init__(
+        self,
+        settings: Settings,
+        store: SampleStore,
+        evidence: EvidenceBuffer,
+        telemetry: Telemetry,
+    ) -> None:
+        assert settings.canary is not None
+        self._settings = settings
+        self.config = settings.canary
+        self.candidate = settings.candidate(self.config.candidate)
+        self.reference = settings.reference
+        self.store = CanaryStore(store.redis, store.keys, self.config.rollout_id)
+        self.evidence = evidence
+        self._tel = telemetry
+        self._state: RolloutState | None = None
+        self._read_at = float("-inf")
+        self._last_eval: g.Evaluation | None = None
+        self._rng = random.Random()
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # ------------------------------------------------------------------ the live path
+
+    @property
+    def state(self) -> RolloutState | None:
+        """The rollout as this replica last confirmed it; None when unknown or stale."""
+        if time.monotonic() - self._read_at > self.config.stale_after_s:
+            return None
+        return self._state
+
+    def split(self, headers: Mapping[str, str]) -> tuple[bool, CanaryTag | None]:
+        """(the candidate answers this request?, the step whose evidence it feeds)."""
+        state = self.state
+        if state is None:
+            return False, None
+        tag = (state.rollout, state.attempt, state.step) if state.active else None
+        weight = state.weight if self.config.split else 0.0
+        if weight <= 0:
+            return False, tag
+        if weight >= 100:
+            return True, tag
+        key = headers.get(self.config.sticky_header) if self.config.sticky_header else None
+        if key is not None:
+            # Salted by the rollout: independent of shadow sampling, the same across replicas,
+            # and monotone in the weight, so a user on the candidate stays there as it grows.
+            digest = hashlib.blake2b(f"{state.rollout}\0{key}".encode(), digest_size=8).digest()
+            u = int.from_bytes(digest, "big") / 2.0**64
+        else:
+            u = self._rng.random()
+        return u * 100.0 < weight, tag
+
+    def count(
+        self, tag: CanaryTag | None, by_candidate: bool, status: int, *, fallback: bool = False
+    ) -> None:
+        """Record who answered a live request and whether it failed (a 5xx or no answer)."""
+        side = self.candidate.name if by_candidate else self.reference.name
+        self._tel.canary_served(self.config.rollout_id, side, fallback)
+        if tag is None:
+            return
+        error = int(status >= 500)
+        if by_candidate:
+            counters = {g.SERVED_CAND: 1, g.CAND_CALLS: 1, g.CAND_ERRORS: error}
+        else:
+            counters = {g.SERVED_REF: 1, g.REF_CALLS: 1, g.REF_ERRORS: error}
+        if fallback:
+            counters = {g.CAND_CALLS: 1, g.CAND_ERRORS: 1, g.FALLBACKS: 1, **counters}
+        self.evidence.add(tag, counters)
+
+    # ------------------------------------------------------------------ the control loop
+
+    async def start(self) -> None:
+        try:
+            await self.tick()
+        except StoreError as exc:
+            log.warning("canary: cannot read the rollout yet (%s); serving the reference", exc)
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def poke(self) -> None:
+        """Evaluate now rather than at the next interval (after a command)."""
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.interval_s)
+            self._wake.clear()
+            try:
+                await self.tick()
+            except StoreError as exc:
+                log.warning("canary: rollout not evaluated: %s", exc)
+            except Exception:
+                log.exception("canary: evaluation failed")
+
+    def _start_if_new(self, cur: RolloutState | None) -> Change:
+        if cur is not None:
+            return None
+        new = RolloutState.initial(self.config, time.time())
+        steps = ", ".join(f"{w:g}%" for w in new.steps)
+        why = f"rollout of {new.candidate} started: steps {steps}"
+        return new, Decision("started", why)
+
+    async def tick(self) -> None:
+        """Read the rollout, evaluate its step, and move it if the gates say so."""
+        state, record = await self.store.update(self._start_if_new)
+        self._adopt(state, record)
+        if state is None or not state.active:
+            return
+        await self.evidence.flush()  # this replica's own counts count too
+        evidence = await self.store.evidence(state.attempt, state.step)
+        now = time.time()
+        evaluation = evaluate_step(self._settings, state, evidence, now)
+        self._last_eval = evaluation
+        new, record = await self.store.update(
+            lambda cur: decide(cur, state, evaluation, self._settings, now)
+        )
+        self._adopt(new, record)
+
+    def _adopt(self, state: RolloutState | None, record: dict[str, Any] | None) -> None:
+        if state is not None and self._state is not None:
+            moved = (state.attempt, state.step) != (self._state.attempt, self._state.step)
+            if moved or not state.active:
+                self._last_eval = None
+        self._state = state
+        self._read_at = time.monotonic()
+        if record is not None:
+            self._tel.canary_decision(record["rollout"], record["outcome"])
+            log.info(
+                "canary %s: %s at step %d (%g%%): %s",
+                record["rollout"],
+                record["outcome"],
+                record["step"] + 1,
+                record["weight"],
+                record["reason"],
+            )
+
+    async def status(self, decisions: int = 50) -> dict[str, Any]:
+        """The rollout, the current step's gates (measured values and thresholds), and the log."""
+        out = await describe(self._settings, self.store, decisions)
+        out["serving_weight_here"] = self.state.weight if self.state is not None else 0.0
+        return out
+
+    def observe_gauges(self, options: CallbackOptions) -> Iterator[Observation]:
+        """OpenTelemetry callback: the weight, the step and each gate's value and threshold."""
+        attrs = {"rollout": self.config.rollout_id, "candidate": self.candidate.name}
+        state = self.state
+        yield Observation(state.weight if state else 0.0, {**attrs, "stat": "weight"})
+        if state is not None:
+            yield Observation(state.step + 1, {**attrs, "stat": "step"})
+        for r in self._last_eval.gates if self._last_eval else []:
+            gate = {**attrs, "gate": r.gate}
+            yield Observation(_STATUS_VALUE[r.status], {**gate, "stat": "gate_status"})
+            if r.value is not None:
+                yield Observation(r.value, {**gate, "stat": "gate_value"})
+            if r.threshold is not None:
+                yield Observation(r.threshold, {**gate, "stat": "gate_threshold"})
+
+
+def evidence_view(evidence: Mapping[str, int]) -> dict[str, Any]:
+    """The counters, and the latency histograms as quantiles rather than buckets."""
+    plain: dict[str, Any] = {k: v for k, v in evidence.items() if ":" not in k}
+    for side in (g.LAT_REF, g.LAT_CAND):
+        for q in (0.5, 0.99):
+            value, samples = g.latency_quantile(evidence, side, q)
+            plain[f"{side}_p{round(q * 100)}_ms"] = None if value is None else round(value, 3)
+        plain[f"{side}_samples"] = samples
+    return plain
+
+
+async def describe(settings: Settings, store: CanaryStore, decisions: int = 50) -> dict[str, Any]:
+    """The rollout as Redis has it, its current step's gates evaluated now, and the log (the
+    admin API and the CLI show the same)."""
+    canary = settings.canary
+    assert canary is not None
+    state = await store.read()
+    out: dict[str, Any] = {
+        "rollout": canary.rollout_id,
+        "candidate": canary.candidate,
+        "reference": settings.reference.name,
+        "state": state.view() if state is not None else None,
+        "evaluation": None,
+        "evidence": None,
+        "decisions": await store.decisions(decisions),
+    }
+    if state is not None:
+        evidence = await store.evidence(state.attempt, state.step)
+        out["evidence"] = evidence_view(evidence)
+        out["evaluation"] = evaluate_step(settings, state, evidence, time.time()).to_dict()
+    return out
+
+
+def evaluate_step(
+    settings: Settings, state: RolloutState, evidence: Mapping[str, int], now: float
+) -> g.Evaluation:
+    canary = settings.canary
+    assert canary is not None
+    return g.evaluate(
+        evidence,
+        canary.gates,
+        min_samples=canary.min_samples,
+        elapsed_s=now - state.step_started_at,
+        min_duration_s=canary.min_duration_s,
+        has_twin=has_twin(settings),
+    )

@@ -1,0 +1,110 @@
+"""Counters for canary steps, gathered in memory and added to Redis in one batch per interval.
+
+The live path and the mirror tasks only bump a dict (no await, no I/O). A task owned by the app
+flushes the batch to each step's evidence hash; a failed flush keeps the counters for the next
+try (bounded: steps are few), counts the failure, and loses nothing unless the process dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+
+import redis.asyncio as aioredis
+
+from comparators import OutputVerdict
+
+from ..analysis import Analysis, Exchange
+from ..buffer.keys import KeySchema
+from ..errors import StoreError
+from ..telemetry import Telemetry
+from . import gates as g
+from .state import add_evidence
+
+log = logging.getLogger("shadowproxy.canary")
+
+CanaryTag = tuple[str, int, int]
+"""(rollout, attempt, step): which step's evidence a request belongs to."""
+
+
+# Comparisons that say something about the candidate's answers (an error on both sides, or an
+# undecodable reference, says nothing about the candidate).
+_COMPARED_OUTCOMES = frozenset({"compared", "status_mismatch", "candidate_invalid"})
+
+
+def comparison_counters(analysis: Analysis, ref: Exchange, cand: Exchange) -> dict[str, int]:
+    """What one comparison of the canary candidate adds to its step's evidence."""
+    if analysis.outcome not in _COMPARED_OUTCOMES:
+        return {}
+    counters = {g.COMPARED: 1, g.FLAGGED: int(analysis.flagged)}
+    if ref.status == 200 and cand.status == 200:
+        counters[g.latency_field(g.LAT_REF, ref.latency_s)] = 1
+        counters[g.latency_field(g.LAT_CAND, cand.latency_s)] = 1
+    return counters
+
+
+def pair_counters(pairs: Iterable[tuple[OutputVerdict, OutputVerdict]]) -> dict[str, int]:
+    """McNemar's discordant counts from (candidate, twin) verdicts on the same outputs."""
+    counters: Counter[str] = Counter()
+    for ab, aa in pairs:
+        counters[g.PAIRS] += 1
+        counters[g.PAIRS_CAND_ONLY] += int(ab.flagged and not aa.flagged)
+        counters[g.PAIRS_TWIN_ONLY] += int(aa.flagged and not ab.flagged)
+    return dict(counters)
+
+
+class EvidenceBuffer:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: KeySchema,
+        telemetry: Telemetry,
+        *,
+        interval_s: float = 0.5,
+        timeout_s: float = 2.0,
+    ) -> None:
+        self._r = client
+        self._keys = keys
+        self._tel = telemetry
+        self._interval = interval_s
+        self._timeout = timeout_s
+        self._pending: defaultdict[CanaryTag, Counter[str]] = defaultdict(Counter)
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, tag: CanaryTag, counters: Mapping[str, int]) -> None:
+        self._pending[tag].update(counters)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.flush()
+
+    async def flush(self) -> bool:
+        """Write what is pending; on failure keep it for the next flush. True when written."""
+        if not self._pending:
+            return True
+        batch, self._pending = self._pending, defaultdict(Counter)
+        try:
+            await add_evidence(self._r, self._keys, batch, self._timeout)
+        except StoreError as exc:
+            for tag, counters in batch.items():
+                self._pending[tag].update(counters)
+            self._tel.canary_evidence_unflushed(sum(len(c) for c in batch.values()))
+            log.warning("canary evidence not written yet (kept for the next try): %s", exc)
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if not await self.flush():
+            lost = sum(sum(c.values()) for c in self._pending.values())
+            log.error("canary evidence lost on shutdown: %d counts could not be written", lost)

@@ -1,0 +1,245 @@
+"""The canary's gates: pure functions from one step's evidence to pass / fail / wait.
+
+Evidence is a flat map of counters (what every replica adds to the step's Redis hash), so it merges
+by addition. Each gate reports the measured value next to its threshold, and the rule it applied:
+
+- a rate gate (flagged rate, candidate error rate) **fails as soon as** the lower confidence bound
+  is above its limit (the evidence already says the candidate is worse), **passes** once the step
+  has ``min_samples`` and the upper bound is within the limit, and otherwise **waits**: too few
+  samples is not a verdict;
+- the latency gate compares p99s of the same requests once there are ``min_samples`` of them;
+- the paired gate (where a noise-floor twin answered the same requests) runs a one-sided McNemar
+  test: is the candidate flagged more often than the reference is against itself?
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from statistics import NormalDist
+from typing import Any, Literal
+
+from comparators.population import wilson_interval
+
+from ..settings import CanaryGates
+
+Status = Literal["pass", "fail", "wait", "skip"]
+
+# Latency histogram: log buckets 2% wide from 1 us, so p99 is known to within 2% and the buckets
+# of many replicas add up exactly.
+_LAT_BASE_MS = 0.001
+_LAT_GAMMA = 1.02
+_LOG_GAMMA = math.log(_LAT_GAMMA)
+
+# Counter names in a step's evidence hash.
+COMPARED = "compared"
+FLAGGED = "flagged"
+CAND_CALLS = "cand_calls"
+CAND_ERRORS = "cand_errors"
+REF_CALLS = "ref_calls"
+REF_ERRORS = "ref_errors"
+PAIRS = "pairs"
+PAIRS_CAND_ONLY = "pairs_cand_only"  # candidate flagged, twin not (McNemar's b)
+PAIRS_TWIN_ONLY = "pairs_twin_only"  # twin flagged, candidate not (McNemar's c)
+SERVED_CAND = "served_cand"
+SERVED_REF = "served_ref"
+FALLBACKS = "fallbacks"
+LAT_REF = "lat_ref"
+LAT_CAND = "lat_cand"
+
+
+def latency_field(side: str, seconds: float) -> str:
+    """The histogram bucket field for one latency (``side`` is ``LAT_REF`` or ``LAT_CAND``)."""
+    ms = seconds * 1000.0
+    bucket = 0 if ms <= _LAT_BASE_MS else math.ceil(math.log(ms / _LAT_BASE_MS) / _LOG_GAMMA)
+    return f"{side}:{bucket}"
+
+
+def latency_quantile(evidence: Mapping[str, int], side: str, q: float) -> tuple[float | None, int]:
+    """(quantile in ms, samples) of one side's latency histogram; None without samples."""
+    prefix = side + ":"
+    buckets = sorted(
+        (int(k[len(prefix) :]), n) for k, n in evidence.items() if k.startswith(prefix)
+    )
+    total = sum(n for _, n in buckets)
+    if not total:
+        return None, 0
+    rank = q * total
+    seen = 0
+    for bucket, n in buckets:
+        seen += n
+        if seen >= rank:
+            return _LAT_BASE_MS * _LAT_GAMMA**bucket, total
+    return _LAT_BASE_MS * _LAT_GAMMA ** buckets[-1][0], total
+
+
+@dataclass(frozen=True, slots=True)
+class GateResult:
+    gate: str
+    status: Status
+    value: float | None
+    threshold: float | None
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    status: Status
+    gates: list[GateResult]
+
+    @property
+    def failed(self) -> list[GateResult]:
+        return [g for g in self.gates if g.status == "fail"]
+
+    @property
+    def waiting(self) -> list[GateResult]:
+        return [g for g in self.gates if g.status == "wait"]
+
+    def summary(self) -> str:
+        """One line: what failed, or what it waits for, or that every gate passed."""
+        if self.failed:
+            return "; ".join(f"{g.gate}: {g.detail}" for g in self.failed)
+        if self.waiting:
+            return "waiting: " + "; ".join(f"{g.gate}: {g.detail}" for g in self.waiting)
+        return "every gate passed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "gates": [g.to_dict() for g in self.gates]}
+
+
+def _one_sided_z(confidence: float) -> float:
+    # The z whose upper tail is 1 - c: each Wilson bound is then one-sided at confidence c.
+    return NormalDist().inv_cdf(confidence)
+
+
+def _rate_gate(
+    gate: str, k: int, n: int, limit: float, min_samples: int, z: float, what: str
+) -> GateResult:
+    if n == 0:
+        return GateResult(gate, "wait", None, limit, f"no {what} yet (0/{min_samples})")
+    low, high = wilson_interval(k, n, z)
+    rate = k / n
+    shown = f"{k}/{n} = {rate:.2%} (bounds {low:.2%}..{high:.2%}), limit {limit:.2%}"
+    if low > limit:
+        return GateResult(gate, "fail", rate, limit, f"{shown}: above the limit")
+    if n < min_samples:
+        return GateResult(gate, "wait", rate, limit, f"{shown}: {n}/{min_samples} {what}")
+    if high <= limit:
+        return GateResult(gate, "pass", rate, limit, shown)
+    return GateResult(gate, "wait", rate, limit, f"{shown}: inconclusive, needs more {what}")
+
+
+def mcnemar_greater_p(b: int, c: int) -> float:
+    """One-sided exact McNemar p-value that discordance ``b`` outnumbers ``c``."""
+    n = b + c
+    if n == 0 or b <= c:
+        return 1.0
+    if n > 1000:  # normal approximation with continuity correction
+        z = (b - c - 1) / math.sqrt(n)
+        return 1.0 - NormalDist().cdf(z)
+    return sum(math.comb(n, i) for i in range(b, n + 1)) / 2.0**n
+
+
+def evaluate(
+    evidence: Mapping[str, int],
+    gates: CanaryGates,
+    *,
+    min_samples: int,
+    elapsed_s: float,
+    min_duration_s: float,
+    has_twin: bool,
+) -> Evaluation:
+    """Judge one step's evidence. Fail beats wait beats pass."""
+    z = _one_sided_z(gates.confidence)
+    n = evidence.get(COMPARED, 0)
+    results = [
+        GateResult(
+            "samples",
+            "pass" if n >= min_samples else "wait",
+            float(n),
+            float(min_samples),
+            f"{n}/{min_samples} compared requests",
+        ),
+        GateResult(
+            "duration",
+            "pass" if elapsed_s >= min_duration_s else "wait",
+            round(elapsed_s, 1),
+            min_duration_s,
+            f"{elapsed_s:.0f}/{min_duration_s:.0f} s at this step",
+        ),
+        _rate_gate(
+            "flagged_rate",
+            evidence.get(FLAGGED, 0),
+            n,
+            gates.max_flagged_rate,
+            min_samples,
+            z,
+            "compared requests",
+        ),
+    ]
+    ref_calls = evidence.get(REF_CALLS, 0)
+    ref_rate = evidence.get(REF_ERRORS, 0) / ref_calls if ref_calls else 0.0
+    results.append(
+        _rate_gate(
+            "error_rate",
+            evidence.get(CAND_ERRORS, 0),
+            evidence.get(CAND_CALLS, 0),
+            min(1.0, ref_rate + gates.max_error_rate_increase),
+            min_samples,
+            z,
+            "candidate answers",
+        )
+    )
+    results.append(_latency_gate(evidence, gates, min_samples))
+    results.append(_paired_gate(evidence, gates, has_twin))
+    statuses = {r.status for r in results}
+    status: Status = "fail" if "fail" in statuses else "wait" if "wait" in statuses else "pass"
+    return Evaluation(status, results)
+
+
+def _latency_gate(evidence: Mapping[str, int], gates: CanaryGates, min_samples: int) -> GateResult:
+    ref_p99, n_ref = latency_quantile(evidence, LAT_REF, 0.99)
+    cand_p99, n_cand = latency_quantile(evidence, LAT_CAND, 0.99)
+    n = min(n_ref, n_cand)
+    if ref_p99 is None or cand_p99 is None or n < min_samples:
+        return GateResult(
+            "latency_p99", "wait", cand_p99, None, f"{n}/{min_samples} timed pairs of answers"
+        )
+    limit = gates.max_latency_p99_ratio * ref_p99 + gates.latency_slack_ms
+    shown = (
+        f"candidate p99 {cand_p99:.1f} ms vs reference p99 {ref_p99:.1f} ms, limit {limit:.1f} ms"
+        f" ({gates.max_latency_p99_ratio:g}x + {gates.latency_slack_ms:g} ms)"
+    )
+    status: Status = "pass" if cand_p99 <= limit else "fail"
+    return GateResult("latency_p99", status, round(cand_p99, 3), round(limit, 3), shown)
+
+
+def _paired_gate(evidence: Mapping[str, int], gates: CanaryGates, has_twin: bool) -> GateResult:
+    pairs = evidence.get(PAIRS, 0)
+    if not has_twin:
+        return GateResult("paired_vs_noise", "skip", None, None, "no noise-floor twin configured")
+    if pairs < gates.min_pairs:
+        return GateResult(
+            "paired_vs_noise",
+            "wait",
+            None,
+            gates.paired_alpha,
+            f"{pairs}/{gates.min_pairs} outputs answered by both the candidate and the twin",
+        )
+    b, c = evidence.get(PAIRS_CAND_ONLY, 0), evidence.get(PAIRS_TWIN_ONLY, 0)
+    p = mcnemar_greater_p(b, c)
+    shown = (
+        f"McNemar on {pairs} paired outputs: candidate alone flagged {b}, twin alone {c}, "
+        f"p = {p:.3g} (fails below {gates.paired_alpha:g})"
+    )
+    return GateResult(
+        "paired_vs_noise",
+        "fail" if p < gates.paired_alpha else "pass",
+        p,
+        gates.paired_alpha,
+        shown,
+    )

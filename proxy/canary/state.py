@@ -1,0 +1,258 @@
+"""The rollout in Redis: its state, its decision log and each step's evidence.
+
+Several proxy processes (and the CLI) act on one rollout, so every change is a check-and-set:
+``CanaryStore.update`` WATCHes the state key, computes the next state from what it read, and
+writes it in a MULTI with the decision that explains it; a concurrent writer makes it retry on
+the new state. Nothing here runs on the live path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, WatchError
+
+from ..buffer.keys import CANARY_DECISIONS_MAX, CANARY_EVIDENCE_TTL_S, KeySchema
+from ..errors import CanaryError, StoreError
+from ..settings import CanarySettings
+
+Status = Literal["running", "paused", "awaiting_approval", "promoted", "rolled_back", "aborted"]
+ACTIVE: frozenset[str] = frozenset({"running", "paused", "awaiting_approval"})
+ACTIONS = ("pause", "resume", "abort", "promote", "restart")
+_CAS_RETRIES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutState:
+    rollout: str
+    candidate: str
+    steps: tuple[float, ...]
+    status: Status
+    step: int
+    attempt: int
+    step_started_at: float
+    updated_at: float
+    reason: str = ""
+    approved: tuple[int, ...] = ()
+    """Steps a person has approved moving to (``approve_before``)."""
+    noted_wait: bool = False
+    """The decision log already says this step is waiting for data (said once per step)."""
+
+    @property
+    def weight(self) -> float:
+        """Percent of eligible live requests the candidate answers now."""
+        if self.status == "promoted":
+            return 100.0
+        if self.status in ("rolled_back", "aborted"):
+            return 0.0
+        return self.steps[self.step]
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> RolloutState:
+        data = json.loads(raw)
+        data["steps"] = tuple(data["steps"])
+        data["approved"] = tuple(data.get("approved", ()))
+        return cls(**data)
+
+    @classmethod
+    def initial(cls, settings: CanarySettings, now: float, attempt: int = 1) -> RolloutState:
+        return cls(
+            rollout=settings.rollout_id,
+            candidate=settings.candidate,
+            steps=tuple(settings.steps),
+            status="running",
+            step=0,
+            attempt=attempt,
+            step_started_at=now,
+            updated_at=now,
+        )
+
+    def view(self) -> dict[str, Any]:
+        """What the API and CLI show."""
+        data = asdict(self)
+        data.pop("noted_wait")
+        data["weight"] = self.weight
+        data["step_number"] = f"{self.step + 1}/{len(self.steps)}"
+        return data
+
+
+@dataclass(slots=True)
+class Decision:
+    outcome: str
+    reason: str
+    by: str = "controller"
+    gates: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, state: RolloutState) -> dict[str, Any]:
+        return {
+            "ts": state.updated_at,
+            "rollout": state.rollout,
+            "attempt": state.attempt,
+            "step": state.step,
+            "weight": state.weight,
+            "status": state.status,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "by": self.by,
+            "gates": self.gates,
+        }
+
+
+Change = tuple[RolloutState, Decision] | None
+"""What an update function returns: the new state and why, or None to leave it as it is."""
+
+
+def apply_action(
+    state: RolloutState | None, action: str, settings: CanarySettings, by: str, reason: str
+) -> tuple[RolloutState, Decision]:
+    """A person's command (pause, resume, abort, promote, restart) applied to the rollout."""
+    now = time.time()
+    why = reason or f"{action} by {by}"
+    if action == "restart":
+        attempt = state.attempt + 1 if state is not None else 1
+        return RolloutState.initial(settings, now, attempt), Decision("restarted", why, by)
+    if state is None:
+        raise CanaryError(f"rollout {settings.rollout_id!r} has not started yet")
+    if not state.active:
+        raise CanaryError(
+            f"rollout {state.rollout!r} is {state.status}; only `restart` starts it again"
+        )
+    if action == "pause":
+        if state.status == "paused":
+            raise CanaryError(f"rollout {state.rollout!r} is already paused")
+        new = replace(state, status="paused", updated_at=now, reason=why)
+        return new, Decision("paused", why, by)
+    if action == "resume":
+        if state.status == "running":
+            raise CanaryError(f"rollout {state.rollout!r} is not paused or awaiting approval")
+        if state.status == "awaiting_approval":
+            nxt = state.step + 1
+            new = replace(
+                state,
+                status="running",
+                step=nxt,
+                step_started_at=now,
+                updated_at=now,
+                reason=why,
+                approved=(*state.approved, nxt),
+                noted_wait=False,
+            )
+            return new, Decision("approved", why, by)
+        return replace(state, status="running", updated_at=now, reason=why), Decision(
+            "resumed", why, by
+        )
+    if action == "abort":
+        return replace(state, status="aborted", updated_at=now, reason=why), Decision(
+            "aborted", why, by
+        )
+    if action == "promote":
+        return replace(state, status="promoted", updated_at=now, reason=why), Decision(
+            "promoted", why, by
+        )
+    raise CanaryError(f"unknown action {action!r}; use one of {', '.join(ACTIONS)}")
+
+
+class CanaryStore:
+    """One rollout's keys, over a client someone else owns (the sample store's pool)."""
+
+    def __init__(
+        self, client: aioredis.Redis, keys: KeySchema, rollout: str, timeout_s: float = 2.0
+    ) -> None:
+        self._r = client
+        self._keys = keys
+        self.rollout = rollout
+        self._timeout = timeout_s
+
+    async def _guard(self, coro: Any) -> Any:
+        # redis-py types its commands as sync-or-async; on the asyncio client they are awaitable.
+        try:
+            return await asyncio.wait_for(coro, self._timeout)
+        except TimeoutError as exc:
+            raise StoreError("redis did not answer in time") from exc
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis failed: {exc}") from exc
+
+    async def read(self) -> RolloutState | None:
+        raw = await self._guard(self._r.get(self._keys.canary(self.rollout)))
+        return None if raw is None else RolloutState.from_json(raw)
+
+    async def update(
+        self, change: Callable[[RolloutState | None], Change]
+    ) -> tuple[RolloutState | None, dict[str, Any] | None]:
+        """Check-and-set: (the state now, the decision recorded or None)."""
+        return await self._guard(self._update(change))  # type: ignore[no-any-return]
+
+    async def _update(
+        self, change: Callable[[RolloutState | None], Change]
+    ) -> tuple[RolloutState | None, dict[str, Any] | None]:
+        key = self._keys.canary(self.rollout)
+        log_key = self._keys.canary_decisions(self.rollout)
+        for _ in range(_CAS_RETRIES):
+            async with self._r.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    current = None if raw is None else RolloutState.from_json(raw)
+                    result = change(current)
+                    if result is None:
+                        await pipe.unwatch()  # type: ignore[no-untyped-call]
+                        return current, None
+                    new, decision = result
+                    record = decision.record(new)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(key, new.to_json())
+                    pipe.lpush(log_key, json.dumps(record))
+                    pipe.ltrim(log_key, 0, CANARY_DECISIONS_MAX - 1)
+                    await pipe.execute()
+                    return new, record
+                except WatchError:
+                    continue
+        raise StoreError(f"rollout {self.rollout!r} kept changing under us; try again")
+
+    async def decisions(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The decision log, oldest first (the newest ``limit``)."""
+        if limit <= 0:
+            return []
+        raw = await self._guard(
+            self._r.lrange(self._keys.canary_decisions(self.rollout), 0, limit - 1)
+        )
+        return [json.loads(x) for x in reversed(raw)]
+
+    async def evidence(self, attempt: int, step: int) -> dict[str, int]:
+        key = self._keys.canary_evidence(self.rollout, attempt, step)
+        raw = await self._guard(self._r.hgetall(key))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+
+async def add_evidence(
+    client: aioredis.Redis,
+    keys: KeySchema,
+    batch: Mapping[tuple[str, int, int], Mapping[str, int]],
+    timeout_s: float,
+) -> None:
+    """Add counters to steps' evidence hashes in one round trip (``StoreError`` on failure)."""
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            for (rollout, attempt, step), counters in batch.items():
+                key = keys.canary_evidence(rollout, attempt, step)
+                for name, n in counters.items():
+                    pipe.hincrby(key, name, n)
+                pipe.expire(key, CANARY_EVIDENCE_TTL_S)
+            await asyncio.wait_for(pipe.execute(), timeout_s)
+    except TimeoutError as exc:
+        raise StoreError("redis did not answer in time") from exc
+    except (RedisError, OSError) as exc:
+        raise StoreError(f"redis failed: {exc}") from exc
