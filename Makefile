@@ -46,5 +46,24 @@ test: lint typecheck unit
 loadtest: $(STAMP)
 	$(BIN)/python -m loadtest.mirror_overhead
 
+# `make bench`: shadowproxy against NGINX's mirror, side by side, in one run (loadtest/README.md).
+# As root with apt-get, nginx and wrk are installed here; elsewhere, without them, the NGINX targets
+# and the saturation runs are skipped with a message. BENCH_ARGS passes options (e.g. --quick).
+.PHONY: bench bench-tools
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench-tools:
+	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 && command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx wrk >/dev/null; \
+	  else echo "nginx or wrk is not installed (and this is not root with apt-get): the bench skips what needs them"; fi; }
+
+bench: $(BENCH_STAMP) bench-tools
+	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -75,7 +75,8 @@ def make_app(delay_s: float, serve_config: bool) -> web.Application:
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(dict(counts))
 
-    app = web.Application()
+    # Room for the benchmark's 1 MiB tensors (aiohttp refuses bodies over 1 MiB by default).
+    app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v2/models/{model}/infer", infer)
     app.router.add_post("/v2/models/{model}/versions/{v}/infer", infer)
     app.router.add_get("/v2/health/ready", ready)

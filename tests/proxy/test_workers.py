@@ -16,7 +16,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from loadtest.mirror_overhead import descendants, free_port
+from loadtest.procs import descendants, free_port
 from tests.conftest import ADMIN_TOKEN, repo_root
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
