@@ -120,6 +120,7 @@ class CanaryController:
         self._rng = random.Random()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._closing = False
 
     # ------------------------------------------------------------------ the live path
 
@@ -178,6 +179,7 @@ class CanaryController:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -188,9 +190,12 @@ class CanaryController:
         self._wake.set()
 
     async def _loop(self) -> None:
-        while True:
+        # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancel that lands as its
+        # inner wait completes, and close() would then wait on this loop forever (seen in tests).
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.interval_s)
+                async with asyncio.timeout(self.config.interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.tick()

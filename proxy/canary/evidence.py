@@ -73,6 +73,7 @@ class EvidenceBuffer:
         self._timeout = timeout_s
         self._pending: defaultdict[CanaryTag, Counter[str]] = defaultdict(Counter)
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def add(self, tag: CanaryTag, counters: Mapping[str, int]) -> None:
         self._pending[tag].update(counters)
@@ -81,7 +82,9 @@ class EvidenceBuffer:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
+        # The flag as well as the cancel: a cancel swallowed by wait_for (3.11) must not leave
+        # close() waiting on this loop.
+        while not self._closing:
             await asyncio.sleep(self._interval)
             await self.flush()
 
@@ -101,6 +104,7 @@ class EvidenceBuffer:
         return True
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

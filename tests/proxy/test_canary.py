@@ -1,0 +1,382 @@
+"""The canary on fake upstreams: split, gates, commands, replicas, and the controller endpoints.
+
+The reference and the candidate are fake V2 servers answering the same deterministic outputs
+(drift plants a divergence; error/refused stage failures). Schedules are accelerated: evaluation
+every 50 ms, steps held for a few samples and a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from proxy.app import ProxyRunner
+from tests.conftest import ADMIN_TOKEN, make_settings, repo_root
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def _canary_settings(ref: str, cand: str, redis_url: str, **canary: Any) -> Any:
+    config: dict[str, Any] = {
+        "candidate": "cand",
+        "steps": [50, 100],
+        "min_samples": 10,
+        "min_duration_s": 0.2,
+        "interval_s": 0.05,
+        "response_header": "X-Served-By",
+        # Latency is not what most of these tests are about: two fakes on a busy test machine
+        # differ by milliseconds; the latency test below sets its own limit.
+        "gates": {
+            "max_flagged_rate": 0.3,
+            "max_error_rate_increase": 0.3,
+            "latency_slack_ms": 1000,
+        },
+    }
+    config.update(canary)
+    return make_settings(
+        ref,
+        redis_url,
+        candidates=[{"name": "cand", "url": cand, "timeout_s": 5}],
+        canary=config,
+    )
+
+
+async def _infer(
+    proxy: ProxyRunner, n: int, *, user: str | None = None, first: int = 0
+) -> list[tuple[int, str]]:
+    """Send n distinct small infer requests; (status, who answered) for each."""
+    out = []
+    async with aiohttp.ClientSession() as s:
+        for k in range(n):
+            body = (
+                f'{{"inputs":[{{"name":"x","datatype":"FP32","shape":[1],"data":[{first + k}]}}]}}'
+            )
+            headers = {"X-User": user or f"user-{first + k}"}
+            async with s.post(
+                f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer",
+                data=body.encode(),
+                headers=headers,
+            ) as r:
+                await r.read()
+                out.append((r.status, r.headers.get("X-Served-By", "")))
+    return out
+
+
+async def _wait_status(proxy: ProxyRunner, statuses: set[str], timeout_s: float = 15) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    state = None
+    while loop.time() < deadline:
+        state = await proxy.canary.store.read()
+        if state is not None and state.status in statuses:
+            return state
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"rollout never reached {statuses}; last state {state}")
+
+
+async def _admin(proxy: ProxyRunner, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+    headers = kw.pop("headers", AUTH)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(method, f"http://127.0.0.1:{proxy.admin_port}{path}", headers=headers, **kw) as r,
+    ):
+        return r.status, await r.json(content_type=None)
+
+
+async def test_sticky_split_answers_and_compares_both_ways(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await fake(), await fake()
+    settings = _canary_settings(
+        ref.url, cand.url, redis_url, sticky_header="X-User", min_samples=10_000
+    )
+    proxy = await proxy_factory(settings)
+    results = await _infer(proxy, 200)
+    assert all(status == 200 for status, _ in results)
+    served = [who for _, who in results]
+    assert 60 < served.count("cand") < 140, served.count("cand")  # 50% of 200, by hash
+    assert served.count("cand") + served.count("ref") == 200
+    # The same user always lands on the same side, request after request.
+    for user in ("user-3", "user-7", "user-11"):
+        sides = {who for _, who in await _infer(proxy, 8, user=user)}
+        assert len(sides) == 1, (user, sides)
+    assert await proxy.drained(10)
+    await proxy.canary.evidence.flush()
+    state = await proxy.canary.store.read()
+    evidence = await proxy.canary.store.evidence(state.attempt, state.step)
+    # Every request was compared: canary answers against a reverse copy to the reference.
+    assert evidence["compared"] == 224
+    assert evidence["flagged"] == 0
+    assert evidence["served_cand"] + evidence["served_ref"] == 224
+    assert ref.behaviour.calls == 224  # each canary answer was still sent to the reference
+    assert cand.behaviour.calls == 224
+    assert cand.behaviour.seen_paths[0] == "/v2/models/m/infer"
+
+
+async def test_faithful_candidate_promotes_and_a_step_without_traffic_waits(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await fake(), await fake()
+    proxy = await proxy_factory(_canary_settings(ref.url, cand.url, redis_url))
+    await asyncio.sleep(0.6)  # three times min_duration_s, no traffic at all
+    state = await proxy.canary.store.read()
+    assert (state.status, state.step) == ("running", 0)
+    log = await proxy.canary.store.decisions()
+    waiting = [d for d in log if d["outcome"] == "waiting"]
+    assert len(waiting) == 1  # said once, not every interval
+    assert "0/10 compared requests" in waiting[0]["reason"]
+    assert "neither advancing nor failing" in waiting[0]["reason"]
+    code, body = await _admin(proxy, "POST", "/api/canary/flagger", json={"name": "m"})
+    assert code == 425 and body["status"] == "wait"  # no data is not a verdict
+
+    for batch in range(6):
+        await _infer(proxy, 15, first=batch * 100)
+        assert await proxy.drained(10)
+        state = await proxy.canary.store.read()
+        if state.status == "promoted":
+            break
+        await asyncio.sleep(0.3)
+    state = await _wait_status(proxy, {"promoted"})
+    assert state.weight == 100
+    outcomes = [d["outcome"] for d in await proxy.canary.store.decisions()]
+    assert outcomes[0] == "started" and outcomes[-1] == "promoted"
+    assert "advanced" in outcomes and "rolled_back" not in outcomes
+    advanced = next(d for d in await proxy.canary.store.decisions() if d["outcome"] == "advanced")
+    flagged_gate = next(g for g in advanced["gates"] if g["gate"] == "flagged_rate")
+    assert flagged_gate["status"] == "pass" and flagged_gate["threshold"] == 0.3
+    # promoted: every request is the candidate's
+    assert {who for _, who in await _infer(proxy, 5)} == {"cand"}
+    code, body = await _admin(proxy, "GET", "/api/canary/analysis")
+    assert code == 200 and body["passed"] is True and body["rollout_status"] == "promoted"
+
+
+async def test_divergent_candidate_rolls_back_at_once_and_says_why(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await fake(), await fake(drift=0.5)
+    proxy = await proxy_factory(_canary_settings(ref.url, cand.url, redis_url, min_samples=50))
+    await _infer(proxy, 12)
+    assert await proxy.drained(10)
+    state = await _wait_status(proxy, {"rolled_back"})
+    assert state.weight == 0
+    assert "flagged_rate" in state.reason and "above the limit" in state.reason
+    last = (await proxy.canary.store.decisions())[-1]
+    assert last["outcome"] == "rolled_back"
+    gate = next(g for g in last["gates"] if g["gate"] == "flagged_rate")
+    assert gate["status"] == "fail" and gate["value"] == 1.0 and gate["threshold"] == 0.3
+    # well before min_samples: the evidence already said enough
+    assert (await proxy.canary.store.evidence(state.attempt, 0))["compared"] < 50
+    await asyncio.sleep(0.1)
+    assert {who for _, who in await _infer(proxy, 10, first=50)} == {"ref"}
+    code, body = await _admin(proxy, "POST", "/api/canary/flagger", json={"name": "m"})
+    assert code == 409 and body["failed"] is True
+    async with aiohttp.ClientSession() as s:
+        metrics = await (
+            await s.get(f"http://127.0.0.1:{proxy.admin_port}/metrics", headers=AUTH)
+        ).text()
+    assert 'shadowproxy_canary_decisions_total{outcome="rolled_back"' in metrics
+    assert 'stat="weight"' in metrics
+
+
+async def test_slow_candidate_fails_the_latency_gate(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await fake(), await fake(delay_s=0.15)
+    gates = {"max_flagged_rate": 0.3, "max_latency_p99_ratio": 1.5, "latency_slack_ms": 50}
+    proxy = await proxy_factory(_canary_settings(ref.url, cand.url, redis_url, gates=gates))
+    await asyncio.gather(*(_infer(proxy, 4, first=100 * k) for k in range(4)))
+    assert await proxy.drained(10)
+    state = await _wait_status(proxy, {"rolled_back"})
+    assert "latency_p99" in state.reason and "ms" in state.reason
+    gate = next(
+        g for g in (await proxy.canary.store.decisions())[-1]["gates"] if g["gate"] == "latency_p99"
+    )
+    assert gate["status"] == "fail" and gate["value"] > 150 > gate["threshold"]
+
+
+async def test_refusing_candidate_falls_back_to_the_reference_and_rolls_back(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref = await fake()
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    proxy = await proxy_factory(_canary_settings(ref.url, dead, redis_url, steps=[100]))
+    results = await _infer(proxy, 10)
+    # The client never sees the candidate's absence: the reference answered.
+    assert [status for status, _ in results] == [200] * 10
+    assert {who for _, who in results} == {"ref"}
+    state = await _wait_status(proxy, {"rolled_back"})
+    assert "error_rate" in state.reason
+    evidence = await proxy.canary.store.evidence(state.attempt, 0)
+    assert evidence["fallbacks"] >= 1
+
+
+async def test_commands_approval_and_resume_after_restart(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await fake(), await fake()
+    settings = _canary_settings(ref.url, cand.url, redis_url, approve_before=[100])
+    proxy = await proxy_factory(settings)
+    await _infer(proxy, 15)
+    assert await proxy.drained(10)
+    await asyncio.sleep(0.3)
+    state = await _wait_status(proxy, {"awaiting_approval"})
+    assert state.step == 0 and "needs a person's approval" in state.reason
+    await _infer(proxy, 15, first=100)  # more evidence does not move it on its own
+    await asyncio.sleep(0.3)
+    assert (await proxy.canary.store.read()).status == "awaiting_approval"
+
+    code, body = await _admin(proxy, "POST", "/api/canary/resume", json={"reason": "looks good"})
+    assert code == 200 and body["decision"]["outcome"] == "approved"
+    assert body["decision"]["by"] == "admin" and body["state"]["weight"] == 100
+    code, body = await _admin(proxy, "POST", "/api/canary/pause")
+    assert code == 200 and body["state"]["status"] == "paused"
+    code, body = await _admin(proxy, "POST", "/api/canary/pause")
+    assert code == 409 and "already paused" in body["error"]
+    code, body = await _admin(proxy, "POST", "/api/canary/launch")
+    assert code == 404 and "pause, resume" in body["error"]
+
+    # A restart of the proxy resumes the rollout where it was.
+    await proxy.stop()
+    again = await proxy_factory(settings)
+    state = again.canary.state
+    assert state is not None and (state.status, state.step) == ("paused", 1)
+    code, body = await _admin(again, "GET", "/api/canary")
+    assert code == 200 and body["state"]["status"] == "paused"
+    assert [d["outcome"] for d in body["decisions"]][-2:] == ["approved", "paused"]
+    code, body = await _admin(again, "POST", "/api/canary/abort")
+    assert code == 200 and body["state"]["weight"] == 0
+    code, body = await _admin(again, "POST", "/api/canary/resume")
+    assert code == 409 and "only `restart`" in body["error"]
+
+
+async def test_two_proxy_processes_share_one_rollout(
+    fake: Callable[..., Any],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    ref, cand = await fake(), await fake()
+    settings = _canary_settings(ref.url, cand.url, redis_url, min_samples=40, steps=[20, 100])
+    inproc = await proxy_factory(settings)
+    # The second replica is a real `shadowproxy serve` process (mirroring in its own worker).
+    data = settings.model_dump(mode="json")
+    data["admin"]["token"] = ADMIN_TOKEN
+    data["buffer"]["redis_url"] = redis_url
+    data["listen"]["port"] = 0
+    data["proxy"]["mirror_process"] = True
+    port = _free_port()
+    data["listen"]["port"] = port
+    data["admin"]["port"] = _free_port()
+    config = tmp_path / "replica.yaml"
+    config.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+        cwd=repo_root(),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        await _wait_ready(port)
+        other = _PortOnly(port)
+        # 25 requests through each: neither alone has min_samples, together they do.
+        await _infer(inproc, 25)
+        await _infer(other, 25, first=1000)  # type: ignore[arg-type]
+        assert await inproc.drained(10)
+        state = await _wait_status(inproc, {"running"}, 5)
+        deadline = asyncio.get_running_loop().time() + 15
+        while state.step == 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+            state = await inproc.canary.store.read()
+        assert state.step == 1, state
+        evidence = await inproc.canary.store.evidence(state.attempt, 0)
+        assert evidence["compared"] >= 40
+        assert evidence["served_ref"] + evidence["served_cand"] == 50  # both replicas counted
+        # A command through one replica's API holds the other too.
+        code, _ = await _admin(inproc, "POST", "/api/canary/pause")
+        assert code == 200
+        await asyncio.sleep(0.3)
+        cli = subprocess.run(
+            [sys.executable, "-m", "proxy", "canary", "status", "--json", "--config", str(config)],
+            cwd=repo_root(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert json.loads(cli.stdout)["state"]["status"] == "paused"
+        cli = subprocess.run(
+            [sys.executable, "-m", "proxy", "canary", "resume", "--config", str(config)],
+            cwd=repo_root(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert "resumed" in cli.stdout and "cli:" in cli.stdout
+        cli = subprocess.run(
+            [sys.executable, "-m", "proxy", "canary", "resume", "--config", str(config)],
+            cwd=repo_root(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.returncode == 2 and "not paused" in cli.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+async def test_flagger_webhook_and_argo_metric_need_a_token(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await fake(), await fake()
+    proxy = await proxy_factory(_canary_settings(ref.url, cand.url, redis_url))
+    code, _ = await _admin(proxy, "POST", "/api/canary/flagger", json={}, headers={})
+    assert code == 401
+    payload = {"name": "m", "namespace": "ml", "phase": "Progressing", "metadata": {}}
+    payload["metadata"] = {"token": ADMIN_TOKEN}
+    code, body = await _admin(proxy, "POST", "/api/canary/flagger", json=payload, headers={})
+    assert code == 425 and body["flagger"]["phase"] == "Progressing"
+    assert body["gates"]["samples"]["threshold"] == 10
+    code, _ = await _admin(proxy, "GET", "/api/canary/analysis", headers={})
+    assert code == 401
+    code, _ = await _admin(proxy, "POST", "/api/canary/pause", headers={})
+    assert code == 401
+
+
+class _PortOnly:
+    """Enough of a ProxyRunner for ``_infer``: the data port of a proxy in another process."""
+
+    def __init__(self, port: int) -> None:
+        self.data_port = port
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _wait_ready(port: int, timeout_s: float = 60) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with aiohttp.ClientSession() as s:
+        while loop.time() < deadline:
+            try:
+                async with s.get(f"http://127.0.0.1:{port}/v2/health/ready") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"the replica on port {port} never became ready")
