@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -278,8 +277,13 @@ async def test_two_proxy_processes_share_one_rollout(
     data["admin"]["port"] = _free_port()
     config = tmp_path / "replica.yaml"
     config.write_text(yaml.safe_dump(data))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--config",
+        str(config),
         cwd=repo_root(),
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -303,35 +307,34 @@ async def test_two_proxy_processes_share_one_rollout(
         code, _ = await _admin(inproc, "POST", "/api/canary/pause")
         assert code == 200
         await asyncio.sleep(0.3)
-        cli = subprocess.run(
-            [sys.executable, "-m", "proxy", "canary", "status", "--json", "--config", str(config)],
-            cwd=repo_root(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert cli.returncode == 0, cli.stderr
-        assert json.loads(cli.stdout)["state"]["status"] == "paused"
-        cli = subprocess.run(
-            [sys.executable, "-m", "proxy", "canary", "resume", "--config", str(config)],
-            cwd=repo_root(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert cli.returncode == 0, cli.stderr
-        assert "resumed" in cli.stdout and "cli:" in cli.stdout
-        cli = subprocess.run(
-            [sys.executable, "-m", "proxy", "canary", "resume", "--config", str(config)],
-            cwd=repo_root(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert cli.returncode == 2 and "not paused" in cli.stderr
+        rc, out, err = await _cli("status", "--json", "--config", str(config))
+        assert rc == 0, err
+        assert json.loads(out)["state"]["status"] == "paused"
+        rc, out, err = await _cli("resume", "--config", str(config))
+        assert rc == 0, err
+        assert "resumed" in out and "cli:" in out
+        rc, out, err = await _cli("resume", "--config", str(config))
+        assert rc == 2 and "not paused" in err
     finally:
         proc.terminate()
-        proc.wait(30)
+        await asyncio.wait_for(proc.wait(), 30)
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    """``shadowproxy canary ARGS``: (exit status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "canary",
+        *args,
+        cwd=repo_root(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_flagger_webhook_and_argo_metric_need_a_token(
