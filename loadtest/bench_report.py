@@ -137,9 +137,9 @@ def goals(results: Results, targets: Sequence[str]) -> list[str]:
             first, last = _halves(mem)
             ok = last <= first * MEMORY_GROWTH
             lines.append(
-                f"{'PASS' if ok else 'FAIL'} {target}: memory with the slow candidate at 1000 "
-                f"req/s: peak RSS {first:.0f} MiB in the first half, {last:.0f} MiB in the second "
-                f"(goal: flat, <= {MEMORY_GROWTH:.2f}x)"
+                f"{'PASS' if ok else 'FAIL'} {target}: memory with the slow candidate "
+                f"({mem.name}): peak RSS {first:.0f} MiB in the first half, {last:.0f} MiB in the "
+                f"second (goal: flat, <= {MEMORY_GROWTH:.2f}x)"
             )
     return lines
 
