@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=300, help="live requests to send")
     demo.add_argument("--state-dir", type=Path, default=Path(".state/demo"))
     demo.add_argument("--keep-running", action="store_true", help="stay up for review")
+    demo.add_argument(
+        "--canary",
+        action="store_true",
+        help="instead, run two canary rollouts (traced promotes, int8 rolls back) and print "
+        "the decision log",
+    )
 
     replay = sub.add_parser("replay", help="re-send a golden set to a model and report")
     replay.add_argument("file", type=Path, help="JSON lines from `review export`")
@@ -109,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return serve_workers(settings, args.workers)
             asyncio.run(serve(settings))
             return 0
+        if args.command == "demo" and args.canary:
+            from .demo.canary import run_canary_demo
+
+            return asyncio.run(run_canary_demo(args.state_dir / "canary"))
         if args.command == "demo":
             from .demo.runner import run_demo
 

@@ -71,8 +71,10 @@ def _fmt(value: Any) -> str:
 
 def render_decision(d: dict[str, Any]) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(d["ts"]))
-    step = f"step {d['step'] + 1} ({d['weight']:g}%)"
-    return f"{when}  {d['outcome']:<17} {step:<16} {d['reason']}  [{d['by']}]"
+    at = d.get("measured_at_weight")
+    moved = f"{at:g}% -> " if at is not None and at != d["weight"] else ""
+    step = f"step {d['step'] + 1} ({moved}{d['weight']:g}%)"
+    return f"{when}  {d['outcome']:<17} {step:<20} {d['reason']}  [{d['by']}]"
 
 
 def render_gates(gates: list[dict[str, Any]], indent: str = "  ") -> list[str]:

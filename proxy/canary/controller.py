@@ -63,7 +63,7 @@ def decide(
     if evaluation.status == "fail":
         why = f"gate failed at {at}: {evaluation.summary()}"
         return replace(cur, status="rolled_back", updated_at=now, reason=why), Decision(
-            "rolled_back", why, gates=gates
+            "rolled_back", why, gates=gates, measured_at=cur.weight
         )
     if cur.status != "running" or not canary.split:
         # Paused or awaiting approval (or an external controller moves the traffic): the gates
@@ -74,7 +74,7 @@ def decide(
         if last:
             why = f"every gate passed at {at}, the last step"
             return replace(cur, status="promoted", updated_at=now, reason=why), Decision(
-                "promoted", why, gates=gates
+                "promoted", why, gates=gates, measured_at=cur.weight
             )
         nxt = cur.step + 1
         weight = cur.steps[nxt]
@@ -89,8 +89,11 @@ def decide(
         new = replace(
             cur, step=nxt, step_started_at=now, updated_at=now, reason=why, noted_wait=False
         )
-        return new, Decision("advanced", why, gates=gates)
-    if not cur.noted_wait and now - cur.step_started_at >= canary.min_duration_s:
+        return new, Decision("advanced", why, gates=gates, measured_at=cur.weight)
+    # Say once per step that it is stuck for want of evidence, once it has clearly overrun its
+    # minimum time (a step that merely needs a few more seconds is not news).
+    overrun = max(2 * canary.min_duration_s, canary.min_duration_s + 5 * canary.interval_s)
+    if not cur.noted_wait and now - cur.step_started_at >= overrun:
         why = f"no verdict at {at} yet, neither advancing nor failing: {evaluation.summary()}"
         return replace(cur, noted_wait=True, updated_at=now, reason=why), Decision(
             "waiting", why, gates=gates
@@ -313,4 +316,5 @@ def evaluate_step(
         elapsed_s=now - state.step_started_at,
         min_duration_s=canary.min_duration_s,
         has_twin=has_twin(settings),
+        weight=state.weight,
     )

@@ -152,6 +152,7 @@ def evaluate(
     elapsed_s: float,
     min_duration_s: float,
     has_twin: bool,
+    weight: float = 0.0,
 ) -> Evaluation:
     """Judge one step's evidence. Fail beats wait beats pass."""
     z = _one_sided_z(gates.confidence)
@@ -195,7 +196,7 @@ def evaluate(
         )
     )
     results.append(_latency_gate(evidence, gates, min_samples))
-    results.append(_paired_gate(evidence, gates, has_twin))
+    results.append(_paired_gate(evidence, gates, has_twin, weight))
     statuses = {r.status for r in results}
     status: Status = "fail" if "fail" in statuses else "wait" if "wait" in statuses else "pass"
     return Evaluation(status, results)
@@ -218,10 +219,17 @@ def _latency_gate(evidence: Mapping[str, int], gates: CanaryGates, min_samples: 
     return GateResult("latency_p99", status, round(cand_p99, 3), round(limit, 3), shown)
 
 
-def _paired_gate(evidence: Mapping[str, int], gates: CanaryGates, has_twin: bool) -> GateResult:
+def _paired_gate(
+    evidence: Mapping[str, int], gates: CanaryGates, has_twin: bool, weight: float
+) -> GateResult:
     pairs = evidence.get(PAIRS, 0)
     if not has_twin:
         return GateResult("paired_vs_noise", "skip", None, None, "no noise-floor twin configured")
+    if weight >= 100 and pairs < gates.min_pairs:
+        # The twin answers copies of reference-served requests; at 100% there are none.
+        return GateResult(
+            "paired_vs_noise", "skip", None, None, "at 100% the twin sees no requests"
+        )
     if pairs < gates.min_pairs:
         return GateResult(
             "paired_vs_noise",

@@ -95,6 +95,8 @@ class Decision:
     reason: str
     by: str = "controller"
     gates: list[dict[str, Any]] = field(default_factory=list)
+    measured_at: float | None = None
+    """The weight the gates were measured at, when the decision changed it."""
 
     def record(self, state: RolloutState) -> dict[str, Any]:
         return {
@@ -103,6 +105,7 @@ class Decision:
             "attempt": state.attempt,
             "step": state.step,
             "weight": state.weight,
+            "measured_at_weight": self.measured_at,
             "status": state.status,
             "outcome": self.outcome,
             "reason": self.reason,
