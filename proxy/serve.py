@@ -28,8 +28,8 @@ from types import FrameType
 from pydantic import SecretStr
 
 from .app import ProxyRunner
-from .buffer.embedded import EmbeddedRedis, running_url
-from .errors import ConfigError, StoreError
+from .buffer.embedded import EmbeddedRedis, start_embedded
+from .errors import ConfigError
 from .settings import Settings
 
 log = logging.getLogger("shadowproxy")
@@ -166,14 +166,7 @@ def _shared_redis(settings: Settings) -> tuple[Settings, EmbeddedRedis | None]:
     """Settings that name one Redis for every worker, and the embedded one started for them."""
     if settings.buffer.redis_url is not None:
         return settings, None
-    state_dir = settings.buffer.state_dir
-    if running_url(state_dir):
-        raise StoreError(
-            f"another embedded Redis already serves {state_dir}; "
-            "give this proxy its own buffer.state_dir or set buffer.redis_url"
-        )
-    embedded = EmbeddedRedis(state_dir)
-    embedded.start()
+    embedded = start_embedded(settings.buffer.state_dir)
     buffer = settings.buffer.model_copy(update={"redis_url": SecretStr(embedded.url)})
     return settings.model_copy(update={"buffer": buffer}), embedded
 

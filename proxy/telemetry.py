@@ -68,6 +68,8 @@ class Telemetry:
         # still propagate (traceparent is forwarded with our span as parent, the caller's sampled
         # flag kept) but no span data is built for unsampled traffic.
         exporting = span_exporter is not None or bool(settings.otlp_endpoint)
+        self.exporting = exporting
+        """Spans go somewhere: the live path builds one for every request, not only sampled ones."""
         self.tracer_provider = TracerProvider(
             resource=resource, sampler=ParentBased(ALWAYS_ON if exporting else ALWAYS_OFF)
         )

@@ -62,6 +62,18 @@ def running_url(state_dir: Path) -> str | None:
         return None
 
 
+def start_embedded(state_dir: Path) -> EmbeddedRedis:
+    """Start the embedded Redis on ``state_dir``; refuse when another one already serves it."""
+    if running_url(state_dir):
+        raise StoreError(
+            f"another embedded Redis already serves {state_dir}; "
+            "give this proxy its own buffer.state_dir or set buffer.redis_url"
+        )
+    embedded = EmbeddedRedis(state_dir)
+    embedded.start()
+    return embedded
+
+
 class EmbeddedRedis:
     """A ``redis-server`` child process; ``start()`` blocks until it answers PING."""
 
