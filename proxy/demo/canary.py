@@ -5,7 +5,8 @@ out: it should promote through every step. Then int8 (dynamic quantization) unde
 gate: it should roll back at the first step with enough evidence. A noise-floor twin answers the
 same requests, so the paired gate runs too. The schedule is accelerated for a demo (steps held for
 ``min_samples`` compared requests and a few seconds, evaluated twice a second) and the latency
-gate is loose, because every model shares the same two CPU cores here.
+gate is loose (3x + 1 s), because every model shares the same two CPU cores here and shadow calls
+are timed in the low-priority mirror worker.
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ def canary_settings(
                 "gates": {
                     "max_flagged_rate": 0.05,
                     "max_error_rate_increase": 0.05,
-                    "max_latency_p99_ratio": 2.0,
-                    "latency_slack_ms": 100,
+                    # Loose on purpose: every model and the proxy share two CPU cores here, and
+                    # shadow calls are timed in the mirror worker, which runs at nice +19.
+                    "max_latency_p99_ratio": 3.0,
+                    "latency_slack_ms": 1000,
                 },
             },
             # Every copy compared (the demo wants evidence fast); serve keeps the guards on.
