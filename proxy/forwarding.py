@@ -187,6 +187,7 @@ class LiveProxy:
                     )
                 )
             fell_back = False
+            started = time.perf_counter()
             try:
                 if by_candidate and canary is not None and self._cand is not None:
                     path = candidate_path(route, canary.candidate.served_name(model))
@@ -213,7 +214,8 @@ class LiveProxy:
                 if future is not None and not future.done():
                     future.set_result(None)
             if canary is not None:
-                canary.count(tag, by_candidate, response.status, fallback=fell_back)
+                elapsed = time.perf_counter() - started
+                canary.count(tag, by_candidate, response.status, elapsed, fallback=fell_back)
                 if self._served_header and not response.prepared:
                     response.headers[self._served_header] = (
                         self._cand.name if by_candidate and self._cand else self._ref.name

@@ -156,9 +156,16 @@ class CanaryController:
         return u * 100.0 < weight, tag
 
     def count(
-        self, tag: CanaryTag | None, by_candidate: bool, status: int, *, fallback: bool = False
+        self,
+        tag: CanaryTag | None,
+        by_candidate: bool,
+        status: int,
+        seconds: float,
+        *,
+        fallback: bool = False,
     ) -> None:
-        """Record who answered a live request and whether it failed (a 5xx or no answer)."""
+        """Record who answered a live request, how fast, and whether it failed (a 5xx or no
+        answer)."""
         side = self.candidate.name if by_candidate else self.reference.name
         self._tel.canary_served(self.config.rollout_id, side, fallback)
         if tag is None:
@@ -170,6 +177,9 @@ class CanaryController:
             counters = {g.SERVED_REF: 1, g.REF_CALLS: 1, g.REF_ERRORS: error}
         if fallback:
             counters = {g.CAND_CALLS: 1, g.CAND_ERRORS: 1, g.FALLBACKS: 1, **counters}
+        elif status == 200:
+            side = g.LIVE_LAT_CAND if by_candidate else g.LIVE_LAT_REF
+            counters[g.latency_field(side, seconds)] = 1
         self.evidence.add(tag, counters)
 
     # ------------------------------------------------------------------ the control loop
@@ -274,7 +284,7 @@ class CanaryController:
 def evidence_view(evidence: Mapping[str, int]) -> dict[str, Any]:
     """The counters, and the latency histograms as quantiles rather than buckets."""
     plain: dict[str, Any] = {k: v for k, v in evidence.items() if ":" not in k}
-    for side in (g.LAT_REF, g.LAT_CAND):
+    for side in (g.LAT_REF, g.LAT_CAND, g.LIVE_LAT_REF, g.LIVE_LAT_CAND):
         for q in (0.5, 0.99):
             value, samples = g.latency_quantile(evidence, side, q)
             plain[f"{side}_p{round(q * 100)}_ms"] = None if value is None else round(value, 3)

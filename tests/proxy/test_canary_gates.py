@@ -1,0 +1,89 @@
+"""The canary's gates on hand-made evidence: the rules, and the numbers they report."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.canary import gates as g
+from proxy.settings import CanaryGates
+
+
+def _evaluate(evidence: dict[str, int], **kw: object) -> dict[str, g.GateResult]:
+    args: dict[str, object] = {
+        "min_samples": 60,
+        "elapsed_s": 10.0,
+        "min_duration_s": 5.0,
+        "has_twin": False,
+    }
+    args.update(kw)
+    result = g.evaluate(evidence, CanaryGates(), **args)  # type: ignore[arg-type]
+    return {r.gate: r for r in result.gates}
+
+
+def test_rate_gate_passes_on_the_upper_bound_fails_on_the_lower_and_otherwise_waits() -> None:
+    # 0 of 60 flagged: one-sided 95% Wilson upper bound z^2 / (n + z^2) = 4.31% <= 5%
+    r = _evaluate({"compared": 60, "flagged": 0})["flagged_rate"]
+    assert r.status == "pass" and r.value == 0.0 and r.threshold == 0.05
+    assert "4.31%" in r.detail
+    # 0 of 30: the bound is 8.27%, not yet a pass, and not a failure either
+    r = _evaluate({"compared": 30, "flagged": 0})["flagged_rate"]
+    assert r.status == "wait" and "8.27%" in r.detail
+    # 3 of 60 (5%) at min_samples: inconclusive, needs more samples
+    r = _evaluate({"compared": 60, "flagged": 3})["flagged_rate"]
+    assert r.status == "wait" and "inconclusive" in r.detail
+    # 3 of 3 flagged: the lower bound (52.6%) is already above 5%, long before min_samples
+    r = _evaluate({"compared": 3, "flagged": 3})["flagged_rate"]
+    assert r.status == "fail" and "52.58%" in r.detail
+
+
+def test_error_rate_is_judged_against_the_references() -> None:
+    evidence = {"compared": 100, "cand_calls": 100, "cand_errors": 5}
+    assert _evaluate(evidence)["error_rate"].status == "fail"  # lower bound 2.5% > 0% + 2%
+    evidence.update({"ref_calls": 100, "ref_errors": 5})  # the reference errs as often
+    r = _evaluate(evidence)["error_rate"]
+    assert r.status != "fail" and r.threshold == pytest.approx(0.07)
+
+
+def test_latency_prefers_live_answers_and_falls_back_to_timed_pairs() -> None:
+    evidence = {
+        g.latency_field(g.LAT_REF, 0.010): 100,
+        g.latency_field(g.LAT_CAND, 0.100): 100,
+    }
+    r = _evaluate(evidence)["latency_p99"]
+    assert r.status == "fail" and "timed pairs" in r.detail  # 100 ms > 1.5 x 10 ms + 5 ms
+    assert r.value == pytest.approx(100, rel=0.02)
+    evidence[g.latency_field(g.LIVE_LAT_REF, 0.010)] = 80
+    evidence[g.latency_field(g.LIVE_LAT_CAND, 0.012)] = 80
+    r = _evaluate(evidence)["latency_p99"]
+    assert r.status == "pass" and "live answers" in r.detail
+    assert r.threshold == pytest.approx(20, rel=0.03)
+
+
+def test_paired_gate_mcnemar() -> None:
+    assert g.mcnemar_greater_p(5, 0) == pytest.approx(1 / 32)
+    assert g.mcnemar_greater_p(2, 7) == 1.0
+    twin = {"pairs": 40, "pairs_cand_only": 8, "pairs_twin_only": 0}
+    r = _evaluate(twin, has_twin=True)["paired_vs_noise"]
+    assert r.status == "fail" and r.value == pytest.approx(1 / 256)
+    r = _evaluate({"pairs": 40, "pairs_cand_only": 2, "pairs_twin_only": 1}, has_twin=True)
+    assert r["paired_vs_noise"].status == "pass"
+    assert _evaluate({"pairs": 5}, has_twin=True)["paired_vs_noise"].status == "wait"
+    assert _evaluate({}, has_twin=True, weight=100.0)["paired_vs_noise"].status == "skip"
+    assert _evaluate({})["paired_vs_noise"].status == "skip"
+
+
+def test_no_data_waits_and_any_failure_fails_the_step() -> None:
+    result = g.evaluate(
+        {}, CanaryGates(), min_samples=10, elapsed_s=0, min_duration_s=1, has_twin=False
+    )
+    assert result.status == "wait" and not result.failed
+    assert "0/10 compared requests" in result.summary()
+    result = g.evaluate(
+        {"compared": 4, "flagged": 4},
+        CanaryGates(),
+        min_samples=10,
+        elapsed_s=0,
+        min_duration_s=1,
+        has_twin=False,
+    )
+    assert result.status == "fail" and result.summary().startswith("flagged_rate:")
