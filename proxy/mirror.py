@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-import json
 import logging
 import random
 import time
@@ -33,7 +32,7 @@ from .analysis import Analysis, Exchange, analyze
 from .buffer.store import SampleStore
 from .canary.evidence import CanaryTag, EvidenceBuffer, comparison_counters, pair_counters
 from .canary.gates import CAND_CALLS, CAND_ERRORS, REF_CALLS, REF_ERRORS
-from .codec import DecodedResponse, MalformedMessage, parse_request_header, unsafe_to_mirror
+from .codec import MalformedMessage, parse_request_header, unsafe_to_mirror
 from .errors import (
     StoreError,
     UpstreamError,
@@ -43,14 +42,15 @@ from .errors import (
 )
 from .guards import Breaker, CpuBudget, LoopLag
 from .judge import Judge
+from .model_config import ModelConfigs
 from .routes import Route, candidate_path
-from .settings import CandidateSettings, Settings
+from .samples import headers_json, sample_meta
+from .settings import CandidateSettings, Settings, UpstreamSettings
 from .telemetry import Telemetry
 
 log = logging.getLogger("shadowproxy.mirror")
 
 CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
-_CONFIG_RETRY_S = 60.0
 # Request headers below this size are parsed inline in the task; larger JSON goes to a thread.
 _INLINE_PARSE_BYTES = 64 * 1024
 
@@ -114,8 +114,7 @@ class MirrorScheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._rng = random.Random()
-        # model -> (stateful, retry-after monotonic time, or None when known for good)
-        self._stateful: dict[str, tuple[bool, float | None]] = {}
+        self._models = ModelConfigs(session, settings.reference.url)
         self._lag = LoopLag()
         self._cpu: CpuBudget | None = None  # set in the mirror worker only
 
@@ -224,7 +223,7 @@ class MirrorScheduler:
             self._tel.skipped("unparseable_request", cand.name)
             return
         reason = unsafe_to_mirror(header)
-        if reason is None and await self._is_stateful(req.route.model or ""):
+        if reason is None and await self._models.is_stateful(req.route.model or ""):
             reason = "sequence_model"
         if reason is not None:
             self._tel.skipped(reason, cand.name)
@@ -287,35 +286,34 @@ class MirrorScheduler:
         self, cand: CandidateSettings, req: MirrorRequest
     ) -> Exchange | UpstreamError:
         model = req.route.model or ""
-        path = candidate_path(req.route, cand.served_name(model))
-        url = f"{cand.url}{path}" + (f"?{req.query}" if req.query else "")
         headers = CIMultiDict(req.headers)
         if not cand.forward_credentials:
             for name in CREDENTIAL_HEADERS:
                 headers.popall(name, None)
-        self._tel.propagator.inject(headers)
-        timeout = aiohttp.ClientTimeout(total=cand.timeout_s, sock_connect=cand.connect_timeout_s)
-        started = time.perf_counter()
-        try:
-            async with self._session.post(
-                url, data=req.body, headers=headers, timeout=timeout, allow_redirects=False
-            ) as resp:
-                body = await resp.read()
-                latency = time.perf_counter() - started
-                self._tel.latency("candidate", cand.name, latency)
-                return Exchange(cand.name, resp.status, CIMultiDict(resp.headers), body, latency)
-        except Exception as exc:
-            return translate_upstream_error(exc, cand.name, cand.url)
+        path = candidate_path(req.route, cand.served_name(model))
+        return await self._post(cand, path, req, headers, "candidate")
 
     async def _call_reference(self, req: MirrorRequest) -> Exchange | UpstreamError:
         """The reverse copy of a request the canary answered: the reference, with the client's
         own headers (it is the upstream they were meant for)."""
-        ref = self._settings.reference
         path = candidate_path(req.route, req.route.model or "")
-        url = f"{ref.url}{path}" + (f"?{req.query}" if req.query else "")
         headers = CIMultiDict(req.headers)
+        return await self._post(self._settings.reference, path, req, headers, "reference_shadow")
+
+    async def _post(
+        self,
+        upstream: UpstreamSettings,
+        path: str,
+        req: MirrorRequest,
+        headers: CIMultiDict[str],
+        side: str,
+    ) -> Exchange | UpstreamError:
+        """Send the copy to one upstream under its own timeout; failures come back as values."""
+        url = f"{upstream.url}{path}" + (f"?{req.query}" if req.query else "")
         self._tel.propagator.inject(headers)
-        timeout = aiohttp.ClientTimeout(total=ref.timeout_s, sock_connect=ref.connect_timeout_s)
+        timeout = aiohttp.ClientTimeout(
+            total=upstream.timeout_s, sock_connect=upstream.connect_timeout_s
+        )
         started = time.perf_counter()
         try:
             async with self._session.post(
@@ -323,10 +321,12 @@ class MirrorScheduler:
             ) as resp:
                 body = await resp.read()
                 latency = time.perf_counter() - started
-                self._tel.latency("reference_shadow", ref.name, latency)
-                return Exchange(ref.name, resp.status, CIMultiDict(resp.headers), body, latency)
+                self._tel.latency(side, upstream.name, latency)
+                return Exchange(
+                    upstream.name, resp.status, CIMultiDict(resp.headers), body, latency
+                )
         except Exception as exc:
-            return translate_upstream_error(exc, ref.name, ref.url)
+            return translate_upstream_error(exc, upstream.name, upstream.url)
 
     def _is_canary(self, cand: CandidateSettings) -> bool:
         return cand.name == self._canary_name
@@ -352,33 +352,6 @@ class MirrorScheduler:
             return await asyncio.wait_for(asyncio.shield(req.reference), timeout)
         except TimeoutError:
             return None
-
-    async def _is_stateful(self, model: str) -> bool:
-        """Whether the reference's config for ``model`` uses sequence batching.
-
-        Cached per model; a server without a config route (or a failed lookup) is remembered for
-        ``_CONFIG_RETRY_S`` too, so mirroring never costs an extra round trip per request.
-        Requests that carry sequence ids are caught from their parameters regardless.
-        """
-        now = time.monotonic()
-        cached = self._stateful.get(model)
-        if cached is not None and (cached[1] is None or cached[1] > now):
-            return cached[0]
-        url = f"{self._settings.reference.url}/v2/models/{model}/config"
-        stateful = False
-        self._stateful[model] = (False, now + _CONFIG_RETRY_S)
-        try:
-            timeout = aiohttp.ClientTimeout(total=2.0)
-            async with self._session.get(url, timeout=timeout) as resp:
-                if resp.status == 200:
-                    config = await resp.json(content_type=None)
-                    stateful = bool(config.get("sequence_batching")) or bool(
-                        (config.get("model_transaction_policy") or {}).get("decoupled")
-                    )
-                    self._stateful[model] = (stateful, None)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            pass  # remembered as unknown until the retry time above
-        return stateful
 
     def _apply_judgement(self, cand: CandidateSettings, req: MirrorRequest, a: Analysis) -> None:
         judged, pairs = self._judge.judge(cand, req.route.model or "", req.seq, a.verdicts)
@@ -419,11 +392,11 @@ class MirrorScheduler:
         if keep:
             payloads = {
                 "request": req.body,
-                "request_headers": _headers_json(req.headers),
+                "request_headers": headers_json(req.headers),
                 "reference_body": ref.body,
-                "reference_headers": _headers_json(ref.headers),
+                "reference_headers": headers_json(ref.headers),
                 "candidate_body": exchange.body,
-                "candidate_headers": _headers_json(exchange.headers),
+                "candidate_headers": headers_json(exchange.headers),
             }
         try:
             await self._store.record(meta, payloads)
@@ -432,49 +405,3 @@ class MirrorScheduler:
             self._tel.stored(cand.name, ok=False)
         else:
             self._tel.stored(cand.name, ok=True)
-
-
-def _side(x: Exchange, decoded: DecodedResponse | None, model: str) -> dict[str, Any]:
-    """One side of a sample: who answered, with which model and version, how fast."""
-    return {
-        "upstream": x.upstream,
-        "status": x.status,
-        "model": decoded.model_name if decoded else model,
-        "version": decoded.model_version if decoded else None,
-        "latency_ms": round(x.latency_s * 1000, 3),
-    }
-
-
-def _headers_json(headers: Mapping[str, str]) -> bytes:
-    return json.dumps(list(headers.items())).encode()
-
-
-def sample_meta(
-    cand: CandidateSettings,
-    req: MirrorRequest,
-    request_id: str,
-    ref: Exchange,
-    exchange: Exchange,
-    a: Analysis,
-    *,
-    stored: bool,
-) -> dict[str, Any]:
-    """The JSON record of one comparison: ids, both sides, every score, and why it was flagged."""
-    model = req.route.model or ""
-    return {
-        "id": uuid.uuid4().hex,
-        "ts": req.received_at,
-        "request_id": request_id,
-        "candidate": cand.name,
-        "noise_floor": cand.noise_floor,
-        "model": model,
-        "outcome": a.outcome,
-        "flagged": a.flagged,
-        "severity": a.severity,
-        "reason": a.reason,
-        "stored": stored,
-        "reference": _side(ref, a.reference, model),
-        "candidate_side": _side(exchange, a.candidate, cand.served_name(model)),
-        "outputs": [v.to_dict() for v in a.verdicts],
-        "previews": a.previews,
-    }

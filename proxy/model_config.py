@@ -1,0 +1,44 @@
+"""What the reference says about a model's config, cached: is it stateful (never mirror it)?"""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+
+_CONFIG_RETRY_S = 60.0
+
+
+class ModelConfigs:
+    def __init__(self, session: aiohttp.ClientSession, reference_url: str) -> None:
+        self._session = session
+        self._reference_url = reference_url
+        # model -> (stateful, retry-after monotonic time, or None when known for good)
+        self._stateful: dict[str, tuple[bool, float | None]] = {}
+
+    async def is_stateful(self, model: str) -> bool:
+        """Whether the reference's config for ``model`` uses sequence batching.
+
+        Cached per model; a server without a config route (or a failed lookup) is remembered for
+        ``_CONFIG_RETRY_S`` too, so mirroring never costs an extra round trip per request.
+        Requests that carry sequence ids are caught from their parameters regardless.
+        """
+        now = time.monotonic()
+        cached = self._stateful.get(model)
+        if cached is not None and (cached[1] is None or cached[1] > now):
+            return cached[0]
+        url = f"{self._reference_url}/v2/models/{model}/config"
+        stateful = False
+        self._stateful[model] = (False, now + _CONFIG_RETRY_S)
+        try:
+            timeout = aiohttp.ClientTimeout(total=2.0)
+            async with self._session.get(url, timeout=timeout) as resp:
+                if resp.status == 200:
+                    config = await resp.json(content_type=None)
+                    stateful = bool(config.get("sequence_batching")) or bool(
+                        (config.get("model_transaction_policy") or {}).get("decoupled")
+                    )
+                    self._stateful[model] = (stateful, None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            pass  # remembered as unknown until the retry time above
+        return stateful
