@@ -1,11 +1,12 @@
 """Wiring: the data plane and the admin plane, and who owns which resource.
 
 ``create_apps`` returns two aiohttp applications. The data app owns every async resource through
-its cleanup contexts, which aiohttp unwinds in reverse order: telemetry -> sample store (and the
-embedded Redis) -> compare threads -> client sessions -> mirror scheduler (or, with
-``proxy.mirror_process``, the link to the mirror worker, which runs the scheduler with the same
-contexts) -> the live proxy. So on shutdown the scheduler drains first, then the sessions it
-used close, then the store, then telemetry flushes.
+its cleanup contexts, which aiohttp sets up in this order and unwinds in reverse: telemetry ->
+sample store (and the embedded Redis) -> canary evidence buffer -> canary controller -> compare
+threads -> client sessions -> mirror scheduler (or, with ``proxy.mirror_process``, the link to the
+mirror worker, which runs the scheduler with the same contexts) -> the live proxy. So on shutdown
+the scheduler drains first, then the sessions it used close, then the canary stops and its last
+evidence is flushed, then the store closes, then telemetry flushes.
 The admin app only reads those resources; start it after the data app and stop it before.
 """
 
