@@ -54,7 +54,7 @@ def _ratio(results: Results, point: Point) -> str:
     d50, d99 = _p(point, "p50"), _p(point, "p99")
     if d50 is None or d99 is None:
         return "-"
-    return f"+{d50 - (_p(direct, 'p50') or 0):.2f} / +{d99 - (_p(direct, 'p99') or 0):.2f} ms"
+    return f"{d50 - (_p(direct, 'p50') or 0):+.2f} / {d99 - (_p(direct, 'p99') or 0):+.2f} ms"
 
 
 def _halves(point: Point) -> tuple[float, float]:
@@ -107,7 +107,7 @@ def goals(results: Results, targets: Sequence[str]) -> list[str]:
             ok = a50 <= ADDED_P50_MS and a99 <= ADDED_P99_MS and not here.run.errors
             lines.append(
                 f"{'PASS' if ok else 'FAIL'} {target}: added latency at 1000 req/s, 100% mirrored: "
-                f"p50 +{a50:.2f} ms (goal {ADDED_P50_MS}), p99 +{a99:.2f} ms (goal {ADDED_P99_MS})"
+                f"p50 {a50:+.2f} ms (goal {ADDED_P50_MS}), p99 {a99:+.2f} ms (goal {ADDED_P99_MS})"
             )
         sat, peer = results.get(target, "saturation"), results.get(PEER, "saturation")
         if sat and peer and sat.saturation and peer.saturation and peer.saturation.requests_per_s:

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="need
 BODY = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}]}'
 
 
-def tcp_peers(pid: int) -> set[tuple[int, int]]:
-    """(local port, remote port) of each TCP connection that process ``pid`` holds open."""
+def tcp_peers(pid: int, *, listening: bool = False) -> set[tuple[int, int]]:
+    """(local port, remote port) of each TCP socket that process ``pid`` holds open: its
+    connections, or with ``listening`` its listening sockets."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -37,7 +38,7 @@ def tcp_peers(pid: int) -> set[tuple[int, int]]:
     found = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if fields[9] in inodes:
+        if fields[9] in inodes and (fields[3] == "0A") == listening:  # 0A: LISTEN
             found.add((int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)))
     return found
 
@@ -124,7 +125,12 @@ async def test_workers_share_the_port_and_one_redis_and_stop_together(
         redis = [p for p in tree if "redis-server" in cmdline(p)]
         assert len(workers) == 2, [cmdline(p) for p in tree]
         assert len(redis) == 1, "the parent starts one embedded Redis for all workers"
-        redis_port = next(local for local, _ in tcp_peers(redis[0]) if local != 0)
+        # One worker answering is not both: wait until each listens on the shared data port.
+        deadline = time.monotonic() + 60
+        while not all((data_port, 0) in tcp_peers(p, listening=True) for p in workers):
+            assert time.monotonic() < deadline, "a worker never listened on the data port"
+            await asyncio.sleep(0.1)
+        redis_port = next(local for local, _ in tcp_peers(redis[0], listening=True))
         # Each request on its own connection, so the kernel spreads them over both workers.
         for _ in range(60):
             async with (
