@@ -29,6 +29,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +42,7 @@ import aiohttp
 import yaml
 
 from .bench_report import write_report
-from .mirror_overhead import MODEL, proxy_config, scrape
+from .mirror_overhead import MODEL, environment, proxy_config, scrape
 from .nginx import nginx_binary, start_nginx
 from .openloop import Run, Saturation, open_loop, scenario, wrk_saturation
 from .procs import (
@@ -324,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     procs = Processes(args.out / "logs")
     started = time.time()
+    env = environment()  # the commit as the run starts: the tree may change while it runs
+    for label, tree in args.tree_dirs.items():
+        env += f"; shadowproxy@{label} from {tree} at {_revision(Path(tree))}"
     loop_factory = None
     with contextlib.suppress(ImportError):
         import uvloop
@@ -340,11 +344,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         procs.stop_all()
-    text = write_report(results, args, time.time() - started)
+    text = write_report(results, args, time.time() - started, env)
     print(text)
     (args.out / "bench.json").write_text(json.dumps(_as_json(results), indent=2))
     print(f"written: {args.out / 'bench.md'}, {args.out / 'bench_cdf.png'}, bench.json")
     return 0
+
+
+def _revision(tree: Path) -> str:
+    out = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout.strip() or "unknown"
 
 
 def _as_json(results: Results) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .mirror_overhead import environment, md_table, text_table
+from .mirror_overhead import md_table, text_table
 
 if TYPE_CHECKING:
     from .bench import Point, Results
@@ -193,7 +193,7 @@ def plot(results: Results, path: str) -> bool:
     return True
 
 
-def write_report(results: Results, args: argparse.Namespace, elapsed_s: float) -> str:
+def write_report(results: Results, args: argparse.Namespace, elapsed_s: float, env: str) -> str:
     proxies = sorted({p.target for p in results.points if p.target.startswith("shadowproxy")})
     intro = (
         f"open loop: {args.duration:g} s measured after {args.warmup:g} s warmup per point; "
@@ -215,7 +215,7 @@ def write_report(results: Results, args: argparse.Namespace, elapsed_s: float) -
     parts_text += ["Copies (proxy /metrics):", *copies(results), quiet, *results.notes]
     md = [
         "# shadowproxy vs NGINX mirror",
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {environment()}.",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {env}.",
         intro,
         md_table(*table(results)),
         "## Goals",
