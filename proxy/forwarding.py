@@ -124,7 +124,11 @@ class LiveProxy:
         self._cand: _Target | None = None
         self._served_header: str | None = None
         if canary is not None:
-            self._cand = _Target.of(canary.candidate, "canary")
+            # A canary answer is a live answer: it gets the reference's time limits, not the
+            # candidate's shadow timeout (which bounds only what a copy may cost).
+            self._cand = _Target(
+                canary.candidate.name, canary.candidate.url, self._ref.timeout, "canary"
+            )
             self._served_header = canary.config.response_header
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
