@@ -244,10 +244,12 @@ async def _mirror_link_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _live_proxy_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[LIVE_PROXY] = LiveProxy(
+    proxy = LiveProxy(
         app[SETTINGS], app[LIVE_SESSION], app[MIRROR], app[TELEMETRY], app.get(CANARY)
     )
+    app[LIVE_PROXY] = proxy
     yield
+    await proxy.close()
 
 
 class ProxyRunner:

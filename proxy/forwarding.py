@@ -23,8 +23,11 @@ from opentelemetry.trace import INVALID_SPAN, SpanKind
 
 from .analysis import Exchange
 from .canary.controller import CanaryController
+from .canary.evidence import CanaryTag
+from .codec import MalformedMessage, parse_request_header, unsafe_to_mirror
 from .errors import UpstreamError, UpstreamUnavailable, translate_upstream_error
 from .mirror import Mirror, MirrorRequest
+from .model_config import ModelConfigs
 from .routes import RouteKind, candidate_path, classify
 from .settings import Settings, UpstreamSettings
 from .telemetry import Telemetry
@@ -120,6 +123,7 @@ class LiveProxy:
         self._scheduler = scheduler
         self._tel = telemetry
         self._canary = canary
+        self._models = ModelConfigs(session, settings.reference.url)
         self._ref = _Target.of(settings.reference, "reference")
         self._cand: _Target | None = None
         self._served_header: str | None = None
@@ -139,8 +143,12 @@ class LiveProxy:
             if route.kind is RouteKind.INFER and self._settings.canary_serves(model)
             else None
         )
-        by_candidate, tag = canary.split(request.headers) if canary is not None else (False, None)
-        mirror = route.kind is RouteKind.INFER and (by_candidate or self._mirrors(model))
+        by_candidate, tag, early_body = await self._split(canary, model, request)
+        # Reverse copies are evidence for a running rollout; after it, they would only double
+        # the reference's load.
+        mirror = route.kind is RouteKind.INFER and (
+            (by_candidate and tag is not None) or self._mirrors(model)
+        )
         if route.kind is RouteKind.ADMIN:
             self._scheduler.note_skip("admin_route")
         headers = end_to_end(request.headers, _REQUEST_DROP)
@@ -162,14 +170,17 @@ class LiveProxy:
         with span_cm as span:
             if traced:
                 self._tel.propagator.inject(headers)
-            body: bytes | aiohttp.StreamReader | None = None
-            if mirror or (
-                request.body_exists
-                and request.content_length is not None
-                and request.content_length <= _SMALL_REQUEST
+            body: bytes | aiohttp.StreamReader | None = early_body
+            if body is None and (
+                mirror
+                or (
+                    request.body_exists
+                    and request.content_length is not None
+                    and request.content_length <= _SMALL_REQUEST
+                )
             ):
                 body = await request.read()
-            elif request.body_exists:
+            elif body is None and request.body_exists:
                 body = request.content
                 if request.content_length is not None:
                     headers["Content-Length"] = str(request.content_length)
@@ -227,6 +238,41 @@ class LiveProxy:
             span.set_attribute("http.response.status_code", response.status)
             self._tel.request(route.kind.value, response.status)
             return response
+
+    async def _split(
+        self, canary: CanaryController | None, model: str, request: web.Request
+    ) -> tuple[bool, CanaryTag | None, bytes | None]:
+        """(the candidate answers?, the canary step's tag, the body when it had to be read)."""
+        if canary is None:
+            return False, None, None
+        by_candidate, tag = canary.split(request.headers)
+        if not by_candidate:
+            return False, tag, None
+        body = await request.read()
+        unsafe = self._unsafe_to_split(model, body, request.headers)
+        if unsafe is not None:
+            # Sequences, shared memory and stateful models stay with the reference.
+            self._scheduler.note_skip(f"canary_{unsafe}")
+            return False, tag, body
+        return True, tag, body
+
+    def _unsafe_to_split(
+        self, model: str, body: bytes, headers: CIMultiDictProxy[str]
+    ) -> str | None:
+        """Why this request must stay on the reference (the canary cannot take it), or None."""
+        stateful = self._models.peek(model)
+        if stateful is None:
+            return "model_unknown"  # until the reference's config says (looked up meanwhile)
+        if stateful:
+            return "sequence_model"
+        try:
+            header = parse_request_header(body, headers)
+        except MalformedMessage:
+            return None  # the candidate answers the error, as the reference would
+        return unsafe_to_mirror(header)
+
+    async def close(self) -> None:
+        await self._models.close()
 
     async def _forward(
         self,

@@ -31,7 +31,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind
 from .analysis import Analysis, Exchange, analyze
 from .buffer.store import SampleStore
 from .canary.evidence import CanaryTag, EvidenceBuffer, comparison_counters, pair_counters
-from .canary.gates import CAND_CALLS, CAND_ERRORS, REF_CALLS, REF_ERRORS
+from .canary.gates import CAND_CALLS, CAND_ERRORS, REF_CALLS, REF_ERRORS, UNCOMPARED
 from .codec import MalformedMessage, parse_request_header, unsafe_to_mirror
 from .errors import (
     StoreError,
@@ -136,29 +136,42 @@ class MirrorScheduler:
         for cand in self._settings.candidates:
             if not cand.shadows(model):
                 continue
-            if req.served_by is not None and cand.name != req.served_by:
+            reverse = req.served_by == cand.name
+            if req.served_by is not None and not reverse:
                 # The canary answered: there is no reference answer to compare this one with.
                 self._tel.skipped("served_by_canary", cand.name)
-            elif req.served_by is None and not self._sampled(cand, req.headers):
+                continue
+            if not reverse and not self._sampled(cand, req.headers):
                 # (A canary answer is always compared: its copy goes to the reference.)
                 self._tel.skipped("not_sampled", cand.name)
-            elif self._closing:
-                self._tel.mirror(cand.name, "dropped_shutdown")
-            elif self._cpu is not None and self._cpu.over():
-                self._tel.mirror(cand.name, "dropped_cpu_budget")
-            elif shed_ms and self._lag.ms > shed_ms:
-                # The loop is late: this process is CPU-bound. Shadow work would come out of live
-                # latency, so the copy is dropped (and counted) until the loop catches up.
-                self._tel.mirror(cand.name, "dropped_overload")
-            elif self._breakers[cand.name].is_open():
-                self._tel.mirror(cand.name, "dropped_circuit_open")
-            elif self._in_flight[cand.name] >= cand.max_in_flight:
-                self._tel.mirror(cand.name, "dropped_queue_full")
-            else:
-                self._in_flight[cand.name] += 1
-                task = asyncio.get_running_loop().create_task(self._run(cand, req))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                continue
+            dropped = self._drop_reason(cand, reverse, shed_ms)
+            if dropped is not None:
+                self._tel.mirror(cand.name, dropped)
+                if reverse and self._evidence is not None and req.canary is not None:
+                    self._evidence.add(req.canary, {UNCOMPARED: 1})  # a canary answer unchecked
+                continue
+            self._in_flight[cand.name] += 1
+            task = asyncio.get_running_loop().create_task(self._run(cand, req))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _drop_reason(self, cand: CandidateSettings, reverse: bool, shed_ms: float) -> str | None:
+        """Why a copy cannot be taken now (each reason counted), or None."""
+        if self._closing:
+            return "dropped_shutdown"
+        if self._cpu is not None and self._cpu.over():
+            return "dropped_cpu_budget"
+        if shed_ms and self._lag.ms > shed_ms:
+            # The loop is late: this process is CPU-bound. Shadow work would come out of live
+            # latency, so the copy is dropped (and counted) until the loop catches up.
+            return "dropped_overload"
+        if not reverse and self._breakers[cand.name].is_open():
+            # (The candidate's breaker guards calls to the candidate, not reverse copies.)
+            return "dropped_circuit_open"
+        if self._in_flight[cand.name] >= cand.max_in_flight:
+            return "dropped_queue_full"
+        return None
 
     def start(self) -> None:
         self._lag.start()
@@ -243,6 +256,13 @@ class MirrorScheduler:
         reverse = req.served_by == cand.name
         with trace.use_span(span, end_on_exit=True):
             if reverse:
+                # The canary's own answer first: if it failed (or fell back to the reference,
+                # which then answered live) there is nothing to compare and no second reference
+                # call to make.
+                live = await self._await_reference(req)
+                if live is None:
+                    self._tel.mirror(cand.name, "live_failed")
+                    return
                 shadow = await self._call_reference(req)
             else:
                 shadow = await self._call_candidate(cand, req)
@@ -256,10 +276,12 @@ class MirrorScheduler:
                 span.set_attribute("shadowproxy.outcome", outcome)
                 self._tel.mirror(cand.name, outcome)
                 return
-            live = await self._await_reference(req)
-            if live is None:
-                self._tel.mirror(cand.name, "live_failed" if reverse else "reference_failed")
-                return
+            if not reverse:
+                live = await self._await_reference(req)
+                if live is None:
+                    self._tel.mirror(cand.name, "reference_failed")
+                    return
+            assert live is not None
             ref, exchange = (shadow, live) if reverse else (live, shadow)
             with self._tel.tracer.start_as_current_span("compare") as cspan:
                 loop = asyncio.get_running_loop()
@@ -291,7 +313,15 @@ class MirrorScheduler:
             for name in CREDENTIAL_HEADERS:
                 headers.popall(name, None)
         path = candidate_path(req.route, cand.served_name(model))
-        return await self._post(cand, path, req, headers, "candidate")
+        upstream: UpstreamSettings = cand
+        if req.canary is not None and self._is_canary(cand):
+            # Evidence for the canary's error rate: the limits its live answers get, or an
+            # answer slower than the shadow timeout would count as an error it is not.
+            ref = self._settings.reference
+            upstream = cand.model_copy(
+                update={"timeout_s": ref.timeout_s, "connect_timeout_s": ref.connect_timeout_s}
+            )
+        return await self._post(upstream, path, req, headers, "candidate")
 
     async def _call_reference(self, req: MirrorRequest) -> Exchange | UpstreamError:
         """The reverse copy of a request the canary answered: the reference, with the client's

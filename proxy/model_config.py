@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
 import aiohttp
@@ -15,6 +17,26 @@ class ModelConfigs:
         self._reference_url = reference_url
         # model -> (stateful, retry-after monotonic time, or None when known for good)
         self._stateful: dict[str, tuple[bool, float | None]] = {}
+        self._lookups: dict[str, asyncio.Task[bool]] = {}
+
+    def peek(self, model: str) -> bool | None:
+        """What is known now, without waiting: True/False, or None (unknown; a lookup starts in
+        the background, so the live path never waits on it)."""
+        if model in self._lookups:
+            return None
+        cached = self._stateful.get(model)
+        if cached is not None and (cached[1] is None or cached[1] > time.monotonic()):
+            return cached[0]  # known, or (no config route) assumed until the retry time
+        task = asyncio.get_running_loop().create_task(self.is_stateful(model))
+        self._lookups[model] = task
+        task.add_done_callback(lambda _: self._lookups.pop(model, None))
+        return None
+
+    async def close(self) -> None:
+        for task in list(self._lookups.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def is_stateful(self, model: str) -> bool:
         """Whether the reference's config for ``model`` uses sequence batching.

@@ -147,7 +147,8 @@ class Telemetry:
         )
         self._canary_unflushed = meter.create_counter(
             "shadowproxy_canary_evidence_unflushed",
-            description="Canary evidence counters a Redis write failed for (kept and retried)",
+            description="Canary evidence counts a Redis write failed for (retried, or dropped "
+            "when Redis may have applied them)",
         )
         # Plain in-process tallies for /api/summary and the demo report (cheap, no export).
         self.tally: Counter[tuple[str, str]] = Counter()

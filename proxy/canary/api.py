@@ -26,6 +26,7 @@ from .controller import CanaryController
 from .state import ACTIONS, apply_action
 
 FLAGGER_PATH = "/api/canary/flagger"
+_MAX_WEBHOOK_BYTES = 64 * 1024
 
 
 def add_routes(app: web.Application, auth_key: web.AppKey[Authenticator]) -> None:
@@ -76,11 +77,10 @@ async def command(request: web.Request) -> web.Response:
             return _error(400, "the body must be a JSON object with a string `reason`")
         reason = body.get("reason", "")
     who = request[PRINCIPAL].name
-    config = request.app[SETTINGS].canary
-    assert config is not None
+    settings = request.app[SETTINGS]
     try:
         state, record = await controller.store.update(
-            lambda cur: apply_action(cur, action, config, who, reason)
+            lambda cur: apply_action(cur, action, settings, who, reason)
         )
     except CanaryError as exc:
         return _error(409, str(exc))
@@ -96,10 +96,14 @@ async def _evaluation(controller: CanaryController) -> dict[str, Any]:
     snap = await controller.status(decisions=0)
     state = snap["state"] or {}
     evaluation = snap["evaluation"] or {"status": "wait", "gates": []}
-    if state.get("status") == "rolled_back":
+    status = state.get("status")
+    if status in ("rolled_back", "aborted"):
         verdict = "fail"
-    elif state.get("status") == "promoted":
+    elif status == "promoted":
         verdict = "pass"
+    elif status in ("paused", "awaiting_approval"):
+        # A person holds the rollout here: an external controller must not move it on either.
+        verdict = "fail" if evaluation["status"] == "fail" else "wait"
     else:
         verdict = evaluation["status"]
     return {
@@ -131,22 +135,28 @@ async def analysis(request: web.Request) -> web.Response:
 
 
 async def flagger_webhook(request: web.Request, auth: Authenticator) -> web.Response:
-    """Flagger's webhook: its payload is ``{name, namespace, phase, checksum, metadata}``."""
-    try:
-        payload = await request.json() if request.can_read_body else {}
-    except ValueError:
-        payload = None
-    if not isinstance(payload, dict):
-        return _error(400, "the body must be Flagger's JSON payload")
-    metadata = payload.get("metadata") or {}
-    header = request.headers.get("Authorization", "")
-    token = header[7:] if header.startswith("Bearer ") else ""
-    if not token and isinstance(metadata, dict):
-        token = str(metadata.get("token", ""))
+    """Flagger's webhook: its payload is ``{name, namespace, phase, checksum, metadata}``.
+
+    The token travels in the payload because Flagger webhooks cannot send headers; it then lives
+    in the Canary resource, so give Flagger a token of its own with the viewer role."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    payload: Any = {}
+    if request.can_read_body:
+        if request.content_length is not None and request.content_length > _MAX_WEBHOOK_BYTES:
+            return _error(413, f"a Flagger payload is small; this one is over {_MAX_WEBHOOK_BYTES}")
+        try:
+            payload = await request.json()
+        except ValueError:
+            payload = None
+    if not token and isinstance(payload, dict) and isinstance(payload.get("metadata"), dict):
+        token = str(payload["metadata"].get("token", ""))
     if not token or auth.principal_for_token(token) is None:
         resp = _error(401, "send Authorization: Bearer <token>, or metadata.token in the payload")
         resp.headers["WWW-Authenticate"] = 'Bearer realm="shadowproxy"'
         return resp
+    if not isinstance(payload, dict):
+        return _error(400, "the body must be Flagger's JSON payload")
     controller = _controller(request)
     if controller is None:
         return _error(404, _NO_CANARY)

@@ -49,10 +49,9 @@ async def run(args: argparse.Namespace, settings: Settings, store: SampleStore) 
         snap = await describe(settings, canary, args.decisions)
         print(json.dumps(snap, indent=2) if args.json else render_status(snap))
         return 0
-    config = settings.canary
     by = f"cli:{getpass.getuser()}"
     state, record = await canary.update(
-        lambda cur: apply_action(cur, args.canary_command, config, by, args.reason)
+        lambda cur: apply_action(cur, args.canary_command, settings, by, args.reason)
     )
     if args.json:
         print(json.dumps({"state": state.view() if state else None, "decision": record}))

@@ -28,7 +28,7 @@ from ..settings import Settings
 from ..telemetry import Telemetry
 from . import gates as g
 from .evidence import CanaryTag, EvidenceBuffer
-from .state import CanaryStore, Change, Decision, RolloutState
+from .state import CanaryStore, Change, Decision, RolloutState, fingerprint
 
 log = logging.getLogger("shadowproxy.canary")
 
@@ -84,7 +84,7 @@ def decide(
                 "(shadowproxy canary resume)"
             )
             new = replace(cur, status="awaiting_approval", updated_at=now, reason=why)
-            return new, Decision("awaiting_approval", why, gates=gates)
+            return new, Decision("awaiting_approval", why, gates=gates, measured_at=cur.weight)
         why = f"every gate passed at {at}; now {weight:g}%"
         new = replace(
             cur, step=nxt, step_started_at=now, updated_at=now, reason=why, noted_wait=False
@@ -124,6 +124,8 @@ class CanaryController:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
+        self._fingerprint = fingerprint(settings)
+        self._warned_mismatch = False
 
     # ------------------------------------------------------------------ the live path
 
@@ -137,7 +139,7 @@ class CanaryController:
     def split(self, headers: Mapping[str, str]) -> tuple[bool, CanaryTag | None]:
         """(the candidate answers this request?, the step whose evidence it feeds)."""
         state = self.state
-        if state is None:
+        if state is None or not self._ours(state):
             return False, None
         tag = (state.rollout, state.attempt, state.step) if state.active else None
         weight = state.weight if self.config.split else 0.0
@@ -182,6 +184,23 @@ class CanaryController:
             counters[g.latency_field(side, seconds)] = 1
         self.evidence.add(tag, counters)
 
+    def _ours(self, state: RolloutState) -> bool:
+        """Whether this proxy is configured for what the stored rollout rolls out. If not (its
+        config changed under a running rollout, or replicas run two configs), it serves the
+        reference and takes no decision, and says so once."""
+        if state.fingerprint == self._fingerprint:
+            self._warned_mismatch = False
+            return True
+        if not self._warned_mismatch:
+            log.warning(
+                "canary %s: the running rollout is of another configuration than this proxy's; "
+                "serving the reference here (run `shadowproxy canary restart` to roll this one "
+                "out)",
+                state.rollout,
+            )
+            self._warned_mismatch = True
+        return False
+
     # ------------------------------------------------------------------ the control loop
 
     async def start(self) -> None:
@@ -218,18 +237,28 @@ class CanaryController:
                 log.exception("canary: evaluation failed")
 
     def _start_if_new(self, cur: RolloutState | None) -> Change:
-        if cur is not None:
+        """Start the rollout; or, when a finished one rolled out something else (a new build
+        under the same id), a new attempt of it. A running rollout of something else is left to
+        the proxies configured for it (and ``canary restart``)."""
+        now = time.time()
+        if cur is None:
+            new = RolloutState.initial(self._settings, now)
+            steps = ", ".join(f"{w:g}%" for w in new.steps)
+            return new, Decision("started", f"rollout of {new.candidate} started: steps {steps}")
+        if cur.fingerprint == self._fingerprint or cur.active:
             return None
-        new = RolloutState.initial(self.config, time.time())
-        steps = ", ".join(f"{w:g}%" for w in new.steps)
-        why = f"rollout of {new.candidate} started: steps {steps}"
-        return new, Decision("started", why)
+        new = RolloutState.initial(self._settings, now, cur.attempt + 1)
+        why = (
+            f"the {cur.status.replace('_', ' ')} rollout was of another configuration "
+            "(candidate, URL, models or steps changed): a new attempt from the first step"
+        )
+        return new, Decision("restarted", why)
 
     async def tick(self) -> None:
         """Read the rollout, evaluate its step, and move it if the gates say so."""
         state, record = await self.store.update(self._start_if_new)
         self._adopt(state, record)
-        if state is None or not state.active:
+        if state is None or not state.active or not self._ours(state):
             return
         await self.evidence.flush()  # this replica's own counts count too
         evidence = await self.store.evidence(state.attempt, state.step)

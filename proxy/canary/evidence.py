@@ -22,7 +22,7 @@ from ..buffer.keys import KeySchema
 from ..errors import StoreError
 from ..telemetry import Telemetry
 from . import gates as g
-from .state import add_evidence
+from .state import EvidenceLost, add_evidence
 
 log = logging.getLogger("shadowproxy.canary")
 
@@ -95,6 +95,11 @@ class EvidenceBuffer:
         batch, self._pending = self._pending, defaultdict(Counter)
         try:
             await add_evidence(self._r, self._keys, batch, self._timeout)
+        except EvidenceLost as exc:
+            lost = sum(sum(c.values()) for c in batch.values())
+            self._tel.canary_evidence_unflushed(lost)
+            log.warning("canary evidence dropped, %d counts (not retried): %s", lost, exc)
+            return False
         except StoreError as exc:
             for tag, counters in batch.items():
                 self._pending[tag].update(counters)

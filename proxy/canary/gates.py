@@ -31,6 +31,9 @@ Status = Literal["pass", "fail", "wait", "skip"]
 _LAT_BASE_MS = 0.001
 _LAT_GAMMA = 1.02
 _LOG_GAMMA = math.log(_LAT_GAMMA)
+_EARLY_FAIL_EVENTS = 3
+# A tail quantile needs this many samples beyond it to be more than the largest few values.
+_TAIL_SAMPLES = 10
 
 # Counter names in a step's evidence hash.
 COMPARED = "compared"
@@ -45,6 +48,7 @@ PAIRS_TWIN_ONLY = "pairs_twin_only"  # twin flagged, candidate not (McNemar's c)
 SERVED_CAND = "served_cand"
 SERVED_REF = "served_ref"
 FALLBACKS = "fallbacks"
+UNCOMPARED = "uncompared"  # canary answers whose reverse copy was dropped (overload, bounds)
 LAT_REF = "lat_ref"  # paired: both sides' timings of the same compared request
 LAT_CAND = "lat_cand"
 LIVE_LAT_REF = "live_lat_ref"  # live answers, timed by the live process
@@ -126,7 +130,9 @@ def _rate_gate(
     low, high = wilson_interval(k, n, z)
     rate = k / n
     shown = f"{k}/{n} = {rate:.2%} (bounds {low:.2%}..{high:.2%}), limit {limit:.2%}"
-    if low > limit:
+    # Failing early is a look at the data before min_samples, and the gates look every interval:
+    # three events at least, so one unlucky early sample cannot roll a sound candidate back.
+    if low > limit and (k >= _EARLY_FAIL_EVENTS or n >= min_samples):
         return GateResult(gate, "fail", rate, limit, f"{shown}: above the limit")
     if n < min_samples:
         return GateResult(gate, "wait", rate, limit, f"{shown}: {n}/{min_samples} {what}")
@@ -209,23 +215,27 @@ def _latency_gate(evidence: Mapping[str, int], gates: CanaryGates, min_samples: 
     # low weights (or at 100%) one side has too few, and the paired timings of compared requests
     # stand in: those are taken by the mirror worker, which runs at low CPU priority, so on a
     # busy host they are slower for whichever side was the shadow.
-    live = [latency_quantile(evidence, side, 0.99) for side in (LIVE_LAT_REF, LIVE_LAT_CAND)]
-    paired = [latency_quantile(evidence, side, 0.99) for side in (LAT_REF, LAT_CAND)]
+    sides = (LIVE_LAT_REF, LIVE_LAT_CAND)
     source = "live answers"
-    (ref_p99, n_ref), (cand_p99, n_cand) = live
-    if min(n_ref, n_cand) < min_samples:
-        source = "timed pairs"
-        (ref_p99, n_ref), (cand_p99, n_cand) = paired
-    n = min(n_ref, n_cand)
-    if ref_p99 is None or cand_p99 is None or n < min_samples:
-        return GateResult(
-            "latency_p99", "wait", cand_p99, None, f"{n}/{min_samples} timed pairs of answers"
-        )
-    limit = gates.max_latency_p99_ratio * ref_p99 + gates.latency_slack_ms
+    n = min(latency_quantile(evidence, side, 0.5)[1] for side in sides)
+    if n < min_samples:
+        sides, source = (LAT_REF, LAT_CAND), "timed pairs"
+        n = min(latency_quantile(evidence, side, 0.5)[1] for side in sides)
+    if n < min_samples:
+        return GateResult("latency_p99", "wait", None, None, f"{n}/{min_samples} timed answers")
+    # p99 when there are enough samples for it; below 1,000 the highest quantile that still has
+    # ten samples beyond it (p95 at 200), so one or two outliers do not decide the step.
+    q = min(0.99, 1.0 - _TAIL_SAMPLES / n)
+    ref_q, _ = latency_quantile(evidence, sides[0], q)
+    cand_q, _ = latency_quantile(evidence, sides[1], q)
+    assert ref_q is not None and cand_q is not None
+    name = f"p{q * 100:.3g}"
+    limit = gates.max_latency_p99_ratio * ref_q + gates.latency_slack_ms
     shown = (
-        f"candidate p99 {cand_p99:.1f} ms vs reference p99 {ref_p99:.1f} ms ({source}), "
+        f"candidate {name} {cand_q:.1f} ms vs reference {name} {ref_q:.1f} ms ({source}, {n}), "
         f"limit {limit:.1f} ms ({gates.max_latency_p99_ratio:g}x + {gates.latency_slack_ms:g} ms)"
     )
+    cand_p99 = cand_q
     status: Status = "pass" if cand_p99 <= limit else "fail"
     return GateResult("latency_p99", status, round(cand_p99, 3), round(limit, 3), shown)
 

@@ -9,6 +9,7 @@ the new state. Nothing here runs on the live path.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -20,7 +21,7 @@ from redis.exceptions import RedisError, WatchError
 
 from ..buffer.keys import CANARY_DECISIONS_MAX, CANARY_EVIDENCE_TTL_S, KeySchema
 from ..errors import CanaryError, StoreError
-from ..settings import CanarySettings
+from ..settings import Settings
 
 Status = Literal["running", "paused", "awaiting_approval", "promoted", "rolled_back", "aborted"]
 ACTIVE: frozenset[str] = frozenset({"running", "paused", "awaiting_approval"})
@@ -43,6 +44,9 @@ class RolloutState:
     """Steps a person has approved moving to (``approve_before``)."""
     noted_wait: bool = False
     """The decision log already says this step is waiting for data (said once per step)."""
+    fingerprint: str = ""
+    """What was rolled out (candidate, where, which models, the steps): a proxy configured for
+    something else does not act on this rollout."""
 
     @property
     def weight(self) -> float:
@@ -68,22 +72,26 @@ class RolloutState:
         return cls(**data)
 
     @classmethod
-    def initial(cls, settings: CanarySettings, now: float, attempt: int = 1) -> RolloutState:
+    def initial(cls, settings: Settings, now: float, attempt: int = 1) -> RolloutState:
+        canary = settings.canary
+        assert canary is not None
         return cls(
-            rollout=settings.rollout_id,
-            candidate=settings.candidate,
-            steps=tuple(settings.steps),
+            rollout=canary.rollout_id,
+            candidate=canary.candidate,
+            steps=tuple(canary.steps),
             status="running",
             step=0,
             attempt=attempt,
             step_started_at=now,
             updated_at=now,
+            fingerprint=fingerprint(settings),
         )
 
     def view(self) -> dict[str, Any]:
         """What the API and CLI show."""
         data = asdict(self)
         data.pop("noted_wait")
+        data.pop("fingerprint")
         data["weight"] = self.weight
         data["step_number"] = f"{self.step + 1}/{len(self.steps)}"
         return data
@@ -114,21 +122,36 @@ class Decision:
         }
 
 
+class EvidenceLost(StoreError):
+    """An evidence write whose outcome is unknown: dropped, not retried (never counted twice)."""
+
+
 Change = tuple[RolloutState, Decision] | None
 """What an update function returns: the new state and why, or None to leave it as it is."""
 
 
+def fingerprint(settings: Settings) -> str:
+    """A digest of what a rollout rolls out: the candidate, where it is, the models it serves
+    and under which names, and the steps (not the gates: those may be tuned in flight)."""
+    canary = settings.canary
+    assert canary is not None
+    cand = settings.candidate(canary.candidate)
+    what = [cand.name, cand.url, sorted(cand.model_map.items()), sorted(cand.models), canary.steps]
+    return hashlib.blake2b(json.dumps(what).encode(), digest_size=8).hexdigest()
+
+
 def apply_action(
-    state: RolloutState | None, action: str, settings: CanarySettings, by: str, reason: str
+    state: RolloutState | None, action: str, settings: Settings, by: str, reason: str
 ) -> tuple[RolloutState, Decision]:
     """A person's command (pause, resume, abort, promote, restart) applied to the rollout."""
     now = time.time()
     why = reason or f"{action} by {by}"
+    assert settings.canary is not None
     if action == "restart":
         attempt = state.attempt + 1 if state is not None else 1
         return RolloutState.initial(settings, now, attempt), Decision("restarted", why, by)
     if state is None:
-        raise CanaryError(f"rollout {settings.rollout_id!r} has not started yet")
+        raise CanaryError(f"rollout {settings.canary.rollout_id!r} has not started yet")
     if not state.active:
         raise CanaryError(
             f"rollout {state.rollout!r} is {state.status}; only `restart` starts it again"
@@ -246,9 +269,12 @@ async def add_evidence(
     batch: Mapping[tuple[str, int, int], Mapping[str, int]],
     timeout_s: float,
 ) -> None:
-    """Add counters to steps' evidence hashes in one round trip (``StoreError`` on failure)."""
+    """Add counters to steps' evidence hashes in one round trip, all or nothing (MULTI/EXEC).
+
+    Raises ``EvidenceLost`` when Redis may have applied the batch but did not say so (a timeout:
+    retrying could count it twice), ``StoreError`` when it certainly did not (try again)."""
     try:
-        async with client.pipeline(transaction=False) as pipe:
+        async with client.pipeline(transaction=True) as pipe:
             for (rollout, attempt, step), counters in batch.items():
                 key = keys.canary_evidence(rollout, attempt, step)
                 for name, n in counters.items():
@@ -256,6 +282,6 @@ async def add_evidence(
                 pipe.expire(key, CANARY_EVIDENCE_TTL_S)
             await asyncio.wait_for(pipe.execute(), timeout_s)
     except TimeoutError as exc:
-        raise StoreError("redis did not answer in time") from exc
+        raise EvidenceLost("redis did not answer in time; the batch may or may not be in") from exc
     except (RedisError, OSError) as exc:
         raise StoreError(f"redis failed: {exc}") from exc

@@ -173,7 +173,8 @@ async def test_divergent_candidate_rolls_back_at_once_and_says_why(
     gate = next(g for g in last["gates"] if g["gate"] == "flagged_rate")
     assert gate["status"] == "fail" and gate["value"] == 1.0 and gate["threshold"] == 0.3
     # well before min_samples: the evidence already said enough
-    assert (await proxy.canary.store.evidence(state.attempt, 0))["compared"] < 50
+    samples = next(g for g in last["gates"] if g["gate"] == "samples")
+    assert samples["status"] == "wait" and samples["value"] < 50
     await asyncio.sleep(0.1)
     assert {who for _, who in await _infer(proxy, 10, first=50)} == {"ref"}
     code, body = await _admin(proxy, "POST", "/api/canary/flagger", json={"name": "m"})
@@ -215,7 +216,51 @@ async def test_refusing_candidate_falls_back_to_the_reference_and_rolls_back(
     state = await _wait_status(proxy, {"rolled_back"})
     assert "error_rate" in state.reason
     evidence = await proxy.canary.store.evidence(state.attempt, 0)
-    assert evidence["fallbacks"] >= 1
+    assert evidence["fallbacks"] >= 3
+    assert await proxy.drained(10)
+    assert ref.behaviour.calls == 10  # one reference call per request: no reverse copy as well
+
+
+async def test_sequences_stay_on_the_reference_and_a_new_build_starts_a_new_attempt(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await fake(), await fake()
+    settings = _canary_settings(ref.url, cand.url, redis_url, steps=[100])
+    proxy = await proxy_factory(settings)
+    await _infer(proxy, 2)  # the model's config is looked up meanwhile
+    await asyncio.sleep(0.2)
+    body = json.dumps(
+        {
+            "parameters": {"sequence_id": 7},
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+        }
+    ).encode()
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.post(
+                f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer", data=body
+            ) as r:
+                assert r.status == 200 and r.headers["X-Served-By"] == "ref"
+    assert {who for _, who in await _infer(proxy, 3, first=10)} == {"cand"}
+    code, body_ = await _admin(proxy, "POST", "/api/canary/promote")
+    assert code == 200
+    code, body_ = await _admin(proxy, "POST", "/api/canary/flagger", json={"name": "m"})
+    assert code == 200
+    await proxy.stop()
+
+    # The same rollout id with another build (another URL): a new attempt from the first step,
+    # not an inherited "promoted".
+    other = await fake(drift=0.5)
+    again = await proxy_factory(_canary_settings(ref.url, other.url, redis_url, steps=[50, 100]))
+    state = await again.canary.store.read()
+    assert (state.status, state.attempt, state.step, state.weight) == ("running", 2, 0, 50)
+    assert (await again.canary.store.decisions())[-1]["outcome"] == "restarted"
+    code, body_ = await _admin(again, "POST", "/api/canary/pause")
+    code, body_ = await _admin(again, "POST", "/api/canary/flagger", json={"name": "m"})
+    assert code == 425 and body_["status"] == "wait"  # a person holds it: Flagger must not go on
+    await _admin(again, "POST", "/api/canary/abort")
+    code, body_ = await _admin(again, "GET", "/api/canary/analysis")
+    assert code == 200 and body_["failed"] is True
 
 
 async def test_commands_approval_and_resume_after_restart(
@@ -302,7 +347,9 @@ async def test_two_proxy_processes_share_one_rollout(
         assert state.step == 1, state
         evidence = await inproc.canary.store.evidence(state.attempt, 0)
         assert evidence["compared"] >= 40
-        assert evidence["served_ref"] + evidence["served_cand"] == 50  # both replicas counted
+        later = await inproc.canary.store.evidence(state.attempt, 1)  # if it moved on mid-batch
+        served = [e.get(k, 0) for e in (evidence, later) for k in ("served_ref", "served_cand")]
+        assert sum(served) == 50  # both replicas counted every request
         # A command through one replica's API holds the other too.
         code, _ = await _admin(inproc, "POST", "/api/canary/pause")
         assert code == 200
