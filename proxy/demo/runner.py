@@ -182,6 +182,7 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
                 f"127.0.0.1:{runner.admin_port}; sending {n_requests} requests ..."
             )
             t0 = time.monotonic()
+            run_started = time.time()
             counts = await send_traffic(runner.data_port, n_requests)
             print(
                 f"[demo] {counts['ok']} answered ({counts['json']} JSON, {counts['binary']} "
@@ -189,7 +190,10 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
                 "waiting for the shadows ..."
             )
             await runner.drained(180.0)
-            verdicts = await runner.store.recent_verdicts(1_000_000)
+            # This run's verdicts only: the state dir keeps earlier runs' for review.
+            verdicts = [
+                v for v in await runner.store.recent_verdicts(1_000_000) if v["ts"] >= run_started
+            ]
             # Outcome counts from both processes: the live one and the mirror worker.
             tally = Counter(runner.telemetry.tally)
             for candidate, what, n in (await runner.mirror.snapshot())["tally"]:
