@@ -144,11 +144,13 @@ class LiveProxy:
             else None
         )
         by_candidate, tag, early_body = await self._split(canary, model, request)
-        # Reverse copies are evidence for a running rollout; after it, they would only double
-        # the reference's load.
-        mirror = route.kind is RouteKind.INFER and (
-            (by_candidate and tag is not None) or self._mirrors(model)
-        )
+        # A canary answer is copied back to the reference while the rollout runs (evidence);
+        # after it, that would only double the reference's load, and with no reference answer
+        # there is nothing to compare other candidates with.
+        if by_candidate:
+            mirror = tag is not None
+        else:
+            mirror = route.kind is RouteKind.INFER and self._mirrors(model)
         if route.kind is RouteKind.ADMIN:
             self._scheduler.note_skip("admin_route")
         headers = end_to_end(request.headers, _REQUEST_DROP)

@@ -152,8 +152,12 @@ async def test_faithful_candidate_promotes_and_a_step_without_traffic_waits(
     advanced = next(d for d in await proxy.canary.store.decisions() if d["outcome"] == "advanced")
     flagged_gate = next(g for g in advanced["gates"] if g["gate"] == "flagged_rate")
     assert flagged_gate["status"] == "pass" and flagged_gate["threshold"] == 0.3
-    # promoted: every request is the candidate's
+    # promoted: every request is the candidate's, and no longer copied back to the reference
+    assert await proxy.drained(10)
+    before = ref.behaviour.calls
     assert {who for _, who in await _infer(proxy, 5)} == {"cand"}
+    assert await proxy.drained(10)
+    assert ref.behaviour.calls == before
     code, body = await _admin(proxy, "GET", "/api/canary/analysis")
     assert code == 200 and body["passed"] is True and body["rollout_status"] == "promoted"
 
