@@ -253,36 +253,11 @@ class MirrorScheduler:
             links=links,
             attributes={"shadowproxy.candidate": cand.name, "shadowproxy.request_id": request_id},
         )
-        reverse = req.served_by == cand.name
         with trace.use_span(span, end_on_exit=True):
-            if reverse:
-                # The canary's own answer first: if it failed (or fell back to the reference,
-                # which then answered live) there is nothing to compare and no second reference
-                # call to make.
-                live = await self._await_reference(req)
-                if live is None:
-                    self._tel.mirror(cand.name, "live_failed")
-                    return
-                shadow = await self._call_reference(req)
-            else:
-                shadow = await self._call_candidate(cand, req)
-                self._breakers[cand.name].record(ok=not isinstance(shadow, UpstreamUnavailable))
-            self._count_call(cand, req, reverse, shadow)
-            if isinstance(shadow, UpstreamError):
-                outcome = "timeout" if isinstance(shadow, UpstreamTimeout) else "unavailable"
-                if shadow.status == 502:
-                    outcome = "bad_response"
-                outcome = f"reference_{outcome}" if reverse else outcome
-                span.set_attribute("shadowproxy.outcome", outcome)
-                self._tel.mirror(cand.name, outcome)
+            pair = await self._both_answers(cand, req, span)
+            if pair is None:
                 return
-            if not reverse:
-                live = await self._await_reference(req)
-                if live is None:
-                    self._tel.mirror(cand.name, "reference_failed")
-                    return
-            assert live is not None
-            ref, exchange = (shadow, live) if reverse else (live, shadow)
+            ref, exchange = pair
             with self._tel.tracer.start_as_current_span("compare") as cspan:
                 loop = asyncio.get_running_loop()
                 analysis = await loop.run_in_executor(
@@ -303,6 +278,42 @@ class MirrorScheduler:
                 self._evidence.add(req.canary, comparison_counters(analysis, ref, exchange))
             self._tel.mirror(cand.name, analysis.outcome)
             await self._store_sample(cand, req, request_id, ref, exchange, analysis)
+
+    async def _both_answers(
+        self, cand: CandidateSettings, req: MirrorRequest, span: trace.Span
+    ) -> tuple[Exchange, Exchange] | None:
+        """(the reference's answer, the candidate's) to one copy, or None with the outcome counted.
+
+        Normally the live answer is the reference's and the copy goes to the candidate; for a
+        request the canary answered it is the other way round."""
+        reverse = req.served_by == cand.name
+        live: Exchange | None = None
+        if reverse:
+            # The canary's own answer first: if it failed (or fell back to the reference, which
+            # then answered live) there is nothing to compare and no second reference call.
+            live = await self._await_reference(req)
+            if live is None:
+                self._tel.mirror(cand.name, "live_failed")
+                return None
+            shadow = await self._call_reference(req)
+        else:
+            shadow = await self._call_candidate(cand, req)
+            self._breakers[cand.name].record(ok=not isinstance(shadow, UpstreamUnavailable))
+        self._count_call(cand, req, reverse, shadow)
+        if isinstance(shadow, UpstreamError):
+            outcome = "timeout" if isinstance(shadow, UpstreamTimeout) else "unavailable"
+            if shadow.status == 502:
+                outcome = "bad_response"
+            outcome = f"reference_{outcome}" if reverse else outcome
+            span.set_attribute("shadowproxy.outcome", outcome)
+            self._tel.mirror(cand.name, outcome)
+            return None
+        if live is None:
+            live = await self._await_reference(req)
+            if live is None:
+                self._tel.mirror(cand.name, "reference_failed")
+                return None
+        return (shadow, live) if reverse else (live, shadow)
 
     async def _call_candidate(
         self, cand: CandidateSettings, req: MirrorRequest
