@@ -56,10 +56,8 @@ class LoopLag:
         self._task = asyncio.get_running_loop().create_task(self._tick())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
@@ -93,3 +91,10 @@ class CpuBudget:
             self.used = (cpu - self._mark[1]) / elapsed
             self._mark = (now, cpu)
         return self.used > self.cores
+
+
+async def stop_task(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background loop and wait until it has ended (whatever it ended with)."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

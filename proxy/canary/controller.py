@@ -24,6 +24,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from ..buffer.store import SampleStore
 from ..errors import StoreError
+from ..guards import stop_task
 from ..settings import Settings
 from ..telemetry import Telemetry
 from . import gates as g
@@ -212,10 +213,7 @@ class CanaryController:
 
     async def close(self) -> None:
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     def poke(self) -> None:
         """Evaluate now rather than at the next interval (after a command)."""

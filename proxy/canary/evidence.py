@@ -8,7 +8,6 @@ try (bounded: steps are few), counts the failure, and loses nothing unless the p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
@@ -20,6 +19,7 @@ from comparators import OutputVerdict
 from ..analysis import Analysis, Exchange
 from ..buffer.keys import KeySchema
 from ..errors import StoreError
+from ..guards import stop_task
 from ..telemetry import Telemetry
 from . import gates as g
 from .state import EvidenceLost, add_evidence
@@ -110,10 +110,7 @@ class EvidenceBuffer:
 
     async def close(self) -> None:
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         if not await self.flush():
             lost = sum(sum(c.values()) for c in self._pending.values())
             log.error("canary evidence lost on shutdown: %d counts could not be written", lost)
