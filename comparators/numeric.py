@@ -247,6 +247,16 @@ def sqnr_reason(db: float, floor: float, severity: float) -> str:
 
 
 @np.errstate(all="ignore")
+def rel_l2_severity(signal: float, noise: float) -> float:
+    """``||ref-cand|| / ||ref||`` from the two energies (0 for identical, the cap for a zero
+    reference with a nonzero difference)."""
+    if noise == 0.0:
+        return 0.0
+    if signal == 0.0:
+        return SEVERITY_CAP
+    return clamp(math.sqrt(noise) / math.sqrt(signal))
+
+
 def sqnr(ref: Array, cand: Array, params: Mapping[str, Any]) -> Scored:
     """Signal-to-quantization-noise ratio in dB, the reference as the signal. Severity is the
     relative L2 error ``||ref-cand|| / ||ref||`` (0.032 at 30 dB)."""
@@ -254,12 +264,7 @@ def sqnr(ref: Array, cand: Array, params: Mapping[str, Any]) -> Scored:
     r, c = _flat(ref), _flat(cand)
     signal, noise, max_abs = energy_pass(r, c)
     db = db_from(signal, noise)
-    if noise == 0.0:
-        severity = 0.0
-    elif signal == 0.0:
-        severity = SEVERITY_CAP
-    else:
-        severity = clamp(math.sqrt(noise) / math.sqrt(signal))
+    severity = rel_l2_severity(signal, noise)
     scores = {"sqnr_db": db, "max_abs": max_abs, "rel_l2": severity}
     flagged = db < floor
     reason = sqnr_reason(db, floor, severity) if flagged else ""

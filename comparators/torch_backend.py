@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from comparators import distributions, numeric
-from comparators.base import SAFE_LO, SEVERITY_CAP, Scored, clamp, db_from, param
+from comparators.base import SAFE_LO, Scored, clamp, db_from, param
 from comparators.discrete import EXACT_DEFAULTS, exact_reason
 from comparators.validity import Group
 
@@ -185,12 +185,7 @@ def _sqnr(p: TorchPair, params: Mapping[str, Any]) -> Scored:
     r, c = _wide(p.ref).reshape(-1), _wide(p.cand).reshape(-1)
     signal, noise = _energies(r, c)
     db = db_from(signal, noise)
-    if noise == 0.0:
-        severity = 0.0
-    elif signal == 0.0:
-        severity = SEVERITY_CAP
-    else:
-        severity = clamp(math.sqrt(noise) / math.sqrt(signal))
+    severity = numeric.rel_l2_severity(signal, noise)
     (max_abs,) = _floats((r - c).abs().max())
     scores = {"sqnr_db": db, "max_abs": max_abs, "rel_l2": severity}
     reason = numeric.sqnr_reason(db, floor, severity) if db < floor else ""
