@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -105,3 +106,22 @@ async def send_infers(
             if drain_each:
                 assert await proxy.drained(10)
     assert await proxy.drained(10)
+
+
+async def wait_http_ok(
+    url: str, *, proc: asyncio.subprocess.Process | None = None, timeout_s: float = 60.0
+) -> None:
+    """Poll ``url`` until it answers 200; fail at once if ``proc`` (the server) exits first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with aiohttp.ClientSession() as s:
+        while loop.time() < deadline:
+            assert proc is None or proc.returncode is None, "the server exited during start-up"
+            try:
+                async with s.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"no answer from {url} within {timeout_s}s")

@@ -18,8 +18,10 @@ from typing import Any
 import aiohttp
 import yaml
 
+from loadtest.procs import free_port
 from proxy.app import ProxyRunner
-from tests.conftest import ADMIN_TOKEN, make_settings, repo_root
+from tests.conftest import ADMIN_TOKEN, make_settings, repo_root, wait_http_ok
+from tests.fakes import refused_url
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -211,7 +213,7 @@ async def test_refusing_candidate_falls_back_to_the_reference_and_rolls_back(
     fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
 ) -> None:
     ref = await fake()
-    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    dead = refused_url()  # nothing listens there
     proxy = await proxy_factory(_canary_settings(ref.url, dead, redis_url, steps=[100]))
     results = await _infer(proxy, 10)
     # The client never sees the candidate's absence: the reference answered.
@@ -321,9 +323,9 @@ async def test_two_proxy_processes_share_one_rollout(
     data["buffer"]["redis_url"] = redis_url
     data["listen"]["port"] = 0
     data["proxy"]["mirror_process"] = True
-    port = _free_port()
+    port = free_port()
     data["listen"]["port"] = port
-    data["admin"]["port"] = _free_port()
+    data["admin"]["port"] = free_port()
     config = tmp_path / "replica.yaml"
     config.write_text(yaml.safe_dump(data))
     proc = await asyncio.create_subprocess_exec(
@@ -337,7 +339,7 @@ async def test_two_proxy_processes_share_one_rollout(
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        await _wait_ready(port)
+        await wait_http_ok(f"http://127.0.0.1:{port}/v2/health/ready", proc=proc)
         other = _PortOnly(port)
         # 25 requests through each: neither alone has min_samples, together they do.
         await _infer(inproc, 25)
@@ -411,26 +413,3 @@ class _PortOnly:
 
     def __init__(self, port: int) -> None:
         self.data_port = port
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _wait_ready(port: int, timeout_s: float = 60) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    async with aiohttp.ClientSession() as s:
-        while loop.time() < deadline:
-            try:
-                async with s.get(f"http://127.0.0.1:{port}/v2/health/ready") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise AssertionError(f"the replica on port {port} never became ready")

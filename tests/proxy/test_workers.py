@@ -17,7 +17,7 @@ import yaml
 from aiohttp import web
 
 from loadtest.procs import descendants, free_port
-from tests.conftest import ADMIN_TOKEN, repo_root
+from tests.conftest import ADMIN_TOKEN, repo_root, wait_http_ok
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 
@@ -80,21 +80,6 @@ def alive(pids: list[int]) -> list[int]:
     return [p for p in pids if Path(f"/proc/{p}").exists()]
 
 
-async def _wait_ready(url: str, proc: asyncio.subprocess.Process, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            assert proc.returncode is None, "serve --workers exited during start-up"
-            try:
-                async with s.get(url) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"no answer from {url} within {timeout_s}s")
-
-
 async def test_workers_share_the_port_and_one_redis_and_stop_together(
     upstream: tuple[int, set[int]], tmp_path: Path
 ) -> None:
@@ -119,7 +104,7 @@ async def test_workers_share_the_port_and_one_redis_and_stop_together(
         stderr=subprocess.STDOUT,
     )
     try:
-        await _wait_ready(f"http://127.0.0.1:{admin_port}/healthz", proc)
+        await wait_http_ok(f"http://127.0.0.1:{admin_port}/healthz", proc=proc)
         tree = descendants(proc.pid)
         workers = [p for p in tree if cmdline(p) == cmdline(proc.pid) and p != proc.pid]
         redis = [p for p in tree if "redis-server" in cmdline(p)]
