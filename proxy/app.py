@@ -27,6 +27,7 @@ from .buffer.store import SampleStore
 from .canary.controller import CanaryController
 from .canary.evidence import EvidenceBuffer
 from .codec import warm_up
+from .fast_lane import FastLane, FastLaneServer
 from .forwarding import LiveProxy, strip_server_defaults
 from .judge import Judge
 from .keys import (
@@ -35,6 +36,7 @@ from .keys import (
     EMBEDDED_REDIS,
     EVIDENCE,
     EXECUTOR,
+    FAST_LANE,
     LIVE_PROXY,
     LIVE_SESSION,
     MIRROR,
@@ -47,6 +49,7 @@ from .mirror import Mirror, MirrorScheduler
 from .mirror_link import MirrorLink
 from .settings import Settings
 from .telemetry import Telemetry
+from .upstream_pool import UpstreamPool
 
 log = logging.getLogger("shadowproxy")
 
@@ -90,6 +93,7 @@ def create_apps(
         data.cleanup_ctx.append(_shadow_session_ctx)
         data.cleanup_ctx.append(_scheduler_ctx)
     data.cleanup_ctx.append(_live_proxy_ctx)
+    data.cleanup_ctx.append(_fast_lane_ctx)
     data.on_response_prepare.append(strip_server_defaults)
     data.router.add_route("*", "/{tail:.*}", _handle)
 
@@ -252,6 +256,19 @@ async def _live_proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     await proxy.close()
 
 
+async def _fast_lane_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Its own connections to the reference: the fast lane's calls never wait on aiohttp's pool.
+    settings = app[SETTINGS]
+    ref = settings.reference
+    if not settings.proxy.fast_lane or not ref.url.startswith("http://"):
+        yield
+        return
+    pool = UpstreamPool(ref.name, ref.url, ref.timeout_s, ref.connect_timeout_s)
+    app[FAST_LANE] = FastLane(settings, pool, app[MIRROR], app[TELEMETRY])
+    yield
+    pool.close()
+
+
 class ProxyRunner:
     """Start and stop both planes on their ports (used by ``serve``, the demo and the tests)."""
 
@@ -263,6 +280,7 @@ class ProxyRunner:
         self._reuse_port = reuse_port
         self.data, self.admin = create_apps(settings, telemetry=telemetry)
         self._runners: list[web.AppRunner] = []
+        self._fast: FastLaneServer | None = None
         self.data_port = settings.listen.port
         self.admin_port = settings.admin.port
 
@@ -270,14 +288,20 @@ class ProxyRunner:
         data_runner = web.AppRunner(self.data, access_log=None, handle_signals=False)
         await data_runner.setup()
         self._runners.append(data_runner)
-        site = web.TCPSite(
-            data_runner,
-            self.settings.listen.host,
-            self.settings.listen.port,
-            reuse_port=self._reuse_port or None,
-        )
-        await site.start()
-        self.data_port = _bound_port(site)
+        listen = self.settings.listen
+        if FAST_LANE in self.data:
+            # The fast lane listens; what it does not serve it hands to the data app's server.
+            assert data_runner.server is not None
+            self._fast = FastLaneServer(self.data[FAST_LANE], data_runner.server)
+            self.data_port = await self._fast.start(
+                listen.host, listen.port, reuse_port=self._reuse_port
+            )
+        else:
+            site = web.TCPSite(
+                data_runner, listen.host, listen.port, reuse_port=self._reuse_port or None
+            )
+            await site.start()
+            self.data_port = _bound_port(site)
         admin_runner = web.AppRunner(self.admin, access_log=None, handle_signals=False)
         await admin_runner.setup()
         self._runners.append(admin_runner)
@@ -291,6 +315,9 @@ class ProxyRunner:
         self.admin_port = _bound_port(admin_site)
 
     async def stop(self) -> None:
+        if self._fast is not None:
+            await self._fast.close(self.settings.reference.timeout_s)
+            self._fast = None
         while self._runners:
             await self._runners.pop().cleanup()
 

@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
-from opentelemetry.trace import INVALID_SPAN, SpanKind
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 
 from .analysis import Exchange
 from .canary.controller import CanaryController
@@ -48,7 +50,7 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 # Headers aiohttp's server adds by itself when absent; removed again unless the reference sent them.
 _SERVER_DEFAULTS = ("Date", "Server", "Content-Type")
@@ -58,7 +60,7 @@ _SMALL_BODY = 256 * 1024
 _SMALL_REQUEST = 1024 * 1024
 
 
-def end_to_end(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+def end_to_end(headers: MultiMapping[str], drop: frozenset[str]) -> CIMultiDict[str]:
     """Copy headers, less hop-by-hop ones and any named in ``Connection`` (RFC 9110 7.6.1)."""
     if "Connection" in headers:
         named = {t.strip().lower() for v in headers.getall("Connection") for t in v.split(",")}
@@ -84,6 +86,23 @@ async def strip_server_defaults(request: web.Request, response: web.StreamRespon
         for name in _SERVER_DEFAULTS:
             if name.lower() not in response.upstream_headers:
                 response.headers.popall(name, None)
+
+
+def server_span(
+    tel: Telemetry, name: str, headers: Mapping[str, str]
+) -> tuple[AbstractContextManager[Span], bool]:
+    """The live request's span, and whether there is one.
+
+    With no span exporter and no trace context from the client, a span would be built, never
+    recorded, and only tell the reference "not sampled": skip it (4% of the live process's CPU),
+    and the reference sees what a direct client sent.
+    """
+    if not (tel.exporting or "traceparent" in headers):
+        return contextlib.nullcontext(INVALID_SPAN), False
+    cm = tel.tracer.start_as_current_span(
+        name, context=tel.propagator.extract(headers), kind=SpanKind.SERVER
+    )
+    return cm, True
 
 
 def v2_error(err: UpstreamError) -> web.Response:
@@ -153,21 +172,11 @@ class LiveProxy:
             mirror = route.kind is RouteKind.INFER and self._mirrors(model)
         if route.kind is RouteKind.ADMIN:
             self._scheduler.note_skip("admin_route")
-        headers = end_to_end(request.headers, _REQUEST_DROP)
+        headers = end_to_end(request.headers, REQUEST_DROP)
         # The copy keeps the client's own trace context; the live call carries our span's.
         copy_headers = headers.copy() if mirror else headers
-        # With no span exporter and no trace context from the client, a span would be built,
-        # never recorded, and only tell the reference "not sampled": skip it (4% of the live
-        # process's CPU), and the reference sees what a direct client sent.
-        traced = self._tel.exporting or "traceparent" in request.headers
-        span_cm = (
-            self._tel.tracer.start_as_current_span(
-                f"{request.method} {route.kind.value}",
-                context=self._tel.propagator.extract(request.headers),
-                kind=SpanKind.SERVER,
-            )
-            if traced
-            else contextlib.nullcontext(INVALID_SPAN)
+        span_cm, traced = server_span(
+            self._tel, f"{request.method} {route.kind.value}", request.headers
         )
         with span_cm as span:
             if traced:

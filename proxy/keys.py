@@ -11,6 +11,7 @@ from .buffer.embedded import EmbeddedRedis
 from .buffer.store import SampleStore
 from .canary.controller import CanaryController
 from .canary.evidence import EvidenceBuffer
+from .fast_lane import FastLane
 from .forwarding import LiveProxy
 from .mirror import Mirror
 from .settings import Settings
@@ -25,6 +26,7 @@ LIVE_SESSION = web.AppKey("live_session", aiohttp.ClientSession)
 SHADOW_SESSION = web.AppKey("shadow_session", aiohttp.ClientSession)
 MIRROR = web.AppKey("mirror", Mirror)
 LIVE_PROXY = web.AppKey("live_proxy", LiveProxy)
+FAST_LANE = web.AppKey("fast_lane", FastLane)
 DATA_APP = web.AppKey("data_app", web.Application)
 EVIDENCE = web.AppKey("canary_evidence", EvidenceBuffer)
 CANARY = web.AppKey("canary", CanaryController)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -118,3 +119,42 @@ def refused_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class RawUpstream:
+    """An HTTP server that answers every request with the same bytes, framing and all."""
+
+    url: str
+    server: asyncio.Server
+    connections: int = 0
+    requests: int = 0
+
+
+async def start_raw_upstream(answer: bytes, *, idle_close_s: float | None = None) -> RawUpstream:
+    """Answers ``answer`` verbatim; closes the connection after it if the answer has no length
+    (read-until-close framing), or when the client is idle for ``idle_close_s``."""
+    until_close = b"content-length" not in answer.lower() and b"chunked" not in answer.lower()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raw.connections += 1
+        try:
+            while True:
+                async with asyncio.timeout(idle_close_s):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                raw.requests += 1
+                writer.write(answer)
+                await writer.drain()
+                if until_close:
+                    break
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    raw = RawUpstream(f"http://127.0.0.1:{port}", server)
+    return raw

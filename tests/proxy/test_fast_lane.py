@@ -1,0 +1,176 @@
+"""The fast lane: plain infer requests on a bare protocol, the rest handed to aiohttp.
+
+These speak raw HTTP/1.1 to the proxy, so pipelining, framing and hand-over are what a client
+on the wire would see. Upstreams are real servers on loopback (``tests.fakes``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import make_settings
+from tests.fakes import start_raw_upstream, v2_answer
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def infer(body: bytes, model: str = "m", extra: str = "") -> bytes:
+    return (
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: proxy\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
+
+
+def body(i: int) -> bytes:
+    return f'{{"inputs":[{{"name":"x","datatype":"FP32","shape":[1],"data":[{i}]}}]}}'.encode()
+
+
+async def read_answer(reader: asyncio.StreamReader) -> Answer:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    lines = head.split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    size = int(headers.get("content-length", "0"))
+    return Answer(int(lines[0].split()[1]), headers, await reader.readexactly(size))
+
+
+async def test_pipelined_requests_answer_in_order_across_the_hand_over_to_aiohttp(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await fake(), await fake()
+    c = {"name": "c", "url": cand.url}
+    proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=[c]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
+    health = b"GET /v2/health/ready HTTP/1.1\r\nHost: proxy\r\n\r\n"
+    # Two fast ones, one the fast lane does not take (a GET), then an infer again: one write.
+    writer.write(infer(body(1)) + infer(body(2)) + health + infer(body(3)))
+    answers = [await asyncio.wait_for(read_answer(reader), 10) for _ in range(4)]
+    writer.close()
+    assert [a.status for a in answers] == [200, 200, 200, 200]
+    for answer, i in zip([answers[0], answers[1], answers[3]], (1, 2, 3), strict=True):
+        assert answer.body == v2_answer(body(i), "m", 0.0)
+    assert answers[2].body == b""
+    assert await proxy.drained(10)
+    # All three infer calls were mirrored, on either side of the hand-over.
+    assert proxy.telemetry.tally[("c", "compared")] == 3
+    assert ref.behaviour.calls == 3
+
+
+async def test_what_the_fast_lane_does_not_take_still_works(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref = await fake()
+    proxy = await proxy_factory(make_settings(ref.url, redis_url))
+    url = f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer"
+    async with aiohttp.ClientSession() as s:
+        # Unsized (chunked) body, then HTTP/1.0, then a malformed head.
+        async def chunks() -> Any:
+            yield body(7)
+
+        async with s.post(url, data=chunks()) as r:
+            assert r.status == 200
+            assert await r.read() == v2_answer(body(7), "m", 0.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
+    writer.write(infer(body(8)).replace(b"HTTP/1.1", b"HTTP/1.0"))
+    answer = await asyncio.wait_for(read_answer(reader), 10)
+    assert answer.status == 200 and answer.body == v2_answer(body(8), "m", 0.0)
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
+    writer.write(
+        b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+    )
+    answer = await asyncio.wait_for(read_answer(reader), 10)
+    assert answer.status == 400  # aiohttp's strict parser refuses a doubled length
+    writer.close()
+
+
+async def test_upstream_connections_are_reused_and_a_closed_one_is_not(
+    proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    raw = await start_raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        idle_close_s=0.3,
+    )
+    proxy = await proxy_factory(make_settings(raw.url, redis_url))
+    url = f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(5):
+            async with s.post(url, data=body(1)) as r:
+                assert r.status == 200 and await r.read() == b"{}"
+        assert raw.connections == 1  # one pooled connection for five calls
+        await asyncio.sleep(0.6)  # the upstream closes it as idle
+        async with s.post(url, data=body(1)) as r:
+            assert r.status == 200  # not a 502 from reusing the dead one
+    assert raw.connections == 2
+    raw.server.close()
+
+
+async def test_upstream_framings_reach_the_client_as_a_sized_answer(
+    proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    framings = {
+        "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Model: a\r\n\r\n"
+        b'3\r\n{"a\r\n5\r\n":1}\n\r\n0\r\n\r\n',
+        "until close": b'HTTP/1.1 200 OK\r\nX-Model: a\r\n\r\n{"a":1}\n',
+        "interim 100 first": b"HTTP/1.1 100 Continue\r\n\r\n"
+        b'HTTP/1.1 200 OK\r\nX-Model: a\r\nContent-Length: 8\r\n\r\n{"a":1}\n',
+        "hop-by-hop named in Connection": b"HTTP/1.1 200 OK\r\nConnection: X-Secret\r\n"
+        b'X-Secret: 1\r\nX-Model: a\r\nContent-Length: 8\r\n\r\n{"a":1}\n',
+    }
+    for name, answer in framings.items():
+        raw = await start_raw_upstream(answer)
+        proxy = await proxy_factory(make_settings(raw.url, redis_url))
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
+        writer.write(infer(body(1)) + infer(body(2)))
+        for _ in range(2):
+            got = await asyncio.wait_for(read_answer(reader), 10)
+            assert (got.status, got.body, got.headers["x-model"]) == (200, b'{"a":1}\n', "a"), name
+            assert "transfer-encoding" not in got.headers and "x-secret" not in got.headers, name
+        writer.close()
+        raw.server.close()
+
+
+async def test_garbage_from_the_reference_is_a_502_and_close_is_honoured(
+    proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    raw = await start_raw_upstream(b"SPDY/9 banana\r\n\r\n")
+    proxy = await proxy_factory(make_settings(raw.url, redis_url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
+    writer.write(infer(body(1), extra="Connection: close\r\n"))
+    got = await asyncio.wait_for(read_answer(reader), 10)
+    assert got.status == 502 and b"upstream 'ref'" in got.body and b"malformed" in got.body
+    assert got.headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # and the proxy closed it
+    raw.server.close()
+
+
+async def test_a_client_gone_before_its_answer_leaves_the_proxy_serving(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref = await fake(mode="slow", delay_s=0.3)
+    proxy = await proxy_factory(make_settings(ref.url, redis_url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
+    writer.write(infer(body(1)))
+    await writer.drain()
+    writer.close()  # gone before the reference answers
+    await asyncio.sleep(0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
+    writer.write(infer(body(2)))
+    got = await asyncio.wait_for(read_answer(reader), 10)
+    assert got.status == 200 and got.body == v2_answer(body(2), "m", 0.0)
+    assert re.fullmatch(r"\d+", got.headers["content-length"])
+    writer.close()
