@@ -258,6 +258,9 @@ def parse_metrics(text: str) -> dict[str, dict[str, int]]:
             out["mirror"][labels.get("outcome", "?")] = count
         elif name == "shadowproxy_mirror_skipped" and labels.get("candidate", "*") != "*":
             out["mirror"][f"skipped:{labels.get('reason', '?')}"] = count
+        elif name == "shadowproxy_mirror_link_dropped":
+            # Copies the live process dropped before the worker saw them (pacing, worker down).
+            out["mirror"][f"dropped_{labels.get('reason', '?')}"] = count
         elif name == "shadowproxy_samples_stored":
             out["stored"][labels.get("result", "?")] = count
         elif name == "shadowproxy_requests":

@@ -93,6 +93,62 @@ class CpuBudget:
         return self.used > self.cores
 
 
+class Pacer:
+    """How many copies per second the mirror worker can take, from what it just managed.
+
+    Dropping a copy in the worker still costs both processes: the live side pickles and writes
+    it, the worker reads and unpickles it (at 1,000 requests/s, 40% of a core in the worker for
+    nothing). So when the worker had to shed copies (CPU budget, loop lag), it tells the live
+    side to send no more than it took in that window; while it sheds nothing the pace grows by a
+    quarter each window, and it is lifted once it is well above what arrives. None: no limit.
+    """
+
+    def __init__(self, window_s: float = 0.5) -> None:
+        self.window_s = window_s
+        self._rate: float | None = None
+        self._mark = (time.monotonic(), 0, 0, 0)
+
+    def rate(self, taken: int, shed: int, received: int) -> float | None:
+        now = time.monotonic()
+        elapsed = max(now - self._mark[0], 1e-3)
+        took = (taken - self._mark[1]) / elapsed
+        shed_now = shed - self._mark[2]
+        arrived = (received - self._mark[3]) / elapsed
+        self._mark = (now, taken, shed, received)
+        if shed_now > 0:
+            self._rate = max(took, 1.0)
+        elif self._rate is not None:
+            self._rate *= 1.25
+            if self._rate > 2 * arrived:
+                self._rate = None
+        return self._rate
+
+
+class TokenBucket:
+    """At most ``rate`` events per second, with half a second of burst; None: unlimited."""
+
+    def __init__(self) -> None:
+        self.rate: float | None = None
+        self._tokens = 0.0
+        self._at = time.monotonic()
+
+    def set_rate(self, rate: float | None) -> None:
+        if rate is not None and self.rate is None:
+            self._tokens, self._at = rate * 0.5, time.monotonic()
+        self.rate = rate
+
+    def take(self) -> bool:
+        if self.rate is None:
+            return True
+        now = time.monotonic()
+        self._tokens = min(self.rate * 0.5, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 async def stop_task(task: asyncio.Task[None] | None) -> None:
     """Cancel a background loop and wait until it has ended (whatever it ended with)."""
     if task is not None:

@@ -117,6 +117,10 @@ class MirrorScheduler:
         self._models = ModelConfigs(session, settings.reference.url)
         self._lag = LoopLag()
         self._cpu: CpuBudget | None = None  # set in the mirror worker only
+        self.taken = 0
+        """Copies that started at least one shadow call, and ``shed``: drops for CPU budget or
+        loop lag (the worker paces the live side by them; ``guards.Pacer``)."""
+        self.shed = 0
 
     def _sampled(self, cand: CandidateSettings, headers: Mapping[str, str]) -> bool:
         if cand.sample_rate >= 1.0:
@@ -133,6 +137,7 @@ class MirrorScheduler:
         model = req.route.model or ""
         req.seq = next(self._seq)
         shed_ms = self._settings.proxy.shed_lag_ms
+        started = False
         for cand in self._settings.candidates:
             if not cand.shadows(model):
                 continue
@@ -148,6 +153,7 @@ class MirrorScheduler:
             dropped = self._drop_reason(cand, reverse, shed_ms)
             if dropped is not None:
                 self._tel.mirror(cand.name, dropped)
+                self.shed += dropped in ("dropped_cpu_budget", "dropped_overload")
                 if reverse and self._evidence is not None and req.canary is not None:
                     self._evidence.add(req.canary, {UNCOMPARED: 1})  # a canary answer unchecked
                 continue
@@ -155,6 +161,8 @@ class MirrorScheduler:
             task = asyncio.get_running_loop().create_task(self._run(cand, req))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            started = True
+        self.taken += started
 
     def _drop_reason(self, cand: CandidateSettings, reverse: bool, shed_ms: float) -> str | None:
         """Why a copy cannot be taken now (each reason counted), or None."""

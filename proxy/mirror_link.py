@@ -10,6 +10,10 @@ worker is down), and the reference's answer follows in a second frame when the l
 Frames are batched: those of the next ``FLUSH_DELAY_S`` go out in one write, so the live process
 makes one system call (and wakes the worker once) per batch rather than two per request.
 
+While the worker is near its CPU budget it sends back a pace (copies per second it can afford;
+``guards.Pacer``), and copies beyond it are dropped here, counted as ``worker_budget``, before
+they cost either process anything.
+
 Frames are length-prefixed pickles on a private socketpair between parent and child (trusted).
 Bodies travel out of band (pickle protocol 5): the pickle refers to them, and their bytes follow
 it unpickled and uncopied; pickling a 1 MiB body in band cost about 1 ms of the live loop.
@@ -29,6 +33,7 @@ from functools import partial
 from typing import Any
 
 from .analysis import Exchange
+from .guards import TokenBucket
 from .mirror import MirrorRequest
 from .routes import Route, RouteKind
 from .settings import Settings
@@ -110,6 +115,8 @@ class MirrorLink:
         """Frames (length prefix, pickle, ...) waiting for the next batched write."""
         self._outbox_bytes = 0
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._pace = TokenBucket()
+        """The worker's pace (``guards.Pacer``): copies beyond it are dropped here, unsent."""
 
     async def start(self) -> None:
         """Start the worker and wait until it is ready (its start-up errors surface here)."""
@@ -125,6 +132,7 @@ class MirrorLink:
         child.close()
         reader, self._writer = await asyncio.open_connection(sock=parent)
         self._sent = 0
+        self._pace.set_rate(None)  # a new worker has spent nothing yet
         self._outbox.clear()  # frames for a worker that died go with it, as written ones did
         self._outbox_bytes = 0
         write_frame(self._writer, self._settings)
@@ -147,6 +155,10 @@ class MirrorLink:
             return
         if writer.transport.get_write_buffer_size() + self._outbox_bytes > MAX_BUFFERED_BYTES:
             self._tel.link_dropped("link_full")
+            return
+        if req.canary is None and not self._pace.take():
+            # (Canary copies are evidence: the worker accounts for any it has to drop.)
+            self._tel.link_dropped("worker_budget")
             return
         seq = next(self._seq)
         span = req.live_span
@@ -225,6 +237,8 @@ class MirrorLink:
                 kind, qid, payload = await read_frame(reader)
                 if kind == "snap" and qid in self._queries:
                     self._queries[qid].set_result(payload)
+                elif kind == "pace":
+                    self._pace.set_rate(qid)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         if self._writer is not None:

@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 from opentelemetry.trace import SpanContext, TraceFlags
 
 from .analysis import Exchange
+from .guards import Pacer, stop_task
 from .keys import MIRROR, TELEMETRY
 from .mirror import MirrorRequest, MirrorScheduler
 from .mirror_link import read_frame, route_from_wire, write_frame
@@ -46,7 +47,8 @@ async def run(fd: int) -> None:
     write_frame(writer, ("ready",))
     loop = asyncio.get_running_loop()
     pending: dict[int, asyncio.Future[Exchange | None]] = {}
-    received = 0
+    received = [0]
+    pacing = loop.create_task(_pace(writer, scheduler, received))
     try:
         while True:
             try:
@@ -56,7 +58,7 @@ async def run(fd: int) -> None:
             kind = msg[0]
             if kind == "req":
                 _, seq, route, query, headers, body, received_at, span, served_by, tag = msg
-                received += 1
+                received[0] += 1
                 future: asyncio.Future[Exchange | None] = loop.create_future()
                 pending[seq] = future
                 live_span = (
@@ -90,17 +92,32 @@ async def run(fd: int) -> None:
             elif kind == "snap":
                 snap = await scheduler.snapshot(include_tally=True)
                 snap["prometheus"] = app[TELEMETRY].prometheus_text().decode()
-                snap["received"] = received
+                snap["received"] = received[0]
                 snap["worker"] = f"pid {os.getpid()}"
                 write_frame(writer, ("snap", msg[1], snap))
             elif kind == "close":
                 break
     finally:
+        await stop_task(pacing)
         for future in pending.values():
             if not future.done():
                 future.set_result(None)
         await runner.cleanup()  # drains the scheduler, then closes sessions, store, telemetry
         writer.close()
+
+
+async def _pace(
+    writer: asyncio.StreamWriter, scheduler: MirrorScheduler, received: list[int]
+) -> None:
+    """Tell the live side, each window, how many copies a second this process can take."""
+    pacer = Pacer()
+    last: float | None = None
+    while True:
+        await asyncio.sleep(pacer.window_s)
+        rate = pacer.rate(scheduler.taken, scheduler.shed, received[0])
+        if rate is not None or last is not None:
+            write_frame(writer, ("pace", rate, None))
+        last = rate
 
 
 def main() -> None:
