@@ -148,9 +148,10 @@ class FastLane:
         self._scheduler = scheduler
         self._tel = telemetry
 
-    async def answer(self, head: Head, body: bytes) -> bytes:
-        model = head.route.model or ""
-        mirror = self._mirrors(model)
+    async def answer(self, head: Head, body: bytes, send: Callable[[bytes], None]) -> None:
+        """Forward the request, ``send`` the answer the moment it is here, then account for it."""
+        loop = asyncio.get_running_loop()
+        mirror = self._mirrors(head.route.model or "") and self._scheduler.admit()
         headers = end_to_end(head.headers, REQUEST_DROP)
         copy_headers = headers.copy() if mirror else headers
         span_cm, traced = server_span(self._tel, "POST infer", head.headers)
@@ -159,19 +160,18 @@ class FastLane:
                 self._tel.propagator.inject(headers)
             future: asyncio.Future[Exchange | None] | None = None
             if mirror:
-                future = asyncio.get_running_loop().create_future()
-                query = head.target.partition("?")[2]
-                self._scheduler.offer(
-                    MirrorRequest(
-                        route=head.route,
-                        query=query,
-                        headers=copy_headers,
-                        body=body,
-                        received_at=time.time(),
-                        live_span=span.get_span_context() if traced else None,
-                        reference=future,
-                    )
+                future = loop.create_future()
+                copy = MirrorRequest(
+                    route=head.route,
+                    query=head.target.partition("?")[2],
+                    headers=copy_headers,
+                    body=body,
+                    received_at=time.time(),
+                    live_span=span.get_span_context() if traced else None,
+                    reference=future,
                 )
+                # Handed over once the live call is on the wire: the client does not wait for it.
+                loop.call_soon(self._scheduler.offer, copy)
             started = time.perf_counter()
             try:
                 answer = await self._pool.request(self._request_bytes(head.target, headers, body))
@@ -180,19 +180,22 @@ class FastLane:
                     future.set_result(None)  # the copy is dropped: there is nothing to compare
                 if not isinstance(exc, UpstreamError):
                     raise
+                send(_error_bytes(exc, not head.keep_alive))
                 log.warning("live request POST %s failed: %s", head.target, exc)
                 span.set_attribute("http.response.status_code", exc.status)
                 self._tel.request(RouteKind.INFER.value, exc.status)
-                return _error_bytes(exc, not head.keep_alive)
+                return
             latency = time.perf_counter() - started
+            send(
+                _render(
+                    answer.status, answer.reason, answer.headers, answer.body, not head.keep_alive
+                )
+            )
             self._tel.latency("reference", self._pool.name, latency)
             if future is not None:
                 future.set_result(self._exchange(answer, latency))
             span.set_attribute("http.response.status_code", answer.status)
             self._tel.request(RouteKind.INFER.value, answer.status)
-            return _render(
-                answer.status, answer.reason, answer.headers, answer.body, not head.keep_alive
-            )
 
     def _request_bytes(self, target: str, headers: CIMultiDict[str], body: bytes) -> list[bytes]:
         lines = [f"POST {target} HTTP/1.1\r\n".encode("latin-1"), b"Host: ", self._pool.host_header]
@@ -275,16 +278,24 @@ class FastLaneProtocol(asyncio.Protocol):
         task.add_done_callback(self._server.tasks.discard)
 
     async def _serve(self, head: Head, body: bytes) -> None:
+        sent = False
+
+        def send(data: bytes) -> None:
+            nonlocal sent
+            sent = True
+            if self._transport is not None and not self._transport.is_closing():
+                self._transport.write(data)
+
         try:
-            data = await self._lane.answer(head, body)
+            await self._lane.answer(head, body, send)
         except Exception:
             log.exception("fast lane: POST %s failed inside the proxy", head.target)
-            data = _render(500, b"", [], b"", True)
+            if not sent:
+                send(_render(500, b"", [], b"", True))
             head.keep_alive = False
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        transport.write(data)
         self._busy = False
         self.last_active = time.monotonic()
         if not head.keep_alive or self.closing:

@@ -170,6 +170,8 @@ class LiveProxy:
             mirror = tag is not None
         else:
             mirror = route.kind is RouteKind.INFER and self._mirrors(model)
+            # (Canary copies are evidence: the worker accounts for any it has to drop.)
+            mirror = mirror and (tag is not None or self._scheduler.admit())
         if route.kind is RouteKind.ADMIN:
             self._scheduler.note_skip("admin_route")
         headers = end_to_end(request.headers, REQUEST_DROP)

@@ -78,6 +78,11 @@ class Mirror(Protocol):
     """What the live path needs from mirroring, in-process (``MirrorScheduler``) or in a worker
     process (``mirror_link.MirrorLink``)."""
 
+    def admit(self) -> bool:
+        """Whether to make a copy at all (False: dropped, and counted, before it costs anything).
+        Canary copies are evidence and are always made."""
+        ...
+
     def offer(self, req: MirrorRequest) -> None: ...
 
     def note_skip(self, reason: str) -> None: ...
@@ -131,6 +136,9 @@ class MirrorScheduler:
             digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
             return int.from_bytes(digest, "big") / 2.0**64 < cand.sample_rate
         return self._rng.random() < cand.sample_rate
+
+    def admit(self) -> bool:
+        return True  # in this process every copy meets the guards in offer()
 
     def offer(self, req: MirrorRequest) -> None:
         """Start a shadow call per sampled candidate. Never blocks, never raises into the caller."""

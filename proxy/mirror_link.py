@@ -148,6 +148,12 @@ class MirrorLink:
     def _up(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
 
+    def admit(self) -> bool:
+        if self._pace.take():
+            return True
+        self._tel.link_dropped("worker_budget")
+        return False
+
     def offer(self, req: MirrorRequest) -> None:
         writer = self._writer
         if writer is None or writer.is_closing() or self._closing:
@@ -155,10 +161,6 @@ class MirrorLink:
             return
         if writer.transport.get_write_buffer_size() + self._outbox_bytes > MAX_BUFFERED_BYTES:
             self._tel.link_dropped("link_full")
-            return
-        if req.canary is None and not self._pace.take():
-            # (Canary copies are evidence: the worker accounts for any it has to drop.)
-            self._tel.link_dropped("worker_budget")
             return
         seq = next(self._seq)
         span = req.live_span

@@ -9,10 +9,10 @@ with the traces.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.metrics import CallbackT
+from opentelemetry.metrics import CallbackOptions, CallbackT, Observation
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
@@ -106,9 +106,15 @@ class Telemetry:
         self.tracer: Tracer = self.tracer_provider.get_tracer("shadowproxy")
         self.propagator: TextMapPropagator = TraceContextTextMapPropagator()
         meter = self._meter = self.meter_provider.get_meter("shadowproxy")
-        self._requests = meter.create_counter(
-            "shadowproxy_requests", description="Live requests by route kind and status class"
+        # The two counters the live path bumps per request are plain dicts, read at collection:
+        # a synchronous OTel instrument costs 15 us a call, a dict increment 0.1 us.
+        self._request_counts: Counter[tuple[str, int]] = Counter()
+        meter.create_observable_counter(
+            "shadowproxy_requests",
+            callbacks=[self._observe_requests],
+            description="Live requests by route kind and status class",
         )
+        self._link_counts: Counter[str] = Counter()
         self._mirror = meter.create_counter(
             "shadowproxy_mirror_outcomes",
             description="What happened to each copy offered to a candidate, by outcome",
@@ -124,8 +130,9 @@ class Telemetry:
         self._shadow_latency = meter.create_histogram(
             "shadowproxy_shadow_latency", unit="s", description="Candidate (shadow) latency"
         )
-        self._link_dropped = meter.create_counter(
+        meter.create_observable_counter(
             "shadowproxy_mirror_link_dropped",
+            callbacks=[self._observe_link_drops],
             description="Copies the live process could not hand to the mirror worker, by reason",
         )
         self._divergence = meter.create_histogram(
@@ -155,7 +162,13 @@ class Telemetry:
 
     # Recording helpers: one place that names attributes, so dashboards stay consistent.
     def request(self, route_kind: str, status: int) -> None:
-        self._requests.add(1, {"route": route_kind, "status_class": f"{status // 100}xx"})
+        self._request_counts[(route_kind, status)] += 1
+
+    def _observe_requests(self, options: CallbackOptions) -> Iterable[Observation]:
+        by_class: Counter[tuple[str, str]] = Counter()
+        for (route, status), n in list(self._request_counts.items()):
+            by_class[(route, f"{status // 100}xx")] += n
+        return [Observation(n, {"route": r, "status_class": c}) for (r, c), n in by_class.items()]
 
     def mirror(self, candidate: str, outcome: str) -> None:
         self._mirror.add(1, {"candidate": candidate, "outcome": outcome})
@@ -173,7 +186,7 @@ class Telemetry:
         target.record(seconds, {"side": side, "upstream": upstream})
 
     def link_dropped(self, reason: str) -> None:
-        self._link_dropped.add(1, {"reason": reason})
+        self._link_counts[reason] += 1
         self.tally[("*", f"dropped_{reason}")] += 1
 
     def divergence(self, attrs: Mapping[str, str], severity: float, flagged: bool) -> None:
@@ -196,6 +209,9 @@ class Telemetry:
 
     def canary_evidence_unflushed(self, n: int) -> None:
         self._canary_unflushed.add(n)
+
+    def _observe_link_drops(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(n, {"reason": r}) for r, n in list(self._link_counts.items())]
 
     def gauge(self, name: str, description: str, callback: CallbackT) -> None:
         """A gauge read at collection time (population statistics live with their owner)."""

@@ -116,13 +116,22 @@ class _Connection(asyncio.Protocol):
 
     # requests
 
-    async def call(self, data: list[bytes]) -> Answer:
+    async def call(self, data: list[bytes], deadline: float) -> Answer:
+        """Send ``data``; the answer, or an ``UpstreamError`` (a timeout at ``deadline``)."""
         assert self.transport is not None
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Answer] = loop.create_future()
+        self._waiter = waiter
+        # One timer handle, not asyncio.timeout(): this is the live path's only timer.
+        timer = loop.call_at(deadline, self._time_out)
         self.transport.writelines(data)
         try:
-            return await self._waiter
+            return await waiter
+        except asyncio.CancelledError:
+            self.close()  # its answer would arrive for nobody
+            raise
         finally:
+            timer.cancel()
             self._waiter = None
 
     def _finish(self) -> None:
@@ -131,6 +140,11 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_result(
                 Answer(status, self._reason, self._headers, b"".join(self._body))
             )
+
+    def _time_out(self) -> None:
+        self._fail(
+            UpstreamTimeout(self._pool.name, self._pool.url, "timed out waiting for an answer")
+        )
 
     def _fail(self, err: UpstreamError) -> None:
         self.reusable = False
@@ -166,31 +180,19 @@ class UpstreamPool:
 
     async def request(self, data: list[bytes]) -> Answer:
         """Send one whole request (its bytes in ``data``) and read the whole answer."""
-        conn: _Connection | None = None
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                conn = self._idle.pop() if self._idle else await self._connect()
-                answer = await conn.call(data)
-        except UpstreamError:
-            raise
-        except TimeoutError as exc:
-            if conn is not None:
-                conn.close()
-            raise UpstreamTimeout(self.name, self.url, "timed out waiting for an answer") from exc
-        except asyncio.CancelledError:
-            if conn is not None:
-                conn.close()  # its answer would arrive for nobody
-            raise
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        conn = self._idle.pop() if self._idle else await self._connect(deadline)
+        answer = await conn.call(data, deadline)
         if conn.reusable and not conn.closed and len(self._idle) < MAX_IDLE:
             self._idle.append(conn)
         else:
             conn.close()
         return answer
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self._connect_timeout_s):
+            async with asyncio.timeout_at(min(deadline, loop.time() + self._connect_timeout_s)):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self), self._host, self._port
                 )
