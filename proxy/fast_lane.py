@@ -45,6 +45,8 @@ _MAX_HEAD = 64 * 1024
 _SMALL_REQUEST = 1024 * 1024
 # A client connection idle this long is closed (aiohttp's keep-alive timeout).
 _IDLE_TIMEOUT_S = 75.0
+# What every request the fast lane takes starts with.
+_PREFIX = b"POST /v2/models/"
 _NOT_FORWARDED = (*HOP_BY_HOP, "content-length")
 _RESPONSE_DROP = frozenset(n.encode() for n in _NOT_FORWARDED)
 
@@ -78,7 +80,7 @@ class _HeadParser:
 
 def parse_head(raw: bytes, settings: Settings, max_body: int) -> Head | None:
     """The head if the fast lane may serve this request, else None (aiohttp will)."""
-    if not raw.startswith(b"POST /v2/models/"):
+    if not raw.startswith(_PREFIX):
         return None
     fields = _HeadParser()
     parser = httptools.HttpRequestParser(fields)
@@ -254,10 +256,13 @@ class FastLaneProtocol(asyncio.Protocol):
     def _next(self) -> None:
         """Serve the buffered request if it is whole, or give the connection to aiohttp."""
         if self._head is None:
+            if not self._buf.startswith(_PREFIX[: len(self._buf)]):
+                self._hand_over()  # not an infer call: no need to wait for the whole head
+                return
             end = self._buf.find(b"\r\n\r\n")
             if end < 0:
-                if len(self._buf) > _MAX_HEAD:
-                    self._hand_over()
+                if len(self._buf) > _MAX_HEAD or b"\n\n" in self._buf:
+                    self._hand_over()  # too long, or lines ended by bare LFs: aiohttp decides
                 return
             self._head_len = end + 4
             self._head = parse_head(

@@ -96,6 +96,16 @@ async def test_what_the_fast_lane_does_not_take_still_works(
     answer = await asyncio.wait_for(read_answer(reader), 10)
     assert answer.status == 400  # aiohttp's strict parser refuses a doubled length
     writer.close()
+    # Lines ended by bare LFs: not left waiting for a CRLF CRLF that never comes.
+    for request in (
+        b"GET /v2/health/ready HTTP/1.1\nHost: x\n\n",
+        infer(b"{}").replace(b"\r", b""),
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
+        writer.write(request)
+        answer = await asyncio.wait_for(read_answer(reader), 10)
+        assert answer.status == 400 and b"Expected CRLF" in answer.body  # aiohttp's own answer
+        writer.close()
 
 
 async def test_upstream_connections_are_reused_and_a_closed_one_is_not(
