@@ -1,11 +1,12 @@
-"""The fast lane: infer requests served on a bare asyncio protocol, everything else by aiohttp.
+"""The fast lane: infer calls and reads served on a bare asyncio protocol, the rest by aiohttp.
 
-Nearly all live traffic is ``POST /v2/models/{m}/infer`` with a sized body of a few KiB. Through
-aiohttp's server and client each one cost about 0.9 ms of CPU in the live process, which on a
-2-core host caps the proxy near 1,100 requests/s. The fast lane takes exactly those requests
-(method, path, HTTP/1.1, one Content-Length up to ``_SMALL_REQUEST``, no Expect, Upgrade or
-Transfer-Encoding, not part of a canary split) and forwards them with one parse of each head
-(llhttp, through ``httptools``) and one write each way, through ``UpstreamPool``.
+Nearly all live traffic is ``POST /v2/models/{m}/infer`` with a sized body of a few KiB, plus
+health and metadata reads. Through aiohttp's server and client each request cost about 0.9 ms of
+CPU in the live process, which on a 2-core host capped the proxy near 1,200 requests/s. The fast
+lane takes exactly those requests (HTTP/1.1; an infer call with one Content-Length up to
+``_FAST_BODY``, or a GET of a read route without a body; no Expect, Upgrade or Transfer-Encoding;
+not part of a canary split) and forwards them with one parse of each head (llhttp, through
+``httptools``) and one write each way, through ``UpstreamPool``.
 
 Anything else on a connection, from the first request that does not qualify on, is handed to
 aiohttp's server (the data app, ``LiveProxy``) together with every byte not yet served, so
@@ -41,12 +42,15 @@ log = logging.getLogger("shadowproxy.forward")
 
 # Request heads beyond this go to aiohttp, which answers them as its limits say.
 _MAX_HEAD = 64 * 1024
-# Request bodies up to this size are fast; larger ones stream through aiohttp.
-_SMALL_REQUEST = 1024 * 1024
+# Infer bodies up to this size are fast (read whole: a mirrored body is needed whole anyway);
+# larger ones stream through aiohttp.
+_FAST_BODY = 16 * 1024 * 1024
+# A client pipelining this far ahead of its answers is not read from until they are out.
+_PIPELINE_LIMIT = 2 * 1024 * 1024
 # A client connection idle this long is closed (aiohttp's keep-alive timeout).
 _IDLE_TIMEOUT_S = 75.0
-# What every request the fast lane takes starts with.
-_PREFIX = b"POST /v2/models/"
+# What every request the fast lane takes starts with: infer calls, and reads (health, metadata).
+_PREFIXES = (b"POST /v2/models/", b"GET /v2")
 _NOT_FORWARDED = (*HOP_BY_HOP, "content-length")
 _RESPONSE_DROP = frozenset(n.encode() for n in _NOT_FORWARDED)
 
@@ -55,6 +59,7 @@ _RESPONSE_DROP = frozenset(n.encode() for n in _NOT_FORWARDED)
 class Head:
     """A parsed request head the fast lane may serve."""
 
+    method: str
     target: str
     route: Route
     headers: CIMultiDict[str]
@@ -78,9 +83,14 @@ class _HeadParser:
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
 
+def may_be_fast(buf: bytes | bytearray) -> bool:
+    """Whether a request starting with ``buf`` can still turn out to be one for the fast lane."""
+    return any(buf[: len(p)] == p[: len(buf)] for p in _PREFIXES)
+
+
 def parse_head(raw: bytes, settings: Settings, max_body: int) -> Head | None:
     """The head if the fast lane may serve this request, else None (aiohttp will)."""
-    if not raw.startswith(_PREFIX):
+    if not raw.startswith(_PREFIXES):
         return None
     fields = _HeadParser()
     parser = httptools.HttpRequestParser(fields)
@@ -91,16 +101,23 @@ def parse_head(raw: bytes, settings: Settings, max_body: int) -> Head | None:
     if parser.get_http_version() != "1.1" or parser.should_upgrade():
         return None
     headers = CIMultiDict(fields.headers)
-    lengths = headers.getall("Content-Length", [])
-    if len(lengths) != 1 or not lengths[0].isdigit() or int(lengths[0]) > max_body:
-        return None
     if "Transfer-Encoding" in headers or "Expect" in headers:
         return None
-    target = fields.url.decode("latin-1")
-    route = classify("POST", target)
-    if route.kind is not RouteKind.INFER or settings.canary_serves(route.model or ""):
+    method = parser.get_method().decode("latin-1")
+    lengths = headers.getall("Content-Length", [])
+    if method == "GET":
+        length, kind = 0, RouteKind.READ
+        if lengths:
+            return None  # a GET with a body: unusual enough for aiohttp
+    elif len(lengths) == 1 and lengths[0].isdigit() and int(lengths[0]) <= max_body:
+        length, kind = int(lengths[0]), RouteKind.INFER
+    else:
         return None
-    return Head(target, route, headers, int(lengths[0]), parser.should_keep_alive())
+    target = fields.url.decode("latin-1")
+    route = classify(method, target)
+    if route.kind is not kind or settings.canary_serves(route.model or ""):
+        return None
+    return Head(method, target, route, headers, length, parser.should_keep_alive())
 
 
 def _error_bytes(err: UpstreamError, close: bool) -> bytes:
@@ -144,7 +161,7 @@ class FastLane:
         self, settings: Settings, pool: UpstreamPool, scheduler: Mirror, telemetry: Telemetry
     ) -> None:
         self.settings = settings
-        self.max_body = min(_SMALL_REQUEST, settings.proxy.max_body_bytes)
+        self.max_body = min(_FAST_BODY, settings.proxy.max_body_bytes)
         self._mirrors = settings.mirrors
         self._pool = pool
         self._scheduler = scheduler
@@ -153,10 +170,13 @@ class FastLane:
     async def answer(self, head: Head, body: bytes, send: Callable[[bytes], None]) -> None:
         """Forward the request, ``send`` the answer the moment it is here, then account for it."""
         loop = asyncio.get_running_loop()
-        mirror = self._mirrors(head.route.model or "") and self._scheduler.admit()
+        infer = head.route.kind is RouteKind.INFER
+        mirror = infer and self._mirrors(head.route.model or "") and self._scheduler.admit()
         headers = end_to_end(head.headers, REQUEST_DROP)
         copy_headers = headers.copy() if mirror else headers
-        span_cm, traced = server_span(self._tel, "POST infer", head.headers)
+        span_cm, traced = server_span(
+            self._tel, f"{head.method} {head.route.kind.value}", head.headers
+        )
         with span_cm as span:
             if traced:
                 self._tel.propagator.inject(headers)
@@ -176,16 +196,16 @@ class FastLane:
                 loop.call_soon(self._scheduler.offer, copy)
             started = time.perf_counter()
             try:
-                answer = await self._pool.request(self._request_bytes(head.target, headers, body))
+                answer = await self._pool.request(self._request_bytes(head, headers, body))
             except BaseException as exc:
                 if future is not None:
                     future.set_result(None)  # the copy is dropped: there is nothing to compare
                 if not isinstance(exc, UpstreamError):
                     raise
                 send(_error_bytes(exc, not head.keep_alive))
-                log.warning("live request POST %s failed: %s", head.target, exc)
+                log.warning("live request %s %s failed: %s", head.method, head.target, exc)
                 span.set_attribute("http.response.status_code", exc.status)
-                self._tel.request(RouteKind.INFER.value, exc.status)
+                self._tel.request(head.route.kind.value, exc.status)
                 return
             latency = time.perf_counter() - started
             send(
@@ -197,13 +217,15 @@ class FastLane:
             if future is not None:
                 future.set_result(self._exchange(answer, latency))
             span.set_attribute("http.response.status_code", answer.status)
-            self._tel.request(RouteKind.INFER.value, answer.status)
+            self._tel.request(head.route.kind.value, answer.status)
 
-    def _request_bytes(self, target: str, headers: CIMultiDict[str], body: bytes) -> list[bytes]:
-        lines = [f"POST {target} HTTP/1.1\r\n".encode("latin-1"), b"Host: ", self._pool.host_header]
-        lines.append(b"\r\n")
+    def _request_bytes(self, head: Head, headers: CIMultiDict[str], body: bytes) -> list[bytes]:
+        lines = [f"{head.method} {head.target} HTTP/1.1\r\n".encode("latin-1")]
+        lines += [b"Host: ", self._pool.host_header, b"\r\n"]
         lines.extend(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers.items())
-        lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        if head.method != "GET":
+            lines.append(b"Content-Length: %d\r\n" % len(body))
+        lines.append(b"\r\n")
         return [b"".join(lines), body] if body else [b"".join(lines)]
 
     def _exchange(self, answer: Answer, latency: float) -> Exchange:
@@ -248,7 +270,7 @@ class FastLaneProtocol(asyncio.Protocol):
         self.last_active = time.monotonic()
         if not self._busy:
             self._next()
-        elif len(self._buf) > 2 * _SMALL_REQUEST and not self._paused:
+        elif len(self._buf) > _PIPELINE_LIMIT and not self._paused:
             self._paused = True  # a client pipelining far ahead waits for its answers
             assert self._transport is not None
             self._transport.pause_reading()
@@ -256,8 +278,8 @@ class FastLaneProtocol(asyncio.Protocol):
     def _next(self) -> None:
         """Serve the buffered request if it is whole, or give the connection to aiohttp."""
         if self._head is None:
-            if not self._buf.startswith(_PREFIX[: len(self._buf)]):
-                self._hand_over()  # not an infer call: no need to wait for the whole head
+            if not may_be_fast(self._buf):
+                self._hand_over()  # not for the fast lane: no need to wait for the whole head
                 return
             end = self._buf.find(b"\r\n\r\n")
             if end < 0:
@@ -274,7 +296,9 @@ class FastLaneProtocol(asyncio.Protocol):
         total = self._head_len + self._head.content_length
         if len(self._buf) < total:
             return
-        head, body = self._head, bytes(self._buf[self._head_len : total])
+        head = self._head
+        with memoryview(self._buf) as view:
+            body = bytes(view[self._head_len : total])  # one copy, even of 16 MiB
         del self._buf[:total]
         self._head = None
         self._busy = True
@@ -294,7 +318,7 @@ class FastLaneProtocol(asyncio.Protocol):
         try:
             await self._lane.answer(head, body, send)
         except Exception:
-            log.exception("fast lane: POST %s failed inside the proxy", head.target)
+            log.exception("fast lane: %s %s failed inside the proxy", head.method, head.target)
             if not sent:
                 send(_render(500, b"", [], b"", True))
             head.keep_alive = False

@@ -99,7 +99,7 @@ class Pacer:
     Dropping a copy in the worker still costs both processes: the live side pickles and writes
     it, the worker reads and unpickles it (at 1,000 requests/s, 40% of a core in the worker for
     nothing). So when the worker had to shed copies (CPU budget, loop lag), it tells the live
-    side to send no more than it took in that window; while it sheds nothing the pace grows by a
+    side to send about what it took in that window; while it sheds nothing the pace grows by a
     quarter each window, and it is lifted once it is well above what arrives. None: no limit.
     """
 
@@ -116,7 +116,9 @@ class Pacer:
         arrived = (received - self._mark[3]) / elapsed
         self._mark = (now, taken, shed, received)
         if shed_now > 0:
-            self._rate = max(took, 1.0)
+            # Down to what it managed, but by at most a fifth a window: one window in which the
+            # worker got little CPU must not throttle it for many.
+            self._rate = max(took, 0.8 * (self._rate or took), 1.0)
         elif self._rate is not None:
             self._rate *= 1.25
             if self._rate > 2 * arrived:

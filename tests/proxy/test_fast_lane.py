@@ -56,14 +56,17 @@ async def test_pipelined_requests_answer_in_order_across_the_hand_over_to_aiohtt
     proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=[c]))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
     health = b"GET /v2/health/ready HTTP/1.1\r\nHost: proxy\r\n\r\n"
-    # Two fast ones, one the fast lane does not take (a GET), then an infer again: one write.
-    writer.write(infer(body(1)) + infer(body(2)) + health + infer(body(3)))
-    answers = [await asyncio.wait_for(read_answer(reader), 10) for _ in range(4)]
+    put = b"PUT /upload HTTP/1.1\r\nHost: proxy\r\nContent-Length: 3\r\n\r\nabc"
+    # Fast ones (infer calls, a read), one the fast lane does not take (a PUT), then an infer
+    # again (by aiohttp now): all in one write.
+    writer.write(infer(body(1)) + health + infer(body(2)) + put + infer(body(3)))
+    answers = [await asyncio.wait_for(read_answer(reader), 10) for _ in range(5)]
     writer.close()
-    assert [a.status for a in answers] == [200, 200, 200, 200]
-    for answer, i in zip([answers[0], answers[1], answers[3]], (1, 2, 3), strict=True):
+    assert [a.status for a in answers] == [200, 200, 200, 200, 200]
+    for answer, i in zip([answers[0], answers[2], answers[4]], (1, 2, 3), strict=True):
         assert answer.body == v2_answer(body(i), "m", 0.0)
-    assert answers[2].body == b""
+    assert answers[1].body == b""
+    assert answers[3].body == b'{"received": 3}'
     assert await proxy.drained(10)
     # All three infer calls were mirrored, on either side of the hand-over.
     assert proxy.telemetry.tally[("c", "compared")] == 3
@@ -184,3 +187,23 @@ async def test_a_client_gone_before_its_answer_leaves_the_proxy_serving(
     assert got.status == 200 and got.body == v2_answer(body(2), "m", 0.0)
     assert re.fullmatch(r"\d+", got.headers["content-length"])
     writer.close()
+
+
+async def test_a_multi_mib_body_arriving_in_pieces_is_forwarded_whole_and_mirrored(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await fake(), await fake()
+    proxy = await proxy_factory(
+        make_settings(ref.url, redis_url, candidates=[{"name": "c", "url": cand.url}])
+    )
+    big = body(5) + b" " * (4 * 1024 * 1024)  # JSON with 4 MiB of trailing whitespace
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
+    data = infer(big) + infer(body(6))
+    for i in range(0, len(data), 100_000):  # in pieces, as a slow client sends it
+        writer.write(data[i : i + 100_000])
+        await writer.drain()
+    first, second = [await asyncio.wait_for(read_answer(reader), 10) for _ in range(2)]
+    writer.close()
+    assert first.body == v2_answer(big, "m", 0.0) and second.body == v2_answer(body(6), "m", 0.0)
+    assert await proxy.drained(10)
+    assert proxy.telemetry.tally[("c", "compared")] == 2
