@@ -63,6 +63,8 @@ async def test_worker_mirrors_compares_and_stores(
     assert sorted(s["request_id"] for s in flagged) == ["adm", "w0", "w1", "w2"]
     summary = await _admin(proxy.admin_port, "/api/summary")
     assert summary["mirror_worker"] != "in-process"
+    # The worker runs only on CPU nothing else wants (SCHED_IDLE on Linux).
+    assert os.sched_getscheduler(proxy.mirror._proc.pid) == os.SCHED_IDLE
     assert summary["this_process"]["int8"]["compared"] == 4
     assert summary["this_process"]["slow"]["compared"] == 4
     assert summary["this_process"]["*"]["skipped:admin_route"] == 1
