@@ -4,9 +4,11 @@
 its cleanup contexts, which aiohttp sets up in this order and unwinds in reverse: telemetry ->
 sample store (and the embedded Redis) -> canary evidence buffer -> canary controller -> compare
 threads -> client sessions -> mirror scheduler (or, with ``proxy.mirror_process``, the link to the
-mirror worker, which runs the scheduler with the same contexts) -> the live proxy. So on shutdown
-the scheduler drains first, then the sessions it used close, then the canary stops and its last
-evidence is flushed, then the store closes, then telemetry flushes.
+mirror worker, which runs the scheduler with the same contexts) -> the live proxy -> the fast
+lane's connections to the reference. ``ProxyRunner`` closes the fast lane's listener (letting its
+requests in flight finish) before any of that unwinds. So on shutdown the scheduler drains first,
+then the sessions it used close, then the canary stops and its last evidence is flushed, then the
+store closes, then telemetry flushes.
 The admin app only reads those resources; start it after the data app and stop it before.
 """
 

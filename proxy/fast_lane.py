@@ -23,17 +23,16 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import cast
 
-import httptools
 from multidict import CIMultiDict
 
 from .analysis import Exchange
 from .errors import UpstreamError
-from .forwarding import HOP_BY_HOP, REQUEST_DROP, end_to_end, server_span
+from .forwarding import REQUEST_DROP, end_to_end, server_span
+from .http1 import Head, error_bytes, may_be_fast, parse_head, render
 from .mirror import Mirror, MirrorRequest
-from .routes import Route, RouteKind, classify
+from .routes import RouteKind
 from .settings import Settings
 from .telemetry import Telemetry
 from .upstream_pool import Answer, UpstreamPool
@@ -49,109 +48,6 @@ _FAST_BODY = 16 * 1024 * 1024
 _PIPELINE_LIMIT = 2 * 1024 * 1024
 # A client connection idle this long is closed (aiohttp's keep-alive timeout).
 _IDLE_TIMEOUT_S = 75.0
-# What every request the fast lane takes starts with: infer calls, and reads (health, metadata).
-_PREFIXES = (b"POST /v2/models/", b"GET /v2")
-_NOT_FORWARDED = (*HOP_BY_HOP, "content-length")
-_RESPONSE_DROP = frozenset(n.encode() for n in _NOT_FORWARDED)
-
-
-@dataclass(slots=True)
-class Head:
-    """A parsed request head the fast lane may serve."""
-
-    method: str
-    target: str
-    route: Route
-    headers: CIMultiDict[str]
-    content_length: int
-    keep_alive: bool
-
-
-class _HeadParser:
-    """httptools callbacks for one request head."""
-
-    __slots__ = ("headers", "url")
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: list[tuple[str, str]] = []
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
-
-
-def may_be_fast(buf: bytes | bytearray) -> bool:
-    """Whether a request starting with ``buf`` can still turn out to be one for the fast lane."""
-    return any(buf[: len(p)] == p[: len(buf)] for p in _PREFIXES)
-
-
-def parse_head(raw: bytes, settings: Settings, max_body: int) -> Head | None:
-    """The head if the fast lane may serve this request, else None (aiohttp will)."""
-    if not raw.startswith(_PREFIXES):
-        return None
-    fields = _HeadParser()
-    parser = httptools.HttpRequestParser(fields)
-    try:
-        parser.feed_data(raw)
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-        return None  # aiohttp answers it with its own 400
-    if parser.get_http_version() != "1.1" or parser.should_upgrade():
-        return None
-    headers = CIMultiDict(fields.headers)
-    if "Transfer-Encoding" in headers or "Expect" in headers:
-        return None
-    method = parser.get_method().decode("latin-1")
-    lengths = headers.getall("Content-Length", [])
-    if method == "GET":
-        length, kind = 0, RouteKind.READ
-        if lengths:
-            return None  # a GET with a body: unusual enough for aiohttp
-    elif len(lengths) == 1 and lengths[0].isdigit() and int(lengths[0]) <= max_body:
-        length, kind = int(lengths[0]), RouteKind.INFER
-    else:
-        return None
-    target = fields.url.decode("latin-1")
-    route = classify(method, target)
-    if route.kind is not kind or settings.canary_serves(route.model or ""):
-        return None
-    return Head(method, target, route, headers, length, parser.should_keep_alive())
-
-
-def _error_bytes(err: UpstreamError, close: bool) -> bytes:
-    import json
-
-    body = json.dumps({"error": str(err)}).encode()
-    return _render(
-        err.status, b"", [(b"Content-Type", b"application/json; charset=utf-8")], body, close
-    )
-
-
-def _render(
-    status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes, close: bool
-) -> bytes:
-    """The answer as the client gets it, framed by its length (as aiohttp frames a whole one)."""
-    drop = _RESPONSE_DROP
-    named = [v for n, v in headers if n.lower() == b"connection"]
-    if named:
-        drop = drop | {t.strip().lower() for v in named for t in v.split(b",")}
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _reason(status))]
-    lines.extend(b"%s: %s\r\n" % (n, v) for n, v in headers if n.lower() not in drop)
-    lines.append(b"Content-Length: %d\r\n" % len(body))
-    if close:
-        lines.append(b"Connection: close\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines) + body if len(body) < 65536 else b"".join([*lines, body])
-
-
-def _reason(status: int) -> bytes:
-    from http import HTTPStatus
-
-    with contextlib.suppress(ValueError):
-        return HTTPStatus(status).phrase.encode()
-    return b""
 
 
 class FastLane:
@@ -202,14 +98,14 @@ class FastLane:
                     future.set_result(None)  # the copy is dropped: there is nothing to compare
                 if not isinstance(exc, UpstreamError):
                     raise
-                send(_error_bytes(exc, not head.keep_alive))
+                send(error_bytes(exc, not head.keep_alive))
                 log.warning("live request %s %s failed: %s", head.method, head.target, exc)
                 span.set_attribute("http.response.status_code", exc.status)
                 self._tel.request(head.route.kind.value, exc.status)
                 return
             latency = time.perf_counter() - started
             send(
-                _render(
+                render(
                     answer.status, answer.reason, answer.headers, answer.body, not head.keep_alive
                 )
             )
@@ -320,7 +216,7 @@ class FastLaneProtocol(asyncio.Protocol):
         except Exception:
             log.exception("fast lane: %s %s failed inside the proxy", head.method, head.target)
             if not sent:
-                send(_render(500, b"", [], b"", True))
+                send(render(500, b"", [], b"", True))
             head.keep_alive = False
         transport = self._transport
         if transport is None or transport.is_closing():

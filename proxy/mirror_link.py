@@ -10,9 +10,9 @@ worker is down), and the reference's answer follows in a second frame when the l
 Frames are batched: those of the next ``FLUSH_DELAY_S`` go out in one write, so the live process
 makes one system call (and wakes the worker once) per batch rather than two per request.
 
-While the worker is near its CPU budget it sends back a pace (copies per second it can afford;
-``guards.Pacer``), and copies beyond it are dropped here, counted as ``worker_budget``, before
-they cost either process anything.
+When the worker has to shed copies (CPU budget, loop lag) it sends back a pace: the copies per
+second it managed (``guards.Pacer``). Copies beyond it are refused here (``admit``), counted as
+``worker_budget``, before they cost either process anything.
 
 Frames are length-prefixed pickles on a private socketpair between parent and child (trusted).
 Bodies travel out of band (pickle protocol 5): the pickle refers to them, and their bytes follow

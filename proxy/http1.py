@@ -1,0 +1,121 @@
+"""HTTP/1.1 on the wire for the fast lane: which request heads it takes, and answers as bytes.
+
+Parsing is llhttp's (``httptools``), the parser behind uvicorn: strict, and fast enough that a
+head costs a few microseconds. Anything unusual (another HTTP version, Transfer-Encoding, Expect,
+Upgrade, a doubled or malformed length, a head llhttp refuses) is not taken: aiohttp's server
+serves it, with its own answers for what is malformed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import httptools
+from multidict import CIMultiDict
+
+from .errors import UpstreamError
+from .forwarding import HOP_BY_HOP
+from .routes import Route, RouteKind, classify
+from .settings import Settings
+
+# What every request the fast lane takes starts with: infer calls, and reads (health, metadata).
+_PREFIXES = (b"POST /v2/models/", b"GET /v2")
+_RESPONSE_DROP = frozenset(n.encode() for n in (*HOP_BY_HOP, "content-length"))
+
+
+@dataclass(slots=True)
+class Head:
+    """A parsed request head the fast lane may serve."""
+
+    method: str
+    target: str
+    route: Route
+    headers: CIMultiDict[str]
+    content_length: int
+    keep_alive: bool
+
+
+class _HeadParser:
+    """httptools callbacks for one request head."""
+
+    __slots__ = ("headers", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+
+def may_be_fast(buf: bytes | bytearray) -> bool:
+    """Whether a request starting with ``buf`` can still turn out to be one for the fast lane."""
+    return any(buf[: len(p)] == p[: len(buf)] for p in _PREFIXES)
+
+
+def parse_head(raw: bytes, settings: Settings, max_body: int) -> Head | None:
+    """The head if the fast lane may serve this request, else None (aiohttp will)."""
+    if not raw.startswith(_PREFIXES):
+        return None
+    fields = _HeadParser()
+    parser = httptools.HttpRequestParser(fields)
+    try:
+        parser.feed_data(raw)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return None  # aiohttp answers it with its own 400
+    if parser.get_http_version() != "1.1" or parser.should_upgrade():
+        return None
+    headers = CIMultiDict(fields.headers)
+    if "Transfer-Encoding" in headers or "Expect" in headers:
+        return None
+    method = parser.get_method().decode("latin-1")
+    lengths = headers.getall("Content-Length", [])
+    if method == "GET":
+        length, kind = 0, RouteKind.READ
+        if lengths:
+            return None  # a GET with a body: unusual enough for aiohttp
+    elif len(lengths) == 1 and lengths[0].isdigit() and int(lengths[0]) <= max_body:
+        length, kind = int(lengths[0]), RouteKind.INFER
+    else:
+        return None
+    target = fields.url.decode("latin-1")
+    route = classify(method, target)
+    if route.kind is not kind or settings.canary_serves(route.model or ""):
+        return None
+    return Head(method, target, route, headers, length, parser.should_keep_alive())
+
+
+def error_bytes(err: UpstreamError, close: bool) -> bytes:
+    body = json.dumps({"error": str(err)}).encode()
+    return render(
+        err.status, b"", [(b"Content-Type", b"application/json; charset=utf-8")], body, close
+    )
+
+
+def render(
+    status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes, close: bool
+) -> bytes:
+    """The answer as the client gets it, framed by its length (as aiohttp frames a whole one)."""
+    drop = _RESPONSE_DROP
+    named = [v for n, v in headers if n.lower() == b"connection"]
+    if named:
+        drop = drop | {t.strip().lower() for v in named for t in v.split(b",")}
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_phrase(status))]
+    lines.extend(b"%s: %s\r\n" % (n, v) for n, v in headers if n.lower() not in drop)
+    lines.append(b"Content-Length: %d\r\n" % len(body))
+    if close:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines) + body if len(body) < 65536 else b"".join([*lines, body])
+
+
+def reason_phrase(status: int) -> bytes:
+    with contextlib.suppress(ValueError):
+        return HTTPStatus(status).phrase.encode()
+    return b""
