@@ -54,6 +54,7 @@ class _Connection(asyncio.Protocol):
         self._headers_done = False
         self._until_close = False
         self.reusable = False
+        self._spoiled = False
         self.closed = False
 
     # asyncio.Protocol
@@ -66,7 +67,7 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None:
+        if self._waiter is None or self._waiter.done():
             # Bytes nobody asked for: the connection is out of step; never reuse it.
             self.close()
             return
@@ -91,6 +92,8 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self._waiter is not None and self._waiter.done():
+            self._spoiled = True  # more after the whole answer, in the same read: out of step
         self._reason, self._headers, self._body = b"", [], []
         self._headers_done = self._until_close = False
 
@@ -104,7 +107,8 @@ class _Connection(asyncio.Protocol):
         self._headers_done = True
         names = {n.lower() for n, _ in self._headers}
         self._until_close = b"content-length" not in names and b"transfer-encoding" not in names
-        self.reusable = self._parser.should_keep_alive() and not self._until_close
+        keep = self._parser.should_keep_alive() and not self._until_close
+        self.reusable = keep and not self._spoiled
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)

@@ -207,3 +207,18 @@ async def test_a_multi_mib_body_arriving_in_pieces_is_forwarded_whole_and_mirror
     assert first.body == v2_answer(big, "m", 0.0) and second.body == v2_answer(body(6), "m", 0.0)
     assert await proxy.drained(10)
     assert proxy.telemetry.tally[("c", "compared")] == 2
+
+
+async def test_a_reference_that_sends_more_than_its_answer_gets_a_fresh_connection(
+    proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    one = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    raw = await start_raw_upstream(one + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra")
+    proxy = await proxy_factory(make_settings(raw.url, redis_url))
+    url = f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.post(url, data=body(1)) as r:
+                assert r.status == 200 and await r.read() == b"{}"  # never the stray "extra"
+    assert raw.connections == 2  # the out-of-step connection was not reused
+    raw.server.close()
