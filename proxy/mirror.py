@@ -80,7 +80,7 @@ class Mirror(Protocol):
 
     def admit(self) -> bool:
         """Whether to make a copy at all (False: dropped, and counted, before it costs anything).
-        Canary copies are evidence and are always made."""
+        Not asked for canary copies: they are evidence and always made."""
         ...
 
     def offer(self, req: MirrorRequest) -> None: ...

@@ -172,9 +172,9 @@ class ProxySettings(_Model):
     ``dropped_cpu_budget``. Shadow work then cannot crowd the live path off a small host.
     0 means no budget (only the event-loop lag bounds it)."""
     fast_lane: bool = True
-    """Serve plain infer requests (sized body up to 1 MiB, HTTP/1.1, not in a canary split) on
-    a bare asyncio protocol with pooled upstream connections: about a fifth of aiohttp's CPU per
-    request. Every other request, and an https reference, goes through aiohttp as before."""
+    """Serve HTTP/1.1 infer calls (one Content-Length, up to 16 MiB, not in a canary split) and
+    GET reads on a bare asyncio protocol with pooled connections to the reference: about 40% of
+    aiohttp's CPU per request. Other requests, and an https reference, go through aiohttp."""
     shed_lag_ms: float = Field(4.0, ge=0)
     """When the event loop runs this many ms late (the process is CPU-bound), new mirror copies
     are dropped and counted as ``dropped_overload``; live traffic keeps the CPU. 0 disables."""
