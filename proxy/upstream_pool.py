@@ -14,7 +14,6 @@ upstream may have run must not run twice.
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from dataclasses import dataclass
 from typing import cast
@@ -23,8 +22,6 @@ from urllib.parse import urlsplit
 import httptools
 
 from .errors import UpstreamBadResponse, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-
-log = logging.getLogger("shadowproxy.forward")
 
 # Idle connections kept per upstream; more are closed when they come back.
 MAX_IDLE = 64
