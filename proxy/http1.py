@@ -112,7 +112,8 @@ def render(
     if close:
         lines.append(b"Connection: close\r\n")
     lines.append(b"\r\n")
-    return b"".join(lines) + body if len(body) < 65536 else b"".join([*lines, body])
+    lines.append(body)
+    return b"".join(lines)
 
 
 def reason_phrase(status: int) -> bytes:
