@@ -3,12 +3,13 @@
 ``create_apps`` returns two aiohttp applications. The data app owns every async resource through
 its cleanup contexts, which aiohttp sets up in this order and unwinds in reverse: telemetry ->
 sample store (and the embedded Redis) -> canary evidence buffer -> canary controller -> compare
-threads -> client sessions -> mirror scheduler (or, with ``proxy.mirror_process``, the link to the
-mirror worker, which runs the scheduler with the same contexts) -> the live proxy -> the fast
-lane's connections to the reference. ``ProxyRunner`` closes the fast lane's listener (letting its
-requests in flight finish) before any of that unwinds. So on shutdown the scheduler drains first,
-then the sessions it used close, then the canary stops and its last evidence is flushed, then the
-store closes, then telemetry flushes.
+threads and comparer -> client sessions -> mirror scheduler (or, with ``proxy.mirror_process``,
+the link to the mirror process, which runs the scheduler with its own contexts and compare
+worker processes) -> the live proxy -> the fast lane's connections to the reference.
+``ProxyRunner`` closes the fast lane's listener (letting its requests in flight finish) before
+any of that unwinds. So on shutdown the scheduler drains first (its queue, then its compare
+stage), then the clients it used close, then the comparer stores its last batch, then the canary
+stops and its last evidence is flushed, then the store closes, then telemetry flushes.
 The admin app only reads those resources; start it after the data app and stop it before.
 """
 
@@ -29,11 +30,14 @@ from .buffer.store import SampleStore
 from .canary.controller import CanaryController
 from .canary.evidence import EvidenceBuffer
 from .codec import warm_up
+from .compare_link import CompareLink
+from .compare_stage import Comparer, LocalCompareSink
 from .fast_lane import FastLane, FastLaneServer
 from .forwarding import LiveProxy, strip_server_defaults
-from .judge import Judge
+from .judge import Judge, LatestPopulation
 from .keys import (
     CANARY,
+    COMPARER,
     DATA_APP,
     EMBEDDED_REDIS,
     EVIDENCE,
@@ -42,34 +46,45 @@ from .keys import (
     LIVE_PROXY,
     LIVE_SESSION,
     MIRROR,
+    POPULATION,
     SETTINGS,
-    SHADOW_SESSION,
+    SHADOW_CLIENT,
     STORE,
     TELEMETRY,
 )
-from .mirror import Mirror, MirrorScheduler
+from .mirror import CompareSink, Mirror, MirrorScheduler
 from .mirror_link import MirrorLink
 from .settings import Settings
+from .shadow_client import SKIP_AUTO_HEADERS, ShadowClient
 from .telemetry import Telemetry
 from .upstream_pool import UpstreamPool
 
 log = logging.getLogger("shadowproxy")
 
-# aiohttp's client adds these when absent; a transparent proxy must not invent them upstream.
-_SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+def build_mirror_app(settings: Settings) -> web.Application:
+    """The mirror process's resources, no server: the scheduler (queue, candidate calls) and its
+    compare workers; the same teardown order (the scheduler drains, then the workers finish,
+    then the client closes)."""
+    app = web.Application()
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_telemetry_ctx(None))
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_evidence_ctx)
+    app.cleanup_ctx.append(_shadow_client_ctx)
+    app.cleanup_ctx.append(_scheduler_ctx(in_process=False))
+    return app
 
 
-def build_worker_app(settings: Settings) -> web.Application:
-    """The mirror worker's resources, no server: the same contexts, so the same teardown order
-    (the scheduler drains before the shadow session and the store close)."""
+def build_compare_app(settings: Settings) -> web.Application:
+    """A compare worker's resources: the comparer (judge, store batches) and its threads."""
     app = web.Application()
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_telemetry_ctx(None))
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_evidence_ctx)
     app.cleanup_ctx.append(_executor_ctx)
-    app.cleanup_ctx.append(_shadow_session_ctx)
-    app.cleanup_ctx.append(_scheduler_ctx)
+    app.cleanup_ctx.append(_comparer_ctx)
     return app
 
 
@@ -91,9 +106,10 @@ def create_apps(
         data.cleanup_ctx.append(_mirror_link_ctx)
     else:
         data.cleanup_ctx.append(_executor_ctx)
+        data.cleanup_ctx.append(_comparer_ctx)
         data.cleanup_ctx.append(_live_session_ctx)
-        data.cleanup_ctx.append(_shadow_session_ctx)
-        data.cleanup_ctx.append(_scheduler_ctx)
+        data.cleanup_ctx.append(_shadow_client_ctx)
+        data.cleanup_ctx.append(_scheduler_ctx(in_process=True))
     data.cleanup_ctx.append(_live_proxy_ctx)
     data.cleanup_ctx.append(_fast_lane_ctx)
     data.on_response_prepare.append(strip_server_defaults)
@@ -189,7 +205,7 @@ async def _live_session_ctx(app: web.Application) -> AsyncIterator[None]:
         # client, and it parses and filters cookies on every request and answer.
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
-        skip_auto_headers=_SKIP_AUTO,
+        skip_auto_headers=SKIP_AUTO_HEADERS,
         timeout=aiohttp.ClientTimeout(total=settings.reference.timeout_s),
     )
     app[LIVE_SESSION] = live
@@ -197,42 +213,60 @@ async def _live_session_ctx(app: web.Application) -> AsyncIterator[None]:
     await live.close()
 
 
-async def _shadow_session_ctx(app: web.Application) -> AsyncIterator[None]:
-    # Its own pool: a slow candidate can never hold a connection the live path needs.
-    settings = app[SETTINGS]
-    shadow_limit = sum(c.max_in_flight for c in settings.candidates) + 4
-    shadow = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=shadow_limit, ttl_dns_cache=300),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        skip_auto_headers=_SKIP_AUTO,
-    )
-    app[SHADOW_SESSION] = shadow
+async def _shadow_client_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Its own pools: a slow candidate can never hold a connection the live path needs.
+    client = ShadowClient()
+    app[SHADOW_CLIENT] = client
     yield
-    await shadow.close()
+    await client.close()
 
 
-async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
+async def _comparer_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     judge = Judge(settings.noise)
-    app[TELEMETRY].gauge(
-        "shadowproxy_population",
-        "Population statistics per candidate, model and output (label stat says which)",
-        judge.observe_gauges,
+    comparer = Comparer(
+        settings, app[STORE], app[EXECUTOR], app[TELEMETRY], judge, app.get(EVIDENCE)
     )
-    scheduler = MirrorScheduler(
-        settings,
-        app[SHADOW_SESSION],
-        app[STORE],
-        app[EXECUTOR],
-        app[TELEMETRY],
-        judge,
-        app.get(EVIDENCE),
-    )
-    app[MIRROR] = scheduler
-    scheduler.start()
+    app[COMPARER] = comparer
     yield
-    await scheduler.close()
+    await comparer.close()
+
+
+def _scheduler_ctx(*, in_process: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The I/O stage; its compare stage is the app's comparer (in process) or compare worker
+    processes (the mirror process). Either way the population gauges are read where all the
+    verdicts meet."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        tel = app[TELEMETRY]
+        sink: CompareSink
+        if in_process:
+            sink = LocalCompareSink(app[COMPARER])
+            tel.gauge(
+                "shadowproxy_population",
+                "Population statistics per candidate, model and output (label stat says which)",
+                app[COMPARER].judge.observe_gauges,
+            )
+        else:
+            link = CompareLink(settings, tel)
+            await link.start()
+            sink = link
+            app[POPULATION] = LatestPopulation()
+            tel.gauge(
+                "shadowproxy_population",
+                "Population statistics per candidate, model and output (label stat says which)",
+                app[POPULATION].observe_gauges,
+            )
+        scheduler = MirrorScheduler(
+            settings, app[SHADOW_CLIENT], tel, sink, app.get(EVIDENCE), live_process=in_process
+        )
+        app[MIRROR] = scheduler
+        scheduler.start()
+        yield
+        await scheduler.close()  # drains the queue, then the compare stage
+
+    return ctx
 
 
 async def _mirror_link_ctx(app: web.Application) -> AsyncIterator[None]:

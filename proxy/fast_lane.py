@@ -67,7 +67,8 @@ class FastLane:
         """Forward the request, ``send`` the answer the moment it is here, then account for it."""
         loop = asyncio.get_running_loop()
         infer = head.route.kind is RouteKind.INFER
-        mirror = infer and self._mirrors(head.route.model or "") and self._scheduler.admit()
+        model = head.route.model or ""
+        mirror = infer and self._mirrors(model) and self._scheduler.admit(model, head.headers)
         headers = end_to_end(head.headers, REQUEST_DROP)
         copy_headers = headers.copy() if mirror else headers
         span_cm, traced = server_span(

@@ -171,7 +171,7 @@ class LiveProxy:
         else:
             mirror = route.kind is RouteKind.INFER and self._mirrors(model)
             # (Canary copies are evidence: the worker accounts for any it has to drop.)
-            mirror = mirror and (tag is not None or self._scheduler.admit())
+            mirror = mirror and (tag is not None or self._scheduler.admit(model, request.headers))
         if route.kind is RouteKind.ADMIN:
             self._scheduler.note_skip("admin_route")
         headers = end_to_end(request.headers, REQUEST_DROP)

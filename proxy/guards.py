@@ -78,7 +78,7 @@ class CpuBudget:
 
     def __init__(self, cores: float, window_s: float = 0.5) -> None:
         self.cores = cores
-        self._window = window_s
+        self.window_s = window_s
         self._mark = (time.monotonic(), time.process_time())
         self.used = 0.0
 
@@ -87,7 +87,7 @@ class CpuBudget:
             return False
         now, cpu = time.monotonic(), time.process_time()
         elapsed = now - self._mark[0]
-        if elapsed >= self._window:
+        if elapsed >= self.window_s:
             self.used = (cpu - self._mark[1]) / elapsed
             self._mark = (now, cpu)
         return self.used > self.cores

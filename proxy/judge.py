@@ -61,25 +61,39 @@ class Judge:
 
     def observe_gauges(self, options: CallbackOptions) -> Iterator[Observation]:
         """OpenTelemetry callback: the population's rates and quantiles as gauges."""
-        for row in self.population.summary():
-            attrs: dict[str, Any] = {
-                "model": row["model"],
-                "candidate": row["candidate"],
-                "output": row["output"],
-                "metric": row["metric"],
-            }
+        return population_gauges(self.population)
+
+
+class LatestPopulation:
+    """The population statistics last gathered from the compare workers (the mirror process
+    serves them as gauges; each worker only sees the pairs it compared)."""
+
+    def __init__(self) -> None:
+        self.stats = PopulationStats()
+
+    def observe_gauges(self, options: CallbackOptions) -> Iterator[Observation]:
+        return population_gauges(self.stats)
+
+
+def population_gauges(population: PopulationStats) -> Iterator[Observation]:
+    """The population's rates and quantiles as gauge observations."""
+    for row in population.summary():
+        attrs: dict[str, Any] = {
+            "model": row["model"],
+            "candidate": row["candidate"],
+            "output": row["output"],
+            "metric": row["metric"],
+        }
+        yield Observation(row["flagged_rate_ci95"][1], {**attrs, "stat": "flagged_rate_upper95"})
+        if row["flagged_rate"] is not None:
+            yield Observation(row["flagged_rate"], {**attrs, "stat": "flagged_rate"})
+        for q in ("p50", "p99"):
+            value = row["severity"][q]
+            if value is not None:
+                yield Observation(value, {**attrs, "stat": f"severity_{q}"})
+        paired = row["paired_vs_noise_floor"]
+        if paired["pairs"]:
             yield Observation(
-                row["flagged_rate_ci95"][1], {**attrs, "stat": "flagged_rate_upper95"}
+                paired["wilcoxon_greater"]["p"], {**attrs, "stat": "paired_wilcoxon_p"}
             )
-            if row["flagged_rate"] is not None:
-                yield Observation(row["flagged_rate"], {**attrs, "stat": "flagged_rate"})
-            for q in ("p50", "p99"):
-                value = row["severity"][q]
-                if value is not None:
-                    yield Observation(value, {**attrs, "stat": f"severity_{q}"})
-            paired = row["paired_vs_noise_floor"]
-            if paired["pairs"]:
-                yield Observation(
-                    paired["wilcoxon_greater"]["p"], {**attrs, "stat": "paired_wilcoxon_p"}
-                )
-                yield Observation(paired["mcnemar"]["p"], {**attrs, "stat": "paired_mcnemar_p"})
+            yield Observation(paired["mcnemar"]["p"], {**attrs, "stat": "paired_mcnemar_p"})

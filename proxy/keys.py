@@ -11,10 +11,13 @@ from .buffer.embedded import EmbeddedRedis
 from .buffer.store import SampleStore
 from .canary.controller import CanaryController
 from .canary.evidence import EvidenceBuffer
+from .compare_stage import Comparer
 from .fast_lane import FastLane
 from .forwarding import LiveProxy
+from .judge import LatestPopulation
 from .mirror import Mirror
 from .settings import Settings
+from .shadow_client import ShadowClient
 from .telemetry import Telemetry
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -23,7 +26,9 @@ EMBEDDED_REDIS = web.AppKey("embedded_redis", EmbeddedRedis)
 STORE = web.AppKey("store", SampleStore)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 LIVE_SESSION = web.AppKey("live_session", aiohttp.ClientSession)
-SHADOW_SESSION = web.AppKey("shadow_session", aiohttp.ClientSession)
+SHADOW_CLIENT = web.AppKey("shadow_client", ShadowClient)
+COMPARER = web.AppKey("comparer", Comparer)
+POPULATION = web.AppKey("population", LatestPopulation)
 MIRROR = web.AppKey("mirror", Mirror)
 LIVE_PROXY = web.AppKey("live_proxy", LiveProxy)
 FAST_LANE = web.AppKey("fast_lane", FastLane)

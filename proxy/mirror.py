@@ -1,12 +1,17 @@
-"""The mirror scheduler: sampled, bounded, tracked shadow calls that never touch the live path.
+"""The mirror scheduler: the shadow side's I/O stage (sample, queue, call, time, pair).
 
-``offer()`` is synchronous and never awaits: per candidate it decides sampling, checks the
-in-flight bound (a full candidate drops the copy and counts it), and starts a tracked task. The
-task does everything else off the live path: it parses the request copy (unsafe requests are
-skipped and counted by reason), calls the candidate under its own timeout, waits for the reference
-answer the live handler publishes, decodes and compares in a worker thread, and stores the verdict.
-On shutdown the scheduler stops taking copies, lets in-flight ones finish for
-``proxy.drain_timeout_s``, then cancels the rest; the app closes the sessions only after that.
+``offer()`` is synchronous and never awaits: per candidate it decides sampling, and queues the
+copy (``shadow_queue.CopyQueue``). Copies leave the queue as call slots (``max_in_flight`` per
+candidate) and the compare stage allow: a copy beyond either waits rather than being dropped;
+only the queue's own bounds (bytes, age), an open circuit breaker or shutdown drop one, each
+counted by reason. A started copy is checked once (unsafe requests are skipped and counted by
+reason), sent to the candidate under its own timeout, timed here, paired with the reference's
+answer (which the live path publishes), and handed to the compare stage (``CompareSink``): in
+this process, or in compare worker processes at idle CPU priority.
+
+In ``serve``'s default setup this runs in the mirror process at the live path's own CPU priority
+(``mirror_worker``), so a busy host delays a candidate's answer no more than the reference's
+and latency gates compare like with like; only comparing runs at idle priority.
 """
 
 from __future__ import annotations
@@ -16,43 +21,39 @@ import hashlib
 import itertools
 import logging
 import random
-import time
 import uuid
-from collections.abc import Mapping
-from concurrent.futures import Executor
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
 from multidict import CIMultiDict
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, SpanKind
 
-from .analysis import Analysis, Exchange, analyze
-from .buffer.store import SampleStore
-from .canary.evidence import CanaryTag, EvidenceBuffer, comparison_counters, pair_counters
+from comparators.population import PopulationStats
+
+from .analysis import Exchange
+from .canary.evidence import CanaryTag, EvidenceBuffer
 from .canary.gates import CAND_CALLS, CAND_ERRORS, REF_CALLS, REF_ERRORS, UNCOMPARED
 from .codec import MalformedMessage, parse_request_header, unsafe_to_mirror
-from .errors import (
-    StoreError,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-    translate_upstream_error,
-)
-from .guards import Breaker, CpuBudget, LoopLag
-from .judge import Judge
+from .compare_stage import Pair
+from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .guards import Breaker, LoopLag, stop_task
 from .model_config import ModelConfigs
 from .routes import Route, candidate_path
-from .samples import headers_json, sample_meta
 from .settings import CandidateSettings, Settings, UpstreamSettings
+from .shadow_client import ShadowClient
+from .shadow_queue import CopyQueue, Job, QueuedCopy
 from .telemetry import Telemetry
 
 log = logging.getLogger("shadowproxy.mirror")
 
 CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
-# Request headers below this size are parsed inline in the task; larger JSON goes to a thread.
-_INLINE_PARSE_BYTES = 64 * 1024
+# Pairs handed to the compare stage and not yet compared, per compare worker, beyond which no
+# new call starts (copies wait in the queue, where their age and bytes are bounded).
+COMPARE_WINDOW = 64
+# How often waiting copies are checked for age (and the queue pumped).
+_SWEEP_S = 0.25
 
 
 @dataclass(slots=True)
@@ -78,7 +79,7 @@ class Mirror(Protocol):
     """What the live path needs from mirroring, in-process (``MirrorScheduler``) or in a worker
     process (``mirror_link.MirrorLink``)."""
 
-    def admit(self) -> bool:
+    def admit(self, model: str, headers: Mapping[str, str]) -> bool:
         """Whether to make a copy at all (False: dropped, and counted, before it costs anything).
         Not asked for canary copies: they are evidence and always made."""
         ...
@@ -92,60 +93,87 @@ class Mirror(Protocol):
     async def close(self) -> None: ...
 
 
+class CompareSink(Protocol):
+    """Where pairs go to be compared: in this process or in compare worker processes."""
+
+    backlog: int
+    """Pairs submitted and not yet compared."""
+    on_done: list[Callable[[], None]]
+    """Called whenever a pair has been compared (room for more)."""
+    workers: int
+
+    def submit(self, pair: Pair) -> None: ...
+
+    async def snapshot(self) -> Mapping[str, Any]:
+        """``population`` (PopulationStats), ``tally`` rows, ``prometheus`` text and
+        ``unstored`` (verdicts not yet written)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def sampled(cand: CandidateSettings, headers: Mapping[str, str], rng: random.Random) -> bool:
+    """Whether this request is one of the share ``cand`` asked for."""
+    if cand.sample_rate >= 1.0:
+        return True
+    key = headers.get(cand.sample_key_header) if cand.sample_key_header else None
+    if key is not None:
+        # A stable hash: the same key is always in or always out, across replicas and restarts.
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2.0**64 < cand.sample_rate
+    return rng.random() < cand.sample_rate
+
+
 class MirrorScheduler:
     def __init__(
         self,
         settings: Settings,
-        session: aiohttp.ClientSession,
-        store: SampleStore | None,
-        executor: Executor,
+        client: ShadowClient,
         telemetry: Telemetry,
-        judge: Judge,
+        sink: CompareSink,
         evidence: EvidenceBuffer | None = None,
+        *,
+        live_process: bool = True,
     ) -> None:
         self._settings = settings
         self._evidence = evidence
         self._canary_name = settings.canary.candidate if settings.canary else None
-        self._session = session
-        self._store = store
-        self._executor = executor
+        self._client = client
         self._tel = telemetry
-        self._judge = judge
+        self._sink = sink
+        sink.on_done.append(self._pump)
+        self._window = COMPARE_WINDOW * sink.workers
+        self._cands = {c.name: c for c in settings.candidates}
         self._seq = itertools.count(1)
-        self._in_flight = {c.name: 0 for c in settings.candidates}
+        self._calling = {c.name: 0 for c in settings.candidates}
         self._breakers = {
             c.name: Breaker(c.breaker_failures, c.breaker_open_s) for c in settings.candidates
         }
+        proxy = settings.proxy
+        self._queue = CopyQueue(proxy.mirror_queue_bytes, proxy.mirror_queue_age_s)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._pumping = False
         self._rng = random.Random()
-        self._models = ModelConfigs(session, settings.reference.url)
-        self._lag = LoopLag()
-        self._cpu: CpuBudget | None = None  # set in the mirror worker only
+        self._models = ModelConfigs(client.session(), settings.reference.url)
+        # Only the live process's lag says the host is overloaded: in the mirror process a late
+        # loop means only that it was made to wait, and its copies wait in the queue.
+        self._lag = LoopLag() if live_process and proxy.shed_lag_ms else None
+        self._sweeper: asyncio.Task[None] | None = None
         self.taken = 0
-        """Copies that started at least one shadow call, and ``shed``: drops for CPU budget or
-        loop lag (the worker paces the live side by them; ``guards.Pacer``)."""
+        """Jobs started, and ``shed``: jobs the queue's bounds dropped (the mirror process paces
+        the live side by them; ``guards.Pacer``)."""
         self.shed = 0
 
-    def _sampled(self, cand: CandidateSettings, headers: Mapping[str, str]) -> bool:
-        if cand.sample_rate >= 1.0:
-            return True
-        key = headers.get(cand.sample_key_header) if cand.sample_key_header else None
-        if key is not None:
-            # A stable hash: the same key is always in or always out, across replicas and restarts.
-            digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-            return int.from_bytes(digest, "big") / 2.0**64 < cand.sample_rate
-        return self._rng.random() < cand.sample_rate
-
-    def admit(self) -> bool:
+    def admit(self, model: str, headers: Mapping[str, str]) -> bool:
         return True  # in this process every copy meets the guards in offer()
 
     def offer(self, req: MirrorRequest) -> None:
-        """Start a shadow call per sampled candidate. Never blocks, never raises into the caller."""
+        """Queue a job per sampled candidate. Never blocks, never raises into the caller."""
         model = req.route.model or ""
         req.seq = next(self._seq)
-        shed_ms = self._settings.proxy.shed_lag_ms
-        started = False
+        jobs: list[Job] = []
+        copy = QueuedCopy(req, len(req.body) + 64 * len(req.headers))
         for cand in self._settings.candidates:
             if not cand.shadows(model):
                 continue
@@ -154,155 +182,221 @@ class MirrorScheduler:
                 # The canary answered: there is no reference answer to compare this one with.
                 self._tel.skipped("served_by_canary", cand.name)
                 continue
-            if not reverse and not self._sampled(cand, req.headers):
+            if not reverse and not sampled(cand, req.headers, self._rng):
                 # (A canary answer is always compared: its copy goes to the reference.)
                 self._tel.skipped("not_sampled", cand.name)
                 continue
-            dropped = self._drop_reason(cand, reverse, shed_ms)
+            dropped = self._drop_reason(copy.size)
             if dropped is not None:
-                self._tel.mirror(cand.name, dropped)
-                self.shed += dropped in ("dropped_cpu_budget", "dropped_overload")
-                if reverse and self._evidence is not None and req.canary is not None:
-                    self._evidence.add(req.canary, {UNCOMPARED: 1})  # a canary answer unchecked
+                self._drop(Job(copy, cand, reverse), dropped)
                 continue
-            self._in_flight[cand.name] += 1
-            task = asyncio.get_running_loop().create_task(self._run(cand, req))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            started = True
-        self.taken += started
+            jobs.append(Job(copy, cand, reverse))
+        if jobs:
+            self._queue.put(copy, jobs)
+            self._pump()
 
-    def _drop_reason(self, cand: CandidateSettings, reverse: bool, shed_ms: float) -> str | None:
-        """Why a copy cannot be taken now (each reason counted), or None."""
+    def _drop_reason(self, size: int) -> str | None:
+        """Why a new copy cannot even wait (each reason counted), or None."""
         if self._closing:
             return "dropped_shutdown"
-        if self._cpu is not None and self._cpu.over():
-            return "dropped_cpu_budget"
-        if shed_ms and self._lag.ms > shed_ms:
-            # The loop is late: this process is CPU-bound. Shadow work would come out of live
-            # latency, so the copy is dropped (and counted) until the loop catches up.
+        if self._lag is not None and self._lag.ms > self._settings.proxy.shed_lag_ms:
+            # The live loop is late: this process is CPU-bound. Shadow work would come out of
+            # live latency, so the copy is dropped (and counted) until the loop catches up.
             return "dropped_overload"
-        if not reverse and self._breakers[cand.name].is_open():
-            # (The candidate's breaker guards calls to the candidate, not reverse copies.)
-            return "dropped_circuit_open"
-        if self._in_flight[cand.name] >= cand.max_in_flight:
-            return "dropped_queue_full"
+        if not self._queue.fits(size):
+            return "dropped_queue_bytes"
         return None
 
-    def start(self) -> None:
-        self._lag.start()
+    def _drop(self, job: Job, reason: str) -> None:
+        self._tel.mirror(job.cand.name, reason)
+        self.shed += reason in ("dropped_queue_bytes", "dropped_queue_age")
+        req: MirrorRequest = job.copy.request
+        if job.reverse and self._evidence is not None and req.canary is not None:
+            self._evidence.add(req.canary, {UNCOMPARED: 1})  # a canary answer unchecked
 
-    def limit_cpu(self, cores: float) -> None:
-        """In a process of its own, hold shadow work to this many cores of CPU."""
-        self._cpu = CpuBudget(cores)
+    def _pump(self) -> None:
+        """Start waiting jobs while their candidates have call slots and the compare stage has
+        room, one per candidate in turn (a slow candidate never holds up another's copies)."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            progress = True
+            while progress and self._sink.backlog < self._window:
+                progress = False
+                for name in self._queue.candidates():
+                    cand = self._cands[name]
+                    if self._calling[name] >= cand.max_in_flight:
+                        continue
+                    job = self._queue.pop(name)
+                    if job is None:
+                        continue
+                    progress = True
+                    if self._queue.stale(job):
+                        self._drop(job, "dropped_queue_age")
+                    elif not job.reverse and self._breakers[name].is_open():
+                        # The candidate is down: the copy would only wait for it to fail.
+                        # (Asked once per copy, as it starts: asking lets one probe through.)
+                        self._drop(job, "dropped_circuit_open")
+                    else:
+                        self._start(job)
+        finally:
+            self._pumping = False
+
+    def _start(self, job: Job) -> None:
+        self._calling[job.cand.name] += 1
+        self.taken += 1
+        task = asyncio.get_running_loop().create_task(self._run(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def start(self) -> None:
+        if self._lag is not None:
+            self._lag.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            self._queue.sweep(lambda job: self._drop(job, "dropped_queue_age"))
+            self._pump()
 
     def note_skip(self, reason: str) -> None:
         self._tel.skipped(reason)
+
+    def in_flight(self, unstored: int = 0) -> dict[str, int]:
+        """Per candidate: copies waiting or being called; ``*compare``: pairs not yet compared;
+        ``*store``: verdicts not yet written."""
+        out = {name: self._queue.waiting(name) + n for name, n in self._calling.items()}
+        out["*compare"] = self._sink.backlog
+        out["*store"] = unstored
+        return out
 
     async def snapshot(self, *, include_tally: bool = False) -> dict[str, Any]:
         """In-flight counts and population statistics. In the live process the tallies are
         already in its own telemetry (the same object), so they are left out unless asked."""
         tally = [[c, w, n] for (c, w), n in self._tel.tally.items()] if include_tally else []
+        sink = await self._sink.snapshot()
+        population: PopulationStats = sink["population"]
         return {
-            "tally": tally,
-            "in_flight": dict(self._in_flight),
-            "population": self._judge.population.summary(),
-            "prometheus": "",
+            "tally": tally + list(sink["tally"]),
+            "in_flight": self.in_flight(sink["unstored"]),
+            "population": population.summary(),
+            "population_stats": population,
+            "prometheus": sink["prometheus"],
             "worker": "in-process",
             "pending": 0,
+            "queue_bytes": self._queue.bytes,
         }
 
     async def close(self) -> None:
-        """Stop taking copies, let in-flight ones finish for the drain timeout, cancel the rest."""
+        """Stop taking copies; let queued and in-flight ones finish for the drain timeout, drop
+        (and count) the rest, then let the compare stage finish what it was given."""
         self._closing = True
-        await self._lag.stop()
+        if self._lag is not None:
+            await self._lag.stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.proxy.drain_timeout_s
+        while (self._tasks or len(self._queue)) and loop.time() < deadline:
+            self._pump()
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=min(0.1, deadline - loop.time()))
+            else:
+                await asyncio.sleep(0.02)
+        await stop_task(self._sweeper)
+        for job in self._queue.drain():
+            self._drop(job, "dropped_shutdown")
+        for task in list(self._tasks):
+            task.cancel()
         if self._tasks:
-            _, pending = await asyncio.wait(
-                set(self._tasks), timeout=self._settings.proxy.drain_timeout_s
-            )
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._models.close()
+        await self._sink.close()
 
-    async def _run(self, cand: CandidateSettings, req: MirrorRequest) -> None:
+    async def _run(self, job: Job) -> None:
+        name = job.cand.name
         try:
-            await self._mirror_one(cand, req)
+            if self._tel.exporting:
+                await self._traced(job)
+            else:
+                await self._mirror_one(job)
         except asyncio.CancelledError:
-            self._tel.mirror(cand.name, "cancelled")
+            self._tel.mirror(name, "cancelled")
             raise
         except Exception:
-            log.exception("mirror to %s failed unexpectedly", cand.name)
-            self._tel.mirror(cand.name, "internal_error")
+            log.exception("mirror to %s failed unexpectedly", name)
+            self._tel.mirror(name, "internal_error")
         finally:
-            self._in_flight[cand.name] -= 1
+            self._calling[name] -= 1
+            self._pump()
 
-    async def _parse(self, req: MirrorRequest) -> dict[str, Any] | None:
-        if len(req.body) <= _INLINE_PARSE_BYTES:
-            return parse_request_header(req.body, req.headers)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, parse_request_header, req.body, req.headers
+    async def _traced(self, job: Job) -> None:
+        req: MirrorRequest = job.copy.request
+        links = [Link(req.live_span)] if req.live_span is not None else []
+        span = self._tel.tracer.start_span(
+            f"shadow {job.cand.name}",
+            kind=SpanKind.CLIENT,
+            links=links,
+            attributes={"shadowproxy.candidate": job.cand.name},
         )
+        with trace.use_span(span, end_on_exit=True):
+            await self._mirror_one(job)
 
-    async def _mirror_one(self, cand: CandidateSettings, req: MirrorRequest) -> None:
+    async def _check(self, copy: QueuedCopy) -> None:
+        """Parse the copy once for all its candidates; note why it must not be mirrored."""
+        copy.checked = True
+        req: MirrorRequest = copy.request
         try:
-            header = await self._parse(req)
+            copy.header = parse_request_header(req.body, req.headers)
         except MalformedMessage:
-            self._tel.skipped("unparseable_request", cand.name)
+            copy.unsafe = "unparseable_request"
             return
-        reason = unsafe_to_mirror(header)
-        if reason is None and await self._models.is_stateful(req.route.model or ""):
-            reason = "sequence_model"
-        if reason is not None:
-            self._tel.skipped(reason, cand.name)
+        copy.unsafe = unsafe_to_mirror(copy.header)
+        if copy.unsafe is None and await self._models.is_stateful(req.route.model or ""):
+            copy.unsafe = "sequence_model"
+
+    async def _mirror_one(self, job: Job) -> None:
+        copy, cand = job.copy, job.cand
+        req: MirrorRequest = copy.request
+        if not copy.checked:
+            await self._check(copy)
+        if copy.unsafe is not None:
+            self._tel.skipped(copy.unsafe, cand.name)
             return
+        pair = await self._both_answers(cand, req, job.reverse)
+        if pair is None:
+            return
+        ref, answer = pair
+        header = copy.header
         request_id = (
             req.headers.get(self._settings.proxy.request_id_header)
             or (str(header["id"]) if header and header.get("id") else None)
             or uuid.uuid4().hex
         )
-        links = [Link(req.live_span)] if req.live_span is not None else []
-        span = self._tel.tracer.start_span(
-            f"shadow {cand.name}",
-            kind=SpanKind.CLIENT,
-            links=links,
-            attributes={"shadowproxy.candidate": cand.name, "shadowproxy.request_id": request_id},
+        span = req.live_span
+        self._sink.submit(
+            Pair(
+                seq=req.seq,
+                candidate=cand.name,
+                model=req.route.model or "",
+                request_id=request_id,
+                received_at=req.received_at,
+                request_headers=list(req.headers.items()),
+                request_body=req.body,
+                ref=ref,
+                cand=answer,
+                canary=req.canary,
+                live_span=(span.trace_id, span.span_id, int(span.trace_flags)) if span else None,
+            )
         )
-        with trace.use_span(span, end_on_exit=True):
-            pair = await self._both_answers(cand, req, span)
-            if pair is None:
-                return
-            ref, exchange = pair
-            with self._tel.tracer.start_as_current_span("compare") as cspan:
-                loop = asyncio.get_running_loop()
-                analysis = await loop.run_in_executor(
-                    self._executor,
-                    analyze,
-                    ref,
-                    exchange,
-                    req.route.model or "",
-                    self._settings.comparisons,
-                )
-                if analysis.verdicts:
-                    self._apply_judgement(cand, req, analysis)
-                cspan.set_attribute("shadowproxy.outcome", analysis.outcome)
-                cspan.set_attribute("shadowproxy.flagged", analysis.flagged)
-                cspan.set_attribute("shadowproxy.severity", analysis.severity)
-            self._record_metrics(cand, req, analysis)
-            if self._evidence is not None and req.canary is not None and self._is_canary(cand):
-                self._evidence.add(req.canary, comparison_counters(analysis, ref, exchange))
-            self._tel.mirror(cand.name, analysis.outcome)
-            await self._store_sample(cand, req, request_id, ref, exchange, analysis)
 
     async def _both_answers(
-        self, cand: CandidateSettings, req: MirrorRequest, span: trace.Span
+        self, cand: CandidateSettings, req: MirrorRequest, reverse: bool
     ) -> tuple[Exchange, Exchange] | None:
         """(the reference's answer, the candidate's) to one copy, or None with the outcome counted.
 
         Normally the live answer is the reference's and the copy goes to the candidate; for a
         request the canary answered it is the other way round."""
-        reverse = req.served_by == cand.name
         live: Exchange | None = None
         if reverse:
             # The canary's own answer first: if it failed (or fell back to the reference, which
@@ -321,9 +415,11 @@ class MirrorScheduler:
             if shadow.status == 502:
                 outcome = "bad_response"
             outcome = f"reference_{outcome}" if reverse else outcome
-            span.set_attribute("shadowproxy.outcome", outcome)
+            trace.get_current_span().set_attribute("shadowproxy.outcome", outcome)
             self._tel.mirror(cand.name, outcome)
             return None
+        side = "reference_shadow" if reverse else "candidate"
+        self._tel.latency(side, shadow.upstream, shadow.latency_s)
         if live is None:
             live = await self._await_reference(req)
             if live is None:
@@ -339,23 +435,21 @@ class MirrorScheduler:
         if not cand.forward_credentials:
             for name in CREDENTIAL_HEADERS:
                 headers.popall(name, None)
-        path = candidate_path(req.route, cand.served_name(model))
         upstream: UpstreamSettings = cand
+        timeout = cand.timeout_s
         if req.canary is not None and self._is_canary(cand):
-            # Evidence for the canary's error rate: the limits its live answers get, or an
+            # Evidence for the canary's error rate: the limit its live answers get, or an
             # answer slower than the shadow timeout would count as an error it is not.
-            ref = self._settings.reference
-            upstream = cand.model_copy(
-                update={"timeout_s": ref.timeout_s, "connect_timeout_s": ref.connect_timeout_s}
-            )
-        return await self._post(upstream, path, req, headers, "candidate")
+            timeout = self._settings.reference.timeout_s
+        path = candidate_path(req.route, cand.served_name(model))
+        return await self._post(upstream, path, req, headers, timeout)
 
     async def _call_reference(self, req: MirrorRequest) -> Exchange | UpstreamError:
         """The reverse copy of a request the canary answered: the reference, with the client's
         own headers (it is the upstream they were meant for)."""
         path = candidate_path(req.route, req.route.model or "")
-        headers = CIMultiDict(req.headers)
-        return await self._post(self._settings.reference, path, req, headers, "reference_shadow")
+        ref = self._settings.reference
+        return await self._post(ref, path, req, CIMultiDict(req.headers), ref.timeout_s)
 
     async def _post(
         self,
@@ -363,27 +457,12 @@ class MirrorScheduler:
         path: str,
         req: MirrorRequest,
         headers: CIMultiDict[str],
-        side: str,
+        timeout_s: float,
     ) -> Exchange | UpstreamError:
-        """Send the copy to one upstream under its own timeout; failures come back as values."""
-        url = f"{upstream.url}{path}" + (f"?{req.query}" if req.query else "")
-        self._tel.propagator.inject(headers)
-        timeout = aiohttp.ClientTimeout(
-            total=upstream.timeout_s, sock_connect=upstream.connect_timeout_s
-        )
-        started = time.perf_counter()
-        try:
-            async with self._session.post(
-                url, data=req.body, headers=headers, timeout=timeout, allow_redirects=False
-            ) as resp:
-                body = await resp.read()
-                latency = time.perf_counter() - started
-                self._tel.latency(side, upstream.name, latency)
-                return Exchange(
-                    upstream.name, resp.status, CIMultiDict(resp.headers), body, latency
-                )
-        except Exception as exc:
-            return translate_upstream_error(exc, upstream.name, upstream.url)
+        if self._tel.exporting:
+            self._tel.propagator.inject(headers)
+        target = path + (f"?{req.query}" if req.query else "")
+        return await self._client.post(upstream, target, headers, req.body, timeout_s)
 
     def _is_canary(self, cand: CandidateSettings) -> bool:
         return cand.name == self._canary_name
@@ -409,56 +488,3 @@ class MirrorScheduler:
             return await asyncio.wait_for(asyncio.shield(req.reference), timeout)
         except TimeoutError:
             return None
-
-    def _apply_judgement(self, cand: CandidateSettings, req: MirrorRequest, a: Analysis) -> None:
-        judged, pairs = self._judge.judge(cand, req.route.model or "", req.seq, a.verdicts)
-        if self._evidence is not None and req.canary is not None:
-            mine = [(ab, aa) for name, ab, aa in pairs if name == self._canary_name]
-            if mine:
-                self._evidence.add(req.canary, pair_counters(mine))
-        flagged = [v for v in judged if v.flagged]
-        a.verdicts = judged
-        a.flagged = bool(flagged)
-        a.reason = "; ".join(f"{v.output}: {v.reason}" for v in flagged)
-
-    def _record_metrics(self, cand: CandidateSettings, req: MirrorRequest, a: Analysis) -> None:
-        for v in a.verdicts:
-            attrs = {
-                "candidate": cand.name,
-                "model": req.route.model or "",
-                "output": v.output,
-                "metric": v.metric,
-                "noise_floor": str(cand.noise_floor).lower(),
-            }
-            self._tel.divergence(attrs, v.severity, v.flagged)
-
-    async def _store_sample(
-        self,
-        cand: CandidateSettings,
-        req: MirrorRequest,
-        request_id: str,
-        ref: Exchange,
-        exchange: Exchange,
-        a: Analysis,
-    ) -> None:
-        if self._store is None:
-            return
-        keep = a.flagged or self._rng.random() < self._settings.buffer.store_unflagged_rate
-        meta = sample_meta(cand, req, request_id, ref, exchange, a, stored=keep)
-        payloads = None
-        if keep:
-            payloads = {
-                "request": req.body,
-                "request_headers": headers_json(req.headers),
-                "reference_body": ref.body,
-                "reference_headers": headers_json(ref.headers),
-                "candidate_body": exchange.body,
-                "candidate_headers": headers_json(exchange.headers),
-            }
-        try:
-            await self._store.record(meta, payloads)
-        except StoreError as exc:
-            log.warning("sample %s for %s not stored: %s", meta["id"], cand.name, exc)
-            self._tel.stored(cand.name, ok=False)
-        else:
-            self._tel.stored(cand.name, ok=True)

@@ -1,22 +1,20 @@
-"""Mirroring in a worker process: the live process only ships copies over a socket.
+"""Mirroring in other processes: the live process only ships copies over a socket.
 
 Shadow work (candidate calls, decoding, comparison, storage, telemetry for all of it) costs
-several times the CPU of forwarding. In the live process it shares the event loop, the GIL and
-the garbage collector with live requests, and a slow candidate then shows up in live p99. With
-``proxy.mirror_process`` (the default for ``serve``) that work runs in ``proxy.mirror_worker``, a
-child process at lower CPU priority; ``MirrorLink`` is its live-side end. It never awaits on the
-live path: a copy is one framed write (dropped and counted when the socket's buffer is full or the
-worker is down), and the reference's answer follows in a second frame when the live call ends.
-Frames are batched: those of the next ``FLUSH_DELAY_S`` go out in one write, so the live process
-makes one system call (and wakes the worker once) per batch rather than two per request.
+several times the CPU of forwarding. In the live process it would share the event loop, the GIL
+and the garbage collector with live requests. With ``proxy.mirror_process`` (the default for
+``serve``) it runs in the mirror process (``proxy.mirror_worker``: queue, candidate calls and
+their timing, at normal priority) and its compare workers (idle priority); ``MirrorLink`` is the
+live side's end. It never awaits on the live path: a copy is one framed write, and the
+reference's answer follows in a second frame when the live call ends. Frames are batched: those
+of the next ``FLUSH_DELAY_S`` go out in one write, so the live process makes one system call (and
+wakes the mirror process once) per batch rather than two per request.
 
-When the worker has to shed copies (CPU budget, loop lag) it sends back a pace: the copies per
-second it managed (``guards.Pacer``). Copies beyond it are refused here (``admit``), counted as
-``worker_budget``, before they cost either process anything.
-
-Frames are length-prefixed pickles on a private socketpair between parent and child (trusted).
-Bodies travel out of band (pickle protocol 5): the pickle refers to them, and their bytes follow
-it unpickled and uncopied; pickling a 1 MiB body in band cost about 1 ms of the live loop.
+Copies are dropped here, counted per candidate, only when the live process itself is overloaded
+(its event loop runs ``proxy.shed_lag_ms`` late), when the mirror process is down or its socket
+is full, or beyond the pace the mirror process sends while its queue's bounds drop copies
+(``guards.Pacer``): those copies it would certainly have dropped, and refusing them here costs
+neither process anything.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import pickle
+import random
 import socket
 import sys
 from collections.abc import Mapping
@@ -33,67 +31,27 @@ from functools import partial
 from typing import Any
 
 from .analysis import Exchange
-from .guards import TokenBucket
-from .mirror import MirrorRequest
-from .routes import Route, RouteKind
+from .guards import LoopLag, TokenBucket
+from .mirror import MirrorRequest, sampled
 from .settings import Settings
 from .telemetry import Telemetry
+from .wire import (
+    exchange_to_wire,
+    frame,
+    frame_size,
+    out_of_band,
+    read_frame,
+    route_to_wire,
+    write_frame,
+)
 
 log = logging.getLogger("shadowproxy.mirror")
 
-# Copies waiting in the socket buffer beyond this are dropped (the worker cannot keep up).
+# Copies waiting in the socket buffer beyond this are dropped (the mirror process is stuck).
 MAX_BUFFERED_BYTES = 128 * 1024 * 1024
 # Copies wait this long for company before they are written: the shadow side never minds 5 ms.
 FLUSH_DELAY_S = 0.005
 _RESTART_DELAY_S = 1.0
-
-
-def frame(message: Any) -> list[bytes | memoryview]:
-    """Chunks of one frame: sizes (pickle, buffer count, each buffer), the pickle, the buffers.
-
-    ``PickleBuffer`` objects in ``message`` (see ``out_of_band``) are not copied into the pickle:
-    their memory is written after it as is.
-    """
-    buffers: list[pickle.PickleBuffer] = []
-    data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
-    raws = [b.raw() for b in buffers]
-    sizes = [len(data), len(raws), *(r.nbytes for r in raws)]
-    return [b"".join(n.to_bytes(4, "big") for n in sizes), data, *raws]
-
-
-def out_of_band(body: bytes) -> pickle.PickleBuffer:
-    return pickle.PickleBuffer(body)
-
-
-def write_frame(writer: asyncio.StreamWriter, message: Any) -> None:
-    writer.writelines(frame(message))
-
-
-def route_to_wire(route: Route) -> tuple[str, str | None, str | None, str]:
-    """A plain tuple: pickling the slotted dataclass cost 11 us a copy, the tuple 2 us."""
-    return route.kind.value, route.model, route.version, route.suffix
-
-
-def route_from_wire(wire: tuple[str, str | None, str | None, str]) -> Route:
-    return Route(RouteKind(wire[0]), wire[1], wire[2], wire[3])
-
-
-async def read_frame(reader: asyncio.StreamReader) -> Any:
-    head = await reader.readexactly(8)
-    size, count = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
-    lengths = await reader.readexactly(4 * count) if count else b""
-    data = await reader.readexactly(size)
-    buffers = [
-        await reader.readexactly(int.from_bytes(lengths[i : i + 4], "big"))
-        for i in range(0, 4 * count, 4)
-    ]
-    return pickle.loads(data, buffers=buffers)
-
-
-def exchange_to_wire(x: Exchange | None) -> tuple[Any, ...] | None:
-    if x is None:
-        return None
-    return (x.upstream, x.status, list(x.headers.items()), out_of_band(x.body), x.latency_s)
 
 
 class MirrorLink:
@@ -116,10 +74,17 @@ class MirrorLink:
         self._outbox_bytes = 0
         self._flush_handle: asyncio.TimerHandle | None = None
         self._pace = TokenBucket()
-        """The worker's pace (``guards.Pacer``): copies beyond it are dropped here, unsent."""
+        """The mirror process's pace (``guards.Pacer``): copies beyond it are dropped here."""
+        self._rng = random.Random()
+        self._shed_ms = settings.proxy.shed_lag_ms
+        # The live loop's lag: the one overload signal (the mirror processes' copies queue).
+        self._lag = LoopLag() if self._shed_ms else None
 
     async def start(self) -> None:
-        """Start the worker and wait until it is ready (its start-up errors surface here)."""
+        """Start the mirror process and wait until it is ready (its start-up errors surface
+        here, its compare workers' too)."""
+        if self._lag is not None and self._proc is None:
+            self._lag.start()
         parent, child = socket.socketpair()
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -148,19 +113,30 @@ class MirrorLink:
     def _up(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
 
-    def admit(self) -> bool:
+    def admit(self, model: str, headers: Mapping[str, str]) -> bool:
+        if self._lag is not None and self._lag.ms > self._shed_ms:
+            # The live loop is late: this process is CPU-bound, and building the copy would
+            # come out of live latency. Dropped (and counted) until the loop catches up.
+            self._dropped("overload", model, headers)
+            return False
         if self._pace.take():
             return True
-        self._tel.link_dropped("worker_budget")
+        self._dropped("worker_budget", model, headers)
         return False
+
+    def _dropped(self, reason: str, model: str, headers: Mapping[str, str]) -> None:
+        """Count a copy dropped here against each candidate that asked for it."""
+        for cand in self._settings.candidates:
+            if cand.shadows(model) and sampled(cand, headers, self._rng):
+                self._tel.link_dropped(reason, cand.name)
 
     def offer(self, req: MirrorRequest) -> None:
         writer = self._writer
         if writer is None or writer.is_closing() or self._closing:
-            self._tel.link_dropped("worker_down")
+            self._dropped("worker_down", req.route.model or "", req.headers)
             return
         if writer.transport.get_write_buffer_size() + self._outbox_bytes > MAX_BUFFERED_BYTES:
-            self._tel.link_dropped("link_full")
+            self._dropped("link_full", req.route.model or "", req.headers)
             return
         seq = next(self._seq)
         span = req.live_span
@@ -193,7 +169,7 @@ class MirrorLink:
     def _queue(self, message: Any) -> None:
         chunks = frame(message)
         self._outbox += chunks
-        self._outbox_bytes += sum(len(c) if isinstance(c, bytes) else c.nbytes for c in chunks)
+        self._outbox_bytes += frame_size(chunks)
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(FLUSH_DELAY_S, self._flush)
 
@@ -266,6 +242,8 @@ class MirrorLink:
     async def close(self) -> None:
         """Tell the worker to drain and exit; kill it if it outlives the drain timeout."""
         self._closing = True
+        if self._lag is not None:
+            await self._lag.stop()
         if self._writer is not None and not self._writer.is_closing():
             self._flush()
             write_frame(self._writer, ("close",))

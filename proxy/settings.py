@@ -96,7 +96,7 @@ class CandidateSettings(UpstreamSettings):
     """Sample by a stable hash of this header (a user or session id) instead of at random, so
     related requests are mirrored together or not at all."""
     max_in_flight: int = Field(64, ge=1)
-    """Copies in flight to this candidate at once; one more is dropped and counted, never queued."""
+    """Calls in flight to this candidate at once; a copy beyond it waits in the mirror queue."""
     model_map: dict[str, str] = {}
     """Reference model name -> the name this candidate serves it under."""
     models: list[str] = []
@@ -168,16 +168,25 @@ class ProxySettings(_Model):
     priority, so shadow work cannot take the live path's event loop, GIL or CPU. False runs it
     in the live process (simpler to debug; the demo and most tests do)."""
     mirror_cpu_budget: float = Field(0.5, ge=0)
-    """CPU cores the mirror worker may use; beyond it, copies are dropped and counted as
-    ``dropped_cpu_budget``. Shadow work then cannot crowd the live path off a small host.
-    0 means no budget (only the event-loop lag bounds it)."""
+    """CPU cores the compare workers may use together (shared among ``mirror_workers``); beyond
+    it, copies wait in the mirror queue. Shadow work then cannot crowd the live path off a small
+    host. 0 means no budget."""
+    mirror_workers: int = Field(1, ge=1, le=64)
+    """Compare worker processes behind the mirror process (each at idle CPU priority): a host
+    with spare cores compares more. Not ``serve --workers``, which runs live processes."""
+    mirror_queue_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
+    """Bytes of copies the mirror queue holds while they wait for a call slot or for CPU; a copy
+    that would not fit is dropped and counted as ``dropped_queue_bytes``."""
+    mirror_queue_age_s: float = Field(30.0, gt=0)
+    """A copy still waiting after this long is dropped and counted as ``dropped_queue_age``."""
     fast_lane: bool = True
     """Serve HTTP/1.1 infer calls (one Content-Length, up to 16 MiB, not in a canary split) and
     GET reads on a bare asyncio protocol with pooled connections to the reference: about 40% of
     aiohttp's CPU per request. Other requests, and an https reference, go through aiohttp."""
     shed_lag_ms: float = Field(4.0, ge=0)
-    """When the event loop runs this many ms late (the process is CPU-bound), new mirror copies
-    are dropped and counted as ``dropped_overload``; live traffic keeps the CPU. 0 disables."""
+    """When the live process's event loop runs this many ms late (it is CPU-bound), new mirror
+    copies are dropped and counted as ``dropped_overload``; live traffic keeps the CPU. 0
+    disables. (The shadow processes' own lag is no reason to drop: their copies queue.)"""
 
 
 class CanaryGates(_Model):

@@ -8,6 +8,7 @@ with the traces.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -117,7 +118,7 @@ class Telemetry:
             callbacks=[self._observe_requests],
             description="Live requests by route kind and status class",
         )
-        self._link_counts: Counter[str] = Counter()
+        self._link_counts: Counter[tuple[str, str]] = Counter()
         self._mirror = meter.create_counter(
             "shadowproxy_mirror_outcomes",
             description="What happened to each copy offered to a candidate, by outcome",
@@ -214,9 +215,10 @@ class Telemetry:
         child = self._live_children[(side, upstream)] = self._live_prometheus.labels(side, upstream)
         return child
 
-    def link_dropped(self, reason: str) -> None:
-        self._link_counts[reason] += 1
-        self.tally[("*", f"dropped_{reason}")] += 1
+    def link_dropped(self, reason: str, candidate: str) -> None:
+        """A copy for ``candidate`` the live process dropped before the mirror process saw it."""
+        self._link_counts[(reason, candidate)] += 1
+        self.tally[(candidate, f"dropped_{reason}")] += 1
 
     def divergence(self, attrs: Mapping[str, str], severity: float, flagged: bool) -> None:
         self._divergence.record(severity, dict(attrs))
@@ -240,7 +242,10 @@ class Telemetry:
         self._canary_unflushed.add(n)
 
     def _observe_link_drops(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(n, {"reason": r}) for r, n in list(self._link_counts.items())]
+        return [
+            Observation(n, {"reason": r, "candidate": c})
+            for (r, c), n in list(self._link_counts.items())
+        ]
 
     def gauge(self, name: str, description: str, callback: CallbackT) -> None:
         """A gauge read at collection time (population statistics live with their owner)."""
@@ -252,3 +257,57 @@ class Telemetry:
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+
+
+def merge_prometheus_text(texts: Iterable[str]) -> str:
+    """One exposition from several processes' (live, mirror, compare workers), each family once.
+
+    Counters and histograms of one family may come from several processes (every compare worker
+    counts its comparisons): samples with the same name and labels are summed. For a gauge the
+    last process's value stands (each gauge has one owner, so this only orders them).
+    """
+    order: list[str] = []
+    comments: dict[str, list[str]] = {}
+    kinds: dict[str, str] = {}
+    samples: dict[str, dict[str, float]] = {}
+    for text in texts:
+        family = ""
+        for line in text.splitlines():
+            if line.startswith("# "):
+                parts = line.split(" ", 3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    family = parts[2]
+                    if family not in comments:
+                        order.append(family)
+                        comments[family] = []
+                        samples[family] = {}
+                    if parts[1] == "TYPE":
+                        kinds[family] = parts[3] if len(parts) > 3 else "untyped"
+                    if line not in comments[family]:
+                        comments[family].append(line)
+                continue
+            if not line.strip() or not family:
+                continue
+            key, _, value = line.rpartition(" ")
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            seen = samples[family]
+            if kinds.get(family) == "gauge" or key not in seen:
+                seen[key] = number
+            else:
+                seen[key] += number
+    out: list[str] = []
+    for family in order:
+        out += comments[family]
+        out += [f"{key} {_number(value)}" for key, value in samples[family].items()]
+    return "\n".join(out) + "\n" if out else ""
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)

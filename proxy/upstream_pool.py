@@ -179,9 +179,11 @@ class UpstreamPool:
     def bad(self, detail: str) -> UpstreamBadResponse:
         return UpstreamBadResponse(self.name, self.url, detail)
 
-    async def request(self, data: list[bytes]) -> Answer:
-        """Send one whole request (its bytes in ``data``) and read the whole answer."""
-        deadline = asyncio.get_running_loop().time() + self._timeout_s
+    async def request(self, data: list[bytes], timeout_s: float | None = None) -> Answer:
+        """Send one whole request (its bytes in ``data``) and read the whole answer, within
+        ``timeout_s`` (default: the pool's)."""
+        timeout = self._timeout_s if timeout_s is None else timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout
         conn = self._idle.pop() if self._idle else await self._connect(deadline)
         answer = await conn.call(data, deadline)
         if conn.reusable and not conn.closed and len(self._idle) < MAX_IDLE:

@@ -25,6 +25,9 @@ class FakeBehaviour:
     noise: float = 0.0  # fresh Gaussian noise of this scale per answer: non-determinism
     size: int = 8  # output elements
     calls: int = 0
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    """The most infer calls it was answering at once."""
     seen_headers: list[dict[str, str]] = field(default_factory=list)
     seen_paths: list[str] = field(default_factory=list)
 
@@ -51,6 +54,14 @@ def v2_answer(body: bytes, model: str, drift: float, noise: float = 0.0, size: i
 
 def make_app(behaviour: FakeBehaviour) -> web.Application:
     async def infer(request: web.Request) -> web.StreamResponse:
+        behaviour.in_flight += 1
+        behaviour.peak_in_flight = max(behaviour.peak_in_flight, behaviour.in_flight)
+        try:
+            return await answer(request)
+        finally:
+            behaviour.in_flight -= 1
+
+    async def answer(request: web.Request) -> web.StreamResponse:
         behaviour.calls += 1
         behaviour.seen_headers.append(dict(request.headers))
         behaviour.seen_paths.append(request.path)

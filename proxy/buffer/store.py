@@ -78,12 +78,33 @@ class SampleStore:
 
     async def record(self, meta: Mapping[str, Any], payloads: Mapping[str, bytes] | None) -> None:
         """Append the verdict to the stream; with payloads, store the whole sample under a TTL."""
+        await self.record_many([(meta, payloads)])
+
+    async def record_many(
+        self, records: list[tuple[Mapping[str, Any], Mapping[str, bytes] | None]]
+    ) -> None:
+        """Several verdicts (and samples) in one pipelined round trip: at hundreds of verdicts
+        a second, one round trip each cost more CPU than the comparisons."""
+        pipe = self._r.pipeline(transaction=False)
+        flagged: dict[str, float] = {}
+        for meta, payloads in records:
+            self._add_record(pipe, meta, payloads)
+            if meta.get("flagged"):
+                flagged[str(meta["id"])] = float(meta["ts"])
+        if flagged:
+            pipe.zadd(self.keys.flagged, flagged)
+            pipe.zremrangebyrank(self.keys.flagged, 0, -self._settings.flagged_index_max - 1)
+        await self._guard(pipe.execute())
+
+    def _add_record(
+        self, pipe: Any, meta: Mapping[str, Any], payloads: Mapping[str, bytes] | None
+    ) -> None:
         sid = str(meta["id"])
         summary = {k: meta[k] for k in _SUMMARY_KEYS if k in meta}
-        pipe = self._r.pipeline(transaction=False)
+        summary_json = json.dumps(summary)
         pipe.xadd(
             self.keys.verdicts,
-            {"sample": sid, "json": json.dumps(summary)},
+            {"sample": sid, "json": summary_json},
             maxlen=self._settings.stream_maxlen,
             approximate=True,
         )
@@ -96,15 +117,11 @@ class SampleStore:
             key = self.keys.sample(sid)
             fields: dict[str, bytes | str] = {
                 FIELD_META: json.dumps(meta),
-                FIELD_SUMMARY: json.dumps(summary),
+                FIELD_SUMMARY: summary_json,
             }
             fields.update({k: self._clip(v) for k, v in payloads.items() if k in PAYLOAD_FIELDS})
             pipe.hset(key, mapping=fields)
             pipe.expire(key, self._settings.sample_ttl_s)
-        if meta.get("flagged"):
-            pipe.zadd(self.keys.flagged, {sid: float(meta["ts"])})
-            pipe.zremrangebyrank(self.keys.flagged, 0, -self._settings.flagged_index_max - 1)
-        await self._guard(pipe.execute())
 
     def _clip(self, value: bytes) -> bytes:
         limit = self._settings.max_payload_bytes

@@ -31,6 +31,11 @@ async def _post(port: int, request_id: str) -> tuple[int, float]:
         return r.status, time.perf_counter() - started
 
 
+def _children(pid: int) -> list[int]:
+    text = open(f"/proc/{pid}/task/{pid}/children").read()  # noqa: ASYNC230 (procfs)
+    return [int(p) for p in text.split()]
+
+
 async def _admin(port: int, path: str) -> Any:
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     async with (
@@ -63,8 +68,13 @@ async def test_worker_mirrors_compares_and_stores(
     assert sorted(s["request_id"] for s in flagged) == ["adm", "w0", "w1", "w2"]
     summary = await _admin(proxy.admin_port, "/api/summary")
     assert summary["mirror_worker"] != "in-process"
-    # The worker runs only on CPU nothing else wants (SCHED_IDLE on Linux).
-    assert os.sched_getscheduler(proxy.mirror._proc.pid) == os.SCHED_IDLE
+    # The mirror process calls and times candidates at the live path's priority; its compare
+    # workers run only on CPU nothing else wants (SCHED_IDLE on Linux).
+    mirror_pid = proxy.mirror._proc.pid
+    assert os.sched_getscheduler(mirror_pid) == os.SCHED_OTHER
+    workers = _children(mirror_pid)
+    assert len(workers) == 1
+    assert all(os.sched_getscheduler(pid) == os.SCHED_IDLE for pid in workers)
     assert summary["this_process"]["int8"]["compared"] == 4
     assert summary["this_process"]["slow"]["compared"] == 4
     assert summary["this_process"]["*"]["skipped:admin_route"] == 1
@@ -92,7 +102,7 @@ async def test_a_dead_worker_never_breaks_the_live_path_and_comes_back(
     await asyncio.sleep(0.1)
     for i in range(3):
         assert (await _post(proxy.data_port, f"during{i}"))[0] == 200
-    assert proxy.telemetry.tally[("*", "dropped_worker_down")] >= 1
+    assert proxy.telemetry.tally[("c", "dropped_worker_down")] >= 1
     for _ in range(100):  # restarted after a second
         await asyncio.sleep(0.1)
         if proxy.mirror._proc.pid != pid and (await proxy.mirror.snapshot())["worker"] != "down":

@@ -1,0 +1,296 @@
+"""The compare stage: both answers to one copy -> decode, compare, judge, count, store.
+
+It runs in the compare worker processes (idle CPU priority; ``compare_worker``), or in the live
+process when ``proxy.mirror_process`` is off. Its input is a ``Pair``: what the shadow I/O stage
+(``mirror.MirrorScheduler``) collected for one copy and one candidate, both answers timed where
+they were received. Small pairs are decoded and compared inline: the hop to a thread cost more
+than the work; large ones go to the compare threads so one 1 MiB tensor never holds the loop.
+Verdicts are written to Redis in batches (``StoreBatcher``), one round trip for many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.trace import Link, SpanContext, TraceFlags
+
+from .analysis import Analysis, Exchange, analyze
+from .buffer.store import SampleStore
+from .canary.evidence import CanaryTag, EvidenceBuffer, comparison_counters, pair_counters
+from .errors import StoreError
+from .judge import Judge
+from .samples import headers_json, side_record
+from .settings import CandidateSettings, Settings
+from .telemetry import Telemetry
+
+log = logging.getLogger("shadowproxy.compare")
+
+# Pairs whose bodies together are below this are decoded and compared on the loop itself.
+_INLINE_BYTES = 64 * 1024
+# Verdicts written in one pipeline at most, and how long the first of a batch may wait.
+_BATCH_MAX = 128
+_BATCH_DELAY_S = 0.01
+
+
+@dataclass(slots=True)
+class Pair:
+    """Both answers to one copy for one candidate, ready to compare."""
+
+    seq: int
+    """The live request's sequence number: pairs a candidate's verdicts with the twin's."""
+    candidate: str
+    model: str
+    request_id: str
+    received_at: float
+    request_headers: list[tuple[str, str]]
+    request_body: bytes
+    ref: Exchange
+    cand: Exchange
+    canary: CanaryTag | None = None
+    live_span: tuple[int, int, int] | None = None
+    """(trace id, span id, flags) of the live call, when it was traced."""
+
+    @property
+    def size(self) -> int:
+        return len(self.request_body) + len(self.ref.body) + len(self.cand.body)
+
+
+class StoreBatcher:
+    """Verdicts and samples gathered for a moment, then written in one pipeline."""
+
+    def __init__(self, store: SampleStore | None, telemetry: Telemetry) -> None:
+        self._store = store
+        self._tel = telemetry
+        self._batch: list[tuple[str, dict[str, Any], dict[str, bytes] | None]] = []
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self.unstored = 0
+        """Verdicts gathered or being written, not yet stored (or counted as failed)."""
+
+    def add(self, candidate: str, meta: dict[str, Any], payloads: dict[str, bytes] | None) -> None:
+        if self._store is None:
+            return
+        self._batch.append((candidate, meta, payloads))
+        self.unstored += 1
+        if len(self._batch) >= _BATCH_MAX:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(_BATCH_DELAY_S, self._flush)
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        task = asyncio.get_running_loop().create_task(self._write(batch))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _write(
+        self, batch: list[tuple[str, dict[str, Any], dict[str, bytes] | None]]
+    ) -> None:
+        assert self._store is not None
+        try:
+            await self._store.record_many([(meta, payloads) for _, meta, payloads in batch])
+        except StoreError as exc:
+            log.warning("%d verdicts not stored: %s", len(batch), exc)
+            for candidate, _, _ in batch:
+                self._tel.stored(candidate, ok=False)
+        else:
+            for candidate, _, _ in batch:
+                self._tel.stored(candidate, ok=True)
+        finally:
+            self.unstored -= len(batch)
+
+    async def close(self) -> None:
+        """Write what is gathered and wait for every write in progress."""
+        self._flush()
+        if self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
+
+
+class Comparer:
+    """Compares pairs; owns the judge (noise floor, population) of its process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: SampleStore | None,
+        executor: Executor,
+        telemetry: Telemetry,
+        judge: Judge,
+        evidence: EvidenceBuffer | None = None,
+    ) -> None:
+        self._settings = settings
+        self._candidates = {c.name: c for c in settings.candidates}
+        self._canary_name = settings.canary.candidate if settings.canary else None
+        self._executor = executor
+        self._tel = telemetry
+        self.judge = judge
+        self._evidence = evidence
+        self._batcher = StoreBatcher(store, telemetry)
+        self._rng = random.Random()
+
+    @property
+    def unstored(self) -> int:
+        return self._batcher.unstored
+
+    async def compare(self, pair: Pair) -> None:
+        """Compare one pair and account for it; never raises (an error is counted)."""
+        try:
+            if self._tel.exporting and pair.live_span is not None:
+                await self._compare_traced(pair)
+            else:
+                await self._compare(pair)
+        except Exception:
+            log.exception("comparing a copy for %s failed unexpectedly", pair.candidate)
+            self._tel.mirror(pair.candidate, "internal_error")
+
+    async def _compare_traced(self, pair: Pair) -> None:
+        assert pair.live_span is not None
+        trace_id, span_id, flags = pair.live_span
+        live = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
+        with self._tel.tracer.start_as_current_span(
+            f"compare {pair.candidate}",
+            links=[Link(live)],
+            attributes={
+                "shadowproxy.candidate": pair.candidate,
+                "shadowproxy.request_id": pair.request_id,
+            },
+        ) as span:
+            analysis = await self._compare(pair)
+            span.set_attribute("shadowproxy.outcome", analysis.outcome)
+            span.set_attribute("shadowproxy.flagged", analysis.flagged)
+            span.set_attribute("shadowproxy.severity", analysis.severity)
+
+    async def _compare(self, pair: Pair) -> Analysis:
+        cand = self._candidates[pair.candidate]
+        if pair.size <= _INLINE_BYTES:
+            analysis = analyze(pair.ref, pair.cand, pair.model, self._settings.comparisons)
+        else:
+            analysis = await asyncio.get_running_loop().run_in_executor(
+                self._executor,
+                analyze,
+                pair.ref,
+                pair.cand,
+                pair.model,
+                self._settings.comparisons,
+            )
+        if analysis.verdicts:
+            self._apply_judgement(cand, pair, analysis)
+        for v in analysis.verdicts:
+            attrs = {
+                "candidate": cand.name,
+                "model": pair.model,
+                "output": v.output,
+                "metric": v.metric,
+                "noise_floor": "true" if cand.noise_floor else "false",
+            }
+            self._tel.divergence(attrs, v.severity, v.flagged)
+        if self._evidence is not None and pair.canary is not None and self._is_canary(cand):
+            self._evidence.add(pair.canary, comparison_counters(analysis, pair.ref, pair.cand))
+        self._tel.mirror(cand.name, analysis.outcome)
+        self._store(cand, pair, analysis)
+        return analysis
+
+    def _is_canary(self, cand: CandidateSettings) -> bool:
+        return cand.name == self._canary_name
+
+    def _apply_judgement(self, cand: CandidateSettings, pair: Pair, a: Analysis) -> None:
+        judged, pairs = self.judge.judge(cand, pair.model, pair.seq, a.verdicts)
+        if self._evidence is not None and pair.canary is not None:
+            mine = [(ab, aa) for name, ab, aa in pairs if name == self._canary_name]
+            if mine:
+                self._evidence.add(pair.canary, pair_counters(mine))
+        flagged = [v for v in judged if v.flagged]
+        a.verdicts = judged
+        a.flagged = bool(flagged)
+        a.reason = "; ".join(f"{v.output}: {v.reason}" for v in flagged)
+
+    def _store(self, cand: CandidateSettings, pair: Pair, a: Analysis) -> None:
+        keep = a.flagged or self._rng.random() < self._settings.buffer.store_unflagged_rate
+        meta = sample_meta(cand, pair, a, stored=keep)
+        payloads = None
+        if keep:
+            payloads = {
+                "request": pair.request_body,
+                "request_headers": headers_json(pair.request_headers),
+                "reference_body": pair.ref.body,
+                "reference_headers": headers_json(pair.ref.headers.items()),
+                "candidate_body": pair.cand.body,
+                "candidate_headers": headers_json(pair.cand.headers.items()),
+            }
+        self._batcher.add(cand.name, meta, payloads)
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+
+def sample_meta(
+    cand: CandidateSettings, pair: Pair, a: Analysis, *, stored: bool
+) -> dict[str, Any]:
+    """The JSON record of one comparison: ids, both sides, every score, and why it was flagged."""
+    return {
+        "id": uuid.uuid4().hex,
+        "ts": pair.received_at,
+        "request_id": pair.request_id,
+        "candidate": cand.name,
+        "noise_floor": cand.noise_floor,
+        "model": pair.model,
+        "outcome": a.outcome,
+        "flagged": a.flagged,
+        "severity": a.severity,
+        "reason": a.reason,
+        "stored": stored,
+        "reference": side_record(pair.ref, a.reference, pair.model),
+        "candidate_side": side_record(pair.cand, a.candidate, cand.served_name(pair.model)),
+        "outputs": [v.to_dict() for v in a.verdicts],
+        "previews": a.previews,
+    }
+
+
+class LocalCompareSink:
+    """The compare stage in the same process as the I/O stage (``proxy.mirror_process: false``)."""
+
+    def __init__(self, comparer: Comparer) -> None:
+        self.comparer = comparer
+        self.workers = 1
+        self.backlog = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.on_done: list[Callable[[], None]] = []
+
+    def submit(self, pair: Pair) -> None:
+        self.backlog += 1
+        task = asyncio.get_running_loop().create_task(self._run(pair))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, pair: Pair) -> None:
+        try:
+            await self.comparer.compare(pair)
+        finally:
+            self.backlog -= 1
+            for callback in self.on_done:
+                callback()
+
+    async def snapshot(self) -> Mapping[str, Any]:
+        return {
+            "population": self.comparer.judge.population,
+            "tally": [],
+            "prometheus": "",
+            "unstored": self.comparer.unstored,
+        }
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.comparer.close()

@@ -1,0 +1,130 @@
+"""A compare worker process (``python -m proxy.compare_worker FD``), started by ``CompareLink``.
+
+It decodes, compares, judges and stores the pairs the mirror process sends, at the lowest CPU
+priority (SCHED_IDLE on Linux, else nice +19): when CPU is short, everything else gets it first,
+and pairs wait in the mirror process's queue meanwhile. It keeps to its share of
+``proxy.mirror_cpu_budget`` by pausing between pairs, so on a small host shadow work cannot
+crowd the live path, its clients or its backends even when the CPU is free. It exits when the
+mirror process closes the socket or asks it to, after storing what it compared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from typing import Any
+
+from aiohttp import web
+
+from .compare_stage import Comparer, Pair
+from .guards import CpuBudget
+from .keys import COMPARER, TELEMETRY
+from .serve import install_event_loop_policy, tune_gc
+from .settings import Settings
+from .wire import exchange_from_wire, read_frame, write_frame
+
+log = logging.getLogger("shadowproxy.compare_worker")
+
+
+def pair_from_wire(w: tuple[Any, ...]) -> Pair:
+    seq, candidate, model, request_id, received_at, headers, body, ref, cand, canary, span = w
+    ref_x, cand_x = exchange_from_wire(ref), exchange_from_wire(cand)
+    assert ref_x is not None and cand_x is not None
+    return Pair(
+        seq, candidate, model, request_id, received_at, headers, body, ref_x, cand_x, canary, span
+    )
+
+
+async def _compare_loop(
+    inbox: deque[Pair | None],
+    wake: asyncio.Event,
+    comparer: Comparer,
+    budget: CpuBudget,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """Compare pairs in arrival order, pausing while over the CPU budget; None ends it."""
+    while True:
+        while not inbox:
+            wake.clear()
+            await wake.wait()
+        pair = inbox.popleft()
+        if pair is None:
+            return
+        # Over budget, only time helps (no event to wait for): pause, then look again.
+        while budget.over():  # noqa: ASYNC110
+            await asyncio.sleep(budget.window_s / 4)
+        await comparer.compare(pair)
+        write_frame(writer, ("done", pair.candidate, None))
+
+
+async def run(fd: int) -> None:
+    from .app import build_compare_app
+
+    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
+    settings: Settings
+    settings, cores = await read_frame(reader)
+    app = build_compare_app(settings)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    comparer = app[COMPARER]
+    tune_gc()
+    write_frame(writer, ("ready",))
+    inbox: deque[Pair | None] = deque()
+    wake = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    worker = loop.create_task(_compare_loop(inbox, wake, comparer, CpuBudget(cores), writer))
+    try:
+        while True:
+            try:
+                msg = await read_frame(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            if msg[0] == "pair":
+                inbox.append(pair_from_wire(msg[1]))
+                wake.set()
+            elif msg[0] == "snap":
+                snap = {
+                    "population": comparer.judge.population,
+                    "tally": [[c, w, n] for (c, w), n in app[TELEMETRY].tally.items()],
+                    "prometheus": app[TELEMETRY].prometheus_text().decode(),
+                    "unstored": comparer.unstored,
+                }
+                write_frame(writer, ("snap", msg[1], snap))
+            elif msg[0] == "close":
+                break
+        # Asked to stop: compare what was handed over (the mirror process bounds how long, and
+        # kills this process beyond it).
+        inbox.append(None)
+        wake.set()
+        await worker
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+        await runner.cleanup()  # stores the last batch, then closes the store and telemetry
+        writer.close()
+
+
+def main() -> None:
+    # Ctrl-C reaches the whole process group: the mirror process decides when this one stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.nice(19)
+    with contextlib.suppress(OSError, AttributeError):
+        # Linux: run only on CPU nobody else wants. At nice +19 a worker still took its share
+        # of a busy host and showed in live p99; SCHED_IDLE yields at once to any other task.
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    install_event_loop_policy()
+    asyncio.run(run(int(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Frames between the proxy's own processes: length-prefixed pickles with out-of-band bodies.
+
+The live process, the mirror process and the compare workers talk over private socketpairs made
+by their parent (trusted peers). Bodies travel out of band (pickle protocol 5): the pickle refers
+to them, and their bytes follow it unpickled and uncopied; pickling a 1 MiB body in band cost
+about 1 ms of the live loop. Slotted dataclasses travel as plain tuples: pickling one cost 11 us,
+the tuple 2 us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from typing import Any
+
+from multidict import CIMultiDict
+
+from .analysis import Exchange
+from .routes import Route, RouteKind
+
+
+def frame(message: Any) -> list[bytes | memoryview]:
+    """Chunks of one frame: sizes (pickle, buffer count, each buffer), the pickle, the buffers.
+
+    ``PickleBuffer`` objects in ``message`` (see ``out_of_band``) are not copied into the pickle:
+    their memory is written after it as is.
+    """
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    sizes = [len(data), len(raws), *(r.nbytes for r in raws)]
+    return [b"".join(n.to_bytes(4, "big") for n in sizes), data, *raws]
+
+
+def frame_size(chunks: list[bytes | memoryview]) -> int:
+    return sum(len(c) if isinstance(c, bytes) else c.nbytes for c in chunks)
+
+
+def out_of_band(body: bytes) -> pickle.PickleBuffer:
+    return pickle.PickleBuffer(body)
+
+
+def write_frame(writer: asyncio.StreamWriter, message: Any) -> None:
+    writer.writelines(frame(message))
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any:
+    head = await reader.readexactly(8)
+    size, count = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
+    lengths = await reader.readexactly(4 * count) if count else b""
+    data = await reader.readexactly(size)
+    buffers = [
+        await reader.readexactly(int.from_bytes(lengths[i : i + 4], "big"))
+        for i in range(0, 4 * count, 4)
+    ]
+    return pickle.loads(data, buffers=buffers)
+
+
+def route_to_wire(route: Route) -> tuple[str, str | None, str | None, str]:
+    return route.kind.value, route.model, route.version, route.suffix
+
+
+def route_from_wire(wire: tuple[str, str | None, str | None, str]) -> Route:
+    return Route(RouteKind(wire[0]), wire[1], wire[2], wire[3])
+
+
+def exchange_to_wire(x: Exchange | None) -> tuple[Any, ...] | None:
+    if x is None:
+        return None
+    return (x.upstream, x.status, list(x.headers.items()), out_of_band(x.body), x.latency_s)
+
+
+def exchange_from_wire(x: tuple[Any, ...] | None) -> Exchange | None:
+    if x is None:
+        return None
+    return Exchange(x[0], x[1], CIMultiDict(x[2]), x[3], x[4])
