@@ -25,11 +25,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 try:  # Present only inside Triton's backend stub; forward() needs nothing but numpy.
-    import triton_python_backend_utils as pb_utils
+    import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
 except ImportError:
     pb_utils = None
+
+F32 = npt.NDArray[np.float32]
 
 N_FEATURES = 8
 N_CLASSES = 4
@@ -39,7 +42,7 @@ PLANT_BOOST = 4.0
 SEED = 0
 
 
-def _constants() -> tuple[np.ndarray, np.ndarray]:
+def _constants() -> tuple[F32, F32]:
     rng = np.random.default_rng(SEED)
     weights = rng.uniform(-0.25, 0.25, (N_FEATURES, N_CLASSES)).astype(np.float32)
     weights[N_FEATURES - 1] = 0.0  # the marker feature: planting never changes the reference
@@ -53,13 +56,13 @@ def _constants() -> tuple[np.ndarray, np.ndarray]:
 W, B = _constants()
 
 
-def planted_rows(x: np.ndarray) -> np.ndarray:
+def planted_rows(x: F32) -> npt.NDArray[np.bool_]:
     """Boolean [N]: the rows light_cand answers differently (last feature exactly 13.0)."""
-    mask: np.ndarray = x[:, N_FEATURES - 1] == np.float32(PLANT_MARKER)
+    mask: npt.NDArray[np.bool_] = x[:, N_FEATURES - 1] == np.float32(PLANT_MARKER)
     return mask
 
 
-def forward(x: np.ndarray, *, plant: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def forward(x: F32, *, plant: bool) -> tuple[F32, F32, npt.NDArray[np.int64]]:
     """(scores, probs, label) for `x` FP32 [N, 8]; `plant`: light_cand's boost on marked rows."""
     scores = x @ W + B
     if plant:
@@ -74,12 +77,12 @@ def forward(x: np.ndarray, *, plant: bool) -> tuple[np.ndarray, np.ndarray, np.n
     return scores, probs, label
 
 
-def read_x(request: Any) -> np.ndarray:
+def read_x(request: Any) -> F32:
     """Input `x` of a Triton request, checked: FP32 [N, 8] with 1..64 rows."""
     tensor = pb_utils.get_input_tensor_by_name(request, "x")
     if tensor is None:
         raise ValueError("missing input 'x'")
-    x: np.ndarray = tensor.as_numpy()
+    x: F32 = tensor.as_numpy()
     # Triton checks the dtype and the [-1, 8] shape against config.pbtxt; the row count is ours.
     if not 1 <= x.shape[0] <= MAX_ROWS:
         raise ValueError(f"input 'x' must hold 1..{MAX_ROWS} rows, got {x.shape[0]}")
