@@ -1,4 +1,4 @@
-"""The session's real Triton server: deploy/models, all seven demo models, CPU Python backend."""
+"""The session's real Triton server: deploy/models, every demo model, CPU Python backend."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ DEMO_MODELS = (
     "minilm_traced",
     "topic_teacher",
     "topic_student",
+    # numpy only, ready in a second or two: for coverage tests and benchmarks.
+    "light_ref",
+    "light_cand",
 )
 # Seven stubs each import torch and load MiniLM on a shared 2-core machine: ~2 minutes when the
 # machine is busy, so leave room well beyond that.

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from comparators import MetricSpec, compare_outputs
 from proxy.demo.corpus import sentences
 from proxy.tritonserver import TritonServer, TritonStartError
 from tests.triton_fixture import DEMO_MODELS
@@ -21,6 +24,7 @@ pytestmark = pytest.mark.triton
 
 EMBEDDERS = ("minilm_fp32", "minilm_fp32_twin", "minilm_int8", "minilm_bf16", "minilm_traced")
 CLASSIFIERS = ("topic_teacher", "topic_student")
+TEXT_MODELS = EMBEDDERS + CLASSIFIERS
 N_TOPICS = 8
 
 
@@ -57,7 +61,7 @@ def test_all_models_ready(triton_server: TritonServer) -> None:
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
-@pytest.mark.parametrize("model", DEMO_MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_io_contract(client: httpclient.InferenceServerClient, model: str, binary: bool) -> None:
     texts = sentences(3, seed=11)
     out = infer(client, model, texts, binary=binary)
@@ -76,7 +80,7 @@ def test_io_contract(client: httpclient.InferenceServerClient, model: str, binar
         assert all(len(v) > 0 and isinstance(v, bytes | str) for v in out["label"])
 
 
-@pytest.mark.parametrize("model", DEMO_MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_same_request_same_bytes(client: httpclient.InferenceServerClient, model: str) -> None:
     texts = sentences(8, seed=3)
     first, second = infer(client, model, texts), infer(client, model, texts)
@@ -119,6 +123,156 @@ def test_student_mostly_agrees_with_teacher(client: httpclient.InferenceServerCl
     teacher = infer(client, "topic_teacher", texts)["label_id"]
     student = infer(client, "topic_student", texts)["label_id"]
     assert 0.5 <= float(np.mean(teacher == student)) <= 0.999
+
+
+# The light pair (deploy/lib/shadowdemo/light.py): numpy only, a divergence the client plants.
+LIGHT_MODELS = ("light_ref", "light_cand")
+LIGHT_OUTPUTS = ("scores", "probs", "label")
+PLANT_MARKER = 13.0  # x[i, 7] == 13.0: light_cand answers row i differently
+N_CLASSES = 4
+
+
+def _load_light() -> ModuleType:
+    """deploy/lib/shadowdemo/light.py by path (it is not a package of the venv): its constants and
+    forward() need nothing but numpy, so the tests can check the served numbers against them."""
+    path = Path(__file__).resolve().parents[2] / "deploy" / "lib" / "shadowdemo" / "light.py"
+    spec = importlib.util.spec_from_file_location("shadowdemo_light", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+light = _load_light()
+
+
+def light_rows(n: int, *, seed: int, planted: tuple[int, ...] = ()) -> np.ndarray:
+    """`n` rows of features in [-2, 2] (where a plant always flips the label); `planted` rows
+    carry the marker in their last feature."""
+    x = np.random.default_rng(seed).uniform(-2.0, 2.0, (n, 8)).astype(np.float32)
+    x[list(planted), 7] = PLANT_MARKER
+    return x
+
+
+def infer_light(
+    client: httpclient.InferenceServerClient, model: str, x: np.ndarray, *, binary: bool = True
+) -> dict[str, np.ndarray]:
+    tensor = httpclient.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary)
+    outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in LIGHT_OUTPUTS]
+    result = client.infer(model, [tensor], outputs=outputs)
+    return {n: result.as_numpy(n) for n in LIGHT_OUTPUTS}
+
+
+def same_bytes(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return all(a[n].tobytes() == b[n].tobytes() for n in LIGHT_OUTPUTS)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("model", LIGHT_MODELS)
+def test_light_io_contract(
+    client: httpclient.InferenceServerClient, model: str, binary: bool
+) -> None:
+    x = light_rows(5, seed=1)
+    out = infer_light(client, model, x, binary=binary)
+    assert out["scores"].dtype == np.float32 and out["scores"].shape == (5, N_CLASSES)
+    assert out["probs"].dtype == np.float32 and out["probs"].shape == (5, N_CLASSES)
+    assert out["label"].dtype == np.int64 and out["label"].shape == (5,)
+    # The served numbers are x @ W + b with the shared seeded constants, then softmax and argmax.
+    np.testing.assert_allclose(out["scores"], x @ light.W + light.B, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out["probs"].sum(axis=1), 1.0, atol=1e-6)
+    assert np.array_equal(out["label"], out["scores"].argmax(axis=1))
+
+
+def test_light_binary_and_json_give_the_same_bytes(
+    client: httpclient.InferenceServerClient,
+) -> None:
+    # JSON carries each FP32 value as a number; none may be rounded on the way in or out.
+    x = np.random.default_rng(2).standard_normal((16, 8)).astype(np.float32)
+    for model in LIGHT_MODELS:
+        assert same_bytes(
+            infer_light(client, model, x, binary=True), infer_light(client, model, x, binary=False)
+        ), model
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_light_pair_is_bit_identical_without_plant(
+    client: httpclient.InferenceServerClient, binary: bool
+) -> None:
+    rng = np.random.default_rng(3)
+    # Every row count from 1 to 64, features from tiny to large: no row may differ by a bit.
+    for n in range(1, 65):
+        x = (rng.standard_normal((n, 8)) * 10.0 ** rng.integers(-3, 3)).astype(np.float32)
+        x[x == PLANT_MARKER] = 0.0
+        ref = infer_light(client, "light_ref", x, binary=binary)
+        cand = infer_light(client, "light_cand", x, binary=binary)
+        assert same_bytes(ref, cand), f"{n} rows"
+
+
+def test_light_divergence_only_on_planted_requests(
+    client: httpclient.InferenceServerClient,
+) -> None:
+    n_requests = 40
+    # Request i holds 1 + i % 12 rows; these requests carry the marker on these rows.
+    planted: dict[int, tuple[int, ...]] = {
+        3: (0,),
+        7: (2, 5),
+        11: (0, 1, 2),
+        12: (0,),
+        19: (5,),
+        26: (2,),
+        33: (0, 6),
+        39: (1,),
+    }
+    flagged: set[int] = set()
+    for i in range(n_requests):
+        x = light_rows(1 + i % 12, seed=100 + i, planted=planted.get(i, ()))
+        ref = infer_light(client, "light_ref", x, binary=i % 2 == 0)
+        cand = infer_light(client, "light_cand", x, binary=i % 2 == 0)
+        # The proxy's default comparators (metric auto): each output must flag on its own.
+        verdicts = compare_outputs(ref, cand, lambda _name: MetricSpec())
+        if any(v.flagged for v in verdicts):
+            flagged.add(i)
+            assert all(v.flagged for v in verdicts), [v.reason for v in verdicts]
+        rows = list(planted.get(i, ()))
+        differs = np.zeros(len(x), dtype=bool)
+        for name in LIGHT_OUTPUTS:
+            differs |= (ref[name] != cand[name]).reshape(len(x), -1).any(axis=1)
+        assert np.flatnonzero(differs).tolist() == rows, f"request {i}"
+        if not rows:
+            continue
+        # Each planted row: +4 on the class after the reference's argmax, and the label flips...
+        target = (ref["label"][rows] + 1) % N_CLASSES
+        expected = ref["scores"][rows].copy()
+        expected[np.arange(len(rows)), target] += 4.0
+        np.testing.assert_allclose(cand["scores"][rows], expected, rtol=0, atol=1e-6)
+        assert np.array_equal(cand["label"][rows], target)
+        # ...and the probabilities move clearly (total variation), not by round-off.
+        total_variation = 0.5 * np.abs(cand["probs"][rows] - ref["probs"][rows]).sum(axis=1)
+        assert total_variation.min() > 0.1
+        # The marker feature has no weight: the reference answers a planted row as if unplanted.
+        unplanted = x.copy()
+        unplanted[rows, 7] = 0.0
+        assert np.array_equal(infer_light(client, "light_ref", unplanted)["scores"], ref["scores"])
+    assert flagged == set(planted)  # precision and recall 1.0
+
+
+def test_light_plant_flips_every_label_in_range() -> None:
+    # The bound the docs promise, for every class the reference may pick: with features in
+    # [-2, 2], its lead over the next class is below the +4 boost, so the label must flip.
+    assert not light.W[7].any()
+    for top in range(N_CLASSES):
+        nxt = (top + 1) % N_CLASSES
+        lead = 2.0 * np.abs(light.W[:7, top] - light.W[:7, nxt]).sum() + light.B[top] - light.B[nxt]
+        assert lead < light.PLANT_BOOST, (top, lead)
+
+
+@pytest.mark.parametrize("model", LIGHT_MODELS)
+def test_light_row_bounds(client: httpclient.InferenceServerClient, model: str) -> None:
+    assert infer_light(client, model, light_rows(64, seed=4))["label"].shape == (64,)
+    for n in (0, 65):
+        with pytest.raises(InferenceServerException, match=rf"{model}: .*1\.\.64 rows, got {n}"):
+            infer_light(client, model, np.zeros((n, 8), dtype=np.float32))
 
 
 # A model that needs nothing but numpy: the launcher tests start in seconds.
