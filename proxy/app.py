@@ -378,7 +378,7 @@ class ProxyRunner:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
-            snap = await self.mirror.snapshot()
+            snap = await self.mirror.progress()
             if not snap["pending"] and not any(snap["in_flight"].values()):
                 return True
             await asyncio.sleep(0.02)

@@ -16,6 +16,7 @@ import itertools
 import logging
 import socket
 import sys
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,7 +32,7 @@ log = logging.getLogger("shadowproxy.mirror")
 
 # Pairs a worker holds at once: enough to keep it busy between acks, few enough that a worker
 # that dies loses little and pairs wait where the queue's bounds see them.
-_CREDIT = 16
+_CREDIT = 8
 _RESTART_DELAY_S = 1.0
 
 
@@ -63,6 +64,8 @@ class _Worker:
         """Pairs sent and not yet acknowledged, by candidate."""
         self.waiting: deque[Pair] = deque()
         self.queries: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.unstored = 0
+        """Its verdicts not yet written, as of its last word."""
 
     @property
     def up(self) -> bool:
@@ -82,10 +85,13 @@ class CompareLink:
         self.workers = settings.proxy.mirror_workers
         self._workers = [_Worker(i) for i in range(self.workers)]
         self.backlog = 0
+        self.completed = 0
+        self.dropped = 0
         self.on_done: list[Callable[[], None]] = []
         self._closing = False
         self._qid = itertools.count(1)
         self._restarts: set[asyncio.Task[None]] = set()
+        self._notifying = False
         self._idle = asyncio.Event()
         """Set when no pair is left to compare."""
 
@@ -116,18 +122,38 @@ class CompareLink:
         w.reader_task = asyncio.get_running_loop().create_task(self._read(w, reader))
         self._send_waiting(w)
 
+    @property
+    def unstored(self) -> int:
+        return sum(w.unstored for w in self._workers)
+
     def submit(self, pair: Pair) -> None:
         w = self._workers[pair.seq % self.workers]
         self.backlog += 1
         w.waiting.append(pair)
         self._send_waiting(w)
 
+    def sweep(self, max_age_s: float) -> None:
+        now = time.monotonic()
+        for w in self._workers:
+            while w.waiting and now - w.waiting[0].queued_at > max_age_s:
+                self._drop_stale(w.waiting.popleft())
+
+    def _drop_stale(self, pair: Pair) -> None:
+        self._tel.mirror(pair.candidate, "dropped_queue_age")
+        self.dropped += 1
+        self._finished(pair.candidate)
+
     def _send_waiting(self, w: _Worker) -> None:
         if not w.up or w.writer is None:
             return
         chunks: list[bytes | memoryview] = []
+        max_age = self._settings.proxy.mirror_queue_age_s
+        now = time.monotonic()
         while w.waiting and w.outstanding < _CREDIT:
             pair = w.waiting.popleft()
+            if now - pair.queued_at > max_age:
+                self._drop_stale(pair)
+                continue
             w.held[pair.candidate] += 1
             chunks += frame(("pair", pair_to_wire(pair)))
         if chunks:
@@ -137,6 +163,14 @@ class CompareLink:
         self.backlog -= n
         if not self.backlog:
             self._idle.set()
+        # Told once the current step is over: a callback that submits more pairs must not run
+        # while a worker's queue is being walked.
+        if not self._notifying:
+            self._notifying = True
+            asyncio.get_running_loop().call_soon(self._notify)
+
+    def _notify(self) -> None:
+        self._notifying = False
         for callback in self.on_done:
             callback()
 
@@ -146,8 +180,12 @@ class CompareLink:
                 kind, key, payload = await read_frame(reader)
                 if kind == "done":
                     w.held[key] -= 1
+                    w.unstored = payload
+                    self.completed += 1
                     self._finished(key)
                     self._send_waiting(w)
+                elif kind == "stored":
+                    w.unstored = payload
                 elif kind == "snap" and key in w.queries:
                     w.queries[key].set_result(payload)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -159,6 +197,7 @@ class CompareLink:
                 self._tel.mirror(candidate, "compare_lost")
                 self._finished(candidate, n)
         w.held.clear()
+        w.unstored = 0
         if self._closing:
             return
         code = await w.proc.wait() if w.proc else None
@@ -183,11 +222,9 @@ class CompareLink:
         population = PopulationStats()
         tally: list[list[Any]] = []
         texts: list[str] = []
-        unstored = 0
         for snap in snaps:
             if snap is None:
                 continue
-            unstored += snap["unstored"]
             population.merge(snap["population"])
             tally += snap["tally"]
             texts.append(snap["prometheus"])
@@ -195,7 +232,6 @@ class CompareLink:
             "population": population,
             "tally": tally,
             "prometheus": merge_prometheus_text(texts),
-            "unstored": unstored,
         }
 
     async def _query(self, w: _Worker) -> dict[str, Any] | None:

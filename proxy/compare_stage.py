@@ -56,6 +56,9 @@ class Pair:
     canary: CanaryTag | None = None
     live_span: tuple[int, int, int] | None = None
     """(trace id, span id, flags) of the live call, when it was traced."""
+    queued_at: float = 0.0
+    """When its copy entered the mirror queue (monotonic, in the mirror process): a pair that
+    waits for CPU is bounded by the queue's age too."""
 
     @property
     def size(self) -> int:
@@ -73,6 +76,8 @@ class StoreBatcher:
         self._timer: asyncio.TimerHandle | None = None
         self.unstored = 0
         """Verdicts gathered or being written, not yet stored (or counted as failed)."""
+        self.on_written: Callable[[int], None] | None = None
+        """Told the new ``unstored`` after each write."""
 
     def add(self, candidate: str, meta: dict[str, Any], payloads: dict[str, bytes] | None) -> None:
         if self._store is None:
@@ -110,6 +115,8 @@ class StoreBatcher:
                 self._tel.stored(candidate, ok=True)
         finally:
             self.unstored -= len(batch)
+            if self.on_written is not None:
+                self.on_written(self.unstored)
 
     async def close(self) -> None:
         """Write what is gathered and wait for every write in progress."""
@@ -143,6 +150,9 @@ class Comparer:
     @property
     def unstored(self) -> int:
         return self._batcher.unstored
+
+    def on_written(self, callback: Callable[[int], None]) -> None:
+        self._batcher.on_written = callback
 
     async def compare(self, pair: Pair) -> None:
         """Compare one pair and account for it; never raises (an error is counted)."""
@@ -265,8 +275,13 @@ class LocalCompareSink:
         self.comparer = comparer
         self.workers = 1
         self.backlog = 0
+        self.completed = 0
+        self.dropped = 0  # nothing waits here to grow old
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_done: list[Callable[[], None]] = []
+
+    def sweep(self, max_age_s: float) -> None:
+        """Nothing waits here: every pair submitted is being compared."""
 
     def submit(self, pair: Pair) -> None:
         self.backlog += 1
@@ -279,16 +294,16 @@ class LocalCompareSink:
             await self.comparer.compare(pair)
         finally:
             self.backlog -= 1
+            self.completed += 1
             for callback in self.on_done:
                 callback()
 
     async def snapshot(self) -> Mapping[str, Any]:
-        return {
-            "population": self.comparer.judge.population,
-            "tally": [],
-            "prometheus": "",
-            "unstored": self.comparer.unstored,
-        }
+        return {"population": self.comparer.judge.population, "tally": [], "prometheus": ""}
+
+    @property
+    def unstored(self) -> int:
+        return self.comparer.unstored
 
     async def close(self) -> None:
         if self._tasks:

@@ -56,11 +56,11 @@ async def _compare_loop(
         pair = inbox.popleft()
         if pair is None:
             return
-        # Over budget, only time helps (no event to wait for): pause, then look again.
-        while budget.over():  # noqa: ASYNC110
-            await asyncio.sleep(budget.window_s / 4)
+        pause = budget.pause_s()
+        if pause:
+            await asyncio.sleep(pause)
         await comparer.compare(pair)
-        write_frame(writer, ("done", pair.candidate, None))
+        write_frame(writer, ("done", pair.candidate, comparer.unstored))
 
 
 async def run(fd: int) -> None:
@@ -73,6 +73,7 @@ async def run(fd: int) -> None:
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     comparer = app[COMPARER]
+    comparer.on_written(lambda unstored: write_frame(writer, ("stored", None, unstored)))
     tune_gc()
     write_frame(writer, ("ready",))
     inbox: deque[Pair | None] = deque()
@@ -93,7 +94,6 @@ async def run(fd: int) -> None:
                     "population": comparer.judge.population,
                     "tally": [[c, w, n] for (c, w), n in app[TELEMETRY].tally.items()],
                     "prometheus": app[TELEMETRY].prometheus_text().decode(),
-                    "unstored": comparer.unstored,
                 }
                 write_frame(writer, ("snap", msg[1], snap))
             elif msg[0] == "close":

@@ -69,28 +69,35 @@ class LoopLag:
 
 
 class CpuBudget:
-    """This process's CPU use over the last window, against a budget in cores.
+    """This process's CPU use against a budget in cores, as a bucket of CPU time.
 
-    The mirror worker sheds copies while it is over budget: on a host where the live process,
-    its clients and its backends share a few cores, shadow work must not take more than its
-    share, and nice levels alone do not stop it from crowding them.
+    A compare worker pauses while it is over budget: on a host where the live process, its
+    clients and its backends share a few cores, shadow work must not take more than its share,
+    and CPU priorities alone do not stop it from crowding them. The bucket fills at ``cores``
+    CPU-seconds a second (up to one window's worth: a short burst is allowed, a long one is
+    not) and empties by the CPU this process used; a measure over fixed windows let a worker
+    spend a whole window's budget in each burst.
     """
 
     def __init__(self, cores: float, window_s: float = 0.5) -> None:
         self.cores = cores
         self.window_s = window_s
+        self._allowance = cores * window_s
         self._mark = (time.monotonic(), time.process_time())
-        self.used = 0.0
 
-    def over(self) -> bool:
+    def pause_s(self) -> float:
+        """0 while within budget, else how long to pause before the budget allows more."""
         if self.cores <= 0:
-            return False
+            return 0.0
         now, cpu = time.monotonic(), time.process_time()
-        elapsed = now - self._mark[0]
-        if elapsed >= self.window_s:
-            self.used = (cpu - self._mark[1]) / elapsed
-            self._mark = (now, cpu)
-        return self.used > self.cores
+        earned = (now - self._mark[0]) * self.cores
+        self._allowance = min(self._allowance + earned - (cpu - self._mark[1]), self._cap)
+        self._mark = (now, cpu)
+        return 0.0 if self._allowance >= 0 else -self._allowance / self.cores
+
+    @property
+    def _cap(self) -> float:
+        return self.cores * self.window_s
 
 
 class Pacer:

@@ -51,7 +51,7 @@ log = logging.getLogger("shadowproxy.mirror")
 CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
 # Pairs handed to the compare stage and not yet compared, per compare worker, beyond which no
 # new call starts (copies wait in the queue, where their age and bytes are bounded).
-COMPARE_WINDOW = 64
+COMPARE_WINDOW = 32
 # How often waiting copies are checked for age (and the queue pumped).
 _SWEEP_S = 0.25
 
@@ -90,6 +90,11 @@ class Mirror(Protocol):
 
     async def snapshot(self) -> dict[str, Any]: ...
 
+    async def progress(self) -> dict[str, Any]:
+        """Only ``in_flight`` and ``pending``: cheap enough to poll (it asks no compare worker,
+        whose CPU budget a poll would eat)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -98,15 +103,27 @@ class CompareSink(Protocol):
 
     backlog: int
     """Pairs submitted and not yet compared."""
+
+    @property
+    def unstored(self) -> int:
+        """Verdicts compared and not yet written (or counted as failed)."""
+        ...
+
+    completed: int
+    """Pairs compared so far, and ``dropped``: pairs that waited too long for CPU."""
+    dropped: int
     on_done: list[Callable[[], None]]
     """Called whenever a pair has been compared (room for more)."""
     workers: int
 
     def submit(self, pair: Pair) -> None: ...
 
+    def sweep(self, max_age_s: float) -> None:
+        """Drop (and count as ``dropped_queue_age``) pairs that waited too long for CPU."""
+        ...
+
     async def snapshot(self) -> Mapping[str, Any]:
-        """``population`` (PopulationStats), ``tally`` rows, ``prometheus`` text and
-        ``unstored`` (verdicts not yet written)."""
+        """``population`` (PopulationStats), ``tally`` rows and ``prometheus`` text."""
         ...
 
     async def close(self) -> None: ...
@@ -160,10 +177,9 @@ class MirrorScheduler:
         # loop means only that it was made to wait, and its copies wait in the queue.
         self._lag = LoopLag() if live_process and proxy.shed_lag_ms else None
         self._sweeper: asyncio.Task[None] | None = None
-        self.taken = 0
-        """Jobs started, and ``shed``: jobs the queue's bounds dropped (the mirror process paces
-        the live side by them; ``guards.Pacer``)."""
-        self.shed = 0
+        self._ended = 0
+        """Jobs that ended without a pair to compare (failed calls, unsafe copies)."""
+        self._shed = 0
 
     def admit(self, model: str, headers: Mapping[str, str]) -> bool:
         return True  # in this process every copy meets the guards in offer()
@@ -209,7 +225,7 @@ class MirrorScheduler:
 
     def _drop(self, job: Job, reason: str) -> None:
         self._tel.mirror(job.cand.name, reason)
-        self.shed += reason in ("dropped_queue_bytes", "dropped_queue_age")
+        self._shed += reason in ("dropped_queue_bytes", "dropped_queue_age")
         req: MirrorRequest = job.copy.request
         if job.reverse and self._evidence is not None and req.canary is not None:
             self._evidence.add(req.canary, {UNCOMPARED: 1})  # a canary answer unchecked
@@ -243,9 +259,19 @@ class MirrorScheduler:
         finally:
             self._pumping = False
 
+    @property
+    def taken(self) -> int:
+        """Copies the shadow side got through (compared, or ended at the candidate), and
+        ``shed``: copies the queue's bounds dropped. The mirror process paces the live side by
+        them (``guards.Pacer``)."""
+        return self._sink.completed + self._ended
+
+    @property
+    def shed(self) -> int:
+        return self._shed + self._sink.dropped
+
     def _start(self, job: Job) -> None:
         self._calling[job.cand.name] += 1
-        self.taken += 1
         task = asyncio.get_running_loop().create_task(self._run(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -259,18 +285,22 @@ class MirrorScheduler:
         while True:
             await asyncio.sleep(_SWEEP_S)
             self._queue.sweep(lambda job: self._drop(job, "dropped_queue_age"))
+            self._sink.sweep(self._queue.max_age_s)
             self._pump()
 
     def note_skip(self, reason: str) -> None:
         self._tel.skipped(reason)
 
-    def in_flight(self, unstored: int = 0) -> dict[str, int]:
+    def in_flight(self) -> dict[str, int]:
         """Per candidate: copies waiting or being called; ``*compare``: pairs not yet compared;
         ``*store``: verdicts not yet written."""
         out = {name: self._queue.waiting(name) + n for name, n in self._calling.items()}
         out["*compare"] = self._sink.backlog
-        out["*store"] = unstored
+        out["*store"] = self._sink.unstored
         return out
+
+    async def progress(self) -> dict[str, Any]:
+        return {"in_flight": self.in_flight(), "pending": 0}
 
     async def snapshot(self, *, include_tally: bool = False) -> dict[str, Any]:
         """In-flight counts and population statistics. In the live process the tallies are
@@ -280,7 +310,7 @@ class MirrorScheduler:
         population: PopulationStats = sink["population"]
         return {
             "tally": tally + list(sink["tally"]),
-            "in_flight": self.in_flight(sink["unstored"]),
+            "in_flight": self.in_flight(),
             "population": population.summary(),
             "population_stats": population,
             "prometheus": sink["prometheus"],
@@ -362,9 +392,11 @@ class MirrorScheduler:
             await self._check(copy)
         if copy.unsafe is not None:
             self._tel.skipped(copy.unsafe, cand.name)
+            self._ended += 1
             return
         pair = await self._both_answers(cand, req, job.reverse)
         if pair is None:
+            self._ended += 1
             return
         ref, answer = pair
         header = copy.header
@@ -387,6 +419,7 @@ class MirrorScheduler:
                 cand=answer,
                 canary=req.canary,
                 live_span=(span.trace_id, span.span_id, int(span.trace_flags)) if span else None,
+                queued_at=job.enqueued,
             )
         )
 

@@ -183,8 +183,14 @@ class MirrorLink:
         self._outbox.clear()
         self._outbox_bytes = 0
 
+    async def progress(self) -> dict[str, Any]:
+        return await self._ask("progress")
+
     async def snapshot(self) -> dict[str, Any]:
         """The worker's tallies, in-flight counts, population statistics and metrics text."""
+        return await self._ask("snap")
+
+    async def _ask(self, what: str) -> dict[str, Any]:
         empty: dict[str, Any] = {
             "tally": [],
             "in_flight": {},
@@ -199,7 +205,7 @@ class MirrorLink:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._queries[qid] = future
         self._flush()
-        write_frame(self._writer, ("snap", qid))
+        write_frame(self._writer, (what, qid))
         try:
             snap = await asyncio.wait_for(future, timeout=5)
         except TimeoutError:

@@ -70,6 +70,10 @@ async def run(fd: int) -> None:
                     future_ref.set_result(exchange_from_wire(x))
             elif kind == "skip":
                 app[TELEMETRY].skipped(msg[1])
+            elif kind == "progress":
+                snap = await scheduler.progress()
+                snap["received"] = received[0]
+                write_frame(writer, ("snap", msg[1], snap))
             elif kind == "snap":
                 snap = await scheduler.snapshot(include_tally=True)
                 # The population gauges of /metrics: the compare workers' statistics, merged.

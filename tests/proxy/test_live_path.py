@@ -130,6 +130,69 @@ async def test_copies_beyond_max_in_flight_wait_and_are_all_compared(
     assert cand.behaviour.peak_in_flight == 2  # and the bound on calls held
 
 
+async def test_copies_older_than_the_queue_age_are_dropped_and_counted(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref = await fake()
+    cand = await fake(mode="slow", delay_s=0.3)
+    candidates = [{"name": "c", "url": cand.url, "max_in_flight": 1}]
+    proxy = await proxy_factory(
+        make_settings(
+            ref.url,
+            redis_url,
+            candidates=candidates,
+            proxy={
+                "drain_timeout_s": 2,
+                "shed_lag_ms": 0,
+                "mirror_process": False,
+                "mirror_queue_age_s": 1.0,
+            },
+        )
+    )
+    url = f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer"
+    # Six copies, one at a time, 0.3 s each: the last ones cannot start within a second.
+    results = await asyncio.gather(*(_post(url, BODY) for _ in range(6)))
+    assert all(r[0] == 200 for r in results)
+    assert await proxy.drained(10)
+    tally = proxy.telemetry.tally
+    assert tally[("c", "compared")] >= 1
+    assert tally[("c", "dropped_queue_age")] >= 1
+    assert tally[("c", "compared")] + tally[("c", "dropped_queue_age")] == 6
+
+
+async def test_copies_that_would_overfill_the_queue_are_dropped_and_counted(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref = await fake()
+    cand = await fake(mode="slow", delay_s=0.5)
+    candidates = [{"name": "c", "url": cand.url, "max_in_flight": 1}]
+    proxy = await proxy_factory(
+        make_settings(
+            ref.url,
+            redis_url,
+            candidates=candidates,
+            proxy={
+                "drain_timeout_s": 5,
+                "shed_lag_ms": 0,
+                "mirror_process": False,
+                "mirror_queue_bytes": 1024 * 1024,
+            },
+        )
+    )
+    url = f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer"
+    # Bodies of 400 kB: one is called at a time, two more fit the 1 MiB queue, the rest do not.
+    big = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,200000],"data":[%s]}]}' % (
+        b",".join([b"0"] * 200_000)
+    )
+    results = await asyncio.gather(*(_post(url, big) for _ in range(6)))
+    assert all(r[0] == 200 for r in results)
+    assert await proxy.drained(10)
+    tally = proxy.telemetry.tally
+    assert tally[("c", "dropped_queue_bytes")] >= 1
+    assert tally[("c", "compared")] >= 3
+    assert tally[("c", "compared")] + tally[("c", "dropped_queue_bytes")] == 6
+
+
 async def test_64_mib_infer_body_is_forwarded_and_mirrored(
     fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
 ) -> None:
