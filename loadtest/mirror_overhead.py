@@ -245,9 +245,13 @@ def proxy_config(
     }
 
 
-def parse_metrics(text: str) -> dict[str, dict[str, int]]:
-    """The counters this benchmark reads from Prometheus text, keyed by a label summary."""
-    out: dict[str, dict[str, int]] = {"mirror": {}, "requests": {}, "stored": {}}
+def parse_metrics(text: str) -> dict[str, Any]:
+    """The counters this benchmark reads from Prometheus text, keyed by a label summary.
+
+    ``mirror`` sums the copies' outcomes over candidates (the live process's refusals, which
+    name no candidate, as ``dropped_REASON``); ``by_candidate`` has each candidate's own.
+    """
+    out: dict[str, Any] = {"mirror": {}, "requests": {}, "stored": {}, "by_candidate": {}}
     for line in text.splitlines():
         m = _METRIC_LINE.match(line)
         if not m:
@@ -255,7 +259,10 @@ def parse_metrics(text: str) -> dict[str, dict[str, int]]:
         name, labels, value = m.group(1), dict(_LABEL.findall(m.group(2))), m.group(3)
         count = int(float(value))
         if name == "shadowproxy_mirror_outcomes":
-            out["mirror"][labels.get("outcome", "?")] = count
+            outcome = labels.get("outcome", "?")
+            out["mirror"][outcome] = out["mirror"].get(outcome, 0) + count
+            mine = out["by_candidate"].setdefault(labels.get("candidate", "?"), {})
+            mine[outcome] = count
         elif name == "shadowproxy_mirror_skipped" and labels.get("candidate", "*") != "*":
             out["mirror"][f"skipped:{labels.get('reason', '?')}"] = count
         elif name == "shadowproxy_mirror_link_dropped":

@@ -74,6 +74,25 @@ def cpu_seconds(target: int | str) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_and_start(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds, start time in clock ticks since boot) of a process, or None if it is gone.
+
+    The start time tells a process from a later one that reuses its pid.
+    """
+    fields = _proc_stat(pid)
+    if fields is None:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[19])
+
+
+def is_redis(pid: int) -> bool:
+    """Whether ``pid`` runs a Redis server (the proxy's embedded one is its child, not its work)."""
+    try:
+        return b"redis" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def memory_mb(pid: int) -> tuple[float, float] | None:
     """(resident now, peak resident) in MiB."""
     try:
