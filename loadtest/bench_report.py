@@ -1,19 +1,26 @@
-"""The ``make bench`` report: one table of figures and ratios, the goals, a latency CDF plot."""
+"""The ``make bench`` report: tables of figures and ratios, the goals, a latency CDF plot, JSON.
+
+Tables: the live path (medians of the interleaved rounds, ``rounds.py``), every other point
+(with each point's coverage), the dedicated coverage runs (``coverage.py``); then the goals,
+PASS or FAIL, including CPU per compared copy (``shadow_cpu.py``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from .coverage import coverage_goals, coverage_rows
 from .mirror_overhead import md_table, text_table
+from .openloop import Run
+from .rounds import LIVE_POINT, live_goals, live_table
+from .shadow_cpu import cpu_goals
 
 if TYPE_CHECKING:
     from .bench import Point, Results
 
-ADDED_P50_MS, ADDED_P99_MS = 0.5, 2.0
-SATURATION_SHARE = 0.5
 FAULT_RATIO = 1.2
 MEMORY_GROWTH = 1.10
 """Flat: the peak RSS of the run's second half is at most this times the first half's."""
@@ -31,7 +38,7 @@ def _p(point: Point | None, key: str) -> float | None:
 def _ratio(results: Results, point: Point) -> str:
     """What the row is compared with, and how it compares."""
     if point.saturation is not None:
-        peer = results.get(PEER, "saturation")
+        peer = results.get(PEER, "saturation", point.round)
         if peer is None or peer.saturation is None or not peer.saturation.requests_per_s:
             return "-"
         return f"{point.saturation.requests_per_s / peer.saturation.requests_per_s:.2f}x {PEER}"
@@ -48,7 +55,7 @@ def _ratio(results: Results, point: Point) -> str:
         if base is None or point is base or not _p(base, "p99"):
             return "-"
         return f"p99 {(_p(point, 'p99') or 0) / (_p(base, 'p99') or 1):.2f}x {label}"
-    direct = results.get("direct", point.name)
+    direct = results.get("direct", point.name, point.round)
     if point.target == "direct" or direct is None:
         return "-"
     d50, d99 = _p(point, "p50"), _p(point, "p99")
@@ -63,10 +70,13 @@ def _halves(point: Point) -> tuple[float, float]:
     return max(values[:mid]), max(values[mid:] or values[:mid])
 
 
-def table(results: Results) -> tuple[list[str], list[list[str]]]:
+def table(results: Results, rounds: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Every point, one row each; ``rounds=False`` leaves out the live-path rounds (their
+    medians have a table of their own)."""
     header = [
         "target",
         "measurement",
+        "backend",
         "ok req/s",
         "p50 ms",
         "p99 ms",
@@ -74,10 +84,13 @@ def table(results: Results) -> tuple[list[str], list[list[str]]]:
         "max ms",
         "errors",
         "vs (added p50 / p99 over direct, or ratio)",
+        "coverage",
         "other CPU %",
     ]
     rows = []
     for point in results.points:
+        if point.round and not rounds:
+            continue
         if point.saturation is not None:
             sat = point.saturation
             figures = [f"{sat.requests_per_s:.0f} (wrk)", "-", "-", "-", "-", str(sat.errors)]
@@ -93,30 +106,17 @@ def table(results: Results) -> tuple[list[str], list[list[str]]]:
                 + (f" ({', '.join(f'{k}: {v}' for k, v in run.errors.items())})" if errs else ""),
             ]
         other = "-" if point.other_cpu is None else f"{point.other_cpu:.0f}"
-        rows.append([point.target, point.name, *figures, _ratio(results, point), other])
+        cov = f"{point.copies.share:.1%}" if point.copies else "-"
+        name = f"{point.name} r{point.round}" if point.round else point.name
+        row = [point.target, name, point.backend, *figures, _ratio(results, point), cov, other]
+        rows.append(row)
     return header, rows
 
 
 def goals(results: Results, targets: Sequence[str]) -> list[str]:
+    """Faults and memory; the live path's, coverage's and CPU's goals come from their modules."""
     lines = []
     for target in targets:
-        here, direct = results.get(target, "small@1000"), results.get("direct", "small@1000")
-        if here and direct and here.run and direct.run:
-            a50 = (_p(here, "p50") or 0) - (_p(direct, "p50") or 0)
-            a99 = (_p(here, "p99") or 0) - (_p(direct, "p99") or 0)
-            ok = a50 <= ADDED_P50_MS and a99 <= ADDED_P99_MS and not here.run.errors
-            lines.append(
-                f"{'PASS' if ok else 'FAIL'} {target}: added latency at 1000 req/s, 100% mirrored: "
-                f"p50 {a50:+.2f} ms (goal {ADDED_P50_MS}), p99 {a99:+.2f} ms (goal {ADDED_P99_MS})"
-            )
-        sat, peer = results.get(target, "saturation"), results.get(PEER, "saturation")
-        if sat and peer and sat.saturation and peer.saturation and peer.saturation.requests_per_s:
-            share = sat.saturation.requests_per_s / peer.saturation.requests_per_s
-            lines.append(
-                f"{'PASS' if share >= SATURATION_SHARE else 'FAIL'} {target}: saturation "
-                f"{sat.saturation.requests_per_s:.0f} req/s = {share:.2f}x {PEER} "
-                f"{peer.saturation.requests_per_s:.0f} (goal >= {SATURATION_SHARE}x, aim 1x)"
-            )
         base = next(
             (p for p in results.points if p.target == target and p.name.startswith("no-")), None
         )
@@ -144,6 +144,15 @@ def goals(results: Results, targets: Sequence[str]) -> list[str]:
     return lines
 
 
+def all_goals(results: Results) -> list[str]:
+    proxies = sorted(
+        {p.target for p in results.points if p.target.startswith("shadowproxy@")} | {"shadowproxy"}
+    )
+    lines = live_goals(results, proxies)
+    lines += coverage_goals(results.coverage) + cpu_goals(results.cpu)
+    return lines + goals(results, proxies)
+
+
 def copies(results: Results) -> list[str]:
     lines = []
     for target, outcomes in results.mirror.items():
@@ -159,6 +168,25 @@ def copies(results: Results) -> list[str]:
     return lines
 
 
+def _live(point: Point) -> bool:
+    return point.name == LIVE_POINT and point.round is not None
+
+
+def _curves(results: Results, keep: Any) -> list[tuple[str, Run]]:
+    """(label, run) per curve: one per target, the live-path rounds' histograms merged."""
+    curves: dict[str, Run] = {}
+    for point in results.points:
+        if point.run is None or not point.run.ok or not keep(point):
+            continue
+        label = point.target
+        if "-candidate@" in point.name:
+            label = f"{point.target} {point.name.split('@')[0]}"
+        if label not in curves:
+            curves[label] = Run(point.run.rate, point.run.duration_s)
+        curves[label].latency.add(point.run.latency)
+    return list(curves.items())
+
+
 def plot(results: Results, path: str) -> bool:
     try:
         import matplotlib
@@ -169,17 +197,12 @@ def plot(results: Results, path: str) -> bool:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     panels = (
-        ("small JSON at 1000 requests/s", lambda p: p.name == "small@1000"),
+        ("small JSON at 1000 requests/s, static NGINX backend, all rounds", _live),
         ("slow / dead candidate", lambda p: "-candidate@" in p.name),
     )
     for ax, (title, keep) in zip(axes, panels, strict=True):
-        for point in results.points:
-            if point.run is None or not point.run.ok or not keep(point):
-                continue
-            xs, ys = point.run.cdf()
-            label = point.target if "@" not in point.name[:5] else f"{point.target} {point.name}"
-            if "-candidate@" in point.name:
-                label = f"{point.target} {point.name.split('@')[0]}"
+        for label, run in _curves(results, keep):
+            xs, ys = run.cdf()
             ax.plot(xs, ys, label=label)
         ax.set_xscale("log")
         ax.set_xlabel("latency from the intended send time, ms (log)")
@@ -194,12 +217,13 @@ def plot(results: Results, path: str) -> bool:
 
 
 def write_report(results: Results, args: argparse.Namespace, elapsed_s: float, env: str) -> str:
-    proxies = sorted({p.target for p in results.points if p.target.startswith("shadowproxy")})
     intro = (
-        f"open loop: {args.duration:g} s measured after {args.warmup:g} s warmup per point; "
-        "latency from each request's intended send time (HDR histogram), status 200 only; "
-        f"saturation: wrk, 1 thread, 32 connections, {args.sat_duration:g} s, small JSON; "
-        f"faults at {args.fault_rate:g} req/s; the slow candidate answers after 200 ms; "
+        f"live path: {args.rounds} interleaved rounds, static NGINX reference and candidate, "
+        f"medians (min-max); other points: {args.duration:g} s measured after {args.warmup:g} s "
+        "warmup each; latency from each request's intended send time (HDR histogram), status "
+        f"200 only; saturation: wrk, 1 thread, 32 connections, {args.sat_duration:g} s, small "
+        f"JSON; faults at {args.fault_rate:g} req/s, the slow candidate answers after 200 ms; "
+        "coverage = copies compared / requests sent, counted once the copies settled; "
         f"whole run {elapsed_s:.0f} s"
     )
     other = [p.other_cpu for p in results.points if p.other_cpu is not None]
@@ -211,15 +235,25 @@ def write_report(results: Results, args: argparse.Namespace, elapsed_s: float, e
     )
     png = args.out / "bench_cdf.png"
     has_plot = plot(results, str(png))
-    parts_text = [intro, text_table(*table(results)), "Goals:", *goals(results, proxies)]
-    parts_text += ["Copies (proxy /metrics):", *copies(results), quiet, *results.notes]
-    md = [
-        "# shadowproxy vs NGINX mirror",
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {env}.",
-        intro,
-        md_table(*table(results)),
+    goal_lines = all_goals(results)
+    sections = [
+        ("Live path (interleaved rounds)", live_table(results)),
+        ("Points", table(results, rounds=False)),
+        ("Coverage runs", coverage_rows(results.coverage)),
+    ]
+    parts_text = [intro]
+    for title, (header, rows) in sections:
+        if rows:
+            parts_text += [f"{title}:", text_table(header, rows)]
+    parts_text += ["Goals:", *goal_lines, "Copies (proxy /metrics):", *copies(results)]
+    parts_text += [quiet, *results.notes]
+    md = ["# shadowproxy vs NGINX mirror", f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {env}.", intro]
+    for title, (header, rows) in [*sections, ("Every point", table(results))]:
+        if rows:
+            md += [f"## {title}", md_table(header, rows)]
+    md += [
         "## Goals",
-        "\n".join(f"- {line}" for line in goals(results, proxies)),
+        "\n".join(f"- {line}" for line in goal_lines),
         "## Copies",
         "\n".join(f"- {line}" for line in copies(results)),
         quiet,
@@ -229,3 +263,68 @@ def write_report(results: Results, args: argparse.Namespace, elapsed_s: float, e
         md.append(f"![latency CDF]({png.name})")
     (args.out / "bench.md").write_text("\n\n".join(md) + "\n")
     return "\n".join(parts_text) + "\n"
+
+
+def to_json(results: Results) -> dict[str, Any]:
+    return {
+        "points": [
+            {
+                "target": p.target,
+                "name": p.name,
+                "round": p.round,
+                "backend": p.backend,
+                "latency_ms": p.run.figures() if p.run else None,
+                "ok": p.run.ok if p.run else None,
+                "sent": p.run.sent if p.run else None,
+                "errors": dict(p.run.errors) if p.run else None,
+                "compared": p.copies.compared if p.copies else None,
+                "coverage": p.copies.share if p.copies else None,
+                "saturation_rps": p.saturation.requests_per_s if p.saturation else None,
+                "other_cpu_percent": p.other_cpu,
+                "memory_mb": p.memory or None,
+            }
+            for p in results.points
+        ],
+        "coverage_runs": [
+            {
+                "target": r.target,
+                "kind": r.kind,
+                "backend": r.backend,
+                "rate": r.rate,
+                "duration_s": r.duration_s,
+                "sent": r.copies.sent,
+                "compared": r.copies.compared,
+                "coverage": r.copies.share,
+                "outcomes": r.copies.outcomes,
+                "planted": len(r.planted),
+                "flagged": len(r.flagged),
+                "recall": r.recall,
+                "precision": r.precision,
+                "live_p50_ms": r.p50_ms,
+                "live_p99_ms": r.p99_ms,
+                "errors": r.errors,
+            }
+            for r in results.coverage
+        ],
+        "cpu_runs": [
+            {
+                "target": r.target,
+                "rate": r.rate,
+                "duration_s": r.duration_s,
+                "sent": r.sent,
+                "compared": r.compared,
+                "not_compared": r.not_compared,
+                "live_cpu_s": r.cpu.live_s,
+                "shadow_cpu_s": r.cpu.shadow_s,
+                "shadow_processes": r.cpu.shadow_processes,
+                "shadow_cpu_s_by_process": r.cpu.by_name,
+                "shadow_exited": r.cpu.exited,
+                "idle_shadow_cores": r.idle_shadow_share,
+                "shadow_ms_per_compared_copy": r.shadow_ms_per_copy,
+                "live_ms_per_request": r.live_ms_per_request,
+            }
+            for r in results.cpu
+        ],
+        "mirror": results.mirror,
+        "notes": results.notes,
+    }
