@@ -29,9 +29,10 @@ from .auth import (
 from .buffer.store import LABELS
 from .canary import api as canary_api
 from .errors import StoreError
-from .keys import DATA_APP, MIRROR, SETTINGS, STORE, TELEMETRY
+from .keys import COVERAGE, DATA_APP, MIRROR, SETTINGS, STORE, TELEMETRY
 from .mirror_link import merge_tally
 from .settings import Settings
+from .telemetry import merge_prometheus_text
 
 AUTH = web.AppKey("auth", Authenticator)
 
@@ -103,11 +104,31 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """This process's metrics, then the mirror worker's (each family comes from one process)."""
+    """This process's metrics and the mirror processes' (merged: each family once), with the
+    coverage per candidate."""
     data = request.app[DATA_APP]
     snap = await data[MIRROR].snapshot()
-    text = data[TELEMETRY].prometheus_text() + snap["prometheus"].encode()
-    return web.Response(body=text, content_type="text/plain", charset="utf-8")
+    coverage = await data[COVERAGE].report()
+    texts = [data[TELEMETRY].prometheus_text().decode(), snap["prometheus"]]
+    text = merge_prometheus_text(texts) + coverage_text(coverage)
+    return web.Response(body=text.encode(), content_type="text/plain", charset="utf-8")
+
+
+def coverage_text(coverage: dict[str, dict[str, Any]]) -> str:
+    """The coverage ratio per candidate as a Prometheus gauge, overall and recently."""
+    lines = [
+        "# HELP shadowproxy_mirror_coverage_ratio Share of the copies a candidate asked for "
+        "that were compared (window: total since start, or recent minutes)",
+        "# TYPE shadowproxy_mirror_coverage_ratio gauge",
+    ]
+    for name, row in coverage.items():
+        for window, ratio in (("total", row["coverage"]), ("recent", row["recent"]["coverage"])):
+            if ratio is not None:
+                lines.append(
+                    f'shadowproxy_mirror_coverage_ratio{{candidate="{name}",window="{window}"}} '
+                    f"{ratio!r}"
+                )
+    return "\n".join(lines) + "\n"
 
 
 async def me(request: web.Request) -> web.Response:
@@ -203,6 +224,9 @@ async def summary(request: web.Request) -> web.Response:
             "in_flight": snap["in_flight"],
             # Since this proxy started (its live process and its mirror worker together).
             "this_process": merge_tally(data[TELEMETRY].tally, snap["tally"]),
+            # Per candidate: copies asked for, compared, lost by reason; a warning with the
+            # setting to change when recent coverage is below target.
+            "coverage": await data[COVERAGE].report(),
             "stored_counters": stored,
             "population": snap["population"],
         }

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from comparators import SEVERITY_CAP, OutputVerdict, compare_outputs, resolve_spec
+from comparators import SEVERITY_CAP, MetricSpec, OutputVerdict, compare_outputs, resolve_spec
 
 from .codec import DecodedResponse, MalformedMessage, decode_infer_response, preview
 
@@ -38,6 +38,38 @@ class Analysis:
     previews: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+Table = Mapping[str, Mapping[str, Mapping[str, Any]]]
+# Resolved specs of the comparisons table last seen, per (model, output): resolving builds a new
+# MetricSpec each time, for the same few answers on every comparison. The table is the settings'
+# own object, never changed in place; another table (new settings, a test) starts a new cache.
+# Output names come from upstream answers, so the cache is bounded.
+_SPEC_CACHE_MAX = 4096
+_spec_cache: tuple[Table | None, dict[tuple[str, str], MetricSpec]] = (None, {})
+
+
+def _spec(table: Table, model: str, output: str) -> MetricSpec:
+    global _spec_cache
+    cached_table, specs = _spec_cache  # one read: a consistent pair, whichever thread wrote it
+    if cached_table is not table or len(specs) >= _SPEC_CACHE_MAX:
+        specs = {}
+        _spec_cache = (table, specs)
+    spec = specs.get((model, output))
+    if spec is None:
+        spec = specs[(model, output)] = resolve_spec(table, model, output)
+    return spec
+
+
+def _previews(ref: Mapping[str, Any], cand: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    # The reference's outputs in order, then those only the candidate has.
+    return {
+        name: {
+            "reference": preview(ref[name]) if name in ref else None,
+            "candidate": preview(cand[name]) if name in cand else None,
+        }
+        for name in [*ref, *(n for n in cand if n not in ref)]
+    }
+
+
 def _error_text(body: bytes) -> str:
     return body[:200].decode("utf-8", "replace").strip()
 
@@ -46,7 +78,7 @@ def analyze(
     ref: Exchange,
     cand: Exchange,
     model: str,
-    comparisons: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    comparisons: Table,
 ) -> Analysis:
     """Compare two answers to one infer request.
 
@@ -82,21 +114,11 @@ def analyze(
             reference=decoded_ref,
         )
 
-    def spec_for(output: str) -> Any:
-        return resolve_spec(comparisons, model, output)
+    def spec_for(output: str) -> MetricSpec:
+        return _spec(comparisons, model, output)
 
     verdicts = compare_outputs(decoded_ref.outputs, decoded_cand.outputs, spec_for)
     flagged = [v for v in verdicts if v.flagged]
-    previews = {}
-    for name in decoded_ref.outputs.keys() | decoded_cand.outputs.keys():
-        previews[name] = {
-            "reference": preview(decoded_ref.outputs[name])
-            if name in decoded_ref.outputs
-            else None,
-            "candidate": (
-                preview(decoded_cand.outputs[name]) if name in decoded_cand.outputs else None
-            ),
-        }
     return Analysis(
         "compared",
         flagged=bool(flagged),
@@ -105,5 +127,5 @@ def analyze(
         verdicts=verdicts,
         reference=decoded_ref,
         candidate=decoded_cand,
-        previews=previews,
+        previews=_previews(decoded_ref.outputs, decoded_cand.outputs),
     )

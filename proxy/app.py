@@ -32,12 +32,14 @@ from .canary.evidence import EvidenceBuffer
 from .codec import warm_up
 from .compare_link import CompareLink
 from .compare_stage import Comparer, LocalCompareSink
+from .coverage import CoverageMonitor, Fates, fates_of
 from .fast_lane import FastLane, FastLaneServer
 from .forwarding import LiveProxy, strip_server_defaults
 from .judge import Judge, LatestPopulation
 from .keys import (
     CANARY,
     COMPARER,
+    COVERAGE,
     DATA_APP,
     EMBEDDED_REDIS,
     EVIDENCE,
@@ -111,6 +113,7 @@ def create_apps(
         data.cleanup_ctx.append(_shadow_client_ctx)
         data.cleanup_ctx.append(_scheduler_ctx(in_process=True))
     data.cleanup_ctx.append(_live_proxy_ctx)
+    data.cleanup_ctx.append(_coverage_ctx)
     data.cleanup_ctx.append(_fast_lane_ctx)
     data.on_response_prepare.append(strip_server_defaults)
     data.router.add_route("*", "/{tail:.*}", _handle)
@@ -281,6 +284,19 @@ async def _mirror_link_ctx(app: web.Application) -> AsyncIterator[None]:
     app[MIRROR] = link
     yield
     await link.close()
+
+
+async def _coverage_ctx(app: web.Application) -> AsyncIterator[None]:
+    async def gather() -> Fates:
+        rows = [[c, w, n] for (c, w), n in app[TELEMETRY].tally.items()]
+        rows += (await app[MIRROR].progress()).get("fates", [])
+        return fates_of(rows)
+
+    monitor = CoverageMonitor(app[SETTINGS], gather)
+    monitor.start()
+    app[COVERAGE] = monitor
+    yield
+    await monitor.close()
 
 
 async def _live_proxy_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -87,6 +87,8 @@ class CompareLink:
         self.backlog = 0
         self.completed = 0
         self.dropped = 0
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+        """(candidate, outcome) of every pair compared: coverage, without asking the workers."""
         self.on_done: list[Callable[[], None]] = []
         self._closing = False
         self._qid = itertools.count(1)
@@ -109,16 +111,17 @@ class CompareLink:
             stdin=asyncio.subprocess.DEVNULL,
         )
         child.close()
-        reader, w.writer = await asyncio.open_connection(sock=parent)
+        reader, writer = await asyncio.open_connection(sock=parent)
         # The CPU budget is shared: each worker keeps to its part of it.
         budget = self._settings.proxy.mirror_cpu_budget / self.workers
-        write_frame(w.writer, (self._settings, budget))
+        write_frame(writer, (self._settings, budget))
         try:
             ready = await asyncio.wait_for(read_frame(reader), timeout=60)
         except (asyncio.IncompleteReadError, TimeoutError) as exc:
             raise RuntimeError("a compare worker did not start; see its log above") from exc
         if ready != ("ready",):
             raise RuntimeError(f"a compare worker failed to start: {ready!r}")
+        w.writer = writer  # only now: pairs must not reach it before its settings
         w.reader_task = asyncio.get_running_loop().create_task(self._read(w, reader))
         self._send_waiting(w)
 
@@ -179,10 +182,12 @@ class CompareLink:
             while True:
                 kind, key, payload = await read_frame(reader)
                 if kind == "done":
-                    w.held[key] -= 1
+                    candidate = key[0]
+                    w.held[candidate] -= 1
                     w.unstored = payload
                     self.completed += 1
-                    self._finished(key)
+                    self.outcomes[key] += 1
+                    self._finished(candidate)
                     self._send_waiting(w)
                 elif kind == "stored":
                     w.unstored = payload

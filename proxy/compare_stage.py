@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -154,18 +155,19 @@ class Comparer:
     def on_written(self, callback: Callable[[int], None]) -> None:
         self._batcher.on_written = callback
 
-    async def compare(self, pair: Pair) -> None:
-        """Compare one pair and account for it; never raises (an error is counted)."""
+    async def compare(self, pair: Pair) -> str:
+        """Compare one pair and account for it; its outcome. Never raises (an error is counted,
+        as the outcome ``internal_error``)."""
         try:
             if self._tel.exporting and pair.live_span is not None:
-                await self._compare_traced(pair)
-            else:
-                await self._compare(pair)
+                return await self._compare_traced(pair)
+            return (await self._compare(pair)).outcome
         except Exception:
             log.exception("comparing a copy for %s failed unexpectedly", pair.candidate)
             self._tel.mirror(pair.candidate, "internal_error")
+            return "internal_error"
 
-    async def _compare_traced(self, pair: Pair) -> None:
+    async def _compare_traced(self, pair: Pair) -> str:
         assert pair.live_span is not None
         trace_id, span_id, flags = pair.live_span
         live = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
@@ -181,6 +183,7 @@ class Comparer:
             span.set_attribute("shadowproxy.outcome", analysis.outcome)
             span.set_attribute("shadowproxy.flagged", analysis.flagged)
             span.set_attribute("shadowproxy.severity", analysis.severity)
+        return analysis.outcome
 
     async def _compare(self, pair: Pair) -> Analysis:
         cand = self._candidates[pair.candidate]
@@ -277,6 +280,7 @@ class LocalCompareSink:
         self.backlog = 0
         self.completed = 0
         self.dropped = 0  # nothing waits here to grow old
+        self.outcomes: Counter[tuple[str, str]] = Counter()  # in this process's tally already
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_done: list[Callable[[], None]] = []
 

@@ -59,8 +59,8 @@ async def _compare_loop(
         pause = budget.pause_s()
         if pause:
             await asyncio.sleep(pause)
-        await comparer.compare(pair)
-        write_frame(writer, ("done", pair.candidate, comparer.unstored))
+        outcome = await comparer.compare(pair)
+        write_frame(writer, ("done", (pair.candidate, outcome), comparer.unstored))
 
 
 async def run(fd: int) -> None:

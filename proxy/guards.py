@@ -40,16 +40,22 @@ class Breaker:
 
 
 class LoopLag:
-    """How late the event loop runs its callbacks: the proxy's own overload signal.
+    """How late the event loop runs its callbacks because it is busy: the live process's own
+    overload signal.
 
     A ticker sleeps ``interval`` and measures how much later it woke; the reading holds the
-    recent peak and decays, so a burst of lag sheds mirrors for a moment, not for good.
+    recent peak and decays, so a burst of lag sheds mirrors for a moment, not for good. Lateness
+    counts only when the loop's thread spent most of that time on the CPU: a loop late because
+    its own callbacks took the time is overloaded, and building copies would come out of live
+    latency; a loop late because the host gave the CPU to other processes (a model server
+    computing, say) is not, and shedding then would only lose copies.
     """
 
-    def __init__(self, interval: float = 0.01, decay: float = 0.7) -> None:
+    def __init__(self, interval: float = 0.01, decay: float = 0.7, busy: float = 0.5) -> None:
         self.ms = 0.0
         self._interval = interval
         self._decay = decay
+        self._busy = busy
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -62,9 +68,12 @@ class LoopLag:
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            started = loop.time()
+            started, cpu = loop.time(), time.thread_time()
             await asyncio.sleep(self._interval)
-            late = (loop.time() - started - self._interval) * 1000.0
+            elapsed = loop.time() - started
+            late = (elapsed - self._interval) * 1000.0
+            if (time.thread_time() - cpu) < self._busy * elapsed:
+                late = 0.0  # waiting for the CPU, not busy: not this loop's overload
             self.ms = max(late, self.ms * self._decay)
 
 

@@ -12,6 +12,7 @@ from .buffer.store import SampleStore
 from .canary.controller import CanaryController
 from .canary.evidence import EvidenceBuffer
 from .compare_stage import Comparer
+from .coverage import CoverageMonitor
 from .fast_lane import FastLane
 from .forwarding import LiveProxy
 from .judge import LatestPopulation
@@ -35,3 +36,4 @@ FAST_LANE = web.AppKey("fast_lane", FastLane)
 DATA_APP = web.AppKey("data_app", web.Application)
 EVIDENCE = web.AppKey("canary_evidence", EvidenceBuffer)
 CANARY = web.AppKey("canary", CanaryController)
+COVERAGE = web.AppKey("coverage", CoverageMonitor)

@@ -22,6 +22,7 @@ import itertools
 import logging
 import random
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ from .canary.evidence import CanaryTag, EvidenceBuffer
 from .canary.gates import CAND_CALLS, CAND_ERRORS, REF_CALLS, REF_ERRORS, UNCOMPARED
 from .codec import MalformedMessage, parse_request_header, unsafe_to_mirror
 from .compare_stage import Pair
+from .coverage import is_fate
 from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .guards import Breaker, LoopLag, stop_task
 from .model_config import ModelConfigs
@@ -91,8 +93,8 @@ class Mirror(Protocol):
     async def snapshot(self) -> dict[str, Any]: ...
 
     async def progress(self) -> dict[str, Any]:
-        """Only ``in_flight`` and ``pending``: cheap enough to poll (it asks no compare worker,
-        whose CPU budget a poll would eat)."""
+        """``in_flight``, ``pending`` and ``fates`` (rows of candidate, outcome, count): cheap
+        enough to poll (it asks no compare worker, whose CPU budget a poll would eat)."""
         ...
 
     async def close(self) -> None: ...
@@ -112,6 +114,8 @@ class CompareSink(Protocol):
     completed: int
     """Pairs compared so far, and ``dropped``: pairs that waited too long for CPU."""
     dropped: int
+    outcomes: Counter[tuple[str, str]]
+    """(candidate, outcome) of the pairs compared in other processes."""
     on_done: list[Callable[[], None]]
     """Called whenever a pair has been compared (room for more)."""
     workers: int
@@ -299,8 +303,13 @@ class MirrorScheduler:
         out["*store"] = self._sink.unstored
         return out
 
-    async def progress(self) -> dict[str, Any]:
-        return {"in_flight": self.in_flight(), "pending": 0}
+    async def progress(self, *, include_tally: bool = False) -> dict[str, Any]:
+        """In-flight counts and the fate of every copy so far (``coverage``); this process's
+        own tallies only if asked (in the live process they are the caller's already)."""
+        fates = [[c, w, n] for (c, w), n in self._sink.outcomes.items()]
+        if include_tally:
+            fates += [[c, w, n] for (c, w), n in self._tel.tally.items() if is_fate(w)]
+        return {"in_flight": self.in_flight(), "pending": 0, "fates": fates}
 
     async def snapshot(self, *, include_tally: bool = False) -> dict[str, Any]:
         """In-flight counts and population statistics. In the live process the tallies are

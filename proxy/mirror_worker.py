@@ -71,7 +71,7 @@ async def run(fd: int) -> None:
             elif kind == "skip":
                 app[TELEMETRY].skipped(msg[1])
             elif kind == "progress":
-                snap = await scheduler.progress()
+                snap = await scheduler.progress(include_tally=True)
                 snap["received"] = received[0]
                 write_frame(writer, ("snap", msg[1], snap))
             elif kind == "snap":

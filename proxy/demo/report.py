@@ -19,6 +19,7 @@ def print_report(
     settings: Settings,
     verdicts: Iterable[Mapping[str, Any]],
     tally: Mapping[tuple[str, str], int],
+    coverage: Mapping[str, Mapping[str, Any]],
 ) -> None:
     by_cand: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for v in verdicts:
@@ -67,6 +68,12 @@ def print_report(
             f"  skipped {skipped}, dropped {dropped}"
             + (f", other outcomes {others}" if others else "")
         )
+        cov = coverage.get(cand.name)
+        if cov is not None:
+            ratio = f"{cov['coverage']:.0%}" if cov["coverage"] is not None else "-"
+            print(f"  coverage: {cov['compared']} of {cov['sampled']} copies compared ({ratio})")
+            if cov["warning"]:
+                print(f"  WARNING {cov['warning']}")
 
 
 def _worst(headline: str, vals: list[float]) -> float:

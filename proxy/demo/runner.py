@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 
 from ..app import ProxyRunner
+from ..keys import COVERAGE
 from ..settings import Settings, settings_from_mapping
 from ..tritonserver import TritonServer
 from .corpus import sentences
@@ -89,9 +90,6 @@ def demo_settings(triton_url: str, state_dir: Path, token: str) -> Settings:
             ],
             "buffer": {"state_dir": str(state_dir / "redis")},
             "comparisons": DEMO_COMPARISONS,
-            # The report wants every copy compared: no lag-based shedding here (it protects
-            # production traffic and is on by default in serve).
-            "proxy": {"shed_lag_ms": 0},
         },
         "<demo defaults>",
     )
@@ -198,7 +196,7 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
             tally = Counter(runner.telemetry.tally)
             for candidate, what, n in (await runner.mirror.snapshot())["tally"]:
                 tally[(candidate, what)] += n
-            print_report(settings, verdicts, tally)
+            print_report(settings, verdicts, tally, await runner.data[COVERAGE].report())
             config = write_demo_config(state_dir, triton.url, token)
             admin = f"http://127.0.0.1:{runner.admin_port}"
             if keep_running:

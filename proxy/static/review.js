@@ -1165,10 +1165,13 @@
     for (const s0 of series) add(s0.candidate, s0.noise_floor);
     for (const r of population) add(r.candidate, false);
     $("summary-info").textContent = sum && sum.time ? `as of ${fmtTime(sum.time)}` : "";
+    if (sum && !sum.error) showCoverageWarnings(sum);
     if (!names.length) box.appendChild(h("p", { class: "muted" }, "No candidates configured yet."));
     for (const name of names) {
       const card = h("section", { class: "cand-card" },
         h("h2", null, name, noise[name] ? [" ", h("span", { class: "tag" }, "A/A noise floor")] : null));
+      const cov = sum && sum.coverage ? sum.coverage[name] : null;
+      if (cov) card.appendChild(coverageBlock(cov));
       const sr = series.find((x) => x.candidate === name);
       card.appendChild(h("h3", null, "Divergence over time"));
       card.appendChild(sr && sr.points && sr.points.length
@@ -1180,6 +1183,32 @@
         : h("p", { class: "muted" }, "No comparisons recorded by this process yet."));
       box.appendChild(card);
     }
+  }
+
+  function pct(x) {
+    return typeof x === "number" ? (100 * x).toFixed(x < 0.995 ? 1 : 0) + "%" : "–";
+  }
+
+  /** Copies asked for, compared and lost by reason, overall and over the last minutes. */
+  function coverageBlock(cov) {
+    const lost = Object.entries({ ...cov.dropped, ...cov.failed })
+      .sort((a, b) => b[1] - a[1]).map(([k, n]) => `${k} ${n}`).join(", ");
+    const r = cov.recent || {};
+    return h("div", { class: "coverage" },
+      h("h3", null, "Coverage"),
+      h("p", null, `${cov.compared} of ${cov.sampled} copies asked for were compared (${pct(cov.coverage)}); `
+        + `last ${Math.round((r.window_s || 0) / 60)} min: ${r.compared || 0} of ${r.sampled || 0} (${pct(r.coverage)})`),
+      lost ? h("p", { class: "muted" }, "Not compared: " + lost) : null,
+      cov.warning ? h("p", { class: "error" }, cov.warning) : null);
+  }
+
+  /** A banner above the list when some candidate's recent coverage is below target. */
+  function showCoverageWarnings(sum) {
+    const box = $("coverage-warning");
+    const warnings = Object.values((sum && sum.coverage) || {}).map((c) => c.warning).filter(Boolean);
+    clear(box);
+    for (const w of warnings) box.appendChild(h("p", null, w));
+    box.hidden = !warnings.length;
   }
 
   function logDomain(values) {
@@ -1472,6 +1501,7 @@
     }
     // candidates, models and outputs for the filter suggestions
     api("/api/summary").then(({ data }) => {
+      showCoverageWarnings(data);
       for (const c of data.candidates || []) addDatalist("candidate", c.name);
       for (const r of data.population || []) {
         addDatalist("model", r.model);

@@ -142,6 +142,14 @@ async def test_over_its_cpu_budget_the_shadow_side_queues_and_only_age_drops(
     assert outcomes.get("dropped_worker_budget", 0) >= 1, outcomes
     accounted = outcomes["compared"] + outcomes["dropped_queue_age"]
     assert accounted + outcomes["dropped_worker_budget"] == 100, outcomes
+    # The reviewer is told, with the setting that would fix it.
+    coverage = summary["coverage"]["c"]
+    assert coverage["sampled"] == 100 and coverage["compared"] == outcomes["compared"]
+    assert coverage["recent"]["coverage"] < 0.95
+    assert "proxy.mirror_cpu_budget" in coverage["warning"], coverage
+    text = await _admin(proxy.admin_port, "/metrics")
+    ratio = f"{outcomes['compared'] / 100!r}"
+    assert f'shadowproxy_mirror_coverage_ratio{{candidate="c",window="total"}} {ratio}' in text
 
 
 async def test_a_busy_host_delays_copies_but_drops_none(
@@ -175,6 +183,8 @@ async def test_a_busy_host_delays_copies_but_drops_none(
     summary = await _admin(proxy.admin_port, "/api/summary")
     outcomes = summary["this_process"]["c"]
     assert outcomes == {"compared": 60, "stored": 60}, outcomes
+    coverage = summary["coverage"]["c"]
+    assert coverage["coverage"] == 1.0 and coverage["warning"] is None, coverage
     flagged = await proxy.store.list_samples(flagged=True, limit=100)
     assert len(flagged) == 60
 
