@@ -264,10 +264,13 @@ def parse_metrics(text: str) -> dict[str, Any]:
             mine = out["by_candidate"].setdefault(labels.get("candidate", "?"), {})
             mine[outcome] = count
         elif name == "shadowproxy_mirror_skipped" and labels.get("candidate", "*") != "*":
-            out["mirror"][f"skipped:{labels.get('reason', '?')}"] = count
+            key = f"skipped:{labels.get('reason', '?')}"
+            out["mirror"][key] = out["mirror"].get(key, 0) + count
         elif name == "shadowproxy_mirror_link_dropped":
             # Copies the live process dropped before the worker saw them (pacing, worker down).
-            out["mirror"][f"dropped_{labels.get('reason', '?')}"] = count
+            # Per candidate since the shadow side was rebuilt: sum them, as outcomes are summed.
+            key = f"dropped_{labels.get('reason', '?')}"
+            out["mirror"][key] = out["mirror"].get(key, 0) + count
         elif name == "shadowproxy_samples_stored":
             out["stored"][labels.get("result", "?")] = count
         elif name == "shadowproxy_requests":
