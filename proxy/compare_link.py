@@ -66,6 +66,7 @@ class _Worker:
         self.queries: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.unstored = 0
         """Its verdicts not yet written, as of its last word."""
+        self.send_scheduled = False
 
     @property
     def up(self) -> bool:
@@ -133,6 +134,14 @@ class CompareLink:
         w = self._workers[pair.seq % self.workers]
         self.backlog += 1
         w.waiting.append(pair)
+        # Sent at the end of this turn of the loop, with every other pair made meanwhile: one
+        # write for all of them (a write each cost a tenth of this process's CPU).
+        if not w.send_scheduled:
+            w.send_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_scheduled, w)
+
+    def _send_scheduled(self, w: _Worker) -> None:
+        w.send_scheduled = False
         self._send_waiting(w)
 
     def sweep(self, max_age_s: float) -> None:
@@ -182,12 +191,12 @@ class CompareLink:
             while True:
                 kind, key, payload = await read_frame(reader)
                 if kind == "done":
-                    candidate = key[0]
-                    w.held[candidate] -= 1
                     w.unstored = payload
-                    self.completed += 1
-                    self.outcomes[key] += 1
-                    self._finished(candidate)
+                    for candidate, outcome in key:
+                        w.held[candidate] -= 1
+                        self.outcomes[(candidate, outcome)] += 1
+                        self._finished(candidate)
+                    self.completed += len(key)
                     self._send_waiting(w)
                 elif kind == "stored":
                     w.unstored = payload

@@ -105,16 +105,15 @@ class StoreBatcher:
         self, batch: list[tuple[str, dict[str, Any], dict[str, bytes] | None]]
     ) -> None:
         assert self._store is not None
+        ok = False
         try:
             await self._store.record_many([(meta, payloads) for _, meta, payloads in batch])
+            ok = True
         except StoreError as exc:
             log.warning("%d verdicts not stored: %s", len(batch), exc)
-            for candidate, _, _ in batch:
-                self._tel.stored(candidate, ok=False)
-        else:
-            for candidate, _, _ in batch:
-                self._tel.stored(candidate, ok=True)
         finally:
+            for candidate, n in Counter(candidate for candidate, _, _ in batch).items():
+                self._tel.stored(candidate, ok=ok, n=n)
             self.unstored -= len(batch)
             if self.on_written is not None:
                 self.on_written(self.unstored)
@@ -200,14 +199,9 @@ class Comparer:
             )
         if analysis.verdicts:
             self._apply_judgement(cand, pair, analysis)
+        noise_floor = "true" if cand.noise_floor else "false"
         for v in analysis.verdicts:
-            attrs = {
-                "candidate": cand.name,
-                "model": pair.model,
-                "output": v.output,
-                "metric": v.metric,
-                "noise_floor": "true" if cand.noise_floor else "false",
-            }
+            attrs = (cand.name, pair.model, v.output, v.metric, noise_floor)
             self._tel.divergence(attrs, v.severity, v.flagged)
         if self._evidence is not None and pair.canary is not None and self._is_canary(cand):
             self._evidence.add(pair.canary, comparison_counters(analysis, pair.ref, pair.cand))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -53,6 +53,7 @@ LATENCY_BUCKETS = (
     30.0,
 )
 _LIVE_LATENCY = "Reference (live) upstream latency"
+_DIVERGENCE_LABELS = ("candidate", "model", "output", "metric", "noise_floor")
 # Divergence severities span many decades (1e-9 noise to 1+ for flips), so log-spaced buckets.
 DIVERGENCE_BUCKETS = (0.0, 1e-9, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5, 1.0, 10.0)
 
@@ -73,6 +74,8 @@ class Telemetry:
         # flag kept) but no span data is built for unsampled traffic.
         exporting = span_exporter is not None or bool(settings.otlp_endpoint)
         self.exporting = exporting
+        self.otlp = bool(settings.otlp_endpoint)
+        """Metrics go out over OTLP too: histograms are then OTel's."""
         """Spans go somewhere: the live path builds one for every request, not only sampled ones."""
         self.tracer_provider = TracerProvider(
             resource=resource, sampler=ParentBased(ALWAYS_ON if exporting else ALWAYS_OFF)
@@ -119,42 +122,58 @@ class Telemetry:
             description="Live requests by route kind and status class",
         )
         self._link_counts: Counter[tuple[str, str]] = Counter()
-        self._mirror = meter.create_counter(
+        # What the shadow side counts per copy is a dict too, and its histograms are
+        # prometheus_client's unless OTLP reads them (``_Histogram``): a compared copy records
+        # a handful of each, and through OTel they cost about a tenth of a compare worker.
+        self._mirror_counts = self._dict_counter(
             "shadowproxy_mirror_outcomes",
-            description="What happened to each copy offered to a candidate, by outcome",
+            "What happened to each copy offered to a candidate, by outcome",
+            ("candidate", "outcome"),
         )
-        self._skipped = meter.create_counter(
-            "shadowproxy_mirror_skipped", description="Requests never mirrored, by reason"
+        self._skip_counts = self._dict_counter(
+            "shadowproxy_mirror_skipped",
+            "Requests never mirrored, by reason",
+            ("reason", "candidate"),
         )
         # Live and shadow latency are separate instruments: with mirroring in a worker process
         # each process exports its own, and one metric family must come from one process.
-        self._live_latency: Histogram | None = None
-        self._live_children: dict[tuple[str, str], Any] = {}
-        if settings.otlp_endpoint:
-            self._live_latency = meter.create_histogram(
-                "shadowproxy_live_latency", unit="s", description=_LIVE_LATENCY
-            )
-        # Without OTLP only Prometheus reads it, and prometheus_client's histogram costs 2 us a
-        # request where OTel's cost 30 us (8% of the live process's CPU); same family on
-        # /metrics. Made on first use: the mirror worker records none and must not list it.
-        self._live_prometheus: PrometheusHistogram | None = None
-        self._shadow_latency = meter.create_histogram(
-            "shadowproxy_shadow_latency", unit="s", description="Candidate (shadow) latency"
+        # Made on first use: a process that records none must not list the family.
+        self._live_latency = _Histogram(
+            self,
+            "shadowproxy_live_latency",
+            _LIVE_LATENCY,
+            ("side", "upstream"),
+            LATENCY_BUCKETS,
+            "s",
+        )
+        self._shadow_latency = _Histogram(
+            self,
+            "shadowproxy_shadow_latency",
+            "Candidate (shadow) latency",
+            ("side", "upstream"),
+            LATENCY_BUCKETS,
+            "s",
         )
         meter.create_observable_counter(
             "shadowproxy_mirror_link_dropped",
             callbacks=[self._observe_link_drops],
             description="Copies the live process could not hand to the mirror worker, by reason",
         )
-        self._divergence = meter.create_histogram(
+        self._divergence = _Histogram(
+            self,
             "shadowproxy_divergence",
-            description="Per-output divergence severity (0 = identical) per candidate",
+            "Per-output divergence severity (0 = identical) per candidate",
+            _DIVERGENCE_LABELS,
+            DIVERGENCE_BUCKETS,
+            "",
         )
-        self._flagged = meter.create_counter(
-            "shadowproxy_flagged", description="Outputs flagged as divergent"
+        self._flagged_counts = self._dict_counter(
+            "shadowproxy_flagged", "Outputs flagged as divergent", _DIVERGENCE_LABELS
         )
-        self._stored = meter.create_counter(
-            "shadowproxy_samples_stored", description="Verdicts written to Redis, by result"
+        self._stored_counts = self._dict_counter(
+            "shadowproxy_samples_stored",
+            "Verdicts written to Redis, by result",
+            ("candidate", "result"),
         )
         self._canary_served = meter.create_counter(
             "shadowproxy_canary_served",
@@ -181,54 +200,51 @@ class Telemetry:
             by_class[(route, f"{status // 100}xx")] += n
         return [Observation(n, {"route": r, "status_class": c}) for (r, c), n in by_class.items()]
 
+    def _dict_counter(
+        self, name: str, description: str, labels: tuple[str, ...]
+    ) -> Counter[tuple[str, ...]]:
+        """A counter bumped as a dict and read at collection (0.1 us where OTel's took 15)."""
+        counts: Counter[tuple[str, ...]] = Counter()
+
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [
+                Observation(n, dict(zip(labels, k, strict=True))) for k, n in list(counts.items())
+            ]
+
+        self._meter.create_observable_counter(name, callbacks=[observe], description=description)
+        return counts
+
     def mirror(self, candidate: str, outcome: str) -> None:
-        self._mirror.add(1, {"candidate": candidate, "outcome": outcome})
+        self._mirror_counts[(candidate, outcome)] += 1
         self.tally[(candidate, outcome)] += 1
 
     def skipped(self, reason: str, candidate: str = "*") -> None:
-        self._skipped.add(1, {"reason": reason, "candidate": candidate})
+        self._skip_counts[(reason, candidate)] += 1
         self.tally[(candidate, f"skipped:{reason}")] += 1
 
     def latency(self, side: str, upstream: str, seconds: float) -> None:
         # "reference" and "canary" are live calls; "candidate" (and a reversed "reference_shadow")
         # are shadow calls, recorded by the process that makes them.
-        if side not in ("reference", "canary"):
-            self._shadow_latency.record(seconds, {"side": side, "upstream": upstream})
-        elif self._live_latency is not None:
-            self._live_latency.record(seconds, {"side": side, "upstream": upstream})
+        if side in ("reference", "canary"):
+            self._live_latency.record(seconds, (side, upstream))
         else:
-            child = self._live_children.get((side, upstream))
-            if child is None:
-                child = self._live_child(side, upstream)
-            child.observe(seconds)
-
-    def _live_child(self, side: str, upstream: str) -> Any:
-        if self._live_prometheus is None:
-            self._live_prometheus = PrometheusHistogram(
-                "shadowproxy_live_latency",
-                _LIVE_LATENCY,
-                ["side", "upstream"],
-                unit="seconds",
-                buckets=LATENCY_BUCKETS,
-                registry=self.registry,
-            )
-        child = self._live_children[(side, upstream)] = self._live_prometheus.labels(side, upstream)
-        return child
+            self._shadow_latency.record(seconds, (side, upstream))
 
     def link_dropped(self, reason: str, candidate: str) -> None:
         """A copy for ``candidate`` the live process dropped before the mirror process saw it."""
         self._link_counts[(reason, candidate)] += 1
         self.tally[(candidate, f"dropped_{reason}")] += 1
 
-    def divergence(self, attrs: Mapping[str, str], severity: float, flagged: bool) -> None:
-        self._divergence.record(severity, dict(attrs))
+    def divergence(self, attrs: tuple[str, ...], severity: float, flagged: bool) -> None:
+        """One output's verdict; ``attrs`` in the order of ``_DIVERGENCE_LABELS``."""
+        self._divergence.record(severity, attrs)
         if flagged:
-            self._flagged.add(1, dict(attrs))
+            self._flagged_counts[attrs] += 1
 
-    def stored(self, candidate: str, ok: bool) -> None:
+    def stored(self, candidate: str, ok: bool, n: int = 1) -> None:
         result = "stored" if ok else "store_failed"
-        self._stored.add(1, {"candidate": candidate, "result": result})
-        self.tally[(candidate, result)] += 1
+        self._stored_counts[(candidate, result)] += n
+        self.tally[(candidate, result)] += n
 
     def canary_served(self, rollout: str, side: str, fallback: bool = False) -> None:
         self._canary_served.add(
@@ -311,3 +327,55 @@ def _number(value: float) -> str:
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     return repr(value)
+
+
+class _Histogram:
+    """A histogram family with labels: OTel's when OTLP reads it, else prometheus_client's
+    (2 us a record where OTel's cost 15-30 us), the same family on /metrics either way. Made on
+    first use, so a process that records none does not list it."""
+
+    def __init__(
+        self,
+        tel: Telemetry,
+        name: str,
+        description: str,
+        labels: tuple[str, ...],
+        buckets: tuple[float, ...],
+        unit: str,
+    ) -> None:
+        self._tel = tel
+        self._name = name
+        self._description = description
+        self._labels = labels
+        self._buckets = buckets
+        self._unit = unit
+        self._otel: Histogram | None = None
+        self._prometheus: PrometheusHistogram | None = None
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def record(self, value: float, attrs: tuple[str, ...]) -> None:
+        child = self._children.get(attrs)
+        if child is None:
+            child = self._children[attrs] = self._child(attrs)
+        if self._otel is not None:
+            self._otel.record(value, child)
+        else:
+            child.observe(value)
+
+    def _child(self, attrs: tuple[str, ...]) -> Any:
+        if self._tel.otlp:
+            if self._otel is None:
+                self._otel = self._tel._meter.create_histogram(
+                    self._name, unit=self._unit, description=self._description
+                )
+            return dict(zip(self._labels, attrs, strict=True))
+        if self._prometheus is None:
+            self._prometheus = PrometheusHistogram(
+                self._name,
+                self._description,
+                list(self._labels),
+                unit="seconds" if self._unit == "s" else "",
+                buckets=self._buckets,
+                registry=self._tel.registry,
+            )
+        return self._prometheus.labels(*attrs)
