@@ -100,7 +100,8 @@ async def run(fd: int) -> None:
     wake = asyncio.Event()
     loop = asyncio.get_running_loop()
     acks = Acks(writer, comparer)
-    worker = loop.create_task(_compare_loop(inbox, wake, comparer, CpuBudget(cores), acks))
+    budget = CpuBudget(cores)  # from now: start-up is not comparing
+    worker = loop.create_task(_compare_loop(inbox, wake, comparer, budget, acks))
     try:
         while True:
             try:

@@ -88,6 +88,11 @@ class CpuBudget:
     spend a whole window's budget in each burst.
     """
 
+    def reset(self) -> None:
+        """Start counting now (what start-up cost is not shadow work)."""
+        self._allowance = self._cap
+        self._mark = (time.monotonic(), time.process_time())
+
     def __init__(self, cores: float, window_s: float = 0.5) -> None:
         self.cores = cores
         self.window_s = window_s
@@ -100,7 +105,10 @@ class CpuBudget:
             return 0.0
         now, cpu = time.monotonic(), time.process_time()
         earned = (now - self._mark[0]) * self.cores
-        self._allowance = min(self._allowance + earned - (cpu - self._mark[1]), self._cap)
+        # Between -cap and +cap: a burst beyond a window's worth (start-up, say) costs at most a
+        # window's pause, not a debt paid off for minutes.
+        allowance = self._allowance + earned - (cpu - self._mark[1])
+        self._allowance = max(-self._cap, min(allowance, self._cap))
         self._mark = (now, cpu)
         return 0.0 if self._allowance >= 0 else -self._allowance / self.cores
 

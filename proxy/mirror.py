@@ -40,7 +40,7 @@ from .codec import MalformedMessage, parse_request_header, unsafe_to_mirror
 from .compare_stage import Pair
 from .coverage import is_fate
 from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from .guards import Breaker, LoopLag, stop_task
+from .guards import Breaker, CpuBudget, LoopLag, stop_task
 from .model_config import ModelConfigs
 from .routes import Route, candidate_path
 from .settings import CandidateSettings, Settings, UpstreamSettings
@@ -54,6 +54,10 @@ CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
 # Pairs handed to the compare stage and not yet compared, per compare worker, beyond which no
 # new call starts (copies wait in the queue, where their age and bytes are bounded).
 COMPARE_WINDOW = 32
+# The mirror process's CPU, as a share of ``proxy.mirror_cpu_budget`` (the compare workers share
+# all of it): it starts no new call beyond that, so at normal priority it cannot crowd the live
+# path either.
+MIRROR_SHARE = 0.5
 # How often waiting copies are checked for age (and the queue pumped).
 _SWEEP_S = 0.25
 
@@ -181,6 +185,18 @@ class MirrorScheduler:
         # loop means only that it was made to wait, and its copies wait in the queue.
         self._lag = LoopLag() if live_process and proxy.shed_lag_ms else None
         self._sweeper: asyncio.Task[None] | None = None
+        # In the mirror process, which runs at the live path's priority: its share of the CPU
+        # budget (``MIRROR_SHARE`` of it; a call and its timing cost about half a comparison).
+        self._cpu = (
+            None
+            if live_process or not proxy.mirror_cpu_budget
+            else CpuBudget(proxy.mirror_cpu_budget * MIRROR_SHARE)
+        )
+        self._resume: asyncio.TimerHandle | None = None
+        self._live = 0
+        """Live calls in flight whose copies are here (their reference answer not yet known)."""
+        self._live_peak = [0, 0]
+        """The most of them at once in the previous and the current sweep period."""
         self._ended = 0
         """Jobs that ended without a pair to compare (failed calls, unsafe copies)."""
         self._shed = 0
@@ -212,8 +228,14 @@ class MirrorScheduler:
                 continue
             jobs.append(Job(copy, cand, reverse))
         if jobs:
+            self._live += 1
+            self._live_peak[1] = max(self._live_peak[1], self._live)
+            req.reference.add_done_callback(self._live_done)
             self._queue.put(copy, jobs)
             self._pump()
+
+    def _live_done(self, _: asyncio.Future[Exchange | None]) -> None:
+        self._live -= 1
 
     def _drop_reason(self, size: int) -> str | None:
         """Why a new copy cannot even wait (each reason counted), or None."""
@@ -237,16 +259,22 @@ class MirrorScheduler:
     def _pump(self) -> None:
         """Start waiting jobs while their candidates have call slots and the compare stage has
         room, one per candidate in turn (a slow candidate never holds up another's copies)."""
-        if self._pumping:
+        if self._pumping or self._resume is not None:
             return
+        if self._cpu is not None:
+            pause = self._cpu.pause_s()
+            if pause:
+                # Over its share of the CPU budget: new calls wait (calls in flight are still
+                # answered and timed at once), and copies wait in the queue meanwhile.
+                self._resume = asyncio.get_running_loop().call_later(pause, self._resumed)
+                return
         self._pumping = True
         try:
             progress = True
             while progress and self._sink.backlog < self._window:
                 progress = False
                 for name in self._queue.candidates():
-                    cand = self._cands[name]
-                    if self._calling[name] >= cand.max_in_flight:
+                    if self._calling[name] >= self._call_limit(self._cands[name]):
                         continue
                     job = self._queue.pop(name)
                     if job is None:
@@ -280,7 +308,25 @@ class MirrorScheduler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _call_limit(self, cand: CandidateSettings) -> int:
+        """Calls in flight allowed to ``cand`` now.
+
+        The canary candidate's shadow calls time it against the reference's live calls, so they
+        go out at no more than the live path's own recent concurrency: copies that waited (for
+        CPU, say) would otherwise start in a burst, queue up inside the candidate's server, and
+        make it look slower than it is.
+        """
+        if cand.name != self._canary_name:
+            return cand.max_in_flight
+        return min(cand.max_in_flight, max(1, *self._live_peak))
+
+    def _resumed(self) -> None:
+        self._resume = None
+        self._pump()
+
     def start(self) -> None:
+        if self._cpu is not None:
+            self._cpu.reset()
         if self._lag is not None:
             self._lag.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -290,6 +336,7 @@ class MirrorScheduler:
             await asyncio.sleep(_SWEEP_S)
             self._queue.sweep(lambda job: self._drop(job, "dropped_queue_age"))
             self._sink.sweep(self._queue.max_age_s)
+            self._live_peak = [self._live_peak[1], self._live]
             self._pump()
 
     def note_skip(self, reason: str) -> None:
@@ -343,6 +390,8 @@ class MirrorScheduler:
             else:
                 await asyncio.sleep(0.02)
         await stop_task(self._sweeper)
+        if self._resume is not None:
+            self._resume.cancel()
         for job in self._queue.drain():
             self._drop(job, "dropped_shutdown")
         for task in list(self._tasks):
