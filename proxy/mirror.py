@@ -574,6 +574,8 @@ class MirrorScheduler:
         self._evidence.add(req.canary, {calls: 1, errors: int(failed)})
 
     async def _await_reference(self, req: MirrorRequest) -> Exchange | None:
+        if req.reference.done():  # the usual case: the live call ended first
+            return req.reference.result()
         timeout = self._settings.reference.timeout_s + 1.0
         try:
             return await asyncio.wait_for(asyncio.shield(req.reference), timeout)

@@ -47,10 +47,11 @@ def write_frame(writer: asyncio.StreamWriter, message: Any) -> None:
 async def read_frame(reader: asyncio.StreamReader) -> Any:
     head = await reader.readexactly(8)
     size, count = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
-    lengths = await reader.readexactly(4 * count) if count else b""
-    data = await reader.readexactly(size)
+    # The buffer lengths and the pickle in one read: a frame is read in 2 + buffers calls.
+    rest = await reader.readexactly(4 * count + size)
+    data = memoryview(rest)[4 * count :]
     buffers = [
-        await reader.readexactly(int.from_bytes(lengths[i : i + 4], "big"))
+        await reader.readexactly(int.from_bytes(rest[i : i + 4], "big"))
         for i in range(0, 4 * count, 4)
     ]
     return pickle.loads(data, buffers=buffers)
