@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -84,13 +85,21 @@ class SampleStore:
         self, records: list[tuple[Mapping[str, Any], Mapping[str, bytes] | None]]
     ) -> None:
         """Several verdicts (and samples) in one pipelined round trip: at hundreds of verdicts
-        a second, one round trip each cost more CPU than the comparisons."""
+        a second, one round trip each cost more CPU than the comparisons. The counters for
+        ``/api/summary`` are summed over the batch: one HINCRBY per counter, not per verdict."""
         pipe = self._r.pipeline(transaction=False)
         flagged: dict[str, float] = {}
+        stats: Counter[str] = Counter()
         for meta, payloads in records:
             self._add_record(pipe, meta, payloads)
+            stats[outcome_stat(meta["candidate"], meta["outcome"])] += 1
+            for out in meta.get("outputs", ()):
+                if out.get("flagged"):
+                    stats[flagged_stat(meta["candidate"], meta["model"], out["output"])] += 1
             if meta.get("flagged"):
                 flagged[str(meta["id"])] = float(meta["ts"])
+        for stat, n in stats.items():
+            pipe.hincrby(self.keys.stats, stat, n)
         if flagged:
             pipe.zadd(self.keys.flagged, flagged)
             pipe.zremrangebyrank(self.keys.flagged, 0, -self._settings.flagged_index_max - 1)
@@ -101,22 +110,19 @@ class SampleStore:
     ) -> None:
         sid = str(meta["id"])
         summary = {k: meta[k] for k in _SUMMARY_KEYS if k in meta}
-        summary_json = json.dumps(summary)
+        # orjson: the C encoder, a tenth of json's time on these records (non-finite scores are
+        # made finite before they get here, so both write the same JSON).
+        summary_json = _dumps(summary)
         pipe.xadd(
             self.keys.verdicts,
             {"sample": sid, "json": summary_json},
             maxlen=self._settings.stream_maxlen,
             approximate=True,
         )
-        pipe.hincrby(self.keys.stats, outcome_stat(meta["candidate"], meta["outcome"]), 1)
-        for out in meta.get("outputs", ()):
-            if out.get("flagged"):
-                stat = flagged_stat(meta["candidate"], meta["model"], out["output"])
-                pipe.hincrby(self.keys.stats, stat, 1)
         if payloads is not None:
             key = self.keys.sample(sid)
             fields: dict[str, bytes | str] = {
-                FIELD_META: json.dumps(meta),
+                FIELD_META: _dumps(meta),
                 FIELD_SUMMARY: summary_json,
             }
             fields.update({k: self._clip(v) for k, v in payloads.items() if k in PAYLOAD_FIELDS})
@@ -274,6 +280,14 @@ async def wait_running(aw: Awaitable[Any], timeout_s: float) -> Any:
         await asyncio.gather(task, return_exceptions=True)
         raise TimeoutError
     return task.result()
+
+
+def _dumps(record: Mapping[str, Any]) -> bytes:
+    """JSON by orjson (numpy scalars as numbers); anything it refuses, by the json module."""
+    try:
+        return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:
+        return json.dumps(record).encode()
 
 
 # What goes into the stream entry: enough for reports and lists, no payloads.
