@@ -77,6 +77,9 @@ class LoopLag:
             self.ms = max(late, self.ms * self._decay)
 
 
+_RECHECK_S = 0.005
+
+
 class CpuBudget:
     """This process's CPU use against a budget in cores, as a bucket of CPU time.
 
@@ -103,7 +106,10 @@ class CpuBudget:
         """0 while within budget, else how long to pause before the budget allows more."""
         if self.cores <= 0:
             return 0.0
-        now, cpu = time.monotonic(), time.process_time()
+        now = time.monotonic()
+        if self._allowance >= 0 and now - self._mark[0] < _RECHECK_S:
+            return 0.0  # reading this process's CPU clock is a system call: not every time
+        cpu = time.process_time()
         earned = (now - self._mark[0]) * self.cores
         # Between -cap and +cap: a burst beyond a window's worth (start-up, say) costs at most a
         # window's pause, not a debt paid off for minutes.

@@ -61,8 +61,11 @@ def route_to_wire(route: Route) -> tuple[str, str | None, str | None, str]:
     return route.kind.value, route.model, route.version, route.suffix
 
 
+_KINDS = {kind.value: kind for kind in RouteKind}
+
+
 def route_from_wire(wire: tuple[str, str | None, str | None, str]) -> Route:
-    return Route(RouteKind(wire[0]), wire[1], wire[2], wire[3])
+    return Route(_KINDS[wire[0]], wire[1], wire[2], wire[3])
 
 
 def exchange_to_wire(x: Exchange | None) -> tuple[Any, ...] | None:
