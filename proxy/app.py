@@ -54,7 +54,8 @@ from .keys import (
     STORE,
     TELEMETRY,
 )
-from .mirror import CompareSink, Mirror, MirrorScheduler
+from .mirror import MirrorScheduler
+from .mirror_api import CompareSink, Mirror
 from .mirror_link import MirrorLink
 from .settings import Settings
 from .shadow_client import SKIP_AUTO_HEADERS, ShadowClient

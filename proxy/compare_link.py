@@ -14,8 +14,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import socket
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -26,7 +24,7 @@ from comparators.population import PopulationStats
 from .compare_stage import Pair
 from .settings import Settings
 from .telemetry import Telemetry, merge_prometheus_text
-from .wire import exchange_to_wire, frame, out_of_band, read_frame, write_frame
+from .wire import exchange_to_wire, frame, out_of_band, read_frame, spawn_child, write_frame
 
 log = logging.getLogger("shadowproxy.mirror")
 
@@ -102,17 +100,7 @@ class CompareLink:
         await asyncio.gather(*(self._spawn(w) for w in self._workers))
 
     async def _spawn(self, w: _Worker) -> None:
-        parent, child = socket.socketpair()
-        w.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy.compare_worker",
-            str(child.fileno()),
-            pass_fds=(child.fileno(),),
-            stdin=asyncio.subprocess.DEVNULL,
-        )
-        child.close()
-        reader, writer = await asyncio.open_connection(sock=parent)
+        w.proc, reader, writer = await spawn_child("proxy.compare_worker")
         # The CPU budget is shared: each worker keeps to its part of it.
         budget = self._settings.proxy.mirror_cpu_budget / self.workers
         write_frame(writer, (self._settings, budget))

@@ -14,9 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
-import sys
 from collections import deque
 from typing import Any
 
@@ -25,9 +23,9 @@ from aiohttp import web
 from .compare_stage import Comparer, Pair
 from .guards import CpuBudget
 from .keys import COMPARER, TELEMETRY
-from .serve import install_event_loop_policy, tune_gc
+from .serve import tune_gc
 from .settings import Settings
-from .wire import exchange_from_wire, read_frame, write_frame
+from .wire import child_main, exchange_from_wire, read_frame, write_frame
 
 log = logging.getLogger("shadowproxy.compare_worker")
 
@@ -133,19 +131,13 @@ async def run(fd: int) -> None:
 
 
 def main() -> None:
-    # Ctrl-C reaches the whole process group: the mirror process decides when this one stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(19)
     with contextlib.suppress(OSError, AttributeError):
         # Linux: run only on CPU nobody else wants. At nice +19 a worker still took its share
         # of a busy host and showed in live p99; SCHED_IDLE yields at once to any other task.
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    install_event_loop_policy()
-    asyncio.run(run(int(sys.argv[1])))
+    child_main(run)
 
 
 if __name__ == "__main__":

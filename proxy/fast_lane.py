@@ -31,7 +31,7 @@ from .analysis import Exchange
 from .errors import UpstreamError
 from .forwarding import REQUEST_DROP, end_to_end, server_span
 from .http1 import Head, error_bytes, may_be_fast, parse_head, render
-from .mirror import Mirror, MirrorRequest
+from .mirror_api import Mirror, MirrorRequest
 from .routes import RouteKind
 from .settings import Settings
 from .telemetry import Telemetry

@@ -28,7 +28,7 @@ from .canary.controller import CanaryController
 from .canary.evidence import CanaryTag
 from .codec import MalformedMessage, parse_request_header, unsafe_to_mirror
 from .errors import UpstreamError, UpstreamUnavailable, translate_upstream_error
-from .mirror import Mirror, MirrorRequest
+from .mirror_api import Mirror, MirrorRequest
 from .model_config import ModelConfigs
 from .routes import RouteKind, candidate_path, classify
 from .settings import Settings, UpstreamSettings

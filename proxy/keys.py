@@ -16,7 +16,7 @@ from .coverage import CoverageMonitor
 from .fast_lane import FastLane
 from .forwarding import LiveProxy
 from .judge import LatestPopulation
-from .mirror import Mirror
+from .mirror_api import Mirror
 from .settings import Settings
 from .shadow_client import ShadowClient
 from .telemetry import Telemetry

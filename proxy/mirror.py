@@ -17,40 +17,35 @@ and latency gates compare like with like; only comparing runs at idle priority.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import random
 import uuid
-from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
-from multidict import CIMultiDict
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanContext, SpanKind
+from opentelemetry.trace import Link, SpanKind
 
 from comparators.population import PopulationStats
 
 from .analysis import Exchange
-from .canary.evidence import CanaryTag, EvidenceBuffer
-from .canary.gates import CAND_CALLS, CAND_ERRORS, REF_CALLS, REF_ERRORS, UNCOMPARED
+from .canary.evidence import EvidenceBuffer
+from .canary.gates import UNCOMPARED
 from .codec import MalformedMessage, parse_request_header, unsafe_to_mirror
 from .compare_stage import Pair
 from .coverage import is_fate
-from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from .guards import Breaker, CpuBudget, LoopLag, stop_task
+from .guards import CpuBudget, LoopLag, stop_task
+from .mirror_api import CompareSink, MirrorRequest, sampled
 from .model_config import ModelConfigs
-from .routes import Route, candidate_path
-from .settings import CandidateSettings, Settings, UpstreamSettings
+from .settings import CandidateSettings, Settings
+from .shadow_calls import ShadowCalls
 from .shadow_client import ShadowClient
 from .shadow_queue import CopyQueue, Job, QueuedCopy
 from .telemetry import Telemetry
 
 log = logging.getLogger("shadowproxy.mirror")
 
-CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
 # Pairs handed to the compare stage and not yet compared, per compare worker, beyond which no
 # new call starts (copies wait in the queue, where their age and bytes are bounded).
 COMPARE_WINDOW = 32
@@ -60,93 +55,6 @@ COMPARE_WINDOW = 32
 MIRROR_SHARE = 0.5
 # How often waiting copies are checked for age (and the queue pumped).
 _SWEEP_S = 0.25
-
-
-@dataclass(slots=True)
-class MirrorRequest:
-    """A copy of one live infer request; ``reference`` resolves when the live answer is known."""
-
-    route: Route
-    query: str
-    headers: CIMultiDict[str]
-    body: bytes
-    received_at: float
-    live_span: SpanContext | None
-    reference: asyncio.Future[Exchange | None]
-    seq: int = 0
-    """Set by the scheduler: pairs the candidates' and the twin's verdicts on this request."""
-    served_by: str | None = None
-    """The canary candidate that answered this request live: the copy goes to the reference."""
-    canary: CanaryTag | None = None
-    """The canary step whose evidence this request feeds."""
-
-
-class Mirror(Protocol):
-    """What the live path needs from mirroring, in-process (``MirrorScheduler``) or in a worker
-    process (``mirror_link.MirrorLink``)."""
-
-    def admit(self, model: str, headers: Mapping[str, str]) -> bool:
-        """Whether to make a copy at all (False: dropped, and counted, before it costs anything).
-        Not asked for canary copies: they are evidence and always made."""
-        ...
-
-    def offer(self, req: MirrorRequest) -> None: ...
-
-    def note_skip(self, reason: str) -> None: ...
-
-    async def snapshot(self) -> dict[str, Any]: ...
-
-    async def progress(self) -> dict[str, Any]:
-        """``in_flight``, ``pending`` and ``fates`` (rows of candidate, outcome, count): cheap
-        enough to poll (it asks no compare worker, whose CPU budget a poll would eat)."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-class CompareSink(Protocol):
-    """Where pairs go to be compared: in this process or in compare worker processes."""
-
-    backlog: int
-    """Pairs submitted and not yet compared."""
-
-    @property
-    def unstored(self) -> int:
-        """Verdicts compared and not yet written (or counted as failed)."""
-        ...
-
-    completed: int
-    """Pairs compared so far, and ``dropped``: pairs that waited too long for CPU."""
-    dropped: int
-    outcomes: Counter[tuple[str, str]]
-    """(candidate, outcome) of the pairs compared in other processes."""
-    on_done: list[Callable[[], None]]
-    """Called whenever a pair has been compared (room for more)."""
-    workers: int
-
-    def submit(self, pair: Pair) -> None: ...
-
-    def sweep(self, max_age_s: float) -> None:
-        """Drop (and count as ``dropped_queue_age``) pairs that waited too long for CPU."""
-        ...
-
-    async def snapshot(self) -> Mapping[str, Any]:
-        """``population`` (PopulationStats), ``tally`` rows and ``prometheus`` text."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-def sampled(cand: CandidateSettings, headers: Mapping[str, str], rng: random.Random) -> bool:
-    """Whether this request is one of the share ``cand`` asked for."""
-    if cand.sample_rate >= 1.0:
-        return True
-    key = headers.get(cand.sample_key_header) if cand.sample_key_header else None
-    if key is not None:
-        # A stable hash: the same key is always in or always out, across replicas and restarts.
-        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") / 2.0**64 < cand.sample_rate
-    return rng.random() < cand.sample_rate
 
 
 class MirrorScheduler:
@@ -171,9 +79,7 @@ class MirrorScheduler:
         self._cands = {c.name: c for c in settings.candidates}
         self._seq = itertools.count(1)
         self._calling = {c.name: 0 for c in settings.candidates}
-        self._breakers = {
-            c.name: Breaker(c.breaker_failures, c.breaker_open_s) for c in settings.candidates
-        }
+        self._calls = ShadowCalls(settings, client, telemetry, evidence)
         proxy = settings.proxy
         self._queue = CopyQueue(proxy.mirror_queue_bytes, proxy.mirror_queue_age_s)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -282,7 +188,7 @@ class MirrorScheduler:
                     progress = True
                     if self._queue.stale(job):
                         self._drop(job, "dropped_queue_age")
-                    elif not job.reverse and self._breakers[name].is_open():
+                    elif not job.reverse and self._calls.breakers[name].is_open():
                         # The candidate is down: the copy would only wait for it to fail.
                         # (Asked once per copy, as it starts: asking lets one probe through.)
                         self._drop(job, "dropped_circuit_open")
@@ -452,7 +358,7 @@ class MirrorScheduler:
             self._tel.skipped(copy.unsafe, cand.name)
             self._ended += 1
             return
-        pair = await self._both_answers(cand, req, job.reverse)
+        pair = await self._calls.both_answers(cand, req, job.reverse)
         if pair is None:
             self._ended += 1
             return
@@ -480,104 +386,3 @@ class MirrorScheduler:
                 queued_at=job.enqueued,
             )
         )
-
-    async def _both_answers(
-        self, cand: CandidateSettings, req: MirrorRequest, reverse: bool
-    ) -> tuple[Exchange, Exchange] | None:
-        """(the reference's answer, the candidate's) to one copy, or None with the outcome counted.
-
-        Normally the live answer is the reference's and the copy goes to the candidate; for a
-        request the canary answered it is the other way round."""
-        live: Exchange | None = None
-        if reverse:
-            # The canary's own answer first: if it failed (or fell back to the reference, which
-            # then answered live) there is nothing to compare and no second reference call.
-            live = await self._await_reference(req)
-            if live is None:
-                self._tel.mirror(cand.name, "live_failed")
-                return None
-            shadow = await self._call_reference(req)
-        else:
-            shadow = await self._call_candidate(cand, req)
-            self._breakers[cand.name].record(ok=not isinstance(shadow, UpstreamUnavailable))
-        self._count_call(cand, req, reverse, shadow)
-        if isinstance(shadow, UpstreamError):
-            outcome = "timeout" if isinstance(shadow, UpstreamTimeout) else "unavailable"
-            if shadow.status == 502:
-                outcome = "bad_response"
-            outcome = f"reference_{outcome}" if reverse else outcome
-            trace.get_current_span().set_attribute("shadowproxy.outcome", outcome)
-            self._tel.mirror(cand.name, outcome)
-            return None
-        side = "reference_shadow" if reverse else "candidate"
-        self._tel.latency(side, shadow.upstream, shadow.latency_s)
-        if live is None:
-            live = await self._await_reference(req)
-            if live is None:
-                self._tel.mirror(cand.name, "reference_failed")
-                return None
-        return (shadow, live) if reverse else (live, shadow)
-
-    async def _call_candidate(
-        self, cand: CandidateSettings, req: MirrorRequest
-    ) -> Exchange | UpstreamError:
-        model = req.route.model or ""
-        headers = CIMultiDict(req.headers)
-        if not cand.forward_credentials:
-            for name in CREDENTIAL_HEADERS:
-                headers.popall(name, None)
-        upstream: UpstreamSettings = cand
-        timeout = cand.timeout_s
-        if req.canary is not None and self._is_canary(cand):
-            # Evidence for the canary's error rate: the limit its live answers get, or an
-            # answer slower than the shadow timeout would count as an error it is not.
-            timeout = self._settings.reference.timeout_s
-        path = candidate_path(req.route, cand.served_name(model))
-        return await self._post(upstream, path, req, headers, timeout)
-
-    async def _call_reference(self, req: MirrorRequest) -> Exchange | UpstreamError:
-        """The reverse copy of a request the canary answered: the reference, with the client's
-        own headers (it is the upstream they were meant for)."""
-        path = candidate_path(req.route, req.route.model or "")
-        ref = self._settings.reference
-        return await self._post(ref, path, req, CIMultiDict(req.headers), ref.timeout_s)
-
-    async def _post(
-        self,
-        upstream: UpstreamSettings,
-        path: str,
-        req: MirrorRequest,
-        headers: CIMultiDict[str],
-        timeout_s: float,
-    ) -> Exchange | UpstreamError:
-        if self._tel.exporting:
-            self._tel.propagator.inject(headers)
-        target = path + (f"?{req.query}" if req.query else "")
-        return await self._client.post(upstream, target, headers, req.body, timeout_s)
-
-    def _is_canary(self, cand: CandidateSettings) -> bool:
-        return cand.name == self._canary_name
-
-    def _count_call(
-        self,
-        cand: CandidateSettings,
-        req: MirrorRequest,
-        reverse: bool,
-        shadow: Exchange | UpstreamError,
-    ) -> None:
-        """A shadow call to the canary candidate (or, reversed, to the reference) is evidence of
-        its error rate; live calls are counted by the live process."""
-        if self._evidence is None or req.canary is None or not self._is_canary(cand):
-            return
-        failed = isinstance(shadow, UpstreamError) or shadow.status >= 500
-        calls, errors = (REF_CALLS, REF_ERRORS) if reverse else (CAND_CALLS, CAND_ERRORS)
-        self._evidence.add(req.canary, {calls: 1, errors: int(failed)})
-
-    async def _await_reference(self, req: MirrorRequest) -> Exchange | None:
-        if req.reference.done():  # the usual case: the live call ended first
-            return req.reference.result()
-        timeout = self._settings.reference.timeout_s + 1.0
-        try:
-            return await asyncio.wait_for(asyncio.shield(req.reference), timeout)
-        except TimeoutError:
-            return None

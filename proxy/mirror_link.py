@@ -24,15 +24,13 @@ import contextlib
 import itertools
 import logging
 import random
-import socket
-import sys
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
 from .analysis import Exchange
 from .guards import LoopLag, TokenBucket
-from .mirror import MirrorRequest, sampled
+from .mirror_api import MirrorRequest, sampled
 from .settings import Settings
 from .telemetry import Telemetry
 from .wire import (
@@ -42,6 +40,7 @@ from .wire import (
     out_of_band,
     read_frame,
     route_to_wire,
+    spawn_child,
     write_frame,
 )
 
@@ -85,17 +84,7 @@ class MirrorLink:
         here, its compare workers' too)."""
         if self._lag is not None and self._proc is None:
             self._lag.start()
-        parent, child = socket.socketpair()
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy.mirror_worker",
-            str(child.fileno()),
-            pass_fds=(child.fileno(),),
-            stdin=asyncio.subprocess.DEVNULL,
-        )
-        child.close()
-        reader, self._writer = await asyncio.open_connection(sock=parent)
+        self._proc, reader, self._writer = await spawn_child("proxy.mirror_worker")
         self._sent = 0
         self._pace.set_rate(None)  # a new worker has spent nothing yet
         self._outbox.clear()  # frames for a worker that died go with it, as written ones did

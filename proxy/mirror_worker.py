@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -28,11 +26,12 @@ from opentelemetry.trace import SpanContext, TraceFlags
 from .analysis import Exchange
 from .guards import Pacer, stop_task
 from .keys import MIRROR, POPULATION, TELEMETRY
-from .mirror import MirrorRequest, MirrorScheduler
-from .serve import install_event_loop_policy, tune_gc
+from .mirror import MirrorScheduler
+from .mirror_api import MirrorRequest
+from .serve import tune_gc
 from .settings import Settings
 from .telemetry import merge_prometheus_text
-from .wire import exchange_from_wire, read_frame, route_from_wire, write_frame
+from .wire import child_main, exchange_from_wire, read_frame, route_from_wire, write_frame
 
 log = logging.getLogger("shadowproxy.mirror_worker")
 
@@ -143,13 +142,7 @@ async def _pace(
 
 
 def main() -> None:
-    # Ctrl-C reaches the whole process group: the live process decides when this one stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    install_event_loop_policy()
-    asyncio.run(run(int(sys.argv[1])))
+    child_main(run)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,12 @@ the tuple 2 us.
 from __future__ import annotations
 
 import asyncio
+import logging
 import pickle
+import signal
+import socket
+import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from multidict import CIMultiDict
@@ -78,3 +83,34 @@ def exchange_from_wire(x: tuple[Any, ...] | None) -> Exchange | None:
     if x is None:
         return None
     return Exchange(x[0], x[1], CIMultiDict(x[2]), x[3], x[4])
+
+
+async def spawn_child(
+    module: str,
+) -> tuple[asyncio.subprocess.Process, asyncio.StreamReader, asyncio.StreamWriter]:
+    """Start ``python -m module FD`` with one end of a private socketpair as FD; the other end."""
+    parent, child = socket.socketpair()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        str(child.fileno()),
+        pass_fds=(child.fileno(),),
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    child.close()
+    reader, writer = await asyncio.open_connection(sock=parent)
+    return proc, reader, writer
+
+
+def child_main(run: Callable[[int], Coroutine[Any, Any, None]]) -> None:
+    """The entry point of a child process started by ``spawn_child``."""
+    from .serve import install_event_loop_policy
+
+    # Ctrl-C reaches the whole process group: the parent decides when this one stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    install_event_loop_policy()
+    asyncio.run(run(int(sys.argv[1])))
