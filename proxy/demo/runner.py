@@ -165,7 +165,9 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
     await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
     repo = model_repository()
     print(f"[demo] starting Triton on the CPU with the demo models from {repo} ...")
-    triton = TritonServer(repo, workdir=state_dir / "triton")
+    # The models the demo's candidates use (the repository also holds the suite's light pair).
+    models = (EMBEDDER, CLASSIFIER, *(m for c in DEMO_CANDIDATES for m in c["model_map"].values()))
+    triton = TritonServer(repo, workdir=state_dir / "triton", models=tuple(dict.fromkeys(models)))
     try:
         await asyncio.to_thread(triton.start)
         await asyncio.to_thread(triton.wait_ready, 300.0)
