@@ -43,18 +43,19 @@ class LoopLag:
     """How late the event loop runs its callbacks because it is busy: the live process's own
     overload signal.
 
-    A ticker sleeps ``interval`` and measures how much later it woke; the reading holds the
-    recent peak and decays, so a burst of lag sheds mirrors for a moment, not for good. Lateness
+    A ticker sleeps ``interval`` and measures how much later it woke; the reading is a moving
+    average over about ten ticks, so a loop that stays late sheds mirrors until it catches up,
+    while one burst (a garbage collection, a batch of answers at once) sheds nothing. Lateness
     counts only when the loop's thread spent most of that time on the CPU: a loop late because
     its own callbacks took the time is overloaded, and building copies would come out of live
     latency; a loop late because the host gave the CPU to other processes (a model server
     computing, say) is not, and shedding then would only lose copies.
     """
 
-    def __init__(self, interval: float = 0.01, decay: float = 0.7, busy: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.01, weight: float = 0.1, busy: float = 0.5) -> None:
         self.ms = 0.0
         self._interval = interval
-        self._decay = decay
+        self._weight = weight
         self._busy = busy
         self._task: asyncio.Task[None] | None = None
 
@@ -74,7 +75,7 @@ class LoopLag:
             late = (elapsed - self._interval) * 1000.0
             if (time.thread_time() - cpu) < self._busy * elapsed:
                 late = 0.0  # waiting for the CPU, not busy: not this loop's overload
-            self.ms = max(late, self.ms * self._decay)
+            self.ms += self._weight * (late - self.ms)
 
 
 _RECHECK_S = 0.005
