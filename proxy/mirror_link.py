@@ -246,7 +246,9 @@ class MirrorLink:
                 await self._writer.drain()
         if self._proc is not None:
             try:
-                await asyncio.wait_for(self._proc.wait(), self._settings.proxy.drain_timeout_s + 10)
+                # It drains its queue, then its compare workers, each up to the drain timeout.
+                limit = 2 * self._settings.proxy.drain_timeout_s + 10
+                await asyncio.wait_for(self._proc.wait(), limit)
             except TimeoutError:
                 self._proc.kill()
                 await self._proc.wait()
