@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,23 @@ from proxy.app import ProxyRunner
 from proxy.buffer.embedded import EmbeddedRedis
 from proxy.settings import Settings, settings_from_mapping
 from tests.fakes import FakeBehaviour, FakeUpstream, start_fake
-from tests.triton_fixture import triton_server  # noqa: F401
+from tests.triton_fixture import READY_TIMEOUT_S, triton_server  # noqa: F401
 
 ADMIN_TOKEN = "test-admin-token"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give tests that use the Triton server the server's start-up budget on top of the usual
+    bound. pytest-timeout's limit also covers fixture setup, so the test that starts the session's
+    Triton would otherwise be killed at ``timeout`` while Triton is still within its own
+    READY_TIMEOUT_S, and every later Triton test would error on the cached failure."""
+    usual = float(config.getoption("timeout", None) or config.getini("timeout") or 0)
+    if not usual:
+        return  # no bound configured: nothing to widen
+    for item in items:
+        uses_triton = "triton_server" in getattr(item, "fixturenames", ())
+        if uses_triton and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(READY_TIMEOUT_S + usual))
 
 
 @pytest.fixture(scope="session")
@@ -79,9 +93,38 @@ async def proxy_factory() -> AsyncIterator[Callable[..., Any]]:
         return runner
 
     yield start
+    # Not suppressed: an error while stopping is a bug of the proxy (or of the test that
+    # stopped it first), and fails the test that caused it. stop() is idempotent, so a test
+    # may stop a proxy itself (a restart) and leave the second stop to this fixture.
     for runner in runners:
-        with contextlib.suppress(Exception):
-            await runner.stop()
+        await runner.stop()
+
+
+async def wait_until(
+    predicate: Callable[[], Any | Awaitable[Any]],
+    timeout_s: float = 10.0,
+    interval_s: float = 0.02,
+    what: str = "",
+) -> Any:
+    """Poll ``predicate`` (plain or async) until it is truthy and return that value.
+
+    Instead of a fixed sleep before an assertion: as fast as the machine allows, and on a slow
+    machine it waits up to ``timeout_s`` rather than failing at random. On time-out it fails
+    with the last value the predicate returned, so the report says what was seen instead.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() >= deadline:
+            raise AssertionError(
+                f"{what or 'condition'} not met within {timeout_s}s; last value: {value!r}"
+            )
+        await asyncio.sleep(interval_s)
 
 
 def repo_root() -> Path:

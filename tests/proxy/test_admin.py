@@ -29,7 +29,17 @@ async def test_every_route_but_health_needs_the_token(
     for path in ("/metrics", "/api/samples", "/api/samples/x", "/api/summary", "/review"):
         assert (await _get(base + path))[0] == 401, path
         assert (await _get(base + path, {"Authorization": "Bearer wrong"}))[0] == 401, path
-        assert (await _get(base + path, AUTH))[0] in (200, 404), path
+    # With the token each route answers as itself: a route that is not registered at all would
+    # answer aiohttp's plain-text 404, which none of these checks accept.
+    status, text = await _get(base + "/metrics", AUTH)
+    assert status == 200 and text.startswith("# HELP shadowproxy_")  # Prometheus text
+    assert await _get(base + "/api/samples", AUTH) == (200, [])  # a clean database
+    status, body = await _get(base + "/api/samples/x", AUTH)
+    assert status == 404 and "no sample 'x'" in body["error"]  # the route's own JSON answer
+    status, body = await _get(base + "/api/summary", AUTH)
+    assert status == 200 and "this_process" in body and "coverage" in body
+    status, text = await _get(base + "/review", AUTH)
+    assert status == 200 and "<title>shadowproxy review</title>" in text
     assert (await _get(base + "/healthz"))[0] == 200
     status, body = await _get(base + "/readyz")
     assert status == 200 and body["checks"] == {"reference": "ok", "redis": "ok"}
@@ -53,9 +63,10 @@ async def test_flagged_samples_api_summary_label_and_metrics(
     base = f"http://127.0.0.1:{proxy.admin_port}"
     status, items = await _get(f"{base}/api/samples?flagged=1&candidate=int8&limit=2", AUTH)
     assert status == 200 and len(items) == 2
-    assert {i["request_id"] for i in items} <= {"r0", "r1", "r2"}
+    ids = {i["request_id"] for i in items}
+    assert len(ids) == 2 and ids <= {"r0", "r1", "r2"}  # two different samples, not one twice
     assert all(i["flagged"] and i["candidate"] == "int8" for i in items)
-    assert (await _get(f"{base}/api/samples?flagged=1&candidate=nobody", AUTH))[1] == []
+    assert await _get(f"{base}/api/samples?flagged=1&candidate=nobody", AUTH) == (200, [])
     assert (await _get(f"{base}/api/samples?limit=abc", AUTH))[0] == 400
     status, sample = await _get(f"{base}/api/samples/{items[0]['id']}", AUTH)
     assert status == 200 and sample["payloads"]["request"]["json"]["inputs"][0]["name"] == "x"
@@ -71,13 +82,17 @@ async def test_flagged_samples_api_summary_label_and_metrics(
         ) as r:
             assert r.status == 400
     status, sample = await _get(f"{base}/api/samples/{items[0]['id']}", AUTH)
-    assert sample["label"]["verdict"] == "regression"
+    assert status == 200 and sample["label"]["verdict"] == "regression"
+    assert sample["label"]["note"] == "bad"
     status, summary = await _get(f"{base}/api/summary", AUTH)
+    assert status == 200
     assert summary["this_process"]["int8"]["compared"] == 3
     assert summary["stored_counters"]["int8|compared"] == 3
     assert summary["stored_counters"]["int8|m|scores|flagged"] == 3
     status, text = await _get(f"{base}/metrics", AUTH)
+    assert status == 200
     assert 'shadowproxy_mirror_outcomes_total{candidate="int8",outcome="compared"} 3.0' in text
     assert "shadowproxy_divergence_bucket" in text
-    assert 'shadowproxy_live_latency_seconds_count{side="reference",upstream="ref"}' in text
-    assert 'shadowproxy_shadow_latency_seconds_count{side="candidate",upstream="int8"}' in text
+    # Counted, not merely declared: one live and one shadow latency per request.
+    assert 'shadowproxy_live_latency_seconds_count{side="reference",upstream="ref"} 3.0' in text
+    assert 'shadowproxy_shadow_latency_seconds_count{side="candidate",upstream="int8"} 3.0' in text
