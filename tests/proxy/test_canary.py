@@ -13,14 +13,14 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import yaml
 
 from loadtest.procs import free_port
 from proxy.app import ProxyRunner
-from tests.conftest import ADMIN_TOKEN, make_settings, repo_root, wait_http_ok
+from tests.conftest import ADMIN_TOKEN, make_settings, repo_root, wait_http_ok, wait_until
 from tests.fakes import refused_url
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -51,8 +51,17 @@ def _canary_settings(ref: str, cand: str, redis_url: str, **canary: Any) -> Any:
     )
 
 
+class _Ports(Protocol):
+    """What ``_infer`` and ``_admin`` need of a proxy: a ProxyRunner, or one in another process."""
+
+    @property
+    def data_port(self) -> int: ...
+    @property
+    def admin_port(self) -> int: ...
+
+
 async def _infer(
-    proxy: ProxyRunner, n: int, *, user: str | None = None, first: int = 0
+    proxy: _Ports, n: int, *, user: str | None = None, first: int = 0
 ) -> list[tuple[int, str]]:
     """Send n distinct small infer requests; (status, who answered) for each."""
     out = []
@@ -84,7 +93,7 @@ async def _wait_status(proxy: ProxyRunner, statuses: set[str], timeout_s: float 
     raise AssertionError(f"rollout never reached {statuses}; last state {state}")
 
 
-async def _admin(proxy: ProxyRunner, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+async def _admin(proxy: _Ports, method: str, path: str, **kw: Any) -> tuple[int, Any]:
     headers = kw.pop("headers", AUTH)
     async with (
         aiohttp.ClientSession() as s,
@@ -128,11 +137,17 @@ async def test_faithful_candidate_promotes_and_a_step_without_traffic_waits(
 ) -> None:
     ref, cand = await fake(), await fake()
     proxy = await proxy_factory(_canary_settings(ref.url, cand.url, redis_url))
-    await asyncio.sleep(0.6)  # three times min_duration_s, no traffic at all
+
+    async def waiting_decisions() -> list[dict[str, Any]]:
+        return [d for d in await proxy.canary.store.decisions() if d["outcome"] == "waiting"]
+
+    # No traffic at all: once min_duration_s is over the controller says it waits ...
+    await wait_until(waiting_decisions, what="a 'waiting' decision")
+    # ... and then says nothing more: six more intervals pass without a second entry.
+    await asyncio.sleep(6 * 0.05)
     state = await proxy.canary.store.read()
     assert (state.status, state.step) == ("running", 0)
-    log = await proxy.canary.store.decisions()
-    waiting = [d for d in log if d["outcome"] == "waiting"]
+    waiting = await waiting_decisions()
     assert len(waiting) == 1  # said once, not every interval
     assert "0/10 compared requests" in waiting[0]["reason"]
     assert "neither advancing nor failing" in waiting[0]["reason"]
@@ -181,7 +196,9 @@ async def test_divergent_candidate_rolls_back_at_once_and_says_why(
     # well before min_samples: the evidence already said enough
     samples = next(g for g in last["gates"] if g["gate"] == "samples")
     assert samples["status"] == "wait" and samples["value"] < 50
-    await asyncio.sleep(0.1)
+    # The live path splits by the state this replica adopted, which may trail the store by one
+    # evaluation.
+    await wait_until(lambda: _weight_here(proxy) == 0, what="the rollback adopted")
     assert {who for _, who in await _infer(proxy, 10, first=50)} == {"ref"}
     code, body = await _admin(proxy, "POST", "/api/canary/flagger", json={"name": "m"})
     assert code == 409 and body["failed"] is True
@@ -233,8 +250,13 @@ async def test_sequences_stay_on_the_reference_and_a_new_build_starts_a_new_atte
     ref, cand = await fake(), await fake()
     settings = _canary_settings(ref.url, cand.url, redis_url, steps=[100])
     proxy = await proxy_factory(settings)
-    await _infer(proxy, 2)  # the model's config is looked up meanwhile
-    await asyncio.sleep(0.2)
+
+    async def served_by_candidate() -> bool:
+        # Until the reference's config says the model is stateless (looked up in the
+        # background) even plain requests stay on the reference.
+        return (await _infer(proxy, 1))[0][1] == "cand"
+
+    await wait_until(served_by_candidate, what="plain requests served by the candidate")
     body = json.dumps(
         {
             "parameters": {"sequence_id": 7},
@@ -262,11 +284,17 @@ async def test_sequences_stay_on_the_reference_and_a_new_build_starts_a_new_atte
     assert (state.status, state.attempt, state.step, state.weight) == ("running", 2, 0, 50)
     assert (await again.canary.store.decisions())[-1]["outcome"] == "restarted"
     code, body_ = await _admin(again, "POST", "/api/canary/pause")
+    assert code == 200 and body_["state"]["status"] == "paused"
     code, body_ = await _admin(again, "POST", "/api/canary/flagger", json={"name": "m"})
     assert code == 425 and body_["status"] == "wait"  # a person holds it: Flagger must not go on
-    await _admin(again, "POST", "/api/canary/abort")
+    code, body_ = await _admin(again, "POST", "/api/canary/abort")
+    assert code == 200 and body_["decision"]["outcome"] == "aborted"
+    assert body_["state"]["status"] == "aborted" and body_["state"]["weight"] == 0
     code, body_ = await _admin(again, "GET", "/api/canary/analysis")
     assert code == 200 and body_["failed"] is True
+    # Aborted means served by the reference, not merely reported so.
+    await wait_until(lambda: _weight_here(again) == 0, what="the abort adopted")
+    assert {who for _, who in await _infer(again, 10, first=200)} == {"ref"}
 
 
 async def test_commands_approval_and_resume_after_restart(
@@ -277,11 +305,18 @@ async def test_commands_approval_and_resume_after_restart(
     proxy = await proxy_factory(settings)
     await _infer(proxy, 15)
     assert await proxy.drained(10)
-    await asyncio.sleep(0.3)
     state = await _wait_status(proxy, {"awaiting_approval"})
     assert state.step == 0 and "needs a person's approval" in state.reason
     await _infer(proxy, 15, first=100)  # more evidence does not move it on its own
-    await asyncio.sleep(0.3)
+    assert await proxy.drained(10)
+
+    async def all_evidence_stored() -> bool:
+        evidence = await proxy.canary.store.evidence(state.attempt, 0)
+        return int(evidence.get("compared", 0)) >= 30
+
+    # All of it in the store (so the controller has seen it), then a few more evaluations.
+    await wait_until(all_evidence_stored, what="30 compared at step 0")
+    await asyncio.sleep(5 * 0.05)
     assert (await proxy.canary.store.read()).status == "awaiting_approval"
 
     code, body = await _admin(proxy, "POST", "/api/canary/resume", json={"reason": "looks good"})
@@ -304,6 +339,7 @@ async def test_commands_approval_and_resume_after_restart(
     assert [d["outcome"] for d in body["decisions"]][-2:] == ["approved", "paused"]
     code, body = await _admin(again, "POST", "/api/canary/abort")
     assert code == 200 and body["state"]["weight"] == 0
+    assert body["state"]["status"] == "aborted" and body["decision"]["outcome"] == "aborted"
     code, body = await _admin(again, "POST", "/api/canary/resume")
     assert code == 409 and "only `restart`" in body["error"]
 
@@ -340,10 +376,10 @@ async def test_two_proxy_processes_share_one_rollout(
     )
     try:
         await wait_http_ok(f"http://127.0.0.1:{port}/v2/health/ready", proc=proc)
-        other = _PortOnly(port)
+        other = _PortOnly(port, data["admin"]["port"])
         # 25 requests through each: neither alone has min_samples, together they do.
         await _infer(inproc, 25)
-        await _infer(other, 25, first=1000)  # type: ignore[arg-type]
+        await _infer(other, 25, first=1000)
         assert await inproc.drained(10)
         state = await _wait_status(inproc, {"running"}, 5)
         deadline = asyncio.get_running_loop().time() + 15
@@ -356,18 +392,43 @@ async def test_two_proxy_processes_share_one_rollout(
         later = await inproc.canary.store.evidence(state.attempt, 1)  # if it moved on mid-batch
         served = [e.get(k, 0) for e in (evidence, later) for k in ("served_ref", "served_cand")]
         assert sum(served) == 50  # both replicas counted every request
-        # A command through one replica's API holds the other too.
-        code, _ = await _admin(inproc, "POST", "/api/canary/pause")
-        assert code == 200
-        await asyncio.sleep(0.3)
+        rc, out, err = await _cli("resume", "--config", str(config))
+        assert rc == 2 and "not paused" in err  # running: nothing to resume
+
+        # A command through one replica's API holds the other too. With this replica stopped,
+        # only the other one serves and evaluates from here on.
+        code, body = await _admin(inproc, "POST", "/api/canary/pause")
+        assert code == 200 and body["state"]["status"] == "paused"
+        await inproc.stop()
         rc, out, err = await _cli("status", "--json", "--config", str(config))
         assert rc == 0, err
         assert json.loads(out)["state"]["status"] == "paused"
+        # Enough evidence at the last step to promote, had the rollout not been paused: the other
+        # replica keeps serving the step's weight and does not move on.
+        assert {who for _, who in await _infer(other, 45, first=2000)} == {"cand"}
+
+        async def other_view() -> Any:
+            code, view = await _admin(other, "GET", "/api/canary")
+            assert code == 200, view
+            return view
+
+        async def step_evidence_complete() -> bool:
+            gates = (await other_view())["evaluation"]["gates"]
+            samples = next(g for g in gates if g["gate"] == "samples")
+            return bool(samples["value"] >= 40)
+
+        await wait_until(step_evidence_complete, what="40 compared at the last step")
+        await asyncio.sleep(10 * 0.05)  # ten of its evaluations
+        view = await other_view()
+        assert (view["state"]["status"], view["state"]["step"]) == ("paused", 1), view["state"]
+        assert view["serving_weight_here"] == 100
         rc, out, err = await _cli("resume", "--config", str(config))
         assert rc == 0, err
         assert "resumed" in out and "cli:" in out
-        rc, out, err = await _cli("resume", "--config", str(config))
-        assert rc == 2 and "not paused" in err
+        # The other replica alone applies the resume: it promotes on the evidence it held.
+        view = await wait_until(
+            lambda: _status_is(other_view(), "promoted"), what="the other replica promotes"
+        )
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 30)
@@ -408,8 +469,22 @@ async def test_flagger_webhook_and_argo_metric_need_a_token(
     assert code == 401
 
 
-class _PortOnly:
-    """Enough of a ProxyRunner for ``_infer``: the data port of a proxy in another process."""
+def _weight_here(proxy: ProxyRunner) -> float | None:
+    """The weight this replica serves by now (None when its view of the rollout is stale)."""
+    state = proxy.canary.state
+    return None if state is None else state.weight
 
-    def __init__(self, port: int) -> None:
+
+async def _status_is(view: Any, status: str) -> Any:
+    """The awaited ``/api/canary`` view when the rollout's status is ``status``, else None."""
+    got = await view
+    return got if got["state"]["status"] == status else None
+
+
+class _PortOnly:
+    """Enough of a ProxyRunner for ``_infer`` and ``_admin``: the ports of a proxy in another
+    process."""
+
+    def __init__(self, port: int, admin_port: int) -> None:
         self.data_port = port
+        self.admin_port = admin_port
