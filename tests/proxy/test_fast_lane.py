@@ -7,14 +7,17 @@ on the wire would see. Upstreams are real servers on loopback (``tests.fakes``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import pytest
 
-from tests.conftest import make_settings
+from proxy.app import ProxyRunner
+from tests.conftest import ADMIN_TOKEN, make_settings, wait_until
 from tests.fakes import start_raw_upstream, v2_answer
 
 
@@ -46,6 +49,21 @@ async def read_answer(reader: asyncio.StreamReader) -> Answer:
             headers[name.strip().lower()] = value.strip()
     size = int(headers.get("content-length", "0"))
     return Answer(int(lines[0].split()[1]), headers, await reader.readexactly(size))
+
+
+async def infer_answers_counted(proxy: ProxyRunner) -> int:
+    """Live infer requests the proxy counted as answered 2xx, as its /metrics reports them."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(
+            f"http://127.0.0.1:{proxy.admin_port}/metrics",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        ) as r,
+    ):
+        assert r.status == 200
+        text = await r.text()
+    found = re.search(r'shadowproxy_requests_total\{route="infer",status_class="2xx"\} (\S+)', text)
+    return int(float(found.group(1))) if found else 0
 
 
 async def test_pipelined_requests_answer_in_order_across_the_hand_over_to_aiohttp(
@@ -172,7 +190,10 @@ async def test_garbage_from_the_reference_is_a_502_and_close_is_honoured(
 
 
 async def test_a_client_gone_before_its_answer_leaves_the_proxy_serving(
-    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+    fake: Callable[..., Any],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     ref = await fake(mode="slow", delay_s=0.3)
     proxy = await proxy_factory(make_settings(ref.url, redis_url))
@@ -180,13 +201,21 @@ async def test_a_client_gone_before_its_answer_leaves_the_proxy_serving(
     writer.write(infer(body(1)))
     await writer.drain()
     writer.close()  # gone before the reference answers
-    await asyncio.sleep(0.5)
+    # The abandoned request runs to its end and is counted like any other; a crash inside the
+    # proxy would be logged and swallowed (the client is gone), so both are checked.
+    await wait_until(
+        lambda: infer_answers_counted(proxy), what="the abandoned request counted as answered"
+    )
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
     writer.write(infer(body(2)))
     got = await asyncio.wait_for(read_answer(reader), 10)
     assert got.status == 200 and got.body == v2_answer(body(2), "m", 0.0)
     assert re.fullmatch(r"\d+", got.headers["content-length"])
     writer.close()
+    assert await infer_answers_counted(proxy) == 2
+    assert ref.behaviour.calls == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
 
 
 async def test_a_multi_mib_body_arriving_in_pieces_is_forwarded_whole_and_mirrored(
