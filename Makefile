@@ -36,7 +36,7 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "chromium is not installed: the browser test will be skipped"; fi; }
+	  else echo "no chromium on PATH: the browser test will be skipped"; fi; }
 
 unit: $(STAMP) chromium
 	$(BIN)/pytest -q

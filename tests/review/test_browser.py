@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import pytest
 
 from tests.conftest import ADMIN_TOKEN, make_settings, send_infers
 
-CHROMIUM = Path("/usr/bin/chromium")
+# Found as `make chromium` finds it (`command -v chromium`): the first `chromium` on PATH, so the
+# Makefile never reports a browser this test then cannot find, or the reverse.
+CHROMIUM = shutil.which("chromium")
 # Locally a missing browser skips the test; under CI it fails, so CI never passes without it.
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -24,8 +27,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 def _browser_missing() -> str | None:
     if importlib.util.find_spec("playwright") is None:
         return "playwright is not installed (pip install playwright)"
-    if not CHROMIUM.exists():
-        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or make chromium)"
+    if CHROMIUM is None:
+        return "no `chromium` on PATH (apt-get install chromium, or make chromium)"
     return None
 
 
@@ -185,7 +188,7 @@ async def test_review_page_login_triage_label_and_viewer(
         )
 
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             reviewer = await browser.new_context(viewport={"width": 1400, "height": 1000})
             page = await reviewer.new_page()
