@@ -11,7 +11,7 @@ import pytest
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aioclient
 
-from tests.conftest import make_settings
+from tests.conftest import ADMIN_TOKEN, make_settings
 
 pytestmark = pytest.mark.triton
 HOP = {"connection", "keep-alive", "transfer-encoding", "date", "server"}
@@ -43,18 +43,24 @@ async def _raw(method: str, url: str, body: bytes | None, headers: dict[str, str
         return r.status, r.reason, kept, await r.read()
 
 
+# The last two columns: the status Triton itself answers (so each case is the case it claims to
+# be), and what the proxy does with the twin's copy: the outcome it counts, or None when the
+# request is not mirrored at all (reads, and routes that are not inference).
 @pytest.mark.parametrize(
-    ("method", "path", "kind"),
+    ("method", "path", "kind", "status", "copy"),
     [
-        ("POST", "/v2/models/minilm_fp32/infer", "json"),
-        ("POST", "/v2/models/minilm_fp32/infer", "binary"),
-        ("POST", "/v2/models/minilm_fp32/infer", "gzip-accept"),
-        ("POST", "/v2/models/no_such_model/infer", "json"),  # 404 error body
-        ("POST", "/v2/models/minilm_fp32/infer", "bad-json"),  # 400 error body
-        ("GET", "/v2/models/minilm_fp32", "none"),
-        ("GET", "/v2/models/minilm_fp32/config", "none"),
-        ("GET", "/v2/health/ready", "none"),
-        ("GET", "/v2/nothing/here", "none"),
+        ("POST", "/v2/models/minilm_fp32/infer", "json", 200, "compared"),
+        ("POST", "/v2/models/minilm_fp32/infer", "binary", 200, "compared"),
+        # The client's gzip answer reaches it as is; the copy is still compared.
+        ("POST", "/v2/models/minilm_fp32/infer", "gzip-accept", 200, "compared"),
+        # Both sides fail alike: a verdict that is no divergence.
+        ("POST", "/v2/models/no_such_model/infer", "json", 404, "both_failed"),
+        # Triton answers malformed JSON with a 500 error body; the copy is not sent at all.
+        ("POST", "/v2/models/minilm_fp32/infer", "bad-json", 500, "skipped:unparseable_request"),
+        ("GET", "/v2/models/minilm_fp32", "none", 200, None),
+        ("GET", "/v2/models/minilm_fp32/config", "none", 200, None),
+        ("GET", "/v2/health/ready", "none", 200, None),
+        ("GET", "/v2/nothing/here", "none", 404, None),
     ],
 )
 async def test_responses_are_byte_identical_to_direct_calls(
@@ -64,6 +70,8 @@ async def test_responses_are_byte_identical_to_direct_calls(
     method: str,
     path: str,
     kind: str,
+    status: int,
+    copy: str | None,
 ) -> None:
     candidates = [
         {"name": "twin", "url": triton_server.url, "model_map": {"minilm_fp32": "minilm_fp32_twin"}}
@@ -80,9 +88,32 @@ async def test_responses_are_byte_identical_to_direct_calls(
     direct = await _raw(method, triton_server.url + path, body, headers)
     via = await _raw(method, f"http://127.0.0.1:{proxy.data_port}{path}", body, headers)
     assert via == direct
+    assert direct[0] == status
     if kind == "gzip-accept":
         assert direct[2].get("content-encoding") == "gzip"  # really compressed, passed as is
     assert await proxy.drained(30)
+    tally = dict(proxy.telemetry.tally)
+    verdicts = await proxy.store.list_samples(flagged=False, candidate="twin")
+    if copy is None:
+        assert tally == {} and verdicts == []
+    elif copy.startswith("skipped:"):
+        assert tally == {("twin", copy): 1} and verdicts == []
+    else:
+        assert tally == {("twin", copy): 1, ("twin", "stored"): 1}
+        assert [(v["outcome"], v["request_id"]) for v in verdicts] == [(copy, "e2e-1")]
+    assert await proxy.store.list_samples(flagged=True) == []  # the twin never diverges
+    # What /api/summary reports to a user: every copy asked for was compared, or none was asked.
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(
+            f"http://127.0.0.1:{proxy.admin_port}/api/summary",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        ) as r,
+    ):
+        assert r.status == 200
+        coverage = (await r.json())["coverage"]["twin"]
+    asked = 1 if copy is not None and not copy.startswith("skipped:") else 0
+    assert (coverage["sampled"], coverage["compared"]) == (asked, asked)
 
 
 async def test_real_models_quantized_candidate_flagged_twin_not(
@@ -120,9 +151,13 @@ async def test_real_models_quantized_candidate_flagged_twin_not(
     finally:
         await client.close()
     assert await proxy.drained(60)
+    # Every int8 answer is past min_cosine (its quantization error is far above 1e-4), and
+    # nothing else is flagged.
     flagged = await proxy.store.list_samples(flagged=True)
-    assert flagged and {s["candidate"] for s in flagged} == {"int8"}
-    assert {s["request_id"] for s in flagged} <= {f"q-{i}" for i in range(4)}
+    assert sorted(s["request_id"] for s in flagged) == [f"q-{i}" for i in range(4)]
+    assert {s["candidate"] for s in flagged} == {"int8"}
+    tally = proxy.telemetry.tally
+    assert (tally[("int8", "compared")], tally[("twin", "compared")]) == (4, 4)
     twin = await proxy.store.list_samples(flagged=False, candidate="twin")
     assert len(twin) == 4 and all(v["outcome"] == "compared" for v in twin)
     assert all(v["outputs"][0]["metric"] == "cosine" for v in twin)
