@@ -82,15 +82,11 @@ async def _infer(
 
 
 async def _wait_status(proxy: ProxyRunner, statuses: set[str], timeout_s: float = 15) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    state = None
-    while loop.time() < deadline:
+    async def reached() -> Any:
         state = await proxy.canary.store.read()
-        if state is not None and state.status in statuses:
-            return state
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"rollout never reached {statuses}; last state {state}")
+        return state if state is not None and state.status in statuses else None
+
+    return await wait_until(reached, timeout_s, 0.05, what=f"rollout status in {statuses}")
 
 
 async def _admin(proxy: _Ports, method: str, path: str, **kw: Any) -> tuple[int, Any]:
@@ -382,11 +378,12 @@ async def test_two_proxy_processes_share_one_rollout(
         await _infer(other, 25, first=1000)
         assert await inproc.drained(10)
         state = await _wait_status(inproc, {"running"}, 5)
-        deadline = asyncio.get_running_loop().time() + 15
-        while state.step == 0 and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.1)
+
+        async def at_last_step() -> Any:
             state = await inproc.canary.store.read()
-        assert state.step == 1, state
+            return state if state is not None and state.step == 1 else None
+
+        state = await wait_until(at_last_step, 15, 0.1, what="the rollout at its second step")
         evidence = await inproc.canary.store.evidence(state.attempt, 0)
         assert evidence["compared"] >= 40
         later = await inproc.canary.store.evidence(state.attempt, 1)  # if it moved on mid-batch
