@@ -396,7 +396,7 @@ class ProxyRunner:
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
             snap = await self.mirror.progress()
-            if not snap["pending"] and not any(snap["in_flight"].values()):
+            if snap["pending"] == 0 and not any(snap["in_flight"].values()):
                 return True
             await asyncio.sleep(0.02)
         return False

@@ -82,6 +82,9 @@ class CompareLink:
         self._settings = settings
         self._tel = telemetry
         self.workers = settings.proxy.mirror_workers
+        # A candidate's verdict and the noise-floor twin's on the same request must meet in one
+        # worker (paired tests): then all pairs of a request go to the same worker.
+        self._affinity = any(c.noise_floor for c in settings.candidates)
         self._workers = [_Worker(i) for i in range(self.workers)]
         self.backlog = 0
         self.completed = 0
@@ -118,8 +121,20 @@ class CompareLink:
     def unstored(self) -> int:
         return sum(w.unstored for w in self._workers)
 
+    def comparing(self) -> Counter[str]:
+        """Pairs not yet compared, per candidate."""
+        out: Counter[str] = Counter()
+        for w in self._workers:
+            out.update(w.held)
+            out.update(p.candidate for p in w.waiting)
+        return +out
+
     def submit(self, pair: Pair) -> None:
-        w = self._workers[pair.seq % self.workers]
+        if self._affinity:
+            w = self._workers[pair.seq % self.workers]
+        else:
+            # The least loaded worker that is up: a slow or restarting one holds up nobody.
+            w = min(self._workers, key=lambda x: (not x.up, x.outstanding + len(x.waiting)))
         self.backlog += 1
         w.waiting.append(pair)
         # Sent at the end of this turn of the loop, with every other pair made meanwhile: one
@@ -196,7 +211,7 @@ class CompareLink:
             w.writer.close()
         for candidate, n in w.held.items():
             if n:
-                self._tel.mirror(candidate, "compare_lost")
+                self._tel.mirror(candidate, "compare_lost", n)
                 self._finished(candidate, n)
         w.held.clear()
         w.unstored = 0
@@ -244,7 +259,9 @@ class CompareLink:
         w.queries[qid] = future
         write_frame(w.writer, ("snap", qid))
         try:
-            return await asyncio.wait_for(future, timeout=5)
+            # Shorter than the live side's wait for the whole answer, so one worker that does
+            # not answer (starved, stopped) leaves the others' figures in it.
+            return await asyncio.wait_for(future, timeout=3)
         except TimeoutError:
             return None
         finally:

@@ -275,14 +275,19 @@ class LocalCompareSink:
         self.completed = 0
         self.dropped = 0  # nothing waits here to grow old
         self.outcomes: Counter[tuple[str, str]] = Counter()  # in this process's tally already
+        self._comparing: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_done: list[Callable[[], None]] = []
 
     def sweep(self, max_age_s: float) -> None:
         """Nothing waits here: every pair submitted is being compared."""
 
+    def comparing(self) -> Counter[str]:
+        return +self._comparing
+
     def submit(self, pair: Pair) -> None:
         self.backlog += 1
+        self._comparing[pair.candidate] += 1
         task = asyncio.get_running_loop().create_task(self._run(pair))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -292,6 +297,7 @@ class LocalCompareSink:
             await self.comparer.compare(pair)
         finally:
             self.backlog -= 1
+            self._comparing[pair.candidate] -= 1
             self.completed += 1
             for callback in self.on_done:
                 callback()

@@ -123,7 +123,9 @@ class CoverageWindow:
         for cand in self._settings.candidates:
             total = fates.get(cand.name, Counter())
             before = then.get(cand.name, Counter())
-            recent = total - before
+            # A count that went down was reset (a process restarted): all of it is recent.
+            reset = any(total[k] < n for k, n in before.items())
+            recent = Counter(total) if reset else total - before
             row = _summary(total)
             recent_row = _summary(recent)
             row["recent"] = {

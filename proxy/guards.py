@@ -174,7 +174,8 @@ class TokenBucket:
         if self.rate is None:
             return True
         now = time.monotonic()
-        self._tokens = min(self.rate * 0.5, self._tokens + (now - self._at) * self.rate)
+        # Half a second of burst, but at least one copy: below 2 a second none would ever pass.
+        self._tokens = min(max(1.0, self.rate * 0.5), self._tokens + (now - self._at) * self.rate)
         self._at = now
         if self._tokens < 1.0:
             return False

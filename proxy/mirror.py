@@ -99,6 +99,7 @@ class MirrorScheduler:
             else CpuBudget(proxy.mirror_cpu_budget * MIRROR_SHARE)
         )
         self._resume: asyncio.TimerHandle | None = None
+        self._owed = False
         self._live = 0
         """Live calls in flight whose copies are here (their reference answer not yet known)."""
         self._live_peak = [0, 0]
@@ -167,13 +168,14 @@ class MirrorScheduler:
         room, one per candidate in turn (a slow candidate never holds up another's copies)."""
         if self._pumping or self._resume is not None:
             return
-        if self._cpu is not None:
+        if self._cpu is not None and not self._owed:
             pause = self._cpu.pause_s()
             if pause:
                 # Over its share of the CPU budget: new calls wait (calls in flight are still
                 # answered and timed at once), and copies wait in the queue meanwhile.
                 self._resume = asyncio.get_running_loop().call_later(pause, self._resumed)
                 return
+        self._owed = False
         self._pumping = True
         try:
             progress = True
@@ -227,7 +229,10 @@ class MirrorScheduler:
         return min(cand.max_in_flight, max(1, *self._live_peak))
 
     def _resumed(self) -> None:
+        # After a pause the queue moves, whatever the budget says: when this process's own
+        # fixed costs (reading copies) exceed its share, it must still make progress.
         self._resume = None
+        self._owed = True
         self._pump()
 
     def start(self) -> None:
@@ -249,9 +254,13 @@ class MirrorScheduler:
         self._tel.skipped(reason)
 
     def in_flight(self) -> dict[str, int]:
-        """Per candidate: copies waiting or being called; ``*compare``: pairs not yet compared;
-        ``*store``: verdicts not yet written."""
-        out = {name: self._queue.waiting(name) + n for name, n in self._calling.items()}
+        """Per candidate: copies waiting, being called or being compared; ``*compare``: pairs not
+        yet compared; ``*store``: verdicts not yet written."""
+        comparing = self._sink.comparing()
+        out = {
+            name: self._queue.waiting(name) + n + comparing[name]
+            for name, n in self._calling.items()
+        }
         out["*compare"] = self._sink.backlog
         out["*store"] = self._sink.unstored
         return out

@@ -90,6 +90,10 @@ class CompareSink(Protocol):
 
     def submit(self, pair: Pair) -> None: ...
 
+    def comparing(self) -> Counter[str]:
+        """Pairs not yet compared, per candidate."""
+        ...
+
     def sweep(self, max_age_s: float) -> None:
         """Drop (and count as ``dropped_queue_age``) pairs that waited too long for CPU."""
         ...

@@ -24,11 +24,13 @@ import contextlib
 import itertools
 import logging
 import random
+from collections import Counter
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
 from .analysis import Exchange
+from .coverage import is_fate
 from .guards import LoopLag, TokenBucket
 from .mirror_api import MirrorRequest, sampled
 from .settings import Settings
@@ -75,6 +77,10 @@ class MirrorLink:
         self._pace = TokenBucket()
         """The mirror process's pace (``guards.Pacer``): copies beyond it are dropped here."""
         self._rng = random.Random()
+        self._base: Counter[tuple[str, str]] = Counter()
+        """Fates from mirror processes that died: their counts live on here."""
+        self._last: dict[str, Any] = {}
+        """The last progress the running mirror process reported (its fates, its in-flight)."""
         self._shed_ms = settings.proxy.shed_lag_ms
         # The live loop's lag: the one overload signal (the mirror processes' copies queue).
         self._lag = LoopLag() if self._shed_ms else None
@@ -189,6 +195,8 @@ class MirrorLink:
             "pending": 0,
         }
         if not self._up() or self._writer is None:
+            # Down (or restarting): what it held was counted when it died; copies meanwhile
+            # are dropped and counted here, so nothing is pending.
             return empty
         qid = next(self._qid)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -198,10 +206,16 @@ class MirrorLink:
         try:
             snap = await asyncio.wait_for(future, timeout=5)
         except TimeoutError:
-            return {**empty, "worker": "not answering"}
+            # Not "nothing pending": whatever it holds is still there (``drained`` waits on).
+            return {**empty, "worker": "not answering", "pending": None}
         finally:
             self._queries.pop(qid, None)
         snap["pending"] = self._sent - snap.pop("received", 0)
+        rows = snap.get("fates") if what == "progress" else snap.get("tally")
+        if rows is not None:
+            self._last = {"fates": rows, "in_flight": snap.get("in_flight", {})}
+        key = "fates" if what == "progress" else "tally"
+        snap[key] = list(snap.get(key, [])) + [[c, w, n] for (c, w), n in self._base.items()]
         return snap
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
@@ -218,8 +232,19 @@ class MirrorLink:
             self._writer.close()
         if not self._closing:
             code = await self._proc.wait() if self._proc else None
+            self._bury()
             log.error("mirror worker exited (%s); copies are dropped until it restarts", code)
             asyncio.get_running_loop().call_later(_RESTART_DELAY_S, self._restart)
+
+    def _bury(self) -> None:
+        """A mirror process died: keep the counts it reported, and count what it held then."""
+        for c, w, n in self._last.get("fates", []):
+            if is_fate(w):
+                self._base[(c, w)] += n
+        for candidate, n in self._last.get("in_flight", {}).items():
+            if n and not candidate.startswith("*"):
+                self._tel.link_dropped("worker_lost", candidate, n)
+        self._last = {}
 
     def _restart(self) -> None:
         if self._closing:
@@ -239,16 +264,22 @@ class MirrorLink:
         self._closing = True
         if self._lag is not None:
             await self._lag.stop()
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+            await asyncio.gather(self._restart_task, return_exceptions=True)
+        # It drains its queue, then its compare workers, each up to the drain timeout; a process
+        # that does not read its socket (stopped, hung) must not hold shutdown past that either.
+        limit = 2 * self._settings.proxy.drain_timeout_s + 10
+        deadline = asyncio.get_running_loop().time() + limit
         if self._writer is not None and not self._writer.is_closing():
             self._flush()
             write_frame(self._writer, ("close",))
-            with contextlib.suppress(ConnectionError):
-                await self._writer.drain()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(self._writer.drain(), limit)
         if self._proc is not None:
             try:
-                # It drains its queue, then its compare workers, each up to the drain timeout.
-                limit = 2 * self._settings.proxy.drain_timeout_s + 10
-                await asyncio.wait_for(self._proc.wait(), limit)
+                remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+                await asyncio.wait_for(self._proc.wait(), remaining)
             except TimeoutError:
                 self._proc.kill()
                 await self._proc.wait()

@@ -52,6 +52,7 @@ async def run(fd: int) -> None:
     pending: dict[int, asyncio.Future[Exchange | None]] = {}
     received = [0]
     pacing = loop.create_task(_pace(writer, scheduler, received))
+    snapshots: set[asyncio.Task[None]] = set()
     try:
         while True:
             try:
@@ -74,23 +75,38 @@ async def run(fd: int) -> None:
                 snap["received"] = received[0]
                 write_frame(writer, ("snap", msg[1], snap))
             elif kind == "snap":
-                snap = await scheduler.snapshot(include_tally=True)
-                # The population gauges of /metrics: the compare workers' statistics, merged.
-                app[POPULATION].stats = snap.pop("population_stats")
-                texts = [app[TELEMETRY].prometheus_text().decode(), snap["prometheus"]]
-                snap["prometheus"] = merge_prometheus_text(texts)
-                snap["received"] = received[0]
-                snap["worker"] = f"pid {os.getpid()}"
-                write_frame(writer, ("snap", msg[1], snap))
+                # In a task of its own: it waits on the compare workers, and copies and
+                # reference answers must not wait behind it.
+                task = loop.create_task(_snapshot(app, scheduler, writer, msg[1], received[0]))
+                snapshots.add(task)
+                task.add_done_callback(snapshots.discard)
             elif kind == "close":
                 break
     finally:
         await stop_task(pacing)
+        await asyncio.gather(*snapshots, return_exceptions=True)
         for future in pending.values():
             if not future.done():
                 future.set_result(None)
         await runner.cleanup()  # drains the scheduler and compare workers, then the rest
         writer.close()
+
+
+async def _snapshot(
+    app: web.Application,
+    scheduler: MirrorScheduler,
+    writer: asyncio.StreamWriter,
+    qid: int,
+    received: int,
+) -> None:
+    snap = await scheduler.snapshot(include_tally=True)
+    # The population gauges of /metrics: the compare workers' statistics, merged.
+    app[POPULATION].stats = snap.pop("population_stats")
+    texts = [app[TELEMETRY].prometheus_text().decode(), snap["prometheus"]]
+    snap["prometheus"] = merge_prometheus_text(texts)
+    snap["received"] = received
+    snap["worker"] = f"pid {os.getpid()}"
+    write_frame(writer, ("snap", qid, snap))
 
 
 def _offer(

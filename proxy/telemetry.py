@@ -214,9 +214,9 @@ class Telemetry:
         self._meter.create_observable_counter(name, callbacks=[observe], description=description)
         return counts
 
-    def mirror(self, candidate: str, outcome: str) -> None:
-        self._mirror_counts[(candidate, outcome)] += 1
-        self.tally[(candidate, outcome)] += 1
+    def mirror(self, candidate: str, outcome: str, n: int = 1) -> None:
+        self._mirror_counts[(candidate, outcome)] += n
+        self.tally[(candidate, outcome)] += n
 
     def skipped(self, reason: str, candidate: str = "*") -> None:
         self._skip_counts[(reason, candidate)] += 1
@@ -230,10 +230,11 @@ class Telemetry:
         else:
             self._shadow_latency.record(seconds, (side, upstream))
 
-    def link_dropped(self, reason: str, candidate: str) -> None:
-        """A copy for ``candidate`` the live process dropped before the mirror process saw it."""
-        self._link_counts[(reason, candidate)] += 1
-        self.tally[(candidate, f"dropped_{reason}")] += 1
+    def link_dropped(self, reason: str, candidate: str, n: int = 1) -> None:
+        """A copy for ``candidate`` the live process dropped before the mirror process saw it
+        (or, ``worker_lost``, that a mirror process held when it died)."""
+        self._link_counts[(reason, candidate)] += n
+        self.tally[(candidate, f"dropped_{reason}")] += n
 
     def divergence(self, attrs: tuple[str, ...], severity: float, flagged: bool) -> None:
         """One output's verdict; ``attrs`` in the order of ``_DIVERGENCE_LABELS``."""

@@ -118,10 +118,10 @@ async def test_a_dead_worker_never_breaks_the_live_path_and_comes_back(
 async def test_over_its_cpu_budget_the_shadow_side_queues_and_only_age_drops(
     fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
 ) -> None:
-    # Answers of 20,000 values cost milliseconds to compare; with a twentieth of a core for the
+    # Answers of 20,000 values cost milliseconds to compare; with a hundredth of a core for the
     # shadow side, a few copies a second fit, so most wait until they are too old.
     ref, cand = await fake(size=20_000), await fake(size=20_000)
-    tight = {**PROCESS, "mirror_cpu_budget": 0.05, "mirror_queue_age_s": 1.0}
+    tight = {**PROCESS, "mirror_cpu_budget": 0.01, "mirror_queue_age_s": 1.0}
     proxy = await proxy_factory(
         make_settings(ref.url, redis_url, candidates=[{"name": "c", "url": cand.url}], proxy=tight)
     )
