@@ -205,8 +205,8 @@ class Comparer:
             self._tel.divergence(attrs, v.severity, v.flagged)
         if self._evidence is not None and pair.canary is not None and self._is_canary(cand):
             self._evidence.add(pair.canary, comparison_counters(analysis, pair.ref, pair.cand))
-        self._tel.mirror(cand.name, analysis.outcome)
         self._store(cand, pair, analysis)
+        self._tel.mirror(cand.name, analysis.outcome)  # after: one fate, even if storing broke
         return analysis
 
     def _is_canary(self, cand: CandidateSettings) -> bool:

@@ -119,8 +119,14 @@ class MirrorLink:
         self._dropped("worker_budget", model, headers)
         return False
 
-    def _dropped(self, reason: str, model: str, headers: Mapping[str, str]) -> None:
-        """Count a copy dropped here against each candidate that asked for it."""
+    def _dropped(
+        self, reason: str, model: str, headers: Mapping[str, str], served_by: str | None = None
+    ) -> None:
+        """Count a copy dropped here against each candidate that asked for it (a canary answer's
+        copy: against the canary only, whose answer then goes unchecked)."""
+        if served_by is not None:
+            self._tel.link_dropped(reason, served_by)
+            return
         for cand in self._settings.candidates:
             if cand.shadows(model) and sampled(cand, headers, self._rng):
                 self._tel.link_dropped(reason, cand.name)
@@ -128,10 +134,10 @@ class MirrorLink:
     def offer(self, req: MirrorRequest) -> None:
         writer = self._writer
         if writer is None or writer.is_closing() or self._closing:
-            self._dropped("worker_down", req.route.model or "", req.headers)
+            self._dropped("worker_down", req.route.model or "", req.headers, req.served_by)
             return
         if writer.transport.get_write_buffer_size() + self._outbox_bytes > MAX_BUFFERED_BYTES:
-            self._dropped("link_full", req.route.model or "", req.headers)
+            self._dropped("link_full", req.route.model or "", req.headers, req.served_by)
             return
         seq = next(self._seq)
         span = req.live_span
