@@ -64,6 +64,9 @@ from .upstream_pool import UpstreamPool
 
 log = logging.getLogger("shadowproxy")
 
+STARVABLE = web.AppKey("starvable", bool)
+"""The process runs at idle CPU priority: its Redis client must not time out on wall clock."""
+
 
 def build_mirror_app(settings: Settings) -> web.Application:
     """The mirror process's resources, no server: the scheduler (queue, candidate calls) and its
@@ -83,6 +86,7 @@ def build_compare_app(settings: Settings) -> web.Application:
     """A compare worker's resources: the comparer (judge, store batches) and its threads."""
     app = web.Application()
     app[SETTINGS] = settings
+    app[STARVABLE] = True  # it runs at idle CPU priority
     app.cleanup_ctx.append(_telemetry_ctx(None))
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_evidence_ctx)
@@ -148,7 +152,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         embedded = await asyncio.to_thread(start_embedded, settings.buffer.state_dir)
         app[EMBEDDED_REDIS] = embedded
         url = embedded.url
-    store = SampleStore.from_url(url, settings.buffer)
+    store = SampleStore.from_url(url, settings.buffer, starvable=app.get(STARVABLE, False))
     app[STORE] = store
     if not await store.ping():
         # Not fatal: the live path never needs Redis. Samples are counted as not stored.

@@ -42,13 +42,21 @@ class SampleStore:
 
     @classmethod
     def from_url(
-        cls, url: str, settings: BufferSettings, keys: KeySchema | None = None
+        cls,
+        url: str,
+        settings: BufferSettings,
+        keys: KeySchema | None = None,
+        *,
+        starvable: bool = False,
     ) -> SampleStore:
+        """``starvable``: for a process at idle CPU priority. Its socket timeouts (wall clock,
+        inside redis-py) would fire whenever the host keeps it off the CPU for a while, so it
+        has none, and every call is bounded by ``wait_running`` alone."""
         client = aioredis.Redis.from_url(
             url,
             decode_responses=False,
-            socket_timeout=settings.write_timeout_s * 2,
-            socket_connect_timeout=settings.write_timeout_s,
+            socket_timeout=None if starvable else settings.write_timeout_s * 2,
+            socket_connect_timeout=None if starvable else settings.write_timeout_s,
             health_check_interval=30,
         )
         return cls(client, settings, keys or KeySchema())

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
 from ..buffer.keys import CANARY_DECISIONS_MAX, CANARY_EVIDENCE_TTL_S, KeySchema
+from ..buffer.store import wait_running
 from ..errors import CanaryError, StoreError
 from ..settings import Settings
 
@@ -280,7 +281,9 @@ async def add_evidence(
                 for name, n in counters.items():
                     pipe.hincrby(key, name, n)
                 pipe.expire(key, CANARY_EVIDENCE_TTL_S)
-            await asyncio.wait_for(pipe.execute(), timeout_s)
+            # Counting only time this process could run: evidence is also written by the
+            # compare workers, at idle CPU priority.
+            await wait_running(pipe.execute(), timeout_s)
     except TimeoutError as exc:
         raise EvidenceLost("redis did not answer in time; the batch may or may not be in") from exc
     except (RedisError, OSError) as exc:
