@@ -39,6 +39,10 @@ class Breaker:
             self._open_until = time.monotonic() + self._open_s
 
 
+SATURATED = 0.9
+"""A loop on the CPU this share of the time is saturated: copies would come out of live work."""
+
+
 class LoopLag:
     """How late the event loop runs its callbacks because it is busy: the live process's own
     overload signal.
@@ -54,6 +58,9 @@ class LoopLag:
 
     def __init__(self, interval: float = 0.01, weight: float = 0.1, busy: float = 0.5) -> None:
         self.ms = 0.0
+        self.busy = 0.0
+        """The share of wall time the loop's thread spent on the CPU (moving average): near 1,
+        the loop is saturated even when it keeps its timers on time."""
         self._interval = interval
         self._weight = weight
         self._busy = busy
@@ -73,9 +80,15 @@ class LoopLag:
             await asyncio.sleep(self._interval)
             elapsed = loop.time() - started
             late = (elapsed - self._interval) * 1000.0
-            if (time.thread_time() - cpu) < self._busy * elapsed:
+            busy = (time.thread_time() - cpu) / elapsed if elapsed > 0 else 0.0
+            if busy < self._busy:
                 late = 0.0  # waiting for the CPU, not busy: not this loop's overload
             self.ms += self._weight * (late - self.ms)
+            self.busy += self._weight * (min(busy, 1.0) - self.busy)
+
+    def overloaded(self, shed_ms: float) -> bool:
+        """Late by ``shed_ms`` on average while busy, or on the CPU nearly all the time."""
+        return self.ms > shed_ms or self.busy > SATURATED
 
 
 _RECHECK_S = 0.005

@@ -148,7 +148,7 @@ class MirrorScheduler:
         """Why a new copy cannot even wait (each reason counted), or None."""
         if self._closing:
             return "dropped_shutdown"
-        if self._lag is not None and self._lag.ms > self._settings.proxy.shed_lag_ms:
+        if self._lag is not None and self._lag.overloaded(self._settings.proxy.shed_lag_ms):
             # The live loop is late: this process is CPU-bound. Shadow work would come out of
             # live latency, so the copy is dropped (and counted) until the loop catches up.
             return "dropped_overload"

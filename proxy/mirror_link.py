@@ -109,7 +109,7 @@ class MirrorLink:
         return self._writer is not None and not self._writer.is_closing()
 
     def admit(self, model: str, headers: Mapping[str, str]) -> bool:
-        if self._lag is not None and self._lag.ms > self._shed_ms:
+        if self._lag is not None and self._lag.overloaded(self._shed_ms):
             # The live loop is late: this process is CPU-bound, and building the copy would
             # come out of live latency. Dropped (and counted) until the loop catches up.
             self._dropped("overload", model, headers)

@@ -1,0 +1,38 @@
+"""The live overload signal: a loop busy on the CPU counts; one kept off the CPU does not."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from proxy.guards import LoopLag
+
+
+async def _hold(seconds: float, *, on_cpu: bool) -> None:
+    """Keep the loop occupied for ``seconds`` in 20 ms slices, busy or blocked off the CPU."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        if on_cpu:
+            stop = time.perf_counter() + 0.02
+            while time.perf_counter() < stop:
+                pass
+        else:
+            time.sleep(0.02)  # noqa: ASYNC251 (blocking the loop off the CPU is the point)
+        await asyncio.sleep(0)
+
+
+async def test_busy_on_the_cpu_counts_and_kept_off_it_does_not() -> None:
+    lag = LoopLag()
+    lag.start()
+    try:
+        await _hold(0.6, on_cpu=False)
+        blocked = lag.busy
+        assert blocked < 0.2 and not lag.overloaded(1000.0)  # held up, but not by its own work
+        await _hold(0.6, on_cpu=True)
+        # On a quiet host this reaches 1 (and the loop counts as saturated); on a loaded one, the
+        # share of the CPU this thread got. Either way well above a loop that was blocked.
+        assert lag.busy > blocked + 0.3
+        await asyncio.sleep(0.6)
+        assert lag.busy < 0.2 and not lag.overloaded(1000.0)  # and it recovers when idle
+    finally:
+        await lag.stop()
