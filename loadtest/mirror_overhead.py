@@ -85,7 +85,7 @@ OTHER_LOAD_WARN = 15.0
 """CPU % (100 = one core) used by foreign processes above which the report warns."""
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 # Outcomes worth a column of their own; any other outcome seen is listed too.
-KEY_OUTCOMES = ("compared", "unavailable", "dropped_queue_full")
+KEY_OUTCOMES = ("compared", "unavailable", "dropped_queue_age")
 _METRIC_LINE = re.compile(r"^(\w+?)(?:_total)?\{([^}]*)\}\s+(\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
