@@ -31,6 +31,9 @@ log = logging.getLogger("shadowproxy.mirror")
 # Pairs a worker holds at once: enough to keep it busy between acks, few enough that a worker
 # that dies loses little and pairs wait where the queue's bounds see them.
 _CREDIT = 8
+# Pairs gather this long before they go to a worker: at a hundred copies a second a worker woken
+# per pair spent more on waking than on comparing. The shadow side never minds 20 ms.
+_GATHER_S = 0.02
 _RESTART_DELAY_S = 1.0
 
 
@@ -141,7 +144,7 @@ class CompareLink:
         # write for all of them (a write each cost a tenth of this process's CPU).
         if not w.send_scheduled:
             w.send_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_scheduled, w)
+            asyncio.get_running_loop().call_later(_GATHER_S, self._send_scheduled, w)
 
     def _send_scheduled(self, w: _Worker) -> None:
         w.send_scheduled = False

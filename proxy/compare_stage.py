@@ -37,7 +37,7 @@ log = logging.getLogger("shadowproxy.compare")
 _INLINE_BYTES = 64 * 1024
 # Verdicts written in one pipeline at most, and how long the first of a batch may wait.
 _BATCH_MAX = 128
-_BATCH_DELAY_S = 0.01
+_BATCH_DELAY_S = 0.02
 
 
 @dataclass(slots=True)
