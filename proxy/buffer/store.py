@@ -264,8 +264,8 @@ class SampleStore:
 
 # A timeout that fires this late found the process starved rather than Redis slow.
 _LATE_S = 0.05
-# How long, then, the answer may still take once the process runs again.
-_GRACE_S = 0.1
+# However starved, a call ends after this many timeouts.
+_MAX_ROUNDS = 10
 
 
 async def wait_running(aw: Awaitable[Any], timeout_s: float) -> Any:
@@ -273,16 +273,19 @@ async def wait_running(aw: Awaitable[Any], timeout_s: float) -> Any:
 
     The compare workers run at idle CPU priority: on a busy host they may not run for seconds,
     and then every timer is overdue when they wake, before the event loop has read the answers
-    that arrived meanwhile. A timeout that fires late is given a short grace instead, so a
-    starved worker does not count a write as failed that Redis answered long ago.
+    that arrived meanwhile (or even sent the request). A timeout that fires late starts the
+    wait again, up to ``_MAX_ROUNDS`` times: a starved worker does not count a write as failed
+    that Redis could not have answered in time, and a dead Redis still fails it.
     """
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(aw)
     deadline = loop.time() + timeout_s
     done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    while not done and loop.time() - deadline > _LATE_S:
-        deadline = loop.time() + _GRACE_S
-        done, _ = await asyncio.wait({task}, timeout=_GRACE_S)
+    rounds = 1
+    while not done and loop.time() - deadline > _LATE_S and rounds < _MAX_ROUNDS:
+        rounds += 1
+        deadline = loop.time() + timeout_s
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
     if not done:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
