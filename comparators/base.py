@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +18,53 @@ Array = npt.NDArray[Any]
 # JSON has no infinity, and verdicts are stored as JSON: unbounded values are clamped to these.
 SQNR_CAP_DB = 300.0
 SEVERITY_CAP = 1e9
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class _ErrObjQuiet:
+    """``np.errstate(all="ignore")`` at a fraction of its cost under numpy 1.x, whose errstate
+    is Python code (a few microseconds a use, and a small comparison used it several times). The
+    error object is read in one C call and replaced only when some error is not ignored yet, so
+    a nested use costs a read."""
+
+    __slots__ = ("_saved",)
+
+    def __enter__(self) -> None:
+        saved = np.geterrobj()
+        # [buffer size, error mask, callback]: mask 0 is "ignore" for all four errors.
+        if saved[1] == 0:
+            self._saved = None
+        else:
+            self._saved = saved
+            np.seterrobj([saved[0], 0, saved[2]])
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            np.seterrobj(self._saved)
+
+
+def _errstate_quiet() -> AbstractContextManager[Any]:
+    return np.errstate(all="ignore")
+
+
+# numpy 2 has no error object (its errstate is a cheap context variable): errstate is used there.
+Quiet: Callable[[], AbstractContextManager[Any]] = (
+    _ErrObjQuiet if hasattr(np, "seterrobj") else _errstate_quiet
+)
+
+
+def quiet(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with floating-point errors ignored (see :data:`Quiet`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with Quiet():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class ComparatorsError(Exception):
@@ -42,13 +91,35 @@ Comparator = Callable[[Array, Array, Mapping[str, Any]], Scored]
 
 def clamp(x: float, cap: float = SEVERITY_CAP) -> float:
     """``x`` as a finite float in ``[-cap, cap]``; NaN becomes ``cap`` (unknown counts as worst)."""
-    if math.isnan(x):
+    x = float(x)
+    if x != x:  # NaN
         return cap
-    return max(-cap, min(cap, float(x)))
+    # max(-cap, min(cap, x)), without two builtin calls: this runs for every score.
+    return x if -cap <= x <= cap else (cap if x > cap else -cap)
+
+
+def mean64(a: Array) -> float:
+    """``float(np.mean(a))`` of a float64, integer or boolean array: the float64 sum np.mean
+    takes (the same reduction), divided by the count as it divides, minus its Python layers."""
+    if a.size == 0:
+        return float(np.mean(a))  # NaN and numpy's warning, as before
+    return float(np.add.reduce(a, axis=None, dtype=np.float64)) / a.size
 
 
 def param(params: Mapping[str, Any], defaults: Mapping[str, Any], key: str) -> Any:
     return params[key] if key in params else defaults[key]
+
+
+# Up to this many elements, checks whose result does not depend on the order of operations
+# (finiteness, signs, maxima, counts) run on Python floats: each numpy call costs microseconds.
+SMALL = 64
+
+
+def all_finite_small(a: Array) -> bool:
+    """Whether every element of ``a`` (at most :data:`SMALL` of them, a real float dtype or one
+    whose elements convert to Python floats exactly, as numpy's floats and ml_dtypes' do) is
+    finite."""
+    return all(map(math.isfinite, a.ravel().tolist()))
 
 
 # Inputs in these dtypes are read as they are and widened to float64 a block at a time (the
@@ -143,7 +214,7 @@ def energy_pass(r: Array, c: Array) -> tuple[float, float, float]:
         d = np.subtract(rb, cb, out=bufs[2, : rb.size])
         signal += float(np.dot(rb, rb))
         noise += float(np.dot(d, d))
-        max_abs = max(max_abs, float(np.max(np.abs(d, out=d))))
+        max_abs = max(max_abs, float(np.abs(d, out=d).max()))
     if not energies_usable(signal, noise, max_abs):
         signal, noise = energies_scaled(r.astype(np.float64), c.astype(np.float64))
     return signal, noise, max_abs

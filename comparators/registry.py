@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from comparators import discrete, distributions, numeric, torch_backend
-from comparators.base import Array, Comparator, SpecError, as_rows_last_axis
+from comparators.base import SMALL, Array, Comparator, SpecError, as_rows_last_axis
 from comparators.types import MetricSpec
 from comparators.validity import group_of, to_numpy
 
@@ -104,10 +104,20 @@ METRICS: Mapping[str, Comparator] = MappingProxyType({k: v.fn for k, v in REGIST
 def _looks_like_probabilities(a: Array) -> bool:
     if a.ndim == 0 or a.size == 0 or a.shape[-1] < 2:
         return False
-    rows = as_rows_last_axis(a)
-    if not np.all(np.isfinite(rows)) or np.any(rows < 0.0):
-        return False
-    return bool(np.all(np.abs(rows.sum(axis=1) - 1.0) <= _PROB_SUM_TOL))
+    if a.size <= SMALL:
+        # Checked on the values as they are (widening to float64 is exact): usually a negative
+        # score ends it before the float64 copy below is made.
+        if not all(math.isfinite(v) and v >= 0.0 for v in a.ravel().tolist()):
+            return False
+        rows = as_rows_last_axis(a)
+    else:
+        rows = as_rows_last_axis(a)
+        # min and max propagate NaN: both finite and min >= 0 is "all finite, none negative".
+        lo, hi = float(rows.min()), float(rows.max())
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo >= 0.0):
+            return False
+    # The row sums are numpy's, as before; the comparison of each is exact in Python floats.
+    return all(abs(s - 1.0) <= _PROB_SUM_TOL for s in rows.sum(axis=1).tolist())
 
 
 def choose_metric(name: str, ref: Any) -> str:
@@ -167,8 +177,8 @@ def _takers(key: str) -> list[str]:
 
 def validate_spec(spec: MetricSpec) -> None:
     """Raise :class:`~comparators.SpecError` (a ``ValueError``) naming the bad metric or param."""
-    known = sorted([AUTO, *REGISTRY])
     if spec.metric != AUTO and spec.metric not in REGISTRY:
+        known = sorted([AUTO, *REGISTRY])
         close = difflib.get_close_matches(spec.metric, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise SpecError(f"unknown metric '{spec.metric}'{hint}; known: {', '.join(known)}")
@@ -192,12 +202,22 @@ def validate_spec(spec: MetricSpec) -> None:
             )
 
 
+# (metric, precision) -> its defaults with the dtype-aware tolerances applied: every comparison
+# asks, and there are only a few dozen pairs.
+_BASE_PARAMS: dict[tuple[str, str], dict[str, Any]] = {}
+
+
 def effective_params(metric: str, given: Mapping[str, Any], precision: str) -> dict[str, Any]:
     """Defaults, then dtype-aware tolerances, then the spec's own params that ``metric`` takes
     (under ``metric: auto`` a table may carry params meant for other metrics)."""
     defaults = REGISTRY[metric].defaults
-    out = dict(defaults)
-    if metric == "tolerance":
-        out.update(numeric.default_tolerances(precision))
-    out.update({k: v for k, v in given.items() if k in defaults})
+    base = _BASE_PARAMS.get((metric, precision))
+    if base is None:
+        base = dict(defaults)
+        if metric == "tolerance":
+            base.update(numeric.default_tolerances(precision))
+        _BASE_PARAMS[(metric, precision)] = base
+    out = dict(base)  # a copy: the caller may keep or change its params
+    if given:
+        out.update({k: v for k, v in given.items() if k in defaults})
     return out
