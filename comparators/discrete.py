@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from comparators.base import Array, Scored, param
+from comparators.base import SMALL, Array, Scored, param
 
 EXACT_DEFAULTS: Mapping[str, Any] = MappingProxyType({"min_agreement": 1.0})
 EXACT_TEXT_DEFAULTS: Mapping[str, Any] = MappingProxyType({"normalize": "strip", "min_exact": 1.0})
@@ -36,18 +36,31 @@ def exact(ref: Array, cand: Array, params: Mapping[str, Any]) -> Scored:
         return Scored(
             {"agreement": 1.0, "mismatches": 0.0, "first_mismatch": -1.0}, "agreement", 0.0, False
         )
-    same = np.asarray(r == c, dtype=bool)
-    bad = np.flatnonzero(~same)
-    agreement = float(np.count_nonzero(same)) / r.size
-    first = int(bad[0]) if bad.size else -1
-    scores = {"agreement": agreement, "mismatches": float(bad.size), "first_mismatch": float(first)}
+    if r.size <= SMALL and r.dtype == c.dtype and r.dtype.kind in _PY_KINDS:
+        # A few elements of one dtype compare as Python objects exactly as numpy compares them.
+        n_bad, first = _mismatches_small(r.tolist(), c.tolist())
+    else:
+        bad = np.flatnonzero(~np.asarray(r == c, dtype=bool))
+        n_bad, first = int(bad.size), int(bad[0]) if bad.size else -1
+    agreement = float(r.size - n_bad) / r.size
+    scores = {"agreement": agreement, "mismatches": float(n_bad), "first_mismatch": float(first)}
     flagged = agreement < floor
     reason = ""
     if flagged:
         # Floats arrive unwidened (float16/32): show them as float64, as the reason always has.
         rv, cv = (np.float64(x[first]) if x.dtype.kind == "f" else x[first] for x in (r, c))
-        reason = exact_reason(int(bad.size), int(r.size), first, rv, cv)
+        reason = exact_reason(n_bad, int(r.size), first, rv, cv)
     return Scored(scores, "agreement", 1.0 - agreement, flagged, reason)
+
+
+# Dtypes whose elements compare alike as Python objects (bool, int, float, str/bytes objects).
+_PY_KINDS = frozenset("biufO")
+
+
+def _mismatches_small(r: list[Any], c: list[Any]) -> tuple[int, int]:
+    """(number of positions where ``r[i] == c[i]`` is false, the first of them or -1)."""
+    bad = [i for i, (a, b) in enumerate(zip(r, c, strict=True)) if a != b]
+    return len(bad), bad[0] if bad else -1
 
 
 def exact_reason(n_bad: int, n: int, first: int, rv: object, cv: object) -> str:

@@ -15,6 +15,7 @@ from comparators.base import (
     F64,
     SAFE_LO,
     SEVERITY_CAP,
+    SMALL,
     Array,
     Scored,
     as_rows_leading_axis,
@@ -25,6 +26,7 @@ from comparators.base import (
     energy_pass,
     fmt,
     param,
+    quiet,
     source,
     sqnr_db,
     widen,
@@ -52,6 +54,7 @@ COSINE_DEFAULTS: Mapping[str, Any] = MappingProxyType({"min_cosine": 0.999})
 
 
 _QUANTILES = np.array([0.5, 0.99])
+_QUANTILE_LIST: tuple[float, ...] = tuple(_QUANTILES.tolist())
 # The quantiles are exact order statistics found without sorting everything: a strided sample of
 # the errors brackets each wanted rank (``_Z`` standard deviations of the sample rank either side),
 # the one pass counts the errors under each bracket and keeps those inside, and only those are
@@ -59,6 +62,7 @@ _QUANTILES = np.array([0.5, 0.99])
 # full partition, so the result never depends on the sample.
 _SAMPLE = 32768
 _Z = 4.5
+_F64 = np.dtype(np.float64)
 
 
 def _flat(x: Array) -> Array:
@@ -82,6 +86,28 @@ def lerp(a: F64, b: F64, t: F64) -> F64:
     d = b - a
     out: F64 = np.where(t >= 0.5, b - d * (1 - t), a + d * t)
     return out
+
+
+def _positions(n: int) -> tuple[list[int], list[int], list[float]]:
+    """:func:`quantile_positions` in Python numbers: the same float64 operations one element at
+    a time (IEEE arithmetic rounds alike in both), without a dozen tiny-array calls."""
+    prev, nxt, gamma = [], [], []
+    for q in _QUANTILE_LIST:
+        virtual = (n - 1) * q
+        lo = math.floor(virtual)
+        hi = lo + 1
+        if virtual >= n - 1:
+            lo = hi = n - 1
+        prev.append(lo)
+        nxt.append(hi)
+        gamma.append(virtual - lo)
+    return prev, nxt, gamma
+
+
+def _lerp1(a: float, b: float, t: float) -> float:
+    """:func:`lerp` of one element, with its operations in its order."""
+    d = b - a
+    return b - d * (1 - t) if t >= 0.5 else a + d * t
 
 
 class _Brackets:
@@ -127,23 +153,87 @@ class _Brackets:
         return out
 
 
-def _order_stats(r: Array, c: Array, ranks: npt.NDArray[np.intp]) -> F64:
-    """Fallback: the order statistics of ``|r - c|`` by a full partition."""
+def _order_stats(r: Array, c: Array, ranks: list[int]) -> list[float]:
+    """Fallback (and the small-input path): the order statistics of ``|r - c|`` by a full
+    partition."""
     d = np.abs(np.subtract(r, c, dtype=np.float64))
-    d.partition(np.unique(ranks))
-    out: F64 = d[ranks]
+    d.partition(sorted(set(ranks)))
+    out: list[float] = d[ranks].tolist()
     return out
 
 
-@np.errstate(all="ignore")
+def _tolerance_small(r: Array, c: Array, atol: float, rtol: float) -> dict[str, float] | None:
+    """:func:`_tolerance_pass` for a few elements, or None where it must run instead (NaN or
+    Inf, squares that overflow, ``atol <= 0`` or ``rtol < 0``, where zero limits and signed
+    zeros take numpy's rules). The sums and dot products are numpy's own calls on float64 arrays
+    of the same values, so their rounding is unchanged; the rest (maxima, counts, ratios, order
+    statistics) is exact arithmetic that Python floats carry out identically."""
+    if not (atol > 0.0 and rtol >= 0.0):
+        return None
+    n = r.size
+    rb = r if r.dtype == _F64 else r.astype(_F64)  # widening is exact
+    cb = c if c.dtype == _F64 else c.astype(_F64)
+    d = np.subtract(rb, cb)
+    signal, noise = float(np.dot(rb, rb)), float(np.dot(d, d))
+    if not (math.isfinite(signal) and math.isfinite(noise)):
+        return None  # every value is finite past this point
+    np.abs(d, out=d)
+    errors = d.tolist()
+    best, worst = -1.0, 0
+    max_rel = max_ratio = 0.0
+    n_fail = 0
+    rel = []
+    for i, (e, ref) in enumerate(zip(errors, rb.tolist(), strict=True)):
+        m = abs(ref)
+        # Polygraphy's rule: a zero reference divides by machine epsilon instead.
+        q = e / m if m != 0.0 else e / _EPS
+        rel.append(q)
+        limit = m * rtol
+        ratio = e / (limit if limit >= atol else atol)  # np.maximum(limit, atol), atol > 0
+        if e > best:  # strictly: the first of equal maxima wins, as np.argmax does
+            best, worst = e, i
+        if q > max_rel:
+            max_rel = q
+        if ratio > max_ratio:
+            max_ratio = ratio
+        if q > rtol and e > atol:
+            n_fail += 1
+    prev, nxt, gamma = _positions(n)
+    ordered = sorted(errors)
+    quantiles = zip(prev, nxt, gamma, strict=True)
+    median, p99 = (_lerp1(ordered[a], ordered[b], g) for a, b, g in quantiles)
+    if not energies_usable(signal, noise, best):
+        signal, noise = energies_scaled(r.astype(np.float64), c.astype(np.float64))
+    # The blocked pass adds each block's sum to 0.0: so does this.
+    sum_abs = 0.0 + float(np.add.reduce(d))
+    sum_rel = 0.0 + float(np.add.reduce(np.array(rel)))
+    return {
+        "max_abs": best,
+        "mean_abs": sum_abs / n,
+        "median_abs": median,
+        "p99_abs": p99,
+        "max_rel": max_rel,
+        "mean_rel": sum_rel / n,
+        "fail_fraction": n_fail / n,
+        "argmax_abs": float(worst),
+        "tol_ratio": clamp(max_ratio),
+        "sqnr_db": db_from(signal, noise),
+    }
+
+
 def _tolerance_pass(r: Array, c: Array, atol: float, rtol: float) -> dict[str, float]:
     """Every tolerance statistic in one blocked pass over the pair (float64 buffers that stay in
-    cache); the per-element formulas are those of the docstring of :func:`tolerance`."""
+    cache); the per-element formulas are those of the docstring of :func:`tolerance`. Called by
+    it only, with floating-point errors ignored."""
     n = r.size
-    prev, nxt, gamma = quantile_positions(n)
-    ranks = np.concatenate((prev, nxt))
+    if n <= SMALL:  # a dozen numpy calls on a few elements cost more than the Python loop
+        few = _tolerance_small(r, c, atol, rtol)
+        if few is not None:
+            return few
+    prev, nxt, gamma = _positions(n)
+    ranks = prev + nxt
     small = n <= 2 * _SAMPLE
-    brackets = None if small else _Brackets(r, c, ranks)
+    brackets = None if small else _Brackets(r, c, np.array(ranks, dtype=np.intp))
     size = min(BLOCK, n)
     buf = np.empty((4, size))
     under, within = np.empty(size, dtype=bool), np.empty(size, dtype=bool)
@@ -159,20 +249,22 @@ def _tolerance_pass(r: Array, c: Array, atol: float, rtol: float) -> dict[str, f
         signal += float(np.dot(rb, rb))
         noise += float(np.dot(d, d))
         np.abs(d, out=d)
-        at = int(np.argmax(d))
+        # The array methods run the reductions np.argmax/np.sum/np.max/np.min run, minus their
+        # Python wrappers (microseconds each, the whole cost of a small output).
+        at = int(d.argmax())
         if d[at] > best:  # strictly: the first of equal maxima wins, as np.argmax does
             best, worst = float(d[at]), i + at
-        sum_abs += float(np.sum(d))
+        sum_abs += float(d.sum())
         # cb is done with: its buffer takes |ref| (cb itself may be the caller's array).
         mag = np.abs(rb, out=buf[1, :m])
         u, w = under[:m], within[:m]
         np.divide(d, mag, out=t)
-        if np.min(mag) == 0.0:
+        if mag.min() == 0.0:
             # Polygraphy's rule: a zero reference divides by machine epsilon instead.
             zero = mag == 0.0
             t[zero] = d[zero] / _EPS
-        max_rel = max(max_rel, float(np.max(t)))
-        sum_rel += float(np.sum(t))
+        max_rel = max(max_rel, float(t.max()))
+        sum_rel += float(t.sum())
         np.greater(t, rtol, out=u)
         np.greater(d, atol, out=w)
         n_fail += int(np.count_nonzero(np.logical_and(u, w, out=u)))
@@ -180,16 +272,15 @@ def _tolerance_pass(r: Array, c: Array, atol: float, rtol: float) -> dict[str, f
         np.maximum(t, atol, out=t)
         np.divide(d, t, out=t)
         # 0/0 (identical where the limit is 0) is NaN and means ratio 0: fmax skips NaN.
-        block_ratio = float(np.fmax.reduce(t)) if atol == 0.0 else float(np.max(t))
+        block_ratio = float(np.fmax.reduce(t)) if atol == 0.0 else float(t.max())
         if block_ratio > max_ratio:
             max_ratio = block_ratio
         if brackets is not None:
             brackets.add(d, u, w)
-    stats = None if brackets is None else brackets.values(ranks)
-    if stats is None:
-        stats = _order_stats(r, c, ranks)
+    found = None if brackets is None else brackets.values(np.array(ranks, dtype=np.intp))
+    stats = _order_stats(r, c, ranks) if found is None else found.tolist()
     k = len(prev)
-    median, p99 = lerp(stats[:k], stats[k:], gamma)
+    median, p99 = (_lerp1(stats[j], stats[k + j], gamma[j]) for j in range(k))
     if not energies_usable(signal, noise, best):
         signal, noise = energies_scaled(r.astype(np.float64), c.astype(np.float64))
     return {
@@ -206,7 +297,7 @@ def _tolerance_pass(r: Array, c: Array, atol: float, rtol: float) -> dict[str, f
     }
 
 
-@np.errstate(all="ignore")
+@quiet
 def tolerance(ref: Array, cand: Array, params: Mapping[str, Any]) -> Scored:
     """Polygraphy ``CompareFunc.simple`` (elemwise): an element fails when ``|a-b| > atol`` and
     ``|a-b|/|ref| > rtol``. Severity is the worst ``|a-b| / max(atol, rtol*|ref|)``, so an element
@@ -246,7 +337,7 @@ def sqnr_reason(db: float, floor: float, severity: float) -> str:
     return f"SQNR {db:.2f} dB < {floor:g} dB (relative L2 error {fmt(severity)})"
 
 
-@np.errstate(all="ignore")
+@quiet
 def rel_l2_severity(signal: float, noise: float) -> float:
     """``||ref-cand|| / ||ref||`` from the two energies (0 for identical, the cap for a zero
     reference with a nonzero difference)."""
@@ -320,13 +411,13 @@ def _cosine_sums(r: Array, c: Array) -> tuple[F64, F64, F64, npt.NDArray[np.bool
 def _sums_usable(r: Array, sq: F64) -> bool:
     """Plain per-row sums of squares are exact enough unless one overflowed, or may hold
     underflowed squares (tiny, or zero for a row that is not all zeros)."""
-    if not np.all(np.isfinite(sq)) or np.any((sq > 0.0) & (sq < SAFE_LO)):
+    if not np.isfinite(sq).all() or ((sq > 0.0) & (sq < SAFE_LO)).any():
         return False
     zero = np.flatnonzero(sq == 0.0)
-    return not zero.size or not np.any(r[zero])
+    return not zero.size or not r[zero].any()
 
 
-@np.errstate(all="ignore")
+@quiet
 def cosine(ref: Array, cand: Array, params: Mapping[str, Any]) -> Scored:
     """Per-row cosine similarity and norm ratio ``||cand||/||ref||``; rows are the leading axis
     when ``ndim >= 2``. Two zero rows count as identical, one zero row as orthogonal."""
@@ -355,13 +446,13 @@ def cosine_verdict(
     threshold: float,
 ) -> Scored:
     """The ``cosine`` verdict from its per-row values (shared with the torch backend)."""
-    worst = int(np.argmin(cos))
+    worst = int(cos.argmin())
     min_cos = float(cos[worst])
     scores = {
         "min_cosine": min_cos,
-        "mean_cosine": float(np.mean(cos)),
-        "min_norm_ratio": clamp(float(np.min(ratio))),
-        "max_norm_ratio": clamp(float(np.max(ratio))),
+        "mean_cosine": float(cos.mean()),
+        "min_norm_ratio": clamp(float(ratio.min())),
+        "max_norm_ratio": clamp(float(ratio.max())),
         "argmin_cosine": float(worst),
     }
     flagged = min_cos < threshold
