@@ -121,9 +121,13 @@ def _dtype(datatype: object, name: str) -> np.dtype[Any]:
 
 def _shape(out: Mapping[str, Any], name: str) -> list[int]:
     shape = out.get("shape")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise MalformedMessage(f"output {name!r} has no valid shape (got {shape!r})")
-    return shape
+    if type(shape) is list:
+        for d in shape:
+            if type(d) is not int or d < 0:
+                break
+        else:
+            return shape
+    raise MalformedMessage(f"output {name!r} has no valid shape (got {shape!r})")
 
 
 def _header_length(value: str | None, body_length: int) -> int | None:
@@ -188,17 +192,6 @@ def _reshaped(arr: Array, shape: list[int], name: str) -> Array:
         ) from exc
 
 
-def _binary_size(params: Mapping[str, Any] | None, name: str) -> int | None:
-    if params is None:
-        return None
-    size = params.get("binary_data_size")
-    if size is None:
-        return None
-    if type(size) is not int or size < 0:
-        raise MalformedMessage(f"output {name!r} has an invalid binary_data_size {size!r}")
-    return size
-
-
 def _response_json(raw: bytes) -> dict[str, Any]:
     try:
         response = _parse_json(raw, _rapidjson_loads)
@@ -211,14 +204,20 @@ def _response_json(raw: bytes) -> dict[str, Any]:
     return response
 
 
-def _output_entry(out: Any) -> tuple[str, Mapping[str, Any] | None]:
+def _output_entry(out: Any) -> tuple[str, Mapping[str, Any] | None, int | None]:
+    """An output's name, parameters and binary_data_size (None: its data are in the JSON)."""
     name = out.get("name") if isinstance(out, dict) else None
     if not isinstance(name, str):
         raise MalformedMessage("not a V2 infer response: an output has no name")
     params = out.get("parameters")
-    if params is not None and not isinstance(params, dict):
+    if params is None:
+        return name, None, None
+    if not isinstance(params, dict):
         raise MalformedMessage(f"output {name!r}: parameters is not an object")
-    return name, params
+    size = params.get("binary_data_size")
+    if size is not None and (type(size) is not int or size < 0):
+        raise MalformedMessage(f"output {name!r} has an invalid binary_data_size {size!r}")
+    return name, params, size
 
 
 def warm_up() -> None:
@@ -246,10 +245,9 @@ def decode_infer_response(
     # binary_data_size (shared-memory ones included, as InferResult counts them).
     offset = 0 if header_length is None else header_length
     for out in response["outputs"]:
-        name, params = _output_entry(out)
+        name, params, size = _output_entry(out)
         if name in outputs:
             raise MalformedMessage(f"not a V2 infer response: output {name!r} appears twice")
-        size = _binary_size(params, name)
         start = offset
         if size is not None:
             if header_length is None:
@@ -273,9 +271,9 @@ def decode_infer_response(
     version = response.get("model_version")
     model = response.get("model_name")
     return DecodedResponse(
-        model_name=model if model is None or isinstance(model, str) else str(model),
-        model_version=str(version) if version is not None else None,
-        outputs=outputs,
+        model if model is None or isinstance(model, str) else str(model),
+        str(version) if version is not None else None,
+        outputs,
     )
 
 
@@ -338,11 +336,13 @@ def preview(arr: Array, limit: int = 16) -> dict[str, Any]:
     """A small JSON-able view of a tensor for the review page (shape, dtype, first values)."""
     # tolist() converts each element as .item() does (floats, bf16 included, become Python
     # floats; ints and bools stay ints and bools), in one C call.
-    flat = arr.reshape(-1)[:limit].tolist()
-    if arr.dtype.kind == "O":
-        values: list[Any] = [
-            v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat
-        ]
+    flat: list[Any] = arr.reshape(-1)[:limit].tolist()
+    kind = arr.dtype.kind
+    values: list[Any]
+    if kind == "O":
+        values = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
+    elif kind in "biu" or (kind == "f" and all(map(math.isfinite, flat))):
+        values = flat  # nothing to replace: no floats, or only finite ones
     else:
         values = [None if isinstance(v, float) and not math.isfinite(v) else v for v in flat]
     return {"shape": list(arr.shape), "dtype": _dtype_name(arr.dtype), "head": values}
