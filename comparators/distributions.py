@@ -291,7 +291,8 @@ def _normalized_small(flat: list[float], rows: int, width: int) -> list[float]:
     # np.maximum(x, 0.0); NaN propagates. (A zero's sign may differ from numpy's SIMD choice:
     # it never reaches the JS divergence, whose clip makes every zero +0.0.)
     kept = [x if x >= 0.0 or x != x else 0.0 for x in flat]
-    totals = np.array(kept).reshape(rows, width).sum(axis=1).tolist()
+    # np.add.reduce is the reduction ndarray.sum runs, minus its Python wrapper.
+    totals = np.add.reduce(np.array(kept).reshape(rows, width), axis=1).tolist()
     if rows == 1:
         t = totals[0]
         return [x / t for x in kept] if t > 0.0 else kept

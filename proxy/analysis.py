@@ -1,7 +1,7 @@
 """Decode both answers and score them: the decode -> compare stage, run in a worker thread.
 
 Pure and synchronous on purpose: the mirror task hands it copies of both exchanges through an
-executor, so numpy and tritonclient work never blocks the event loop.
+executor, so decoding and numpy work never block the event loop.
 """
 
 from __future__ import annotations
