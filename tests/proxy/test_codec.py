@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from tritonclient.http import InferResult
 from tritonclient.utils import serialize_byte_tensor
 
+from comparators import MetricSpec, compare_output
 from proxy.codec import (
     HEADER_LENGTH,
     MalformedMessage,
@@ -204,6 +205,38 @@ def test_binary_tensors_are_views_over_the_body() -> None:
     assert out.ctypes.data == start + len(head)  # no copy: the body's own bytes
     assert not out.flags.writeable
     assert out.tolist() == a.reshape(3, 4).tolist()
+
+
+@pytest.mark.parametrize("pad", [0, 1, 3, 4, 7])
+@pytest.mark.parametrize("datatype", ["FP64", "FP32"])
+def test_views_at_any_alignment_score_as_aligned_copies(pad: int, datatype: str) -> None:
+    # The JSON header's length puts binary data at any offset: a view may be misaligned for its
+    # dtype, where InferResult's copy never was. Every metric must score it alike.
+    rng = np.random.default_rng(pad)
+    t = NUMPY_TYPES[datatype]
+    a = rng.standard_normal((2, 9000)).astype(t)
+    b = (a + rng.standard_normal((2, 9000)).astype(t) * t(1e-3)).astype(t)
+    outputs = [
+        {
+            "name": n,
+            "datatype": datatype,
+            "shape": [2, 9000],
+            "parameters": {"binary_data_size": x.nbytes},
+        }
+        for n, x in (("a", a), ("b", b))
+    ]
+    body, headers = _with_blob(outputs, a.tobytes() + b.tobytes())
+    head = body[: int(headers[HEADER_LENGTH])]
+    body = head + b" " * pad + body[len(head) :]  # JSON ignores the trailing blanks
+    headers = {HEADER_LENGTH: str(len(head) + pad)}
+    views = decode_infer_response(body, headers).outputs
+    offset = views["a"].ctypes.data - np.frombuffer(body, dtype=np.uint8).ctypes.data
+    assert offset == len(head) + pad  # a view, at the offset the header length gives
+    for metric in ("auto", "tolerance", "sqnr", "cosine", "probabilities", "logits", "argmax"):
+        spec = MetricSpec(metric)
+        on_views = compare_output("x", views["a"], views["b"], spec).to_dict()
+        on_copies = compare_output("x", views["a"].copy(), views["b"].copy(), spec).to_dict()
+        assert repr(on_views) == repr(on_copies), metric
 
 
 def test_mixed_outputs_take_their_binary_data_in_order() -> None:
