@@ -36,6 +36,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+MIN_TOKEN_CHARS = 16
+"""Shorter tokens (and empty ones, e.g. from ``${UNSET:-}``) are refused: guessable."""
+
+
+def _check_token(value: SecretStr | None) -> SecretStr | None:
+    if value is not None and len(value.get_secret_value()) < MIN_TOKEN_CHARS:
+        got = len(value.get_secret_value())
+        raise ValueError(f"must be at least {MIN_TOKEN_CHARS} characters (got {got})")
+    return value
+
+
 def _check_url(value: str) -> str:
     if not re.match(r"^https?://[^/\s]+", value):
         raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
@@ -54,6 +65,8 @@ class UserSettings(_Model):
     role: Literal["viewer", "reviewer", "admin"] = "viewer"
     """viewer: read; reviewer: read and label; admin: everything."""
 
+    _token = field_validator("token")(_check_token)
+
 
 class AdminSettings(_Model):
     host: str = "127.0.0.1"
@@ -65,6 +78,25 @@ class AdminSettings(_Model):
     """Per-user tokens with roles; each label records who made it."""
     session_ttl_s: int = Field(12 * 3600, ge=60)
     """How long a browser login lasts."""
+    tls_cert: Path | None = None
+    """PEM certificate chain: serve the admin plane over TLS (with ``tls_key``); cookies then
+    get ``Secure``."""
+    tls_key: Path | None = None
+    secure_cookies: bool = False
+    """Mark the session cookie ``Secure`` although this process speaks plain HTTP, because a
+    TLS-terminating proxy sits in front of it."""
+    auth_failures_per_min: int = Field(30, ge=1)
+    """Failed logins and bad bearer tokens allowed per client address per minute; beyond it,
+    429. Only failures count, so a suite on one address or a Service in front of replicas does
+    not trip it in normal use."""
+
+    _token = field_validator("token")(_check_token)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> AdminSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("admin.tls_cert and admin.tls_key: give both or neither")
+        return self
 
     @field_validator("users")
     @classmethod
@@ -132,6 +164,60 @@ class BufferSettings(_Model):
     write_timeout_s: float = Field(1.0, gt=0)
     max_payload_bytes: int = Field(4 * 1024 * 1024, ge=0)
     """Request/response bodies above this are stored truncated (and marked so)."""
+    labelled_ttl_s: int = Field(90 * 24 * 3600, ge=60)
+    """How long a labelled sample keeps its payloads (its label and scores stay with it)."""
+    spool_dir: Path | None = None
+    """Where verdicts and samples wait on disk while Redis is unreachable; replayed oldest first
+    when it returns, and on the next start. Omitted: ``state_dir/spool``."""
+    spool_max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
+    """Disk the spool may use; what does not fit is counted as ``spool_full`` and lost."""
+    spool_fsync: Literal["batch", "always", "never"] = "batch"
+    """``batch``: fsync once per batch of records written (a crash loses at most the batch being
+    written); ``always``: after every record; ``never``: leave it to the OS."""
+
+    def spool_path(self) -> Path:
+        return self.spool_dir if self.spool_dir is not None else self.state_dir / "spool"
+
+
+class RedactSettings(_Model):
+    """What never rests anywhere (Redis, spool, exports, logs, spans, links between processes)."""
+
+    headers: list[str] = []
+    """Headers dropped besides the credential headers that always are (Authorization,
+    Proxy-Authorization, Cookie, Set-Cookie)."""
+    inputs: list[str] = []
+    """Input tensor names whose values are replaced by a keyed hash before storage."""
+    outputs: list[str] = []
+    """Output tensor names whose values are replaced by a keyed hash before storage."""
+    json_pointers: list[str] = []
+    """For JSON APIs: RFC 6901 paths (``/user/email``) in request and answer bodies replaced by
+    a keyed hash before storage."""
+    secret: SecretStr | None = None
+    """HMAC key for those hashes (required when any is named), so low-entropy values cannot be
+    recovered by hashing guesses."""
+    store_payloads: bool = True
+    """False keeps scores and metadata only: no request or answer bodies are stored."""
+
+    _secret = field_validator("secret")(_check_token)
+
+    @field_validator("json_pointers")
+    @classmethod
+    def _pointers(cls, value: list[str]) -> list[str]:
+        for ptr in value:
+            if not ptr.startswith("/"):
+                raise ValueError(f"{ptr!r} is not a JSON pointer (RFC 6901: starts with '/')")
+        return value
+
+    @model_validator(mode="after")
+    def _secret_needed(self) -> RedactSettings:
+        if (self.inputs or self.outputs or self.json_pointers) and self.secret is None:
+            raise ValueError(
+                "redact.secret: required when inputs, outputs or json_pointers are named"
+            )
+        return self
+
+    def hashes_values(self) -> bool:
+        return bool(self.inputs or self.outputs or self.json_pointers)
 
 
 class TelemetrySettings(_Model):
@@ -183,6 +269,24 @@ class ProxySettings(_Model):
     """Serve HTTP/1.1 infer calls (one Content-Length, up to 16 MiB, not in a canary split) and
     GET reads on a bare asyncio protocol with pooled connections to the reference: about 40% of
     aiohttp's CPU per request. Other requests, and an https reference, go through aiohttp."""
+    max_inflated_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    """Largest a compressed body (client request, reference or candidate answer) may inflate to
+    for comparison; beyond it the copy is skipped and counted, and the live request is forwarded
+    untouched."""
+    max_answer_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Largest candidate answer read; a longer one is cut off and counted as a failed call."""
+    max_outputs: int = Field(1024, ge=1)
+    """Outputs of one answer that are compared and stored; more make the copy unparseable."""
+    max_id_chars: int = Field(256, ge=8)
+    """Request ids (body ``id``, the request-id header) longer than this are cut before storage."""
+    max_connections: int = Field(10_000, ge=1)
+    """Client connections the data plane holds at once; beyond it new ones are closed."""
+    head_timeout_s: float = Field(10.0, gt=0)
+    """A client must send a whole request head within this (slowloris)."""
+    idle_timeout_s: float = Field(75.0, gt=0)
+    """A keep-alive client connection idle this long is closed."""
+    max_unsent_bytes: int = Field(1024 * 1024, ge=64 * 1024)
+    """Answer bytes a client has not read yet before the proxy stops reading its next requests."""
     shed_lag_ms: float = Field(4.0, ge=0)
     """When the live process's event loop runs this many ms late (it is CPU-bound), new mirror
     copies are dropped and counted as ``dropped_overload``; live traffic keeps the CPU. 0
@@ -277,6 +381,7 @@ class Settings(_Model):
     noise: NoiseSettings = NoiseSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     proxy: ProxySettings = ProxySettings()
+    redact: RedactSettings = RedactSettings()
     canary: CanarySettings | None = None
     """A progressive rollout of one candidate; absent, every live request goes to the reference."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

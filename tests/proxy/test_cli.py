@@ -68,5 +68,12 @@ def test_bad_arguments_and_config_say_what_is_wrong(tmp_path: Path) -> None:
     config.write_text("reference: {name: ref, url: http://127.0.0.1:1}\nlisten: {prot: 1}\n")
     res = _cli("serve", "--config", str(config))
     assert res.returncode == 2 and f"{config}: listen.prot: unknown key" in res.stderr
+    config.write_text(
+        "reference: {name: ref, url: http://127.0.0.1:1}\n"
+        "admin: {token: ${SP_NOT_SET_ANYWHERE:-}}\n"
+    )
+    empty = _cli("serve", "--config", str(config))
+    assert empty.returncode == 2
+    assert f"{config}: admin.token: must be at least 16 characters (got 0)" in empty.stderr
     unknown = _cli("review", "show", "nope", "--config", str(tmp_path / "missing.yaml"))
     assert unknown.returncode == 2 and "cannot read config file" in unknown.stderr

@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from tests.conftest import ADMIN_TOKEN, make_settings, send_infers
 
 USERS = [
-    {"name": "vera", "token": "viewer-token", "role": "viewer"},
-    {"name": "rita", "token": "reviewer-token", "role": "reviewer"},
+    {"name": "vera", "token": "viewer-token-0123456", "role": "viewer"},
+    {"name": "rita", "token": "reviewer-token-0123456", "role": "reviewer"},
 ]
 
 
@@ -48,7 +48,7 @@ async def test_browser_login_roles_and_csrf(
             assert r.status == 401
         async with s.post(f"{base}/login", json={"token": "nope"}) as r:
             assert r.status == 401
-        csrf = await _login(s, base, "reviewer-token")
+        csrf = await _login(s, base, "reviewer-token-0123456")
         cookie = next(c for c in jar if c.key == "sp_session")
         assert cookie["httponly"] and cookie["samesite"] == "Strict"
         async with s.get(f"{base}/review") as r:
@@ -78,7 +78,7 @@ async def test_browser_login_roles_and_csrf(
             assert r.status == 401
     # A viewer reads but cannot label; nobody may change what their role does not allow.
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
-        csrf = await _login(s, base, "viewer-token")
+        csrf = await _login(s, base, "viewer-token-0123456")
         async with s.get(f"{base}/api/samples/{sid}") as r:
             assert r.status == 200 and (await r.json())["label"]["by"] == "rita"
         async with s.post(
@@ -86,7 +86,7 @@ async def test_browser_login_roles_and_csrf(
         ) as r:
             assert r.status == 403 and "viewer" in (await r.json())["error"]
     # Scripts use bearer tokens (no cookie, so no CSRF needed); the user's name is recorded.
-    bearer = {"Authorization": "Bearer reviewer-token"}
+    bearer = {"Authorization": "Bearer reviewer-token-0123456"}
     async with (
         aiohttp.ClientSession(headers=bearer) as s,
         s.post(label_url, json={"verdict": "needs-look"}) as r,

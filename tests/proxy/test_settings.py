@@ -31,12 +31,12 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_good_config_loads_with_env_and_hides_secrets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SP_TEST_TOKEN", "s3cret-token")
+    monkeypatch.setenv("SP_TEST_TOKEN", "s3cret-token-0123456")
     s = load_settings(_write(tmp_path, GOOD))
-    assert s.admin.token is not None and s.admin.token.get_secret_value() == "s3cret-token"
+    assert s.admin.token is not None and s.admin.token.get_secret_value() == "s3cret-token-0123456"
     assert s.candidates[0].name == "int8" and s.reference.url == "http://127.0.0.1:9000"
     text = repr(s) + str(s)
-    assert "s3cret-token" not in text and "hunter2" not in text
+    assert "s3cret-token-0123456" not in text and "hunter2" not in text
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_good_config_loads_with_env_and_hides_secrets(
 def test_config_errors_name_the_file_and_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: tuple[str, str], expected: str
 ) -> None:
-    monkeypatch.setenv("SP_TEST_TOKEN", "t")
+    monkeypatch.setenv("SP_TEST_TOKEN", "t" * 16)
     path = _write(tmp_path, GOOD.replace(*edit))
     with pytest.raises(ConfigError) as info:
         load_settings(path)
@@ -81,9 +81,48 @@ def test_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
 
 
 def test_duplicate_candidate_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SP_TEST_TOKEN", "t")
+    monkeypatch.setenv("SP_TEST_TOKEN", "t" * 16)
     dup = GOOD.replace(
         "timeout_s: 5}", "timeout_s: 5}\n  - {name: int8, url: http://127.0.0.1:9200}"
     )
     with pytest.raises(ConfigError, match="repeated: int8"):
         load_settings(_write(tmp_path, dup))
+
+
+def test_empty_or_short_tokens_are_refused_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SP_UNSET_TOKEN", raising=False)
+    empty = GOOD.replace("${SP_TEST_TOKEN}", "${SP_UNSET_TOKEN:-}")
+    with pytest.raises(ConfigError) as err:
+        load_settings(_write(tmp_path, empty))
+    assert "admin.token: must be at least 16 characters (got 0)" in str(err.value)
+    monkeypatch.setenv("SP_TEST_TOKEN", "x" * 16)
+    short_user = GOOD.replace(
+        "token: ${SP_TEST_TOKEN}}",
+        "token: ${SP_TEST_TOKEN}, users: [{name: vera, token: short-one}]}",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings(_write(tmp_path, short_user))
+    assert "admin.users[0].token: must be at least 16 characters (got 9)" in str(err.value)
+
+
+def test_redact_and_tls_settings_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SP_TEST_TOKEN", "x" * 16)
+    no_secret = GOOD + "redact: {inputs: [ssn]}\n"
+    with pytest.raises(ConfigError, match=r"redact\.secret: required when inputs"):
+        load_settings(_write(tmp_path, no_secret))
+    bad_pointer = GOOD + "redact: {json_pointers: [user/email], secret: 0123456789abcdef}\n"
+    with pytest.raises(ConfigError, match="'user/email' is not a JSON pointer"):
+        load_settings(_write(tmp_path, bad_pointer))
+    half_tls = GOOD.replace("port: 8001,", "port: 8001, tls_cert: /tmp/c.pem,")
+    with pytest.raises(ConfigError, match="give both or neither"):
+        load_settings(_write(tmp_path, half_tls))
+    good = GOOD + (
+        "redact: {outputs: [embedding], secret: 0123456789abcdef, store_payloads: false}\n"
+    )
+    s = load_settings(_write(tmp_path, good))
+    assert s.redact.hashes_values() and not s.redact.store_payloads
+    assert "0123456789abcdef" not in repr(s)

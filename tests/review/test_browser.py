@@ -49,8 +49,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 USERS = [
-    {"name": "vera", "token": "viewer-token", "role": "viewer"},
-    {"name": "rita", "token": "reviewer-token", "role": "reviewer"},
+    {"name": "vera", "token": "viewer-token-0123456", "role": "viewer"},
+    {"name": "rita", "token": "reviewer-token-0123456", "role": "reviewer"},
 ]
 N_REQUESTS = 5
 SHOTS = Path("/tmp")
@@ -93,7 +93,7 @@ async def _label_of(page: Any, base: str, sample_id: str) -> Any:
 
 
 async def _reviewer_triages(page: Any, base: str) -> str:
-    await _login(page, base, "reviewer-token")
+    await _login(page, base, "reviewer-token-0123456")
     await expect(page.locator("#who")).to_contain_text("rita")
     await expect(page.locator("#who")).to_contain_text("reviewer")
     rows = page.locator("#samples-body tr")
@@ -147,7 +147,7 @@ async def _still_labelled_after_reload(page: Any, first: str) -> None:
 
 
 async def _viewer_is_read_only(page: Any, base: str, first: str) -> None:
-    await _login(page, base, "viewer-token")
+    await _login(page, base, "viewer-token-0123456")
     await expect(page.locator("#who")).to_contain_text("viewer")
     await expect(page.locator("#samples-body tr")).to_have_count(N_REQUESTS)
     await page.keyboard.press("Enter")
