@@ -25,6 +25,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from . import admin
+from .admin_tls import admin_ssl_context
 from .buffer.embedded import start_embedded
 from .buffer.store import SampleStore
 from .canary.controller import CanaryController
@@ -367,6 +368,7 @@ class ProxyRunner:
             self.settings.admin.host,
             self.settings.admin.port,
             reuse_port=self._reuse_port or None,
+            ssl_context=admin_ssl_context(self.settings.admin),
         )
         await admin_site.start()
         self.admin_port = _bound_port(admin_site)
