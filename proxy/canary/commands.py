@@ -17,7 +17,7 @@ from ..buffer.store import SampleStore
 from ..errors import ConfigError
 from ..settings import Settings
 from .controller import describe
-from .state import ACTIONS, CanaryStore, apply_action
+from .state import ACTIONS, CanaryStore
 
 
 def add_parser(sub: Any) -> None:
@@ -50,9 +50,7 @@ async def run(args: argparse.Namespace, settings: Settings, store: SampleStore) 
         print(json.dumps(snap, indent=2) if args.json else render_status(snap))
         return 0
     by = f"cli:{getpass.getuser()}"
-    state, record = await canary.update(
-        lambda cur: apply_action(cur, args.canary_command, settings, by, args.reason)
-    )
+    state, record = await canary.command(args.canary_command, settings, by, args.reason)
     if args.json:
         print(json.dumps({"state": state.view() if state else None, "decision": record}))
     elif record is not None:

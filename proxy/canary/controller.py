@@ -6,6 +6,14 @@ next state through a check-and-set: the first replica to propose wins, the other
 state on their next read. The live path only calls ``split`` and ``count``, which never await.
 If Redis cannot be read for ``canary.stale_after_s``, this replica serves everything from the
 reference until it can again: it never serves the candidate on a weight it cannot confirm.
+
+Fail-safe: a rollout whose state disappears from Redis (a flush, an eviction, a Redis restarted
+without persistence) is never started again from its first step by a controller. The first replica
+to notice writes a ``lost`` state in its place (weight 0: every replica serves the reference), the
+decision log and ``shadowproxy_canary_decisions_total{outcome="state_lost"}`` say why, and only
+``shadowproxy canary restart`` starts it again. A replica notices from what it saw itself (the
+state it last read), or, when it has just started, from the decision log if that survived; one
+that started afresh where nothing was left is overruled by any replica that knew the rollout.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from ..settings import Settings
 from ..telemetry import Telemetry
 from . import gates as g
 from .evidence import CanaryTag, EvidenceBuffer
-from .state import CanaryStore, Change, Decision, RolloutState, fingerprint
+from .state import CanaryStore, Change, Decision, RolloutState, fingerprint, lost_state
 
 log = logging.getLogger("shadowproxy.canary")
 
@@ -127,6 +135,11 @@ class CanaryController:
         self._closing = False
         self._fingerprint = fingerprint(settings)
         self._warned_mismatch = False
+        self._seen: RolloutState | None = None
+        """The rollout as this process last read it (never forgotten, unlike ``_state``): its
+        disappearance is a loss, not a rollout to start."""
+        self._logged: dict[str, Any] | None = None
+        """The newest decision in the log, read while this process has not seen the rollout."""
 
     # ------------------------------------------------------------------ the live path
 
@@ -237,12 +250,20 @@ class CanaryController:
     def _start_if_new(self, cur: RolloutState | None) -> Change:
         """Start the rollout; or, when a finished one rolled out something else (a new build
         under the same id), a new attempt of it. A running rollout of something else is left to
-        the proxies configured for it (and ``canary restart``)."""
+        the proxies configured for it (and ``canary restart``). A rollout whose state was lost
+        is halted instead (see the module's docstring)."""
         now = time.time()
+        known = self._seen
         if cur is None:
+            if known is not None:
+                return lost_state(known, now)
+            if self._logged is not None:
+                return lost_state(self._from_log(self._logged, now), now)
             new = RolloutState.initial(self._settings, now)
             steps = ", ".join(f"{w:g}%" for w in new.steps)
             return new, Decision("started", f"rollout of {new.candidate} started: steps {steps}")
+        if known is not None and _recreated(known, cur):
+            return lost_state(known, now)
         if cur.fingerprint == self._fingerprint or cur.active:
             return None
         new = RolloutState.initial(self._settings, now, cur.attempt + 1)
@@ -252,8 +273,20 @@ class CanaryController:
         )
         return new, Decision("restarted", why)
 
+    def _from_log(self, record: dict[str, Any], now: float) -> RolloutState:
+        """The rollout as its newest decision describes it (the state itself is gone)."""
+        start = RolloutState.initial(self._settings, now, int(record.get("attempt", 1)))
+        step = min(max(int(record.get("step", 0)), 0), len(start.steps) - 1)
+        status = str(record.get("status", "running"))
+        return replace(start, step=step, status=status, started_at=0.0)  # type: ignore[arg-type]
+
     async def tick(self) -> None:
         """Read the rollout, evaluate its step, and move it if the gates say so."""
+        if self._seen is None:
+            # Until this process has seen the rollout, a surviving decision log is the witness
+            # that a missing state was lost rather than never made.
+            newest = await self.store.decisions(1)
+            self._logged = newest[-1] if newest else None
         state, record = await self.store.update(self._start_if_new)
         self._adopt(state, record)
         if state is None or not state.active or not self._ours(state):
@@ -273,6 +306,11 @@ class CanaryController:
             moved = (state.attempt, state.step) != (self._state.attempt, self._state.step)
             if moved or not state.active:
                 self._last_eval = None
+        newly_lost = self._seen is None or self._seen.status != "lost"
+        if state is not None and state.status == "lost" and newly_lost:
+            log.warning("canary %s: %s", state.rollout, state.reason)
+        if state is not None:
+            self._seen = state
         self._state = state
         self._read_at = time.monotonic()
         if record is not None:
@@ -292,11 +330,25 @@ class CanaryController:
         out["serving_weight_here"] = self.state.weight if self.state is not None else 0.0
         return out
 
+    def brief(self) -> dict[str, Any]:
+        """For ``/api/summary``: the rollout as this replica last read it, and whether it was
+        lost (then this replica serves the reference until ``canary restart``)."""
+        seen, here = self._seen, self.state
+        return {
+            "rollout": self.config.rollout_id,
+            "status": seen.status if seen is not None else None,
+            "state_lost": seen is not None and seen.status == "lost",
+            "reason": seen.reason if seen is not None else "",
+            "serving_weight_here": here.weight if here is not None and self._ours(here) else 0.0,
+        }
+
     def observe_gauges(self, options: CallbackOptions) -> Iterator[Observation]:
         """OpenTelemetry callback: the weight, the step and each gate's value and threshold."""
         attrs = {"rollout": self.config.rollout_id, "candidate": self.candidate.name}
         state = self.state
         yield Observation(state.weight if state else 0.0, {**attrs, "stat": "weight"})
+        lost = self._seen is not None and self._seen.status == "lost"
+        yield Observation(int(lost), {**attrs, "stat": "state_lost"})
         if state is not None:
             yield Observation(state.step + 1, {**attrs, "stat": "step"})
         for r in self._last_eval.gates if self._last_eval else []:
@@ -306,6 +358,19 @@ class CanaryController:
                 yield Observation(r.value, {**gate, "stat": "gate_value"})
             if r.threshold is not None:
                 yield Observation(r.threshold, {**gate, "stat": "gate_threshold"})
+
+
+def _recreated(known: RolloutState, cur: RolloutState) -> bool:
+    """Whether ``cur`` is an attempt a controller began afresh without knowing ``known`` (the
+    state was lost and a replica that never saw it started the rollout again). A controller's
+    new attempt always numbers above the one it replaced, and a person's restart is legitimate
+    whatever its number."""
+    return (
+        cur.status != "lost"
+        and cur.origin == "controller"
+        and cur.identity != known.identity
+        and cur.attempt <= known.attempt
+    )
 
 
 def evidence_view(evidence: Mapping[str, int]) -> dict[str, Any]:

@@ -24,7 +24,9 @@ from ..buffer.store import wait_running
 from ..errors import CanaryError, StoreError
 from ..settings import Settings
 
-Status = Literal["running", "paused", "awaiting_approval", "promoted", "rolled_back", "aborted"]
+Status = Literal[
+    "running", "paused", "awaiting_approval", "promoted", "rolled_back", "aborted", "lost"
+]
 ACTIVE: frozenset[str] = frozenset({"running", "paused", "awaiting_approval"})
 ACTIONS = ("pause", "resume", "abort", "promote", "restart")
 _CAS_RETRIES = 8
@@ -48,13 +50,18 @@ class RolloutState:
     fingerprint: str = ""
     """What was rolled out (candidate, where, which models, the steps): a proxy configured for
     something else does not act on this rollout."""
+    started_at: float = 0.0
+    """When this attempt began: with ``attempt``, tells an attempt from one re-created under the
+    same number after the state was lost."""
+    origin: str = "controller"
+    """Who began this attempt: a controller (first start, a new build) or a person (restart)."""
 
     @property
     def weight(self) -> float:
         """Percent of eligible live requests the candidate answers now."""
         if self.status == "promoted":
             return 100.0
-        if self.status in ("rolled_back", "aborted"):
+        if self.status in ("rolled_back", "aborted", "lost"):
             return 0.0
         return self.steps[self.step]
 
@@ -72,8 +79,15 @@ class RolloutState:
         data["approved"] = tuple(data.get("approved", ()))
         return cls(**data)
 
+    @property
+    def identity(self) -> tuple[int, float]:
+        """Which attempt this is: the same number re-created later is another attempt."""
+        return self.attempt, self.started_at
+
     @classmethod
-    def initial(cls, settings: Settings, now: float, attempt: int = 1) -> RolloutState:
+    def initial(
+        cls, settings: Settings, now: float, attempt: int = 1, origin: str = "controller"
+    ) -> RolloutState:
         canary = settings.canary
         assert canary is not None
         return cls(
@@ -86,6 +100,8 @@ class RolloutState:
             step_started_at=now,
             updated_at=now,
             fingerprint=fingerprint(settings),
+            started_at=now,
+            origin=origin,
         )
 
     def view(self) -> dict[str, Any]:
@@ -93,6 +109,7 @@ class RolloutState:
         data = asdict(self)
         data.pop("noted_wait")
         data.pop("fingerprint")
+        data.pop("started_at")
         data["weight"] = self.weight
         data["step_number"] = f"{self.step + 1}/{len(self.steps)}"
         return data
@@ -141,16 +158,39 @@ def fingerprint(settings: Settings) -> str:
     return hashlib.blake2b(json.dumps(what).encode(), digest_size=8).hexdigest()
 
 
+def lost_state(last: RolloutState, now: float) -> tuple[RolloutState, Decision]:
+    """What a controller writes where the rollout it knew is missing (or was re-created by a
+    controller that did not know it): a halted rollout that serves the reference until a person
+    restarts it. Never a fresh start, which would replay steps nobody approved again."""
+    why = (
+        f"the rollout's state disappeared from Redis (flushed, evicted, or Redis restarted "
+        f"without persistence) while it was {last.status.replace('_', ' ')} at step "
+        f"{last.step + 1} ({last.weight:g}%) of attempt {last.attempt}; serving the reference "
+        "until `shadowproxy canary restart`"
+    )
+    new = replace(last, status="lost", updated_at=now, reason=why, noted_wait=False)
+    return new, Decision("state_lost", why)
+
+
 def apply_action(
-    state: RolloutState | None, action: str, settings: Settings, by: str, reason: str
+    state: RolloutState | None,
+    action: str,
+    settings: Settings,
+    by: str,
+    reason: str,
+    last_attempt: int = 0,
 ) -> tuple[RolloutState, Decision]:
-    """A person's command (pause, resume, abort, promote, restart) applied to the rollout."""
+    """A person's command (pause, resume, abort, promote, restart) applied to the rollout.
+
+    ``last_attempt``: the highest attempt the decision log knows, so a restart with the state
+    gone does not reuse an attempt number (and its evidence, if that survived)."""
     now = time.time()
     why = reason or f"{action} by {by}"
     assert settings.canary is not None
     if action == "restart":
-        attempt = state.attempt + 1 if state is not None else 1
-        return RolloutState.initial(settings, now, attempt), Decision("restarted", why, by)
+        attempt = max(state.attempt if state is not None else 0, last_attempt) + 1
+        new = RolloutState.initial(settings, now, attempt, origin=by)
+        return new, Decision("restarted", why, by)
     if state is None:
         raise CanaryError(f"rollout {settings.canary.rollout_id!r} has not started yet")
     if not state.active:
@@ -257,6 +297,18 @@ class CanaryStore:
             self._r.lrange(self._keys.canary_decisions(self.rollout), 0, limit - 1)
         )
         return [json.loads(x) for x in reversed(raw)]
+
+    async def last_attempt(self) -> int:
+        """The attempt of the newest decision logged (0 when the log is empty or gone)."""
+        newest = await self.decisions(1)
+        return int(newest[-1].get("attempt", 0)) if newest else 0
+
+    async def command(
+        self, action: str, settings: Settings, by: str, reason: str
+    ) -> tuple[RolloutState | None, dict[str, Any] | None]:
+        """A person's command, by check-and-set (what the admin API and the CLI both run)."""
+        floor = await self.last_attempt() if action == "restart" else 0
+        return await self.update(lambda cur: apply_action(cur, action, settings, by, reason, floor))
 
     async def evidence(self, attempt: int, step: int) -> dict[str, int]:
         key = self._keys.canary_evidence(self.rollout, attempt, step)
