@@ -21,6 +21,7 @@ from .auth import (
     PRINCIPAL,
     Authenticator,
     Principal,
+    add_security_headers,
     auth_middleware,
     login,
     login_page,
@@ -29,7 +30,7 @@ from .auth import (
 from .buffer.store import LABELS
 from .canary import api as canary_api
 from .errors import StoreError
-from .keys import COVERAGE, DATA_APP, MIRROR, SETTINGS, STORE, TELEMETRY
+from .keys import CANARY, COVERAGE, DATA_APP, MIRROR, SETTINGS, STORE, TELEMETRY
 from .mirror_link import merge_tally
 from .settings import Settings
 from .telemetry import merge_prometheus_text
@@ -40,6 +41,7 @@ AUTH = web.AppKey("auth", Authenticator)
 def create_admin_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[auth_middleware(AUTH)])
     app[SETTINGS] = settings
+    app.on_response_prepare.append(add_security_headers)
     app.on_startup.append(_make_authenticator)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -62,8 +64,11 @@ def create_admin_app(settings: Settings) -> web.Application:
 
 async def _make_authenticator(app: web.Application) -> None:
     # Sessions share the data plane's Redis pool, which exists once the data app has started.
-    store = app[DATA_APP][STORE]
-    app[AUTH] = Authenticator(app[SETTINGS].admin, store.redis, store.keys)
+    data = app[DATA_APP]
+    store = data[STORE]
+    # Tokens and roles are looked up in the settings in force at each request (never copied
+    # into a session), so a reload that replaces them takes effect at once.
+    app[AUTH] = Authenticator(lambda: data[SETTINGS].admin, store.redis, store.keys)
 
 
 async def login_form(request: web.Request) -> web.Response:
@@ -229,6 +234,9 @@ async def summary(request: web.Request) -> web.Response:
             "coverage": await data[COVERAGE].report(),
             "stored_counters": stored,
             "population": snap["population"],
+            # The rollout as this replica sees it; ``state_lost`` says it serves the reference
+            # because the rollout's state vanished from Redis (until `canary restart`).
+            "canary": data[CANARY].brief() if CANARY in data else None,
         }
     )
 

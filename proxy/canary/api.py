@@ -23,7 +23,7 @@ from ..auth import PRINCIPAL, Authenticator
 from ..errors import CanaryError, StoreError
 from ..keys import CANARY, DATA_APP, SETTINGS
 from .controller import CanaryController
-from .state import ACTIONS, apply_action
+from .state import ACTIONS
 
 FLAGGER_PATH = "/api/canary/flagger"
 _MAX_WEBHOOK_BYTES = 64 * 1024
@@ -79,9 +79,7 @@ async def command(request: web.Request) -> web.Response:
     who = request[PRINCIPAL].name
     settings = request.app[SETTINGS]
     try:
-        state, record = await controller.store.update(
-            lambda cur: apply_action(cur, action, settings, who, reason)
-        )
+        state, record = await controller.store.command(action, settings, who, reason)
     except CanaryError as exc:
         return _error(409, str(exc))
     except StoreError as exc:
@@ -97,7 +95,8 @@ async def _evaluation(controller: CanaryController) -> dict[str, Any]:
     state = snap["state"] or {}
     evaluation = snap["evaluation"] or {"status": "wait", "gates": []}
     status = state.get("status")
-    if status in ("rolled_back", "aborted"):
+    if status in ("rolled_back", "aborted", "lost"):
+        # Lost: nothing vouches for the candidate any more, and this proxy serves the reference.
         verdict = "fail"
     elif status == "promoted":
         verdict = "pass"
@@ -139,6 +138,9 @@ async def flagger_webhook(request: web.Request, auth: Authenticator) -> web.Resp
 
     The token travels in the payload because Flagger webhooks cannot send headers; it then lives
     in the Canary resource, so give Flagger a token of its own with the viewer role."""
+    refused = auth.throttled(request)
+    if refused is not None:
+        return refused
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip() if scheme.lower() == "bearer" else ""
     payload: Any = {}
@@ -151,7 +153,7 @@ async def flagger_webhook(request: web.Request, auth: Authenticator) -> web.Resp
             payload = None
     if not token and isinstance(payload, dict) and isinstance(payload.get("metadata"), dict):
         token = str(payload["metadata"].get("token", ""))
-    if not token or auth.principal_for_token(token) is None:
+    if auth.check_token(request, token) is None:
         resp = _error(401, "send Authorization: Bearer <token>, or metadata.token in the payload")
         resp.headers["WWW-Authenticate"] = 'Bearer realm="shadowproxy"'
         return resp

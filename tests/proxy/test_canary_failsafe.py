@@ -1,0 +1,156 @@
+"""The canary fail-safe: a rollout whose state vanished from Redis is served by the reference and
+waits for a person's `canary restart`; no controller starts it again on its own.
+
+Fakes as in test_canary: the candidate answers like the reference, the rollout sits at 100% with
+more samples needed than the tests send, so it would stay there (and keep serving the candidate)
+if nothing happened to its state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+import yaml
+
+from proxy.app import ProxyRunner
+from proxy.settings import Settings
+from tests.conftest import ADMIN_TOKEN, wait_until
+from tests.proxy.test_canary import AUTH, _admin, _canary_settings, _cli, _infer, _weight_here
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+def _settings(ref: str, cand: str, redis_url: str, **canary: Any) -> Settings:
+    settings: Settings = _canary_settings(
+        ref, cand, redis_url, steps=[100], min_samples=10_000, **canary
+    )
+    return settings
+
+
+async def _served_by_candidate(proxy: ProxyRunner) -> bool:
+    # Until the reference's config says the model is stateless (looked up in the background)
+    # even plain requests stay on the reference.
+    return (await _infer(proxy, 1))[0][1] == "cand"
+
+
+async def _stored_status(proxy: ProxyRunner) -> str | None:
+    state = await proxy.canary.store.read()
+    return None if state is None else state.status
+
+
+async def test_a_flushed_rollout_serves_the_reference_until_restarted(
+    fake: Callable[..., Any],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+    redis_client: aioredis.Redis,
+) -> None:
+    ref, cand = await fake(), await fake()
+    proxy = await proxy_factory(_settings(ref.url, cand.url, redis_url))
+    await wait_until(lambda: _served_by_candidate(proxy), what="the candidate serving at 100%")
+
+    await redis_client.flushall()
+    await wait_until(lambda: _weight_here(proxy) == 0, what="the lost rollout adopted")
+    assert {who for _, who in await _infer(proxy, 10, first=100)} == {"ref"}
+    # Ten evaluations later it is still halted: nothing started it again from its first step.
+    await asyncio.sleep(10 * 0.05)
+    state = await proxy.canary.store.read()
+    assert state is not None and (state.status, state.attempt, state.weight) == ("lost", 1, 0)
+    assert "disappeared from Redis" in state.reason and "canary restart" in state.reason
+    assert [d["outcome"] for d in await proxy.canary.store.decisions()] == ["state_lost"]
+    assert {who for _, who in await _infer(proxy, 10, first=200)} == {"ref"}
+    # Counted and visible: the decision counter, the gauge, the summary, the Flagger webhook.
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        base = f"http://127.0.0.1:{proxy.admin_port}"
+        metrics = await (await s.get(f"{base}/metrics")).text()
+        summary = await (await s.get(f"{base}/api/summary")).json()
+    assert 'shadowproxy_canary_decisions_total{outcome="state_lost",rollout="cand"} 1' in metrics
+    assert 'stat="state_lost"} 1' in metrics
+    assert summary["canary"]["state_lost"] is True
+    assert summary["canary"]["serving_weight_here"] == 0
+    code, body = await _admin(proxy, "POST", "/api/canary/flagger", json={"name": "m"})
+    assert code == 409 and body["rollout_status"] == "lost"
+    # Commands other than restart are refused; restart is a new attempt, from the first step.
+    code, body = await _admin(proxy, "POST", "/api/canary/resume")
+    assert code == 409 and "only `restart`" in body["error"]
+    code, body = await _admin(proxy, "POST", "/api/canary/restart")
+    assert code == 200 and body["state"]["status"] == "running"
+    assert body["state"]["attempt"] == 2 and body["decision"]["by"] == "admin"
+    await wait_until(lambda: _served_by_candidate(proxy), what="the candidate serving again")
+
+
+async def test_a_replica_started_on_the_empty_store_is_overruled(
+    fake: Callable[..., Any],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+    redis_client: aioredis.Redis,
+) -> None:
+    """A replica that never saw the rollout finds nothing and starts it; a replica that knew it
+    halts that start, and both then serve the reference. (Evaluations are driven by hand: with
+    an hour between them, which replica acts when is the test's choice.)"""
+    ref, cand = await fake(), await fake()
+    settings = _settings(ref.url, cand.url, redis_url, interval_s=3600, stale_after_s=3600)
+    knew = await proxy_factory(settings)
+    assert await _stored_status(knew) == "running"
+
+    await redis_client.flushall()
+    fresh = await proxy_factory(settings)
+    state = await fresh.canary.store.read()
+    assert state is not None and (state.status, state.origin) == ("running", "controller")
+    knew.canary.poke()
+    await wait_until(lambda: _weight_here(knew) == 0, what="the replica that knew halts it")
+    assert await _stored_status(knew) == "lost"
+    fresh.canary.poke()
+    await wait_until(lambda: _weight_here(fresh) == 0, what="the fresh replica adopts the halt")
+    for proxy in (knew, fresh):
+        assert {who for _, who in await _infer(proxy, 5)} == {"ref"}
+    outcomes = [d["outcome"] for d in await knew.canary.store.decisions()]
+    assert outcomes == ["started", "state_lost"]
+
+
+async def test_a_restarted_proxy_finds_the_log_and_the_cli_restarts_the_rollout(
+    fake: Callable[..., Any],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+) -> None:
+    """Only the state key is gone (evicted) and the proxy restarts: the decision log that
+    survived says a rollout ran, so the new process halts it rather than start it again."""
+    ref, cand = await fake(), await fake()
+    settings = _settings(ref.url, cand.url, redis_url)
+    first = await proxy_factory(settings)
+    assert await _stored_status(first) == "running"
+    await first.stop()
+    await redis_client.delete(first.store.keys.canary("cand"))
+
+    again = await proxy_factory(settings)
+    state = await again.canary.store.read()
+    assert state is not None and (state.status, state.attempt) == ("lost", 1)
+    assert {who for _, who in await _infer(again, 5)} == {"ref"}
+
+    data = settings.model_dump(mode="json")
+    data["admin"]["token"] = ADMIN_TOKEN  # secrets dump as stars
+    data["buffer"]["redis_url"] = redis_url
+    config = tmp_path / "proxy.yaml"
+    config.write_text(yaml.safe_dump(data))
+    rc, out, err = await _cli("status", "--config", str(config))
+    assert rc == 0, err
+    assert "status   lost (attempt 1)" in out and "disappeared from Redis" in out
+    rc, out, err = await _cli("restart", "--config", str(config))
+    assert rc == 0, err
+    assert "restarted" in out and "cli:" in out
+    state = await again.canary.store.read()
+    assert state is not None and (state.status, state.attempt) == ("running", 2)
+    again.canary.poke()
+    await wait_until(lambda: _served_by_candidate(again), what="the candidate serving again")
