@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import math
 import secrets
 import time
@@ -75,6 +76,8 @@ _FINGERPRINT_ROUNDS = 20_000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+log = logging.getLogger("shadowproxy.admin")
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -118,6 +121,13 @@ class FailureLimiter:
                 self._failures.popitem(last=False)
         times.append(time.monotonic())
         self._failures[address] = times
+        if len(times) == self._limit and self.retry_after(address) is not None:
+            log.warning(
+                "admin: %s failed %d token checks within a minute; its token checks get 429 "
+                "for up to a minute",
+                address,
+                self._limit,
+            )
 
 
 def _fingerprint(name: str, token: SecretStr) -> str:

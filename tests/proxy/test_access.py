@@ -55,7 +55,10 @@ def _session(set_cookie: list[str]) -> dict[str, str]:
 
 
 async def test_failures_from_one_address_are_limited_and_successes_never(
-    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+    fake: Callable[..., Any],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     ref = await fake()
     proxy = await proxy_factory(_admin_settings(ref.url, redis_url, auth_failures_per_min=5))
@@ -83,6 +86,7 @@ async def test_failures_from_one_address_are_limited_and_successes_never(
                 assert "too many failed" in (await r.json())["error"]
     status, body, _ = await _login(base, ADMIN_TOKEN)
     assert status == 429 and "error" in body
+    assert "127.0.0.1 failed 5 token checks within a minute" in caplog.text
     # A browser already logged in is not locked out by someone else's guessing.
     status, r = await _status("GET", f"{base}/api/me", session)
     assert status == 200
