@@ -1,4 +1,5 @@
-"""The ``shadowproxy`` command line: serve, demo, replay, canary, review list/show/label/export."""
+"""The ``shadowproxy`` command line: serve, demo, replay, canary, review
+list/show/label/export/delete."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -84,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--note", default="")
     export = rsub.add_parser("export", help="write the golden set as JSON lines")
     export.add_argument("--out", required=True, type=Path, metavar="FILE")
-    for p in (lst, show, label, export):
+    delete = rsub.add_parser("delete", help="remove a sample, its payloads and its label")
+    delete.add_argument("id")
+    for p in (lst, show, label, export, delete):
         p.add_argument("--config", required=True, type=Path, metavar="FILE")
     return parser
 
@@ -148,7 +152,7 @@ async def open_store(settings: Settings) -> AsyncIterator[SampleStore]:
             await asyncio.to_thread(embedded.start)
             found = embedded.url
         url = found
-    store = SampleStore.from_url(url, settings.buffer)
+    store = SampleStore.from_url(url, settings.buffer, spool=False)  # it only reads and labels
     try:
         if not await store.ping():
             raise StoreError(f"cannot reach the sample store at {url.split('@')[-1]}")
@@ -226,8 +230,26 @@ async def _review(args: argparse.Namespace, settings: Settings) -> int:
             label = await store.label(sample["id"], args.verdict, args.note, "cli")
             print(f"{sample['id']}: {label['verdict']}" + (f" ({args.note})" if args.note else ""))
             return 0
+        if args.review_command == "delete":
+            sample = await _find(store, args.id)
+            await store.delete(sample["id"])
+            print(f"{sample['id']}: deleted")
+            return 0
+        private_file(args.out)
         await export_golden(store, args.out, settings.comparisons)
         return 0
+
+
+def private_file(path: Path) -> None:
+    """Make ``path`` a file only its owner may read before anything is written into it: created
+    0600 (never readable by others, not even for a moment), or narrowed to 0600 while still
+    holding what it held before (an export holds samples)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 async def _find(store: SampleStore, prefix: str) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
@@ -27,7 +26,8 @@ from .buffer.store import SampleStore
 from .canary.evidence import CanaryTag, EvidenceBuffer, comparison_counters, pair_counters
 from .errors import StoreError
 from .judge import Judge
-from .samples import headers_json, side_record
+from .redact import Redactor
+from .samples import sample_meta, sample_payloads
 from .settings import CandidateSettings, Settings
 from .telemetry import Telemetry
 
@@ -105,15 +105,18 @@ class StoreBatcher:
         self, batch: list[tuple[str, dict[str, Any], dict[str, bytes] | None]]
     ) -> None:
         assert self._store is not None
-        ok = False
+        lost: Counter[str] = Counter(candidate for candidate, _, _ in batch)
         try:
-            await self._store.record_many([(meta, payloads) for _, meta, payloads in batch])
-            ok = True
+            # With a spool, only what it could not hold is lost; without, the whole batch.
+            lost = await self._store.record_many([(meta, payloads) for _, meta, payloads in batch])
         except StoreError as exc:
             log.warning("%d verdicts not stored: %s", len(batch), exc)
         finally:
             for candidate, n in Counter(candidate for candidate, _, _ in batch).items():
-                self._tel.stored(candidate, ok=ok, n=n)
+                if n - lost[candidate]:
+                    self._tel.stored(candidate, ok=True, n=n - lost[candidate])
+                if lost[candidate]:
+                    self._tel.stored(candidate, ok=False, n=lost[candidate])
             self.unstored -= len(batch)
             if self.on_written is not None:
                 self.on_written(self.unstored)
@@ -145,6 +148,7 @@ class Comparer:
         self.judge = judge
         self._evidence = evidence
         self._batcher = StoreBatcher(store, telemetry)
+        self._redactor = Redactor(settings.redact, settings.proxy)
         self._rng = random.Random()
 
     @property
@@ -175,7 +179,7 @@ class Comparer:
             links=[Link(live)],
             attributes={
                 "shadowproxy.candidate": pair.candidate,
-                "shadowproxy.request_id": pair.request_id,
+                "shadowproxy.request_id": pair.request_id[: self._settings.proxy.max_id_chars],
             },
         ) as span:
             analysis = await self._compare(pair)
@@ -225,44 +229,27 @@ class Comparer:
 
     def _store(self, cand: CandidateSettings, pair: Pair, a: Analysis) -> None:
         keep = a.flagged or self._rng.random() < self._settings.buffer.store_unflagged_rate
-        meta = sample_meta(cand, pair, a, stored=keep)
+        meta = sample_meta(
+            self._redactor,
+            self._settings.proxy,
+            cand,
+            request_id=pair.request_id,
+            model=pair.model,
+            received_at=pair.received_at,
+            ref=pair.ref,
+            answer=pair.cand,
+            a=a,
+            stored=keep,
+        )
         payloads = None
         if keep:
-            payloads = {
-                "request": pair.request_body,
-                "request_headers": headers_json(pair.request_headers),
-                "reference_body": pair.ref.body,
-                "reference_headers": headers_json(pair.ref.headers.items()),
-                "candidate_body": pair.cand.body,
-                "candidate_headers": headers_json(pair.cand.headers.items()),
-            }
+            payloads = sample_payloads(
+                self._redactor, pair.request_body, pair.request_headers, pair.ref, pair.cand
+            )
         self._batcher.add(cand.name, meta, payloads)
 
     async def close(self) -> None:
         await self._batcher.close()
-
-
-def sample_meta(
-    cand: CandidateSettings, pair: Pair, a: Analysis, *, stored: bool
-) -> dict[str, Any]:
-    """The JSON record of one comparison: ids, both sides, every score, and why it was flagged."""
-    return {
-        "id": uuid.uuid4().hex,
-        "ts": pair.received_at,
-        "request_id": pair.request_id,
-        "candidate": cand.name,
-        "noise_floor": cand.noise_floor,
-        "model": pair.model,
-        "outcome": a.outcome,
-        "flagged": a.flagged,
-        "severity": a.severity,
-        "reason": a.reason,
-        "stored": stored,
-        "reference": side_record(pair.ref, a.reference, pair.model),
-        "candidate_side": side_record(pair.cand, a.candidate, cand.served_name(pair.model)),
-        "outputs": [v.to_dict() for v in a.verdicts],
-        "previews": a.previews,
-    }
 
 
 class LocalCompareSink:

@@ -200,3 +200,18 @@ async def timeseries(
             }
         )
     return web.json_response({"bucket_s": bucket, "series": series})
+
+
+async def delete_sample(request: web.Request, store: SampleStore) -> web.Response:
+    """``DELETE /api/samples/{id}`` (admin role, CSRF for browser sessions: the auth middleware
+    asks both of every write that is not a label): the sample, its payloads and its label."""
+    sample_id = request.match_info["id"]
+    try:
+        existed = await store.delete(sample_id)
+    except StoreError as exc:
+        return web.json_response({"error": f"sample store unavailable: {exc}"}, status=503)
+    if not existed:
+        return web.json_response(
+            {"error": f"no sample {sample_id!r} (unknown or expired)"}, status=404
+        )
+    return web.json_response({"deleted": sample_id})

@@ -1,13 +1,21 @@
-"""Pieces of the record of one comparison as stored in Redis (``compare_stage.sample_meta``)."""
+"""The record of one comparison as it may be stored: its metadata (``sample_meta``) and its
+payloads (``sample_payloads``), both through the ``Redactor`` and the size caps, before anything
+(the spool, Redis, the admin API, exports) sees them."""
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .analysis import Exchange
+from comparators import OutputVerdict
+
+from .analysis import Analysis, Exchange
 from .codec import DecodedResponse
+from .redact import Redactor
+from .settings import CandidateSettings, ProxySettings
 
 
 def side_record(x: Exchange, decoded: DecodedResponse | None, model: str) -> dict[str, Any]:
@@ -23,3 +31,72 @@ def side_record(x: Exchange, decoded: DecodedResponse | None, model: str) -> dic
 
 def headers_json(headers: Iterable[tuple[str, str]]) -> bytes:
     return json.dumps(list(headers)).encode()
+
+
+def sample_meta(
+    redactor: Redactor,
+    caps: ProxySettings,
+    cand: CandidateSettings,
+    *,
+    request_id: str,
+    model: str,
+    received_at: float,
+    ref: Exchange,
+    answer: Exchange,
+    a: Analysis,
+    stored: bool,
+) -> dict[str, Any]:
+    """The JSON record of one comparison: ids, both sides, every score, and why it was flagged.
+
+    At most ``proxy.max_outputs`` outputs (and previews) and ``proxy.max_id_chars`` of the
+    request id are kept: both come from clients and upstreams, and Redis is not theirs to fill.
+    """
+    verdicts: Sequence[OutputVerdict] = a.verdicts[: caps.max_outputs]
+    previews = dict(itertools.islice(a.previews.items(), caps.max_outputs))
+    outputs, previews = redactor.outputs([v.to_dict() for v in verdicts], previews)
+    reason = a.reason
+    if a.verdicts:
+        reason = "; ".join(f"{o['output']}: {o['reason']}" for o in outputs if o["flagged"])
+    meta = {
+        "id": uuid.uuid4().hex,
+        "ts": received_at,
+        "request_id": request_id[: caps.max_id_chars],
+        "candidate": cand.name,
+        "noise_floor": cand.noise_floor,
+        "model": model,
+        "outcome": a.outcome,
+        "flagged": a.flagged,
+        "severity": a.severity,
+        "reason": redactor.reason(a.outcome, reason),
+        "stored": stored,
+        "reference": side_record(ref, a.reference, model),
+        "candidate_side": side_record(answer, a.candidate, cand.served_name(model)),
+        "outputs": outputs,
+        "previews": previews,
+    }
+    if len(a.verdicts) > caps.max_outputs:
+        meta["outputs_dropped"] = len(a.verdicts) - caps.max_outputs
+    return meta
+
+
+def sample_payloads(
+    redactor: Redactor,
+    request_body: bytes,
+    request_headers: Iterable[tuple[str, str]],
+    ref: Exchange,
+    answer: Exchange,
+) -> dict[str, bytes]:
+    """The bodies and headers to store, redacted (none at all with ``store_payloads: false``)."""
+    if not redactor.store_payloads:
+        return {}
+    request = redactor.request(request_body, request_headers)
+    reference = redactor.answer(ref.body, ref.headers.items())
+    candidate = redactor.answer(answer.body, answer.headers.items())
+    return {
+        "request": request.data,
+        "request_headers": headers_json(request.headers),
+        "reference_body": reference.data,
+        "reference_headers": headers_json(reference.headers),
+        "candidate_body": candidate.data,
+        "candidate_headers": headers_json(candidate.headers),
+    }

@@ -10,15 +10,31 @@ Schema (``{ns}`` is the configurable namespace, default ``sp:v1``):
                                      without tensor previews, for fast lists), ``request``,
                                      ``request_headers``, ``reference_body``, ``reference_headers``,
                                      ``candidate_body``, ``candidate_headers``, ``label`` (JSON).
-                                     Expires after ``buffer.sample_ttl_s``; a label removes the
-                                     TTL until the sample is exported to the golden set.
+                                     Expires after ``buffer.sample_ttl_s``; a label sets
+                                     ``buffer.labelled_ttl_s`` instead (and an export gives a
+                                     labelled sample ``sample_ttl_s`` back). Bodies and headers
+                                     are stored redacted (``proxy/redact.py``).
 ``{ns}:flagged``             ZSET    flagged sample ids scored by time; trimmed to
                                      ``buffer.flagged_index_max``; ids whose hash expired are
                                      pruned on read.
+``{ns}:kept``                ZSET    the same for unflagged samples stored for context
+                                     (``buffer.store_unflagged_rate``). Every stored sample is in
+                                     exactly one of the two indexes, and trimming an index deletes
+                                     the trimmed samples with it (never an orphan); labelled ones
+                                     are never trimmed: they stay listed until their own TTL. The
+                                     verdict stream holds no samples: its trimming drops verdict
+                                     summaries only.
 ``{ns}:labels``              HASH    sample id -> its label (JSON), read in one call for lists;
                                      pruned with the index.
-``{ns}:stats``               HASH    counters for ``/api/summary``: ``{candidate}|{outcome}`` and
-                                     ``{candidate}|{model}|{output}|flagged``.
+``{ns}:stats``               HASH    counters for ``/api/summary``: ``{candidate}|{outcome}``,
+                                     ``{candidate}|{model}|{output}|flagged``, and
+                                     ``{candidate}|spool_full`` (verdicts lost because Redis was
+                                     down and the on-disk spool was full; added once Redis is
+                                     back).
+``{ns}:replayed:{id}``       STRING  marks a verdict without a sample (no payloads) written by a
+                                     spool replay, so a replay repeated after a crash cannot add
+                                     it twice (a sample's own hash is its mark). Expires after
+                                     ``REPLAY_MARKER_TTL_S``.
 
 ``{ns}:session:{sid}``       STRING  a browser login (JSON: user, role, csrf), expiring after
                                      ``admin.session_ttl_s``.
@@ -48,6 +64,11 @@ from dataclasses import dataclass
 DEFAULT_NAMESPACE = "sp:v1"
 CANARY_DECISIONS_MAX = 1000
 CANARY_EVIDENCE_TTL_S = 30 * 24 * 3600
+# A replayed verdict's mark must outlive the longest a spooled segment may wait to be replayed
+# again after a crash between writing it and deleting it (the next start of any process).
+REPLAY_MARKER_TTL_S = 7 * 24 * 3600
+# Trimming an index looks at most this many labelled ids (kept) beyond the excess per write.
+TRIM_SCAN_MAX = 1000
 
 # Payload fields of a sample hash; ``meta`` and ``label`` are JSON, the rest raw bytes/JSON.
 FIELD_META = "meta"
@@ -76,6 +97,10 @@ class KeySchema:
         return f"{self.namespace}:flagged"
 
     @property
+    def kept(self) -> str:
+        return f"{self.namespace}:kept"
+
+    @property
     def labels(self) -> str:
         return f"{self.namespace}:labels"
 
@@ -85,6 +110,9 @@ class KeySchema:
 
     def sample(self, sample_id: str) -> str:
         return f"{self.namespace}:sample:{sample_id}"
+
+    def replayed(self, sample_id: str) -> str:
+        return f"{self.namespace}:replayed:{sample_id}"
 
     def session(self, session_id: str) -> str:
         return f"{self.namespace}:session:{session_id}"
@@ -105,3 +133,7 @@ def outcome_stat(candidate: str, outcome: str) -> str:
 
 def flagged_stat(candidate: str, model: str, output: str) -> str:
     return f"{candidate}|{model}|{output}|flagged"
+
+
+def spool_full_stat(candidate: str) -> str:
+    return f"{candidate}|spool_full"

@@ -59,6 +59,13 @@ async def test_review_list_show_label_export(
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and {r["label"] for r in rows} == {"regression", None}
     assert rows[0]["request"]["json"]["inputs"][0]["name"] == "x"
+    assert out.stat().st_mode & 0o777 == 0o600  # it holds samples: its owner's only
+    deleted = _cli("review", "delete", short, "--config", str(config))
+    assert deleted.returncode == 0 and "deleted" in deleted.stdout, deleted.stderr
+    gone = _cli("review", "show", items[0]["id"], "--config", str(config))
+    assert gone.returncode == 2 and "matches no stored sample" in gone.stderr
+    listed = _cli("review", "list", "--flagged", "--json", "--config", str(config))
+    assert [i["request_id"] for i in json.loads(listed.stdout)] == [items[1]["request_id"]]
 
 
 def test_bad_arguments_and_config_say_what_is_wrong(tmp_path: Path) -> None:

@@ -138,7 +138,7 @@ async def test_filters_sorting_paging_tensors_and_timeseries(
         assert sum(p["flagged"] for p in series["small"]["points"]) == 3
 
 
-async def test_labelled_samples_outlive_the_ttl_until_exported(
+async def test_labelled_samples_outlive_the_sample_ttl_until_exported(
     fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
 ) -> None:
     proxy = await _setup(fake, proxy_factory, redis_url)
@@ -148,7 +148,9 @@ async def test_labelled_samples_outlive_the_ttl_until_exported(
         key = proxy.store.keys.sample(items[0]["id"])
         assert await client.ttl(key) > 0
         await proxy.store.label(items[0]["id"], "regression", "", "rita")
-        assert await client.ttl(key) == -1  # no expiry while it waits to be exported
+        # Past the sample TTL while it waits to be exported, but not forever.
+        assert proxy.settings.buffer.sample_ttl_s < await client.ttl(key)
+        assert await client.ttl(key) <= proxy.settings.buffer.labelled_ttl_s
         await proxy.store.mark_exported([items[0]["id"]])
         assert await client.ttl(key) > 0
     finally:
