@@ -69,6 +69,7 @@ class SampleStore:
         """Redis failed a write: batches go to the spool until the replay task drained it."""
         self._replayer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._replaying = asyncio.Lock()  # the replay task and ``flush`` take turns
         self._unflushed_full: Counter[str] = Counter()
         self.spooled = 0
         self.replayed = 0
@@ -205,6 +206,10 @@ class SampleStore:
     async def _replay_all(self) -> None:
         """Replay every segment nobody holds, oldest first, once Redis answers; then let new
         batches go to Redis again."""
+        async with self._replaying:
+            await self._replay_segments()
+
+    async def _replay_segments(self) -> None:
         spool = self.spool
         assert spool is not None
         if not (self._down or await self._on_disk(spool.pending)) or not await self.ping():

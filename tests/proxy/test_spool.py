@@ -228,3 +228,20 @@ def test_a_torn_tail_ends_the_segment_and_is_counted(tmp_path: Path) -> None:
     reader = Spool(directory, 1 << 20)
     claimed = reader.claim_oldest()
     assert claimed is not None and reader.read(claimed) == [b"whole"] and reader.torn == 1
+
+
+async def test_flush_on_shutdown_writes_what_is_spooled_once_redis_answers(
+    own_redis: EmbeddedRedis, tmp_path: Path
+) -> None:
+    settings = BufferSettings(spool_dir=tmp_path / "spool")
+    url = own_redis.url
+    await asyncio.to_thread(own_redis.stop)
+    store = SampleStore.from_url(url, settings)
+    try:
+        await store.record_many([_record() for _ in range(3)])
+        assert not await store.flush()  # Redis is still down: it stays on disk
+        await asyncio.to_thread(own_redis.start)
+        assert await store.flush()
+        assert (await _counts(url))["flagged"] == 3 and store.replayed == 3
+    finally:
+        await store.close()
