@@ -4,48 +4,35 @@ One ``SampleStore`` owns one ``redis.asyncio`` client (its connection pool). Wri
 compare stage only, never from the live path; each batch is one idempotent script call under
 ``buffer.write_timeout_s`` (``records``).
 
-With a spool (``buffer.spool_path()``, the default for a store built by ``from_url``), a batch
-Redis does not take goes to disk instead, and so does every batch after it until a background
-task finds Redis answering again: it then replays the spool's segments oldest first (this
-process's and any another process left behind), while new verdicts go straight to Redis again.
-A restart replays what is still spooled (``start``). Only what the spool cannot hold is lost,
-counted per candidate (``lost`` and the ``{candidate}|spool_full`` counter in Redis). Without a
-spool a failed write raises ``StoreError`` for the caller to count.
+With a spool (``buffer.spool_path()``, the default for a store built by ``from_url``), what
+Redis does not take waits on disk and is replayed when it returns, and on the next start
+(``outbox``). Without one, a failed write raises ``StoreError`` for the caller to count.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
-import logging
 import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Mapping
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..errors import StoreError
 from ..settings import BufferSettings
-from .keys import FIELD_LABEL, FIELD_META, FIELD_SUMMARY, KeySchema, spool_full_stat
+from .keys import FIELD_LABEL, FIELD_META, FIELD_SUMMARY, KeySchema
+from .outbox import Outbox
 from .records import Encoded, RecordWriter, encode
 from .spool import Spool
 
 LABELS = ("acceptable", "regression", "needs-look")
-log = logging.getLogger("shadowproxy.store")
-T = TypeVar("T")
 
 Records = list[tuple[Mapping[str, Any], Mapping[str, bytes] | None]]
-# Records replayed per script call, and how often the replay task looks: soon while verdicts
-# wait on disk, rarely otherwise (for segments another process left behind).
-_REPLAY_BATCH = 128
-_REPLAY_BUSY_S = 0.5
-_REPLAY_IDLE_S = 5.0
 
 
 class SampleStore:
@@ -62,19 +49,8 @@ class SampleStore:
         self.keys = keys
         self._summaries: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._writer = RecordWriter(client, settings, keys)
-        self.spool = spool
-        # One thread for the spool's file I/O: appends, seals and replays stay in order.
-        self._disk = ThreadPoolExecutor(1, thread_name_prefix="spool") if spool else None
-        self._down = False
-        """Redis failed a write: batches go to the spool until the replay task drained it."""
-        self._replayer: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-        self._replaying = asyncio.Lock()  # the replay task and ``flush`` take turns
-        self._unflushed_full: Counter[str] = Counter()
-        self.spooled = 0
-        self.replayed = 0
-        self.lost: Counter[str] = Counter()
-        """Per candidate: verdicts refused by a full spool (lost)."""
+        self.outbox = Outbox(spool, self._write, self.ping) if spool is not None else None
+        """With a spool: spooled, replayed and lost counts for metrics (``outbox``)."""
 
     @classmethod
     def from_url(
@@ -116,18 +92,13 @@ class SampleStore:
 
     async def start(self) -> None:
         """Start replaying what an earlier run (or a dead process) left in the spool."""
-        if self.spool is not None and self._replayer is None:
-            self._replayer = asyncio.get_running_loop().create_task(self._replay_loop())
+        if self.outbox is not None:
+            self.outbox.start()
 
     async def close(self) -> None:
         """Stop replaying and seal this process's segment (the next start replays it)."""
-        if self._replayer is not None:
-            self._replayer.cancel()
-            await asyncio.gather(self._replayer, return_exceptions=True)
-            self._replayer = None
-        if self.spool is not None and self._disk is not None:
-            await self._on_disk(self.spool.close)
-            self._disk.shutdown(wait=True)
+        if self.outbox is not None:
+            await self.outbox.close()
         await self._r.aclose()
 
     async def ping(self) -> bool:
@@ -156,88 +127,17 @@ class SampleStore:
         the spool; returns how many per candidate were lost (the spool was full). Without a
         spool, a failure raises ``StoreError``."""
         batch = [encode(meta, payloads, self._settings, self.keys) for meta, payloads in records]
-        if self.spool is None:
-            await self._write(batch, replay=False)
+        if self.outbox is None:
+            await self._write(batch, False, Counter())
             return Counter()
-        await self.start()
-        if not self._down:
-            try:
-                await self._write(batch, replay=False)
-                return Counter()
-            except StoreError as exc:
-                log.warning("redis refused %d verdicts (%s): spooling to disk", len(batch), exc)
-                self._down = True
-                self._wake.set()
-        return await self._spool_batch(batch)
+        return await self.outbox.send(batch)
 
-    async def _write(self, batch: list[Encoded], *, replay: bool) -> None:
-        full = +self._unflushed_full
-        extra = Counter({spool_full_stat(c): n for c, n in full.items()})
+    async def _write(self, batch: list[Encoded], replay: bool, extra: Counter[str]) -> None:
         await self._guard(self._writer.call(self._writer.args(batch, replay=replay, extra=extra)))
-        self._unflushed_full -= full
-
-    async def _spool_batch(self, batch: list[Encoded]) -> Counter[str]:
-        assert self.spool is not None
-        refused = await self._on_disk(self.spool.append, [r.to_bytes() for r in batch])
-        lost = Counter(batch[i].candidate for i in refused)
-        if lost:
-            log.warning("spool full: %d verdicts lost", len(refused))
-        self.spooled += len(batch) - len(refused)
-        self.lost += lost
-        self._unflushed_full += lost
-        return lost
-
-    async def _on_disk(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
-
-    async def _replay_loop(self) -> None:
-        while True:
-            try:
-                await self._replay_all()
-            except StoreError as exc:
-                log.info("redis failed again while the spool was replayed: %s", exc)
-            except Exception:
-                log.exception("replaying the spool failed; trying again")
-            delay = _REPLAY_BUSY_S if self._down else _REPLAY_IDLE_S
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
-
-    async def _replay_all(self) -> None:
-        """Replay every segment nobody holds, oldest first, once Redis answers; then let new
-        batches go to Redis again."""
-        async with self._replaying:
-            await self._replay_segments()
-
-    async def _replay_segments(self) -> None:
-        spool = self.spool
-        assert spool is not None
-        if not (self._down or await self._on_disk(spool.pending)) or not await self.ping():
-            return
-        await self._on_disk(spool.seal)
-        while (claimed := await self._on_disk(spool.claim_oldest)) is not None:
-            try:
-                records = [Encoded.from_bytes(b) for b in await self._on_disk(spool.read, claimed)]
-                for i in range(0, len(records), _REPLAY_BATCH):
-                    await self._write(records[i : i + _REPLAY_BATCH], replay=True)
-            except BaseException:
-                await self._on_disk(spool.release, claimed)
-                raise
-            await self._on_disk(spool.done, claimed)
-            self.replayed += len(records)
-        # No await between the check and the switch: a batch spooled meanwhile is seen here.
-        if spool.open_records == 0:
-            if self._down:
-                log.info("redis is back; the spool is replayed")
-            self._down = False
 
     async def flush(self) -> bool:
         """Replay what is spooled now (on shutdown); whether nothing is left waiting."""
-        if self.spool is None:
-            return True
-        with contextlib.suppress(StoreError):
-            await self._replay_all()
-        return not self._down and not await self._on_disk(self.spool.pending)
+        return True if self.outbox is None else await self.outbox.flush()
 
     async def list_samples(
         self,

@@ -92,7 +92,8 @@ async def test_redis_outage_under_traffic_loses_no_verdict(
     await send_infers(proxy, [f"before-{i}" for i in range(5)])
     await asyncio.to_thread(own_redis.stop)
     await send_infers(proxy, [f"during-{i}" for i in range(30)], first=5)
-    assert proxy.store.spooled == 30 and not proxy.store.lost
+    assert proxy.store.outbox is not None
+    assert proxy.store.outbox.spooled == 30 and not proxy.store.outbox.lost
     await asyncio.to_thread(own_redis.start)
     await send_infers(proxy, [f"after-{i}" for i in range(5)], first=35)
 
@@ -116,7 +117,7 @@ async def test_a_restart_replays_what_is_still_spooled(
     await asyncio.to_thread(own_redis.stop)
     first = SampleStore.from_url(url, settings)
     lost = await first.record_many([_record() for _ in range(7)])
-    assert not lost and first.spooled == 7
+    assert first.outbox is not None and not lost and first.outbox.spooled == 7
     await first.close()  # the proxy stops while Redis is still down
     assert len(list((tmp_path / "spool").glob("*.seg"))) == 1
     await asyncio.to_thread(own_redis.start)
@@ -128,7 +129,7 @@ async def test_a_restart_replays_what_is_still_spooled(
             return int((await _counts(url))["flagged"] == 7)
 
         await wait_until(replayed, timeout_s=20, what="the spooled samples replayed")
-        assert second.replayed == 7
+        assert second.outbox is not None and second.outbox.replayed == 7
     finally:
         await second.close()
     assert not list((tmp_path / "spool").iterdir())
@@ -147,13 +148,15 @@ async def test_a_segment_replayed_twice_is_written_once(
     spool.append([encode(m, p, settings, keys).to_bytes() for m, p in records])
     spool.seal()
     store = SampleStore.from_url(url, settings)
+    outbox = store.outbox
+    assert outbox is not None
     try:
         await store.start()
-        await wait_until(lambda: store.replayed == 5, timeout_s=20, what="first replay")
+        await wait_until(lambda: outbox.replayed == 5, timeout_s=20, what="first replay")
         # The same segment again, as if the process had died before deleting it.
         spool.append([encode(m, p, settings, keys).to_bytes() for m, p in records])
         spool.seal()
-        await wait_until(lambda: store.replayed == 10, timeout_s=20, what="second replay")
+        await wait_until(lambda: outbox.replayed == 10, timeout_s=20, what="second replay")
     finally:
         await store.close()
     counts = await _counts(url)
@@ -171,8 +174,8 @@ async def test_what_the_spool_cannot_hold_is_counted(
     try:
         big = b"x" * (400 * 1024)
         lost = await store.record_many([_record("c", body=big) for _ in range(4)])
-        assert lost == {"c": 2} and store.spooled == 2
-        assert store.spool is not None and store.spool.usage() <= settings.spool_max_bytes
+        assert store.outbox is not None and lost == {"c": 2} and store.outbox.spooled == 2
+        assert store.outbox.spool.usage() <= settings.spool_max_bytes
         await asyncio.to_thread(own_redis.start)
 
         async def counted() -> dict[str, Any]:
@@ -242,6 +245,7 @@ async def test_flush_on_shutdown_writes_what_is_spooled_once_redis_answers(
         assert not await store.flush()  # Redis is still down: it stays on disk
         await asyncio.to_thread(own_redis.start)
         assert await store.flush()
-        assert (await _counts(url))["flagged"] == 3 and store.replayed == 3
+        assert (await _counts(url))["flagged"] == 3
+        assert store.outbox is not None and store.outbox.replayed == 3
     finally:
         await store.close()
