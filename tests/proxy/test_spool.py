@@ -35,6 +35,15 @@ async def own_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
     await asyncio.to_thread(server.stop)
 
 
+async def _store_during_outage(
+    own_redis: EmbeddedRedis, settings: BufferSettings
+) -> tuple[SampleStore, str]:
+    """A store whose Redis has just stopped (as a proxy sees an outage begin), and its URL."""
+    url = own_redis.url
+    await asyncio.to_thread(own_redis.stop)
+    return SampleStore.from_url(url, settings), url
+
+
 async def _counts(url: str) -> dict[str, Any]:
     """What Redis holds, read the way a reviewer's tools would see it."""
     client = aioredis.Redis.from_url(url)
@@ -113,9 +122,7 @@ async def test_a_restart_replays_what_is_still_spooled(
     own_redis: EmbeddedRedis, tmp_path: Path
 ) -> None:
     settings = BufferSettings(spool_dir=tmp_path / "spool")
-    url = own_redis.url
-    await asyncio.to_thread(own_redis.stop)
-    first = SampleStore.from_url(url, settings)
+    first, url = await _store_during_outage(own_redis, settings)
     lost = await first.record_many([_record() for _ in range(7)])
     assert first.outbox is not None and not lost and first.outbox.spooled == 7
     await first.close()  # the proxy stops while Redis is still down
@@ -168,9 +175,7 @@ async def test_what_the_spool_cannot_hold_is_counted(
     own_redis: EmbeddedRedis, tmp_path: Path
 ) -> None:
     settings = BufferSettings(spool_dir=tmp_path / "spool", spool_max_bytes=1024 * 1024)
-    url = own_redis.url
-    await asyncio.to_thread(own_redis.stop)
-    store = SampleStore.from_url(url, settings)
+    store, url = await _store_during_outage(own_redis, settings)
     try:
         big = b"x" * (400 * 1024)
         lost = await store.record_many([_record("c", body=big) for _ in range(4)])
@@ -237,9 +242,7 @@ async def test_flush_on_shutdown_writes_what_is_spooled_once_redis_answers(
     own_redis: EmbeddedRedis, tmp_path: Path
 ) -> None:
     settings = BufferSettings(spool_dir=tmp_path / "spool")
-    url = own_redis.url
-    await asyncio.to_thread(own_redis.stop)
-    store = SampleStore.from_url(url, settings)
+    store, url = await _store_during_outage(own_redis, settings)
     try:
         await store.record_many([_record() for _ in range(3)])
         assert not await store.flush()  # Redis is still down: it stays on disk
