@@ -116,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger().setLevel(settings.log_level)
             install_event_loop_policy()
             if args.workers > 1:
-                return serve_workers(settings, args.workers)
-            asyncio.run(serve(settings))
+                return serve_workers(settings, args.workers, config_path=args.config)
+            asyncio.run(serve(settings, config_path=args.config))
             return 0
         if args.command == "demo" and args.canary:
             from .demo.canary import run_canary_demo
