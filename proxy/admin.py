@@ -30,7 +30,17 @@ from .auth import (
 from .buffer.store import LABELS
 from .canary import api as canary_api
 from .errors import StoreError
-from .keys import CANARY, COVERAGE, DATA_APP, MIRROR, SETTINGS, STORE, TELEMETRY
+from .keys import (
+    CANARY,
+    COVERAGE,
+    CURRENT,
+    DATA_APP,
+    LIVE_SESSION,
+    MIRROR,
+    SETTINGS,
+    STORE,
+    TELEMETRY,
+)
 from .mirror_link import merge_tally
 from .settings import Settings
 from .telemetry import merge_prometheus_text
@@ -54,6 +64,7 @@ def create_admin_app(settings: Settings) -> web.Application:
     app.router.add_get("/api/samples/{id}", get_sample)
     app.router.add_get("/api/samples/{id}/tensors", get_tensors)
     app.router.add_post("/api/samples/{id}/label", label_sample)
+    app.router.add_delete("/api/samples/{id}", delete_sample)
     app.router.add_get("/api/summary", summary)
     app.router.add_get("/api/timeseries", timeseries)
     canary_api.add_routes(app, AUTH)
@@ -68,7 +79,7 @@ async def _make_authenticator(app: web.Application) -> None:
     store = data[STORE]
     # Tokens and roles are looked up in the settings in force at each request (never copied
     # into a session), so a reload that replaces them takes effect at once.
-    app[AUTH] = Authenticator(lambda: data[SETTINGS].admin, store.redis, store.keys)
+    app[AUTH] = Authenticator(lambda: data[CURRENT].settings.admin, store.redis, store.keys)
 
 
 async def login_form(request: web.Request) -> web.Response:
@@ -98,8 +109,10 @@ async def readyz(request: web.Request) -> web.Response:
     checks: dict[str, str] = {}
     url = f"{settings.reference.url}/v2/health/ready"
     try:
+        # The live process's client session (one per process, pooled): no new session, DNS
+        # lookup and connection per probe.
         timeout = aiohttp.ClientTimeout(total=2.0)
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as resp:
+        async with data[LIVE_SESSION].get(url, timeout=timeout) as resp:
             checks["reference"] = "ok" if resp.status == 200 else f"answered {resp.status}"
     except (aiohttp.ClientError, TimeoutError) as exc:
         checks["reference"] = f"unreachable: {type(exc).__name__}"
@@ -205,9 +218,13 @@ async def label_sample(request: web.Request) -> web.Response:
     return web.json_response(label)
 
 
+async def delete_sample(request: web.Request) -> web.Response:
+    return await review_api.delete_sample(request, request.app[DATA_APP][STORE])
+
+
 async def timeseries(request: web.Request) -> web.Response:
     data = request.app[DATA_APP]
-    noise = {c.name: c.noise_floor for c in data[SETTINGS].candidates}
+    noise = {c.name: c.noise_floor for c in data[CURRENT].settings.candidates}
     return await review_api.timeseries(request, data[STORE], noise)
 
 
@@ -223,7 +240,7 @@ async def summary(request: web.Request) -> web.Response:
             "time": time.time(),
             "candidates": [
                 {"name": c.name, "noise_floor": c.noise_floor, "sample_rate": c.sample_rate}
-                for c in data[SETTINGS].candidates
+                for c in data[CURRENT].settings.candidates
             ],
             "mirror_worker": snap["worker"],
             "in_flight": snap["in_flight"],

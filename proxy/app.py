@@ -16,6 +16,7 @@ The admin app only reads those resources; start it after the data app and stop i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from pydantic import SecretStr
 
 from . import admin
 from .admin_tls import admin_ssl_context
+from .admin_worker import ADMIN_WORKER, AdminWorker
 from .buffer.embedded import start_embedded
 from .buffer.store import SampleStore
 from .canary.controller import CanaryController
@@ -41,6 +43,7 @@ from .keys import (
     CANARY,
     COMPARER,
     COVERAGE,
+    CURRENT,
     DATA_APP,
     EMBEDDED_REDIS,
     EVIDENCE,
@@ -58,6 +61,7 @@ from .keys import (
 from .mirror import MirrorScheduler
 from .mirror_api import CompareSink, Mirror
 from .mirror_link import MirrorLink
+from .reload import ReloadPlan, SettingsRef, plan_reload
 from .settings import Settings
 from .shadow_client import SKIP_AUTO_HEADERS, ShadowClient
 from .telemetry import Telemetry
@@ -96,6 +100,15 @@ def build_compare_app(settings: Settings) -> web.Application:
     return app
 
 
+def build_review_app(settings: Settings) -> web.Application:
+    """The review worker's resources (``admin_worker``): the sample store, read only."""
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[CURRENT] = SettingsRef(settings)
+    app.cleanup_ctx.append(_store_ctx)
+    return app
+
+
 def create_apps(
     settings: Settings, *, telemetry: Telemetry | None = None
 ) -> tuple[web.Application, web.Application]:
@@ -105,6 +118,7 @@ def create_apps(
         handler_args={"auto_decompress": False},
     )
     data[SETTINGS] = settings
+    data[CURRENT] = current = SettingsRef(settings)
     data.cleanup_ctx.append(_telemetry_ctx(telemetry))
     data.cleanup_ctx.append(_store_ctx)
     data.cleanup_ctx.append(_evidence_ctx)
@@ -126,7 +140,31 @@ def create_apps(
 
     admin_app = admin.create_admin_app(settings)
     admin_app[DATA_APP] = data
+    admin_app[CURRENT] = current
+    # Heavy reads go to the review worker once the auth middleware (first) has let them in.
+    review = AdminWorker(lambda: _child_settings(data, current.settings))
+    admin_app.middlewares.append(review.middleware)
+    admin_app.cleanup_ctx.append(_admin_worker_ctx(review))
     return data, admin_app
+
+
+def _child_settings(app: web.Application, settings: Settings) -> Settings:
+    """``settings`` for a child process of ``app``: it writes to the Redis this process uses."""
+    if EMBEDDED_REDIS not in app:
+        return settings
+    url = SecretStr(app[EMBEDDED_REDIS].url)
+    return settings.model_copy(
+        update={"buffer": settings.buffer.model_copy(update={"redis_url": url})}
+    )
+
+
+def _admin_worker_ctx(review: AdminWorker) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        app[ADMIN_WORKER] = review
+        yield
+        await review.close()
+
+    return ctx
 
 
 async def _handle(request: web.Request) -> web.StreamResponse:
@@ -153,14 +191,25 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         embedded = await asyncio.to_thread(start_embedded, settings.buffer.state_dir)
         app[EMBEDDED_REDIS] = embedded
         url = embedded.url
-    store = SampleStore.from_url(url, settings.buffer, starvable=app.get(STARVABLE, False))
+    # The processes that store verdicts spool them while Redis is away; the others only read.
+    comparing = app.get(STARVABLE, False) or not settings.proxy.mirror_process
+    store = SampleStore.from_url(
+        url, settings.buffer, starvable=app.get(STARVABLE, False), spool=comparing
+    )
     app[STORE] = store
+    if comparing:
+        await store.start()  # replays what an earlier run left in the spool
     if not await store.ping():
-        # Not fatal: the live path never needs Redis. Samples are counted as not stored.
-        log.warning("redis is not reachable now; verdicts will be counted as store_failed")
+        # Not fatal: the live path never needs Redis. Verdicts wait in the spool meanwhile.
+        log.warning("redis is not reachable now; verdicts wait in the spool until it is")
     try:
         yield
     finally:
+        if comparing:
+            # Shutdown: what is spooled goes to Redis now if it answers (else the next start
+            # replays it).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(store.flush(), settings.proxy.drain_timeout_s)
         await store.close()
         if EMBEDDED_REDIS in app:
             await asyncio.to_thread(app[EMBEDDED_REDIS].stop)
@@ -279,13 +328,7 @@ def _scheduler_ctx(*, in_process: bool) -> Callable[[web.Application], AsyncIter
 
 
 async def _mirror_link_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    if EMBEDDED_REDIS in app:  # the worker writes to the Redis this process started
-        url = SecretStr(app[EMBEDDED_REDIS].url)
-        settings = settings.model_copy(
-            update={"buffer": settings.buffer.model_copy(update={"redis_url": url})}
-        )
-    link = MirrorLink(settings, app[TELEMETRY])
+    link = MirrorLink(_child_settings(app, app[SETTINGS]), app[TELEMETRY])
     await link.start()
     app[MIRROR] = link
     yield
@@ -372,6 +415,23 @@ class ProxyRunner:
         )
         await admin_site.start()
         self.admin_port = _bound_port(admin_site)
+
+    async def reload(self, new: Settings) -> ReloadPlan:
+        """Take on what ``new`` changes that a running proxy can (``reload``), no connection
+        dropped; the plan says what was applied and what waits for a restart."""
+        plan = plan_reload(self.settings, new)
+        if not plan.applied:
+            return plan
+        self.settings = plan.settings
+        logging.getLogger().setLevel(plan.settings.log_level)
+        mirror = self.data[MIRROR]
+        if plan.mirroring_changed and isinstance(mirror, MirrorLink):
+            # The new mirror process first: by the time copies for a new candidate are built,
+            # it is there to take them.
+            await mirror.reload(_child_settings(self.data, plan.settings))
+        self.data[COVERAGE].reload(plan.settings)
+        self.data[CURRENT].settings = plan.settings
+        return plan
 
     async def stop(self) -> None:
         if self._fast is not None:

@@ -100,7 +100,7 @@ class CoverageWindow:
     def __init__(
         self, settings: Settings, span_s: float = RECENT_S, started: float | None = None
     ) -> None:
-        self._settings = settings
+        self.settings = settings
         self._span = span_s
         # Nothing had happened at the start: until the window is full, "recent" is "since then".
         start = time.monotonic() if started is None else started
@@ -120,7 +120,7 @@ class CoverageWindow:
         self.observe(fates, now)
         then_at, then = self._history[0]
         out: dict[str, dict[str, Any]] = {}
-        for cand in self._settings.candidates:
+        for cand in self.settings.candidates:
             total = fates.get(cand.name, Counter())
             before = then.get(cand.name, Counter())
             # A count that went down was reset (a process restarted): all of it is recent.
@@ -144,7 +144,7 @@ class CoverageWindow:
             ago = f"{span / 60:.0f} min" if span >= 120 else f"{span:.0f} s"
             row["warning"] = (
                 f"{cand.name}: {recent_row['coverage']:.0%} of copies compared over the last "
-                f"{ago}; {_advice(self._settings, lost)}"
+                f"{ago}; {_advice(self.settings, lost)}"
                 if low and lost
                 else None
             )
@@ -194,6 +194,10 @@ class CoverageMonitor:
 
     async def report(self) -> dict[str, dict[str, Any]]:
         return self.window.report(await self._gather())
+
+    def reload(self, settings: Settings) -> None:
+        """Report on the candidates of a reloaded config (their history is kept by name)."""
+        self.window.settings = settings
 
     async def close(self) -> None:
         await stop_task(self._task)

@@ -17,6 +17,7 @@ from .fast_lane import FastLane
 from .forwarding import LiveProxy
 from .judge import LatestPopulation
 from .mirror_api import Mirror
+from .reload import SettingsRef
 from .settings import Settings
 from .shadow_client import ShadowClient
 from .telemetry import Telemetry
@@ -37,3 +38,4 @@ DATA_APP = web.AppKey("data_app", web.Application)
 EVIDENCE = web.AppKey("canary_evidence", EvidenceBuffer)
 CANARY = web.AppKey("canary", CanaryController)
 COVERAGE = web.AppKey("coverage", CoverageMonitor)
+CURRENT = web.AppKey("current_settings", SettingsRef)

@@ -38,6 +38,7 @@ from .coverage import is_fate
 from .guards import CpuBudget, LoopLag, stop_task
 from .mirror_api import CompareSink, MirrorRequest, sampled
 from .model_config import ModelConfigs
+from .redact import strip_headers
 from .settings import CandidateSettings, Settings
 from .shadow_calls import ShadowCalls
 from .shadow_client import ShadowClient
@@ -386,7 +387,8 @@ class MirrorScheduler:
                 model=req.route.model or "",
                 request_id=request_id,
                 received_at=req.received_at,
-                request_headers=list(req.headers.items()),
+                # What crosses to the compare stage, and may rest, carries no credentials.
+                request_headers=strip_headers(req.headers.items(), self._settings.redact.headers),
                 request_body=req.body,
                 ref=ref,
                 cand=answer,

@@ -26,6 +26,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -33,6 +34,7 @@ from .analysis import Exchange
 from .coverage import is_fate
 from .guards import LoopLag, TokenBucket
 from .mirror_api import MirrorRequest, sampled
+from .redact import strip_headers
 from .settings import Settings
 from .telemetry import Telemetry
 from .wire import (
@@ -83,6 +85,12 @@ class MirrorLink:
         self._last: dict[str, Any] = {}
         """The last progress the running mirror process reported (its fates, its in-flight)."""
         self._shed_ms = settings.proxy.shed_lag_ms
+        self._forwards = _forwards_credentials(settings)
+        self._gen = 0
+        """Which mirror process copies go to: a reload starts a new one and retires the old."""
+        self._awaiting: Counter[int] = Counter()
+        """Per process: copies whose reference answer it has not been sent yet."""
+        self._retired: dict[int, _Retired] = {}
         # The live loop's lag: the one overload signal (the mirror processes' copies queue).
         self._lag = LoopLag() if self._shed_ms else None
 
@@ -91,20 +99,62 @@ class MirrorLink:
         here, its compare workers' too)."""
         if self._lag is not None and self._proc is None:
             self._lag.start()
-        self._proc, reader, self._writer = await spawn_child("proxy.mirror_worker")
-        self._sent = 0
-        self._pace.set_rate(None)  # a new worker has spent nothing yet
-        self._outbox.clear()  # frames for a worker that died go with it, as written ones did
-        self._outbox_bytes = 0
-        write_frame(self._writer, self._settings)
+        self._adopt(*await self._spawn(self._settings))
+
+    async def _spawn(
+        self, settings: Settings
+    ) -> tuple[asyncio.subprocess.Process, asyncio.StreamReader, asyncio.StreamWriter]:
+        proc, reader, writer = await spawn_child("proxy.mirror_worker")
+        write_frame(writer, settings)
         try:
             ready = await asyncio.wait_for(read_frame(reader), timeout=60)
         except (asyncio.IncompleteReadError, TimeoutError) as exc:
+            proc.kill()
             raise RuntimeError("the mirror worker did not start; see its log above") from exc
         if ready != ("ready",):
+            proc.kill()
             raise RuntimeError(f"the mirror worker failed to start: {ready!r}")
-        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
-        log.info("mirror worker started (pid %s)", self._proc.pid)
+        return proc, reader, writer
+
+    def _adopt(
+        self,
+        proc: asyncio.subprocess.Process,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """From now on copies go to this (ready) process."""
+        self._proc, self._writer = proc, writer
+        self._gen += 1
+        self._sent = 0
+        self._pace.set_rate(None)  # a new worker has spent nothing yet
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader, self._gen))
+        log.info("mirror worker started (pid %s)", proc.pid)
+
+    async def reload(self, settings: Settings) -> None:
+        """Mirror with new settings (candidates, sampling, comparisons) without losing a copy.
+
+        A new mirror process starts with them; once it is ready it takes every copy, and the
+        old one is sent the reference answers still owed to its copies, then drains and exits.
+        The fates it reports last are kept (coverage counts every copy once).
+        """
+        self._settings = settings
+        self._forwards = _forwards_credentials(settings)
+        if self._proc is None or self._writer is None or self._closing:
+            return
+        proc, reader, writer = await self._spawn(settings)
+        if self._closing:
+            proc.kill()
+            await proc.wait()
+            return
+        # No await from here on: a copy is either the old process's (batched until now, with
+        # its reference owed to it) or the new one's.
+        self._flush()
+        gen = self._gen
+        self._retired[gen] = _Retired(self._proc, self._writer, self._reader_task, self._last)
+        self._last = {}
+        self._adopt(proc, reader, writer)
+        if not self._awaiting[gen]:
+            self._retire(gen)
 
     def _up(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
@@ -149,7 +199,8 @@ class MirrorLink:
                 seq,
                 route_to_wire(req.route),
                 req.query,
-                list(req.headers.items()),
+                # Credentials cross to the mirror process only for a candidate that gets them.
+                list(req.headers.items()) if self._forwards else strip_headers(req.headers.items()),
                 out_of_band(req.body),
                 req.received_at,
                 wire_span,
@@ -158,11 +209,29 @@ class MirrorLink:
             ),
         )
         self._sent += 1
-        req.reference.add_done_callback(partial(self._send_reference, seq))
+        self._awaiting[self._gen] += 1
+        req.reference.add_done_callback(partial(self._send_reference, seq, self._gen))
 
-    def _send_reference(self, seq: int, future: asyncio.Future[Exchange | None]) -> None:
-        if self._up():
-            self._queue(("ref", seq, exchange_to_wire(future.result())))
+    def _send_reference(self, seq: int, gen: int, future: asyncio.Future[Exchange | None]) -> None:
+        self._awaiting[gen] -= 1
+        if gen == self._gen:
+            if not self._awaiting[gen]:
+                del self._awaiting[gen]
+            if self._up():
+                self._queue(("ref", seq, exchange_to_wire(future.result())))
+            return
+        retired = self._retired.get(gen)
+        if retired is not None and not retired.writer.is_closing():
+            write_frame(retired.writer, ("ref", seq, exchange_to_wire(future.result())))
+        if not self._awaiting[gen]:
+            self._retire(gen)
+
+    def _retire(self, gen: int) -> None:
+        """Every reference answer the retired process waits for is sent: let it drain and go."""
+        self._awaiting.pop(gen, None)
+        retired = self._retired.get(gen)
+        if retired is not None and not retired.writer.is_closing():
+            write_frame(retired.writer, ("close",))
 
     def note_skip(self, reason: str) -> None:
         if self._up():
@@ -225,37 +294,51 @@ class MirrorLink:
         snap[key] = list(snap.get(key, [])) + [[c, w, n] for (c, w), n in self._base.items()]
         return snap
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    async def _read(self, reader: asyncio.StreamReader, gen: int) -> None:
+        final: dict[str, Any] | None = None
         try:
             while True:
                 kind, qid, payload = await read_frame(reader)
-                if kind == "snap" and qid in self._queries:
+                if kind == "snap" and qid in self._queries and gen == self._gen:
                     self._queries[qid].set_result(payload)
-                elif kind == "pace":
+                elif kind == "pace" and gen == self._gen:
                     self._pace.set_rate(qid)
+                elif kind == "final":
+                    final = payload
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        retired = self._retired.pop(gen, None)
+        if retired is not None:
+            # A process retired by a reload: its last word is the fate of all its copies.
+            retired.writer.close()
+            self._bury(retired.last if final is None else final)
+            status = await retired.proc.wait()
+            log.info("mirror worker %s retired by a reload exited (%s)", retired.proc.pid, status)
+            return
         if self._writer is not None:
             self._writer.close()
         if not self._closing:
             code = await self._proc.wait() if self._proc else None
-            self._bury()
+            self._bury(self._last)
+            self._last = {}
+            self._outbox.clear()  # frames for a worker that died go with it, as written ones did
+            self._outbox_bytes = 0
             log.error("mirror worker exited (%s); copies are dropped until it restarts", code)
             asyncio.get_running_loop().call_later(_RESTART_DELAY_S, self._restart)
 
-    def _bury(self) -> None:
-        """A mirror process died: keep the counts it reported, and count what it held then."""
-        for c, w, n in self._last.get("fates", []):
+    def _bury(self, last: Mapping[str, Any]) -> None:
+        """A mirror process ended: keep the counts it reported last, and count what it held
+        then (its copies in flight, unless it said so itself as it left)."""
+        for c, w, n in last.get("fates", []):
             if is_fate(w):
                 self._base[(c, w)] += n
-        for candidate, n in self._last.get("in_flight", {}).items():
+        for candidate, n in last.get("in_flight", {}).items():
             if n and not candidate.startswith("*"):
                 self._tel.link_dropped("worker_lost", candidate, n)
-        self._last = {}
 
     def _restart(self) -> None:
-        if self._closing:
-            return
+        if self._closing or self._up():
+            return  # stopping, or a reload already started another
 
         async def again() -> None:
             try:
@@ -283,17 +366,35 @@ class MirrorLink:
             write_frame(self._writer, ("close",))
             with contextlib.suppress(ConnectionError, TimeoutError):
                 await asyncio.wait_for(self._writer.drain(), limit)
-        if self._proc is not None:
+        # Processes a reload retired: the live requests have ended, so none is owed an answer.
+        retired = list(self._retired.values())
+        for gen in list(self._retired):
+            self._retire(gen)
+        for proc in [r.proc for r in retired] + ([self._proc] if self._proc else []):
             try:
                 remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-                await asyncio.wait_for(self._proc.wait(), remaining)
+                await asyncio.wait_for(proc.wait(), remaining)
             except TimeoutError:
-                self._proc.kill()
-                await self._proc.wait()
-        if self._reader_task is not None:
-            await asyncio.gather(self._reader_task, return_exceptions=True)
+                proc.kill()
+                await proc.wait()
+        tasks = [r.reader_task for r in retired] + [self._reader_task]
+        await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
         if self._writer is not None:
             self._writer.close()
+
+
+def _forwards_credentials(settings: Settings) -> bool:
+    return any(c.forward_credentials for c in settings.candidates)
+
+
+@dataclass(slots=True)
+class _Retired:
+    """A mirror process a reload replaced, until it has drained and exited."""
+
+    proc: asyncio.subprocess.Process
+    writer: asyncio.StreamWriter
+    reader_task: asyncio.Task[None] | None
+    last: dict[str, Any]
 
 
 def merge_tally(

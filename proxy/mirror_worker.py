@@ -13,6 +13,7 @@ socket or asks it to (after draining its queue and its compare workers).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -89,6 +90,11 @@ async def run(fd: int) -> None:
             if not future.done():
                 future.set_result(None)
         await runner.cleanup()  # drains the scheduler and compare workers, then the rest
+        # The fate of every copy this process took: a process retired by a reload reports it
+        # here, so the live process's coverage still counts each copy once.
+        with contextlib.suppress(ConnectionError):
+            write_frame(writer, ("final", 0, await scheduler.progress(include_tally=True)))
+            await writer.drain()
         writer.close()
 
 

@@ -23,6 +23,7 @@ import signal
 import time
 from multiprocessing.connection import wait as wait_any
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 
 from pydantic import SecretStr
@@ -30,7 +31,8 @@ from pydantic import SecretStr
 from .app import ProxyRunner
 from .buffer.embedded import EmbeddedRedis, start_embedded
 from .errors import ConfigError
-from .settings import Settings
+from .reload import plan_reload
+from .settings import Settings, load_settings
 
 log = logging.getLogger("shadowproxy")
 
@@ -62,7 +64,12 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 20, 50)
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+async def serve(
+    settings: Settings, *, reuse_port: bool = False, config_path: Path | None = None
+) -> None:
+    """Run until SIGINT/SIGTERM: stop accepting, let live requests in flight finish, drain the
+    mirror queue (``proxy.drain_timeout_s``), write out what is batched or spooled, return.
+    SIGHUP reloads ``config_path`` (see ``reload``)."""
     if settings.admin.token is None:
         raise ConfigError("admin.token: required by serve (the admin plane needs a token)")
     runner = ProxyRunner(settings, reuse_port=reuse_port)
@@ -70,6 +77,15 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+    if config_path is not None:
+
+        def on_hup() -> None:
+            task = loop.create_task(_reload(runner, config_path))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     await runner.start()
     tune_gc()
     log.info(
@@ -88,16 +104,39 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         await stop.wait()
     finally:
         log.info("shadowproxy: pid %d stopping (draining mirrors)", os.getpid())
+        await asyncio.gather(*reloads, return_exceptions=True)
         await runner.stop()
 
 
-def _worker_main(settings: Settings) -> None:
+async def _reload(runner: ProxyRunner, path: Path) -> None:
+    try:
+        new = await asyncio.to_thread(load_settings, path)
+    except ConfigError as exc:
+        log.error("shadowproxy: SIGHUP: %s; still running the previous config", exc)
+        return
+    plan = await runner.reload(new)
+    log.info(
+        "shadowproxy: pid %d reloaded %s: applied %s",
+        os.getpid(),
+        path,
+        ", ".join(plan.applied) or "nothing (no change)",
+    )
+    if plan.need_restart:
+        log.warning(
+            "shadowproxy: SIGHUP: changed but kept until a restart: %s",
+            ", ".join(plan.need_restart),
+        )
+
+
+def _worker_main(settings: Settings, config_path: Path | None) -> None:
     # Until this worker's loop installs its own handlers, a stop signal ends it at once (the
-    # parent's handlers, inherited by the fork, would only set a flag nobody reads here).
+    # parent's handlers, inherited by the fork, would only set a flag nobody reads here), and
+    # a reload signal is ignored (its default action would end it).
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        asyncio.run(serve(settings, reuse_port=True))
+        asyncio.run(serve(settings, reuse_port=True, config_path=config_path))
     except ConfigError as exc:
         log.error("shadowproxy: worker %d: %s", os.getpid(), exc)
         raise SystemExit(2) from exc
@@ -117,15 +156,19 @@ def _check_workers(settings: Settings, workers: int) -> None:
 class _Workers:
     """The worker processes, started by fork so each gets the parent's settings as they are."""
 
-    def __init__(self, settings: Settings, count: int) -> None:
-        self._settings = settings
+    def __init__(self, settings: Settings, count: int, config_path: Path | None) -> None:
+        self.settings = settings
+        """What a worker started from now on gets (a reload updates it)."""
+        self._config_path = config_path
         self._count = count
         self._ctx = multiprocessing.get_context("fork")
         self.procs: dict[int, tuple[BaseProcess, float]] = {}
         """Sentinel -> (process, monotonic start time)."""
 
     def start_one(self) -> None:
-        proc = self._ctx.Process(target=_worker_main, args=(self._settings,), name="shadowproxy")
+        proc = self._ctx.Process(
+            target=_worker_main, args=(self.settings, self._config_path), name="shadowproxy"
+        )
         proc.start()
         self.procs[proc.sentinel] = (proc, time.monotonic())
 
@@ -147,11 +190,26 @@ class _Workers:
                 keep_going = False
         return keep_going
 
-    def stop_all(self) -> None:
+    def signal_all(self, signum: int) -> None:
         for proc, _ in self.procs.values():
             if proc.is_alive() and proc.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
+                    os.kill(proc.pid, signum)
+
+    def reload(self) -> None:
+        """Each worker reloads the config file itself; workers started later get it too."""
+        if self._config_path is None:
+            return
+        try:
+            new = load_settings(self._config_path)
+        except ConfigError as exc:
+            log.error("shadowproxy: SIGHUP: %s; still running the previous config", exc)
+            return
+        self.settings = plan_reload(self.settings, new).settings
+        self.signal_all(signal.SIGHUP)
+
+    def stop_all(self) -> None:
+        self.signal_all(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         for proc, _ in self.procs.values():
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -171,22 +229,26 @@ def _shared_redis(settings: Settings) -> tuple[Settings, EmbeddedRedis | None]:
     return settings.model_copy(update={"buffer": buffer}), embedded
 
 
-def serve_workers(settings: Settings, workers: int) -> int:
+def serve_workers(settings: Settings, workers: int, config_path: Path | None = None) -> int:
     """Run ``workers`` proxy processes on the same ports (SO_REUSEPORT), sharing one Redis.
 
     Returns the exit status: 0 after SIGINT/SIGTERM stopped every worker, 1 when a worker kept
     dying (see the module doc).
     """
     _check_workers(settings, workers)
-    stopping = False
+    stopping = reloading = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal stopping, reloading
+        if signum == signal.SIGHUP:
+            reloading = True
+        else:
+            stopping = True
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in signals}
     settings, embedded = _shared_redis(settings)
-    pool = _Workers(settings, workers)
+    pool = _Workers(settings, workers, config_path)
     status = 0
     try:
         pool.start_all()
@@ -200,6 +262,9 @@ def serve_workers(settings: Settings, workers: int) -> int:
         while not stopping:
             # A short timeout so a signal that arrives while waiting is seen promptly.
             dead = [int(s) for s in wait_any(list(pool.procs), timeout=0.5)]  # type: ignore[arg-type]
+            if reloading and not stopping:
+                reloading = False
+                pool.reload()
             if not dead or stopping:
                 continue
             if not pool.reap(dead):

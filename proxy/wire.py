@@ -21,6 +21,7 @@ from typing import Any
 from multidict import CIMultiDict
 
 from .analysis import Exchange
+from .redact import strip_headers
 from .routes import Route, RouteKind
 
 
@@ -74,9 +75,16 @@ def route_from_wire(wire: tuple[str, str | None, str | None, str]) -> Route:
 
 
 def exchange_to_wire(x: Exchange | None) -> tuple[Any, ...] | None:
+    """An answer for another process: no comparison needs its cookies or credentials."""
     if x is None:
         return None
-    return (x.upstream, x.status, list(x.headers.items()), out_of_band(x.body), x.latency_s)
+    return (
+        x.upstream,
+        x.status,
+        strip_headers(x.headers.items()),
+        out_of_band(x.body),
+        x.latency_s,
+    )
 
 
 def exchange_from_wire(x: tuple[Any, ...] | None) -> Exchange | None:

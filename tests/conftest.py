@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+import yaml
 
 from proxy.app import ProxyRunner
 from proxy.buffer.embedded import EmbeddedRedis
@@ -72,7 +78,12 @@ def make_settings(reference_url: str, redis_url: str | None, **overrides: Any) -
         "listen": {"host": "127.0.0.1", "port": 0},
         "admin": {"host": "127.0.0.1", "port": 0, "token": ADMIN_TOKEN},
         "reference": {"name": "ref", "url": reference_url, "timeout_s": 10},
-        "buffer": {"redis_url": redis_url, "write_timeout_s": 0.5},
+        # A spool of its own per proxy: what one test leaves there must not reach another's.
+        "buffer": {
+            "redis_url": redis_url,
+            "write_timeout_s": 0.5,
+            "spool_dir": tempfile.mkdtemp(prefix="shadowproxy-test-spool-"),
+        },
         # No overload shedding by default: tests count exact mirror outcomes, and a busy test
         # machine would otherwise shed; test_overload_shedding covers it on purpose.
         "proxy": {"drain_timeout_s": 2, "shed_lag_ms": 0, "mirror_process": False},
@@ -168,3 +179,34 @@ async def wait_http_ok(
                 pass
             await asyncio.sleep(0.1)
     raise AssertionError(f"no answer from {url} within {timeout_s}s")
+
+
+@contextlib.asynccontextmanager
+async def serve_process(
+    config: dict[str, Any], path: Path, *args: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``shadowproxy serve`` (plus ``args``) on ``config``, written to ``path``, as a real
+    process, once its admin plane answers; killed on the way out if the test left it running.
+    The process's output (stdout and stderr together) is what ``finish`` returns."""
+    await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "proxy", "serve", *args, "--config", str(path)],
+        cwd=repo_root(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        admin = config["admin"]
+        await wait_http_ok(f"http://{admin['host']}:{admin['port']}/healthz", proc=proc)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+
+
+async def finish(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> str:
+    """Send ``sig`` and wait for the exit; the process's whole output."""
+    proc.send_signal(sig)
+    output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return output.decode(errors="replace")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,11 +12,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from loadtest.procs import descendants, free_port
-from tests.conftest import ADMIN_TOKEN, repo_root, wait_http_ok
+from proxy.buffer.embedded import running_url
+from tests.conftest import ADMIN_TOKEN, finish, serve_process
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 
@@ -85,37 +85,25 @@ async def test_workers_share_the_port_and_one_redis_and_stop_together(
 ) -> None:
     ref_port, seen = upstream
     data_port, admin_port = free_port(), free_port()
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "listen": {"host": "127.0.0.1", "port": data_port},
-                "admin": {"host": "127.0.0.1", "port": admin_port, "token": ADMIN_TOKEN},
-                "reference": {"name": "ref", "url": f"http://127.0.0.1:{ref_port}"},
-                "buffer": {"state_dir": str(tmp_path / "state")},  # embedded Redis
-                "proxy": {"drain_timeout_s": 2},
-            }
-        )
-    )
-    proc = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "proxy", "serve", "--workers", "2", "--config", str(config)],
-        cwd=repo_root(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        await wait_http_ok(f"http://127.0.0.1:{admin_port}/healthz", proc=proc)
+    config = {
+        "listen": {"host": "127.0.0.1", "port": data_port},
+        "admin": {"host": "127.0.0.1", "port": admin_port, "token": ADMIN_TOKEN},
+        "reference": {"name": "ref", "url": f"http://127.0.0.1:{ref_port}"},
+        "buffer": {"state_dir": str(tmp_path / "state")},  # embedded Redis
+        "proxy": {"drain_timeout_s": 2},
+    }
+    async with serve_process(config, tmp_path / "c.yaml", "--workers", "2") as proc:
         tree = descendants(proc.pid)
         workers = [p for p in tree if cmdline(p) == cmdline(proc.pid) and p != proc.pid]
         redis = [p for p in tree if "redis-server" in cmdline(p)]
         assert len(workers) == 2, [cmdline(p) for p in tree]
         assert len(redis) == 1, "the parent starts one embedded Redis for all workers"
+        assert tcp_peers(redis[0], listening=True) == set(), "the embedded Redis listens on TCP"
         # One worker answering is not both: wait until each listens on the shared data port.
         deadline = time.monotonic() + 60
         while not all((data_port, 0) in tcp_peers(p, listening=True) for p in workers):
             assert time.monotonic() < deadline, "a worker never listened on the data port"
             await asyncio.sleep(0.1)
-        redis_port = next(local for local, _ in tcp_peers(redis[0], listening=True))
         # Each request on its own connection, so the kernel spreads them over both workers.
         for _ in range(60):
             async with (
@@ -124,17 +112,19 @@ async def test_workers_share_the_port_and_one_redis_and_stop_together(
             ):
                 assert r.status == 200
         for pid in workers:
-            peers = tcp_peers(pid)
-            answered = {local for local, remote in peers if remote == ref_port}
+            answered = {local for local, remote in tcp_peers(pid) if remote == ref_port}
             assert answered & seen, f"worker {pid} forwarded none of the requests"
-            assert any(remote == redis_port for _, remote in peers), f"{pid} not on the Redis"
-        proc.send_signal(signal.SIGTERM)
-        output, _ = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.communicate()
-    assert proc.returncode == 0, output.decode(errors="replace")
+        # Both workers hold a connection to the one Redis (its unix socket, with the password).
+        url = running_url(tmp_path / "state")
+        assert url is not None
+        client = aioredis.Redis.from_url(url)
+        try:
+            others = len(await client.client_list()) - 1
+        finally:
+            await client.aclose()
+        assert others >= len(workers), f"{others} clients on the Redis"
+        output = await finish(proc)
+    assert proc.returncode == 0, output
     assert not alive(tree), "a worker or Redis outlived the parent"
 
 
