@@ -395,27 +395,38 @@ async def _sections(bench: Bench, args: argparse.Namespace) -> None:
         )
     if shutil.which("wrk") is None:
         bench.results.notes.append("wrk is not installed: no saturation runs")
+    only = set(args.only or SECTIONS)
     live = ["direct", NO_MIRROR, *nginx[1:], *proxies]
-    await bench.attempt("live path", run_rounds(bench, live))
-    for target in ["direct", *nginx, *proxies]:
+    if "live" in only:
+        await bench.attempt("live path", run_rounds(bench, live))
+    for target in ["direct", *nginx, *proxies] if "points" in only else []:
         await bench.attempt(target, bench.points(target))
-    for target in nginx[1:] + proxies:
+    for target in nginx[1:] + proxies if "faults" in only else []:
         # NGINX's own no-mirror figure is the `nginx` target's; each proxy needs its own.
         for cand in ([] if target.startswith("nginx") else [None]) + ["slow", "dead"]:
             await bench.attempt(f"{target} {cand}", bench.fault(target, cand))
-    for target in proxies:
+    for target in proxies if "coverage" in only else []:
         await bench.attempt(f"{target} coverage static", run_coverage(bench, target, "static"))
-    for target in proxies:
+    for target in proxies if "cpu" in only else []:
         await bench.attempt(f"{target} CPU per copy", run_cpu(bench, target))
-    for target in proxies:
+    for target in proxies if "triton" in only else []:
         await bench.attempt(f"{target} coverage triton", run_coverage(bench, target, "triton"))
     bench.stop_triton()  # its stubs must not sit beside the memory run
-    for target in proxies:
+    for target in proxies if "memory" in only else []:
         await bench.attempt(f"{target} memory", bench.memory(target))
+
+
+SECTIONS = ("live", "points", "faults", "coverage", "cpu", "triton", "memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__)
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run only this section (repeatable): to re-measure one figure quickly",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="measured s per point")
     parser.add_argument("--warmup", type=float, default=2.0, help="discarded s before each")
     parser.add_argument("--sat-duration", type=float, default=5.0, help="wrk seconds")
