@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Mapping
@@ -37,7 +38,12 @@ async def export_golden(
 ) -> int:
     """Write every stored flagged sample; labelled ones get their TTL back once exported."""
     count, exported_labelled = 0, []
-    with out.open("w", encoding="utf-8") as fh:
+    # Created 0600: an export holds samples (an existing file is truncated, its mode kept
+    # unless it let others read, then narrowed before a byte is written).
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    if os.fstat(fd).st_mode & 0o077:
+        os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         for item in await store.list_samples(flagged=True, limit=1_000_000):
             sample = await store.get_sample(item["id"])
             if sample is None:

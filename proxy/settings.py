@@ -165,7 +165,8 @@ class BufferSettings(_Model):
     max_payload_bytes: int = Field(4 * 1024 * 1024, ge=0)
     """Request/response bodies above this are stored truncated (and marked so)."""
     labelled_ttl_s: int = Field(90 * 24 * 3600, ge=60)
-    """How long a labelled sample keeps its payloads (its label and scores stay with it)."""
+    """How long a labelled sample (payloads, label, scores) lives after labelling; exporting it
+    gives it ``sample_ttl_s`` back."""
     spool_dir: Path | None = None
     """Where verdicts and samples wait on disk while Redis is unreachable; replayed oldest first
     when it returns, and on the next start. Omitted: ``state_dir/spool``."""
