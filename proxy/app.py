@@ -199,6 +199,12 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     if comparing:
         await store.start()  # replays what an earlier run left in the spool
+        if store.outbox is not None:
+            app[TELEMETRY].gauge(
+                "shadowproxy_spool_records",
+                "Verdicts this process spooled while Redis was away, replayed, or lost",
+                store.outbox.observe_gauges,
+            )
     if not await store.ping():
         # Not fatal: the live path never needs Redis. Verdicts wait in the spool meanwhile.
         log.warning("redis is not reachable now; verdicts wait in the spool until it is")

@@ -17,9 +17,11 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from ..errors import StoreError
 from .keys import spool_full_stat
@@ -56,6 +58,13 @@ class Outbox:
         self.replayed = 0
         self.lost: Counter[str] = Counter()
         """Per candidate: verdicts refused by a full spool (lost)."""
+
+    def observe_gauges(self, options: CallbackOptions) -> Iterator[Observation]:
+        """OpenTelemetry callback: records spooled, replayed, lost to a full spool or torn."""
+        yield Observation(self.spooled, {"state": "spooled"})
+        yield Observation(self.replayed, {"state": "replayed"})
+        yield Observation(sum(self.lost.values()), {"state": "lost_full"})
+        yield Observation(self.spool.torn, {"state": "lost_torn"})
 
     def start(self) -> None:
         if self._replayer is None:

@@ -114,6 +114,8 @@ async def test_redis_down_keeps_the_live_path_and_spools_the_samples(
     # Nothing lost: the verdicts wait on disk for Redis (test_spool replays them).
     await wait_until(lambda: proxy.store.outbox.spooled == 3, 10, what="3 verdicts spooled")
     assert proxy.telemetry.tally[("c", "store_failed")] == 0
+    metrics = proxy.telemetry.prometheus_text().decode()
+    assert 'shadowproxy_spool_records{state="spooled"} 3.0' in metrics, metrics
 
 
 async def test_copies_beyond_max_in_flight_wait_and_are_all_compared(
