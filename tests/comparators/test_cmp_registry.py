@@ -16,6 +16,7 @@ from comparators import (
     resolve_spec,
     validate_spec,
 )
+from tests.conftest import import_or_skip
 
 ALL = {"tolerance", "sqnr", "cosine", "logits", "probabilities", "argmax", "exact", "exact_text"}
 
@@ -58,7 +59,7 @@ def test_choose_metric(name: str, ref: Any, expected: str) -> None:
 
 
 def test_choose_metric_torch() -> None:
-    torch = pytest.importorskip("torch")
+    torch = import_or_skip("torch")
     assert choose_metric("logits", torch.zeros(2, 5)) == "logits"
     assert choose_metric("ids", torch.zeros(2, 5, dtype=torch.int64)) == "exact"
 

@@ -7,9 +7,7 @@ torch and a silent skip there would hide a broken install.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from typing import Any
 
 import numpy as np
@@ -17,11 +15,10 @@ import pytest
 
 from comparators import MetricSpec, Validity, compare_output
 from comparators import torch_backend as tb
+from tests.conftest import import_or_skip
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-if importlib.util.find_spec("torch") is None and not IN_CI:
-    pytest.skip("torch is not installed (pip install -e '.[dev]')", allow_module_level=True)
-import torch  # noqa: E402  (under CI a missing torch is a collection error, never a skip)
+# Under CI a missing torch is a collection error, never a skip.
+torch: Any = import_or_skip("torch")
 
 DEVICE_METRICS = ("tolerance", "sqnr", "cosine", "logits", "probabilities", "argmax", "exact")
 
@@ -49,7 +46,12 @@ def test_torch_matches_numpy(metric: str, dtype: str, monkeypatch: pytest.Monkey
     ref, cand = (x.astype(dtype) for x in _pair(metric))
     called: list[str] = []
     real = tb.score
-    monkeypatch.setattr(tb, "score", lambda m, p, q: called.append(m) or real(m, p, q))
+
+    def spy(m: str, p: Any, q: Any) -> Any:
+        called.append(m)
+        return real(m, p, q)
+
+    monkeypatch.setattr(tb, "score", spy)
     vt = compare_output("out", torch.from_numpy(ref), torch.from_numpy(cand), MetricSpec(metric))
     vn = compare_output("out", ref, cand, MetricSpec(metric))
     assert called == [metric]  # the device path ran, not a silent fallback

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes  # a dependency: tritonclient decodes BF16 tensors to its bfloat16
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -22,6 +23,7 @@ from comparators import (
     compare_output,
     compare_outputs,
 )
+from tests.conftest import import_or_skip
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -149,7 +151,6 @@ def test_float_widths_are_widened_not_mismatched() -> None:
 
 
 def test_bfloat16_via_ml_dtypes() -> None:
-    ml_dtypes = pytest.importorskip("ml_dtypes")
     ref = np.array([1.0, 3.0], dtype=np.float32)
     # bf16 keeps 8 significant bits: 3.015625 is the next value above 3 (rel 5.2e-3).
     cand = np.array([1.0, 3.015625], dtype=ml_dtypes.bfloat16)
@@ -227,7 +228,7 @@ def test_auto_ignores_params_meant_for_other_metrics() -> None:
 
 
 def test_torch_tensors() -> None:
-    torch = pytest.importorskip("torch")
+    torch = import_or_skip("torch")
     ref = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
     v = compare_output("o", ref, ref.detach().clone(), spec("tolerance"))
     assert v.validity is Validity.OK and not v.flagged

@@ -7,7 +7,6 @@ Screenshots land in /tmp/review_list.png and /tmp/review_sample.png for a human 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -15,13 +14,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, make_settings, send_infers
+from tests.conftest import ADMIN_TOKEN, IN_CI, make_settings, send_infers
 
 # Found as `make chromium` finds it (`command -v chromium`): the first `chromium` on PATH, so the
 # Makefile never reports a browser this test then cannot find, or the reverse.
 CHROMIUM = shutil.which("chromium")
 # Locally a missing browser skips the test; under CI it fails, so CI never passes without it.
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _browser_missing() -> str | None:
