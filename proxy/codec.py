@@ -26,19 +26,28 @@ import orjson
 from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 
 from .errors import ShadowProxyError
+from .settings import ProxySettings
 
 Array = np.ndarray[Any, np.dtype[Any]]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-# An upper bound on what a compressed body may inflate to: a small gzip bomb must not take the
-# worker's memory (a 256 MiB answer is far beyond any tensor the proxy compares).
-MAX_INFLATED_BYTES = 256 * 1024 * 1024
+# Defaults of the caps (callers pass ``proxy.max_inflated_bytes`` / ``proxy.max_outputs``): what
+# a compressed body may inflate to, so a small gzip bomb cannot take a worker's memory, and how
+# many outputs one answer may name.
+MAX_INFLATED_BYTES: int = ProxySettings.model_fields["max_inflated_bytes"].default
+MAX_OUTPUTS: int = ProxySettings.model_fields["max_outputs"].default
 _GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib checks the gzip header, CRC and length itself
 _ZLIB_WBITS = zlib.MAX_WBITS  # Triton's "deflate" is zlib-wrapped (as tritonclient reads it)
+_INFLATE_PIECE = 4 * 1024 * 1024
 
 
 class MalformedMessage(ShadowProxyError):
     """A body that does not follow the V2 protocol."""
+
+
+class TooLarge(MalformedMessage):
+    """A body past one of the caps (``max_inflated_bytes``, ``max_outputs``): not compared, and
+    counted apart from malformed ones (it may be a valid message, only too big to take)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +60,10 @@ class DecodedResponse:
 def _inflate(body: bytes, encoding: str | None, cap: int) -> bytes:
     """``body`` decoded per its Content-Encoding, never more than ``cap`` bytes of it.
 
-    zlib's ``max_length`` stops inflating one byte past the cap, so a bomb costs at most
-    ``cap + 1`` bytes of memory before it is refused. gzip bodies may hold several members, and
-    zero padding between them, as ``gzip.decompress`` accepts.
+    Inflated a piece (``_INFLATE_PIECE``) at a time, each bounded by what is left under the cap,
+    so a bomb costs about ``cap`` bytes before it is refused (one call with the whole cap as
+    ``max_length`` held up to twice that while zlib joined its buffers). gzip bodies may hold
+    several members, and zero padding between them, as ``gzip.decompress`` accepts.
     """
     coding = encoding.strip().lower() if encoding else ""
     if coding in ("", "identity"):
@@ -66,14 +76,16 @@ def _inflate(body: bytes, encoding: str | None, cap: int) -> bytes:
     try:
         while True:
             inflater = zlib.decompressobj(_GZIP_WBITS if coding == "gzip" else _ZLIB_WBITS)
-            # Never 0 here (total <= cap), which zlib would read as "no limit".
-            chunk = inflater.decompress(data, cap - total + 1)
-            total += len(chunk)
-            if total > cap:
-                raise MalformedMessage(f"body inflates beyond {cap} bytes")
-            if not inflater.eof:
-                raise MalformedMessage(f"body is not valid {coding}: the stream is truncated")
-            parts.append(chunk)
+            while not inflater.eof:
+                # Never 0 here (total <= cap), which zlib would read as "no limit".
+                piece = inflater.decompress(data, min(_INFLATE_PIECE, cap - total + 1))
+                total += len(piece)
+                if total > cap:
+                    raise TooLarge(f"body inflates beyond {cap} bytes")
+                parts.append(piece)
+                data = inflater.unconsumed_tail
+                if not piece and not data and not inflater.eof:
+                    raise MalformedMessage(f"body is not valid {coding}: the stream is truncated")
             data = inflater.unused_data.lstrip(b"\x00") if coding == "gzip" else b""
             if not data:
                 break
@@ -230,16 +242,23 @@ def warm_up() -> None:
 
 
 def decode_infer_response(
-    body: bytes, headers: Mapping[str, str], *, max_inflated_bytes: int = MAX_INFLATED_BYTES
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    max_inflated_bytes: int = MAX_INFLATED_BYTES,
+    max_outputs: int = MAX_OUTPUTS,
 ) -> DecodedResponse:
     """Named numpy arrays from a 200 V2 infer response; shared-memory outputs are skipped.
 
     Binary tensors are read-only views over ``body`` (or over its inflated copy). Anything that
-    is not a V2 answer raises :class:`MalformedMessage` saying what is wrong, never another error.
+    is not a V2 answer raises :class:`MalformedMessage` saying what is wrong, never another error;
+    one past a cap raises its subclass :class:`TooLarge`.
     """
     raw = _inflate(body, headers.get("Content-Encoding"), max_inflated_bytes)
     header_length = _header_length(headers.get(HEADER_LENGTH), len(raw))
     response = _response_json(raw if header_length is None else raw[:header_length])
+    if len(response["outputs"]) > max_outputs:
+        raise TooLarge(f"the answer has {len(response['outputs'])} outputs, over {max_outputs}")
     outputs: dict[str, Array] = {}
     # Binary tensors follow the header back to back, in the order of the outputs that have a
     # binary_data_size (shared-memory ones included, as InferResult counts them).
@@ -280,7 +299,9 @@ def decode_infer_response(
 def parse_request_header(
     body: bytes, headers: Mapping[str, str], *, max_inflated_bytes: int = MAX_INFLATED_BYTES
 ) -> dict[str, Any] | None:
-    """The JSON part of a V2 infer request, or None for a raw binary request (header length 0)."""
+    """The JSON part of a V2 infer request, or None for a raw binary request (header length 0).
+
+    Raises :class:`MalformedMessage` (:class:`TooLarge` past ``max_inflated_bytes``)."""
     raw = _inflate(body, headers.get("Content-Encoding"), max_inflated_bytes)
     length = headers.get(HEADER_LENGTH)
     try:
@@ -314,7 +335,10 @@ def unsafe_to_mirror(request: Mapping[str, Any] | None) -> str | None:
     ):
         return "sequence"
     for key in ("inputs", "outputs"):
-        for tensor in request.get(key) or ():
+        tensors = request.get(key)
+        if not isinstance(tensors, list):
+            continue  # not V2 (the server will say so): nothing in it names a region
+        for tensor in tensors:
             tparams = tensor.get("parameters") if isinstance(tensor, dict) else None
             if isinstance(tparams, dict) and "shared_memory_region" in tparams:
                 return "shared_memory"

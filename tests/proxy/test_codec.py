@@ -28,9 +28,11 @@ from comparators import MetricSpec, compare_output
 from proxy.codec import (
     HEADER_LENGTH,
     MalformedMessage,
+    TooLarge,
     decode_infer_response,
     parse_request_header,
     preview,
+    unsafe_to_mirror,
     warm_up,
 )
 
@@ -390,12 +392,27 @@ def test_inflation_beyond_the_cap_is_refused(encoding: str) -> None:
     plain = _json_body([{"name": "o", "datatype": "BYTES", "shape": [1], "data": ["x" * 50_000]}])
     body = gzip.compress(plain) if encoding == "gzip" else zlib.compress(plain)
     headers = {"Content-Encoding": encoding}
-    with pytest.raises(MalformedMessage, match="inflates beyond 10000 bytes"):
+    # TooLarge (a MalformedMessage): callers may count it apart, as a skip for size.
+    with pytest.raises(TooLarge, match="inflates beyond 10000 bytes"):
         decode_infer_response(body, headers, max_inflated_bytes=10_000)
-    with pytest.raises(MalformedMessage, match="inflates beyond 10000 bytes"):
+    with pytest.raises(TooLarge, match="inflates beyond 10000 bytes"):
         parse_request_header(body, headers, max_inflated_bytes=10_000)
     # Exactly at the cap is fine.
     assert decode_infer_response(body, headers, max_inflated_bytes=len(plain)).outputs
+
+
+def test_a_multi_member_bomb_stops_at_the_cap_across_members() -> None:
+    member = gzip.compress(bytes(1024 * 1024))  # 1 KiB that inflates to 1 MiB
+    with pytest.raises(TooLarge, match="inflates beyond 4194304 bytes"):
+        parse_request_header(member * 64, {"Content-Encoding": "gzip"}, max_inflated_bytes=4 << 20)
+
+
+def test_more_outputs_than_the_cap_are_refused() -> None:
+    outputs = [{"name": f"o{i}", "datatype": "FP32", "shape": [1], "data": [i]} for i in range(5)]
+    body = _json_body(outputs)
+    assert len(decode_infer_response(body, {}, max_outputs=5).outputs) == 5
+    with pytest.raises(TooLarge, match="5 outputs, over 4"):
+        decode_infer_response(body, {}, max_outputs=4)
 
 
 def test_multi_member_gzip_is_read_as_gzip_decompress_reads_it() -> None:
@@ -465,6 +482,15 @@ def test_request_header_still_reads_what_the_standard_library_read() -> None:
 def test_request_header_refusals(body: bytes, headers: dict[str, str], words: str) -> None:
     with pytest.raises(MalformedMessage, match=words):
         parse_request_header(body, headers)
+
+
+@pytest.mark.parametrize(
+    "request_json",
+    [{"inputs": 5}, {"inputs": "abc"}, {"outputs": {"a": 1}}, {"inputs": [1, None, "x"]}],
+)
+def test_unsafe_to_mirror_takes_any_json_object(request_json: dict[str, Any]) -> None:
+    # Not V2 (the server answers that), but never a crash in the mirror's check.
+    assert unsafe_to_mirror(request_json) is None
 
 
 # --- previews ---------------------------------------------------------------------------------
