@@ -30,7 +30,7 @@ from multidict import CIMultiDict
 from .analysis import Exchange
 from .errors import UpstreamError
 from .forwarding import REQUEST_DROP, end_to_end, server_span
-from .http1 import Head, error_bytes, may_be_fast, parse_head, render
+from .http1 import Head, error_bytes, head_end, may_be_fast, parse_head, refusal, render
 from .mirror_api import Mirror, MirrorRequest
 from .routes import RouteKind
 from .settings import Settings
@@ -39,15 +39,22 @@ from .upstream_pool import Answer, UpstreamPool
 
 log = logging.getLogger("shadowproxy.forward")
 
-# Request heads beyond this go to aiohttp, which answers them as its limits say.
+# Request heads longer than this are answered 431 (however they arrive: at once, a byte at a
+# time, pipelined behind a body). There is no setting for it: no real client comes close.
 _MAX_HEAD = 64 * 1024
+# What a request line starts with (a method token, upper case in practice). A connection that
+# starts otherwise (TLS to a plain port, garbage) goes to aiohttp at once for its 400, rather
+# than waiting for a blank line that may never come.
+_REQUEST_START = range(ord("A"), ord("Z") + 1)
 # Infer bodies up to this size are fast (read whole: a mirrored body is needed whole anyway);
 # larger ones stream through aiohttp.
 _FAST_BODY = 16 * 1024 * 1024
+# After answering a request it refuses (431, 408, 503), the proxy reads and drops what the client
+# still sends for this long before it closes: closing with unread bytes would send a reset, which
+# can destroy the answer before the client reads it (nginx's lingering close).
+_LINGER_S = 2.0
 # A client pipelining this far ahead of its answers is not read from until they are out.
 _PIPELINE_LIMIT = 2 * 1024 * 1024
-# A client connection idle this long is closed (aiohttp's keep-alive timeout).
-_IDLE_TIMEOUT_S = 75.0
 
 
 class FastLane:
@@ -116,6 +123,10 @@ class FastLane:
             span.set_attribute("http.response.status_code", answer.status)
             self._tel.request(head.route.kind.value, answer.status)
 
+    def refused(self, status: int) -> None:
+        """A request (or connection) the fast lane answered ``status`` itself."""
+        self._tel.request(RouteKind.OTHER.value, status)
+
     def _request_bytes(self, head: Head, headers: CIMultiDict[str], body: bytes) -> list[bytes]:
         lines = [f"{head.method} {head.target} HTTP/1.1\r\n".encode("latin-1")]
         lines += [b"Host: ", self._pool.host_header, b"\r\n"]
@@ -131,23 +142,39 @@ class FastLane:
 
 
 class FastLaneProtocol(asyncio.Protocol):
-    """One client connection: fast-lane requests in order, then possibly aiohttp for the rest."""
+    """One client connection: fast-lane requests in order, then possibly aiohttp for the rest.
+
+    Its memory is bounded whatever the client does: requests are read ahead only up to
+    ``_PIPELINE_LIMIT``, a head only up to ``_MAX_HEAD``, and no next request is read or served
+    while more than ``proxy.max_unsent_bytes`` of answers wait for the client to read them.
+    """
 
     def __init__(self, server: FastLaneServer) -> None:
         self._server = server
         self._lane = server.lane
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
+        self._scanned = 0
+        """Bytes of ``_buf`` already searched for the end of the head."""
         self._head: Head | None = None
         self._head_len = 0
         self._busy = False
-        self._paused = False
+        self._write_paused = False
+        self._read_paused = False
+        self._refused = False
         self.closing = False
         self.last_active = time.monotonic()
+        self.head_since: float | None = None
+        """When the first byte of a head still incomplete came (the head timeout runs from it)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not registered as asyncio.Transport subclasses.
         self._transport = cast(asyncio.Transport, transport)
+        if not self._server.admit():
+            self._refuse(503, "too many client connections; try again later")
+            return
+        # pause_writing() comes once this many answer bytes wait for the client.
+        self._transport.set_write_buffer_limits(high=self._lane.settings.proxy.max_unsent_bytes)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -160,36 +187,46 @@ class FastLaneProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # A client that half-closes after its request still gets the answer.
-        return self._busy or None
+        return (self._busy and not self._refused) or None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._sync_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.last_active = time.monotonic()
+        self._sync_reading()
+        if not self._busy and self._buf:
+            self._next()
 
     def data_received(self, data: bytes) -> None:
+        if self._transport is None or self._refused:
+            return  # handed over, or refused: what follows is dropped
         self._buf += data
         self.last_active = time.monotonic()
-        if not self._busy:
+        if not (self._busy or self._write_paused):
             self._next()
-        elif len(self._buf) > _PIPELINE_LIMIT and not self._paused:
-            self._paused = True  # a client pipelining far ahead waits for its answers
-            assert self._transport is not None
-            self._transport.pause_reading()
+        self._sync_reading()
+
+    def _sync_reading(self) -> None:
+        """Read from the client only while answers reach it, and requests are not piling up."""
+        transport = self._transport
+        if transport is None:
+            return
+        want_pause = self._write_paused or (self._busy and len(self._buf) > _PIPELINE_LIMIT)
+        if want_pause != self._read_paused:
+            self._read_paused = want_pause
+            if want_pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     def _next(self) -> None:
         """Serve the buffered request if it is whole, or give the connection to aiohttp."""
-        if self._head is None:
-            if not may_be_fast(self._buf):
-                self._hand_over()  # not for the fast lane: no need to wait for the whole head
-                return
-            end = self._buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buf) > _MAX_HEAD or b"\n\n" in self._buf:
-                    self._hand_over()  # too long, or lines ended by bare LFs: aiohttp decides
-                return
-            self._head_len = end + 4
-            self._head = parse_head(
-                bytes(self._buf[: self._head_len]), self._lane.settings, self._lane.max_body
-            )
-            if self._head is None:
-                self._hand_over()
-                return
+        if self._head is None and not self._take_head():
+            return
+        assert self._head is not None
         total = self._head_len + self._head.content_length
         if len(self._buf) < total:
             return
@@ -202,6 +239,37 @@ class FastLaneProtocol(asyncio.Protocol):
         task = asyncio.get_running_loop().create_task(self._serve(head, body))
         self._server.tasks.add(task)
         task.add_done_callback(self._server.tasks.discard)
+
+    def _take_head(self) -> bool:
+        """Parse the head at the start of the buffer once it is whole; False if there is none to
+        serve yet (incomplete, refused, or the connection handed to aiohttp)."""
+        buf = self._buf
+        if not buf:
+            return False
+        end = head_end(buf, self._scanned)
+        if end < 0:
+            if len(buf) > _MAX_HEAD:
+                self._refuse(431, f"the request head is longer than {_MAX_HEAD} bytes")
+            elif buf[0] not in _REQUEST_START:
+                self._hand_over()  # not an HTTP request line: aiohttp answers at once
+            else:
+                self._scanned = len(buf)
+                if self.head_since is None:
+                    self.head_since = time.monotonic()
+            return False
+        if end > _MAX_HEAD:
+            self._refuse(431, f"the request head is longer than {_MAX_HEAD} bytes")
+            return False
+        self.head_since = None
+        self._scanned = 0
+        head = None
+        if may_be_fast(buf):
+            head = parse_head(bytes(buf[:end]), self._lane.settings, self._lane.max_body)
+        if head is None:
+            self._hand_over()  # not for the fast lane (or malformed): aiohttp decides
+            return False
+        self._head, self._head_len = head, end
+        return True
 
     async def _serve(self, head: Head, body: bytes) -> None:
         sent = False
@@ -227,27 +295,59 @@ class FastLaneProtocol(asyncio.Protocol):
         if not head.keep_alive or self.closing:
             transport.close()
             return
-        if self._paused:
-            self._paused = False
-            transport.resume_reading()
-        if self._buf:
+        self._sync_reading()
+        # While the client leaves answers unread, its next request waits (resume_writing).
+        if self._buf and not self._write_paused:
             self._next()
+
+    def _refuse(self, status: int, detail: str) -> None:
+        """Answer ``status`` from the proxy itself and close: what the client sent cannot be
+        served, and nothing after it can be framed."""
+        transport = self._transport
+        if transport is None or self._refused:
+            return
+        self._lane.refused(status)
+        self._refused = True
+        self._buf.clear()
+        self.head_since = None
+        transport.write(refusal(status, detail))
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self._read_paused:
+            transport.resume_reading()
+        asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
 
     def _hand_over(self) -> None:
         """From here on aiohttp serves this connection, starting with the bytes not yet served."""
         transport = self._transport
         if transport is None:
             return
+        self._transport = None
         self._server.connections.discard(self)
+        self._server.handed_over.add(transport)
+        self.head_since = None
         handler = self._server.fallback()
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if self._buf:
             data, self._buf = bytes(self._buf), bytearray()
             handler.data_received(data)
-        if self._paused:
+        if self._read_paused:
             transport.resume_reading()
-        self._transport = None
+
+    def sweep(self, head_cutoff: float, idle_cutoff: float) -> None:
+        """Cut a head that is too slow (slowloris), or a connection idle too long."""
+        transport = self._transport
+        if transport is None or self._busy:
+            return
+        if self.head_since is not None:
+            if self.head_since < head_cutoff:
+                self._refuse(408, "the request head did not arrive in time")
+        elif self.last_active < idle_cutoff:
+            if transport.get_write_buffer_size():
+                transport.abort()  # it does not read: close() would wait on it forever
+            else:
+                transport.close()
 
     def close_if_idle(self) -> None:
         if not self._busy and self._transport is not None:
@@ -265,10 +365,17 @@ class FastLaneServer:
         self.lane = lane
         self.fallback = fallback
         self.connections: set[FastLaneProtocol] = set()
+        self.handed_over: set[asyncio.Transport] = set()
+        """Connections aiohttp serves now: they count against ``proxy.max_connections`` until
+        they close (pruned lazily: aiohttp does not tell us)."""
         self.tasks: set[asyncio.Task[None]] = set()
         """Requests being served (held here too: the loop keeps only weak references)."""
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        proxy = lane.settings.proxy
+        self._max_connections = proxy.max_connections
+        self._head_timeout_s = proxy.head_timeout_s
+        self._idle_timeout_s = proxy.idle_timeout_s
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         loop = asyncio.get_running_loop()
@@ -278,14 +385,26 @@ class FastLaneServer:
         self._sweeper = loop.create_task(self._sweep())
         return int(self._server.sockets[0].getsockname()[1])
 
+    def admit(self) -> bool:
+        """Whether one more client connection fits under ``proxy.max_connections``."""
+        if len(self.connections) + len(self.handed_over) < self._max_connections:
+            return True
+        self._prune()
+        return len(self.connections) + len(self.handed_over) < self._max_connections
+
+    def _prune(self) -> None:
+        self.handed_over = {t for t in self.handed_over if not t.is_closing()}
+
     async def _sweep(self) -> None:
-        """Close connections idle past the keep-alive timeout (one timer for all of them)."""
+        """Apply the head and idle timeouts (one timer for every connection, not one each)."""
+        interval = min(self._head_timeout_s, self._idle_timeout_s) / 4
         while True:
-            await asyncio.sleep(_IDLE_TIMEOUT_S / 10)
-            cutoff = time.monotonic() - _IDLE_TIMEOUT_S
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            head_cutoff, idle_cutoff = now - self._head_timeout_s, now - self._idle_timeout_s
             for conn in list(self.connections):
-                if conn.last_active < cutoff:
-                    conn.close_if_idle()
+                conn.sweep(head_cutoff, idle_cutoff)
+            self._prune()
 
     async def close(self, timeout_s: float) -> None:
         """Stop accepting, let requests in flight get their answers, then close."""

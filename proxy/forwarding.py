@@ -70,6 +70,31 @@ def end_to_end(headers: MultiMapping[str], drop: frozenset[str]) -> CIMultiDict[
     return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
 
 
+def origin_form(request: web.Request) -> str:
+    """The request target as sent, in origin form: an absolute-form one (``GET http://h/v2``,
+    which RFC 9112 says a server must accept) is forwarded as its path and query."""
+    raw_path = request.raw_path
+    return raw_path if raw_path.startswith("/") else request.rel_url.raw_path_qs
+
+
+def as_sent(headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    """A copy of headers aiohttp parsed, each name and value one character per byte sent.
+
+    aiohttp decodes header bytes as UTF-8 (``surrogateescape``); the fast lane and the shadow
+    client read and write a header as latin-1, byte for byte. A copy made here reaches the
+    candidate with the very bytes the client sent (and ``Wert: é`` does not break the call).
+    """
+    if all(k.isascii() and v.isascii() for k, v in headers.items()):
+        return headers.copy()  # nearly always: nothing to re-decode
+    return CIMultiDict(
+        (
+            k.encode("utf-8", "surrogateescape").decode("latin-1"),
+            v.encode("utf-8", "surrogateescape").decode("latin-1"),
+        )
+        for k, v in headers.items()
+    )
+
+
 class ProxiedResponse(web.Response):
     """A response whose headers came from an upstream; see ``strip_server_defaults``."""
 
@@ -155,7 +180,8 @@ class LiveProxy:
             self._served_header = canary.config.response_header
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        route = classify(request.method, request.raw_path)
+        raw_path = origin_form(request)
+        route = classify(request.method, raw_path)
         model = route.model or ""
         canary = (
             self._canary
@@ -176,7 +202,7 @@ class LiveProxy:
             self._scheduler.note_skip("admin_route")
         headers = end_to_end(request.headers, REQUEST_DROP)
         # The copy keeps the client's own trace context; the live call carries our span's.
-        copy_headers = headers.copy() if mirror else headers
+        copy_headers = as_sent(headers) if mirror else headers
         span_cm, traced = server_span(
             self._tel, f"{request.method} {route.kind.value}", request.headers
         )
@@ -232,11 +258,11 @@ class LiveProxy:
                         if future is not None and not future.done():
                             future.set_result(None)
                         response = await self._forward(
-                            request, headers, body, None, self._ref, request.raw_path
+                            request, headers, body, None, self._ref, raw_path
                         )
                 else:
                     response = await self._forward(
-                        request, headers, body, future, self._ref, request.raw_path
+                        request, headers, body, future, self._ref, raw_path
                     )
             finally:
                 if future is not None and not future.done():
@@ -279,8 +305,10 @@ class LiveProxy:
         if stateful:
             return "sequence_model"
         try:
-            header = parse_request_header(body, headers)
-        except MalformedMessage:
+            header = parse_request_header(
+                body, headers, max_inflated_bytes=self._settings.proxy.max_inflated_bytes
+            )
+        except MalformedMessage:  # TooLarge included: forwarded untouched all the same
             return None  # the candidate answers the error, as the reference would
         return unsafe_to_mirror(header)
 

@@ -59,10 +59,34 @@ def may_be_fast(buf: bytes | bytearray) -> bool:
     return any(buf[: len(p)] == p[: len(buf)] for p in _PREFIXES)
 
 
+def head_end(buf: bytes | bytearray, start: int = 0) -> int:
+    """Where the head in ``buf`` ends (just past its blank line), or -1 if it has not yet.
+
+    A blank line is found whichever line ends a client used (CRLF, or a bare LF, which is then
+    refused: see ``parse_head``), so a head is never waited on past its end. ``start`` skips
+    what an earlier call already searched, so a head sent one byte at a time costs linear time.
+    """
+    start = max(0, start - 2)
+    lf_lf = buf.find(b"\n\n", start)
+    lf_crlf = buf.find(b"\n\r\n", start)
+    if lf_lf < 0:
+        return -1 if lf_crlf < 0 else lf_crlf + 3
+    if lf_crlf < 0 or lf_lf < lf_crlf:
+        return lf_lf + 2
+    return lf_crlf + 3
+
+
+def _bare_cr_or_lf(raw: bytes) -> bool:
+    """Whether any CR or LF in ``raw`` is not part of a CRLF (RFC 9112 2.2: a request smuggling
+    vector). llhttp refuses them too; this does not depend on the version installed."""
+    pairs = raw.count(b"\r\n")
+    return raw.count(b"\n") != pairs or raw.count(b"\r") != pairs
+
+
 def parse_head(raw: bytes, settings: Settings, max_body: int) -> Head | None:
     """The head if the fast lane may serve this request, else None (aiohttp will)."""
-    if not raw.startswith(_PREFIXES):
-        return None
+    if not raw.startswith(_PREFIXES) or _bare_cr_or_lf(raw):
+        return None  # aiohttp's strict parser answers a bare CR or LF with a 400
     fields = _HeadParser()
     parser = httptools.HttpRequestParser(fields)
     try:
@@ -92,10 +116,13 @@ def parse_head(raw: bytes, settings: Settings, max_body: int) -> Head | None:
 
 
 def error_bytes(err: UpstreamError, close: bool) -> bytes:
-    body = json.dumps({"error": str(err)}).encode()
-    return render(
-        err.status, b"", [(b"Content-Type", b"application/json; charset=utf-8")], body, close
-    )
+    return refusal(err.status, str(err), close)
+
+
+def refusal(status: int, detail: str, close: bool = True) -> bytes:
+    """An answer in the V2 error shape (``{"error": ...}``), from the proxy itself."""
+    body = json.dumps({"error": detail}).encode()
+    return render(status, b"", [(b"Content-Type", b"application/json; charset=utf-8")], body, close)
 
 
 def render(

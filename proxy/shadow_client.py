@@ -5,6 +5,8 @@ Plain ``http://`` upstreams (nearly every model server behind a proxy) go throug
 parse a call, about a fifth of aiohttp's client CPU, which on the shadow side is paid per copy.
 ``https://`` upstreams use an aiohttp session. Each upstream has its own pool, so a slow candidate
 never holds a connection another needs; the caller bounds the calls in flight (``max_in_flight``).
+An answer longer than ``max_answer_bytes`` is cut off as it arrives and the call fails (502, a
+bad response): a broken or hostile candidate cannot fill the shadow side's memory.
 """
 
 from __future__ import annotations
@@ -16,18 +18,30 @@ import aiohttp
 from multidict import CIMultiDict
 
 from .analysis import Exchange
-from .errors import UpstreamError, translate_upstream_error
-from .settings import UpstreamSettings
+from .errors import UpstreamBadResponse, UpstreamError, translate_upstream_error
+from .settings import ProxySettings, UpstreamSettings
 from .upstream_pool import UpstreamPool
 
 # aiohttp's client adds these when absent; a transparent proxy must not invent them upstream.
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+# The default cap on an answer, as ``proxy.max_answer_bytes`` has it.
+MAX_ANSWER_BYTES: int = ProxySettings.model_fields["max_answer_bytes"].default
+
+
+def _header_line(name: str, value: str) -> bytes:
+    line = f"{name}: {value}\r\n"
+    try:
+        return line.encode("latin-1")  # a header as the proxy reads one: a character per byte
+    except UnicodeEncodeError:
+        # Text from elsewhere (a decoded header, an injected one): its UTF-8, never a crash.
+        return line.encode("utf-8", "surrogateescape")
 
 
 class ShadowClient:
     """Owned by the shadow stage's cleanup context; ``close`` after the stage has drained."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
+        self.max_answer_bytes = max_answer_bytes
         self._pools: dict[str, UpstreamPool] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -46,7 +60,11 @@ class ShadowClient:
         pool = self._pools.get(upstream.url)
         if pool is None:
             pool = UpstreamPool(
-                upstream.name, upstream.url, upstream.timeout_s, upstream.connect_timeout_s
+                upstream.name,
+                upstream.url,
+                upstream.timeout_s,
+                upstream.connect_timeout_s,
+                max_answer_bytes=self.max_answer_bytes,
             )
             self._pools[upstream.url] = pool
         return pool
@@ -65,7 +83,7 @@ class ShadowClient:
             pool = self._pool(upstream)
             head = [f"POST {target} HTTP/1.1\r\n".encode("latin-1")]
             head += [b"Host: ", pool.host_header, b"\r\n"]
-            head.extend(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers.items())
+            head.extend(_header_line(k, v) for k, v in headers.items())
             head.append(b"Content-Length: %d\r\n\r\n" % len(body))
             try:
                 answer = await pool.request([b"".join(head), body], timeout_s)
@@ -85,13 +103,30 @@ class ShadowClient:
                 timeout=timeout,
                 allow_redirects=False,
             ) as resp:
-                data = await resp.read()
+                data = await self._read_capped(resp, upstream)
                 latency = time.perf_counter() - started
                 return Exchange(
                     upstream.name, resp.status, CIMultiDict(resp.headers), data, latency
                 )
         except Exception as exc:
             return translate_upstream_error(exc, upstream.name, upstream.url)
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse, upstream: UpstreamSettings) -> bytes:
+        cap = self.max_answer_bytes
+        if resp.content_length is not None and resp.content_length > cap:
+            raise self._too_large(upstream)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > cap:
+                raise self._too_large(upstream)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, upstream: UpstreamSettings) -> UpstreamBadResponse:
+        detail = f"sent an answer larger than {self.max_answer_bytes} bytes (cut off)"
+        return UpstreamBadResponse(upstream.name, upstream.url, detail)
 
     async def close(self) -> None:
         for pool in self._pools.values():

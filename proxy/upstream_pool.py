@@ -9,6 +9,11 @@ Failures are translated where they happen into the proxy's exception tree (``err
 the same wording as ``translate_upstream_error`` gives for aiohttp's: refused -> 503, no answer in
 time -> 504, a reset or a malformed answer -> 502. A request is never retried: a POST the
 upstream may have run must not run twice.
+
+A connection goes back to the pool only at a clean message boundary: the answer whole, framed by
+its length or chunks, keep-alive, and not one byte after it. Anything else (a ``Connection:
+close``, an answer read until close, bytes nobody asked for, a timeout, a cap) closes it, so
+the next request can never read the end of someone else's answer.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from .errors import UpstreamBadResponse, UpstreamError, UpstreamTimeout, Upstrea
 
 # Idle connections kept per upstream; more are closed when they come back.
 MAX_IDLE = 64
+
+
+class _AnswerTooLarge(Exception):
+    """Raised inside llhttp's callbacks to stop the parse at once (never leaves this module)."""
 
 
 @dataclass(slots=True)
@@ -48,6 +57,8 @@ class _Connection(asyncio.Protocol):
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
+        self._size = 0
+        """Bytes of the answer so far (status, headers and body), against the pool's cap."""
         self._headers_done = False
         self._until_close = False
         self.reusable = False
@@ -71,7 +82,11 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            self._fail(self._pool.bad(f"sent a malformed answer ({exc})"))
+            if isinstance(exc.__context__, _AnswerTooLarge):
+                cap = self._pool.max_answer_bytes
+                self._fail(self._pool.bad(f"sent an answer larger than {cap} bytes (cut off)"))
+            else:
+                self._fail(self._pool.bad(f"sent a malformed answer ({exc})"))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost settles any waiter
@@ -90,14 +105,25 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self._waiter is not None and self._waiter.done():
-            self._spoiled = True  # more after the whole answer, in the same read: out of step
+            # More after the whole answer, in the same read: out of step, even if what follows
+            # is only the start of a status line.
+            self._spoiled = True
+            self.reusable = False
         self._reason, self._headers, self._body = b"", [], []
         self._headers_done = self._until_close = False
 
+    def _count(self, n: int) -> None:
+        self._size += n
+        cap = self._pool.max_answer_bytes
+        if cap is not None and self._size > cap:
+            raise _AnswerTooLarge
+
     def on_status(self, reason: bytes) -> None:
+        self._count(len(reason))
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -108,6 +134,7 @@ class _Connection(asyncio.Protocol):
         self.reusable = keep and not self._spoiled
 
     def on_body(self, body: bytes) -> None:
+        self._count(len(body))
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -123,6 +150,7 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Answer] = loop.create_future()
         self._waiter = waiter
+        self._size = 0
         # One timer handle, not asyncio.timeout(): this is the live path's only timer.
         timer = loop.call_at(deadline, self._time_out)
         self.transport.writelines(data)
@@ -162,7 +190,17 @@ class _Connection(asyncio.Protocol):
 class UpstreamPool:
     """Pooled connections to one ``http://`` upstream; owned by the data app's cleanup context."""
 
-    def __init__(self, name: str, url: str, timeout_s: float, connect_timeout_s: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        timeout_s: float,
+        connect_timeout_s: float,
+        *,
+        max_answer_bytes: int | None = None,
+    ) -> None:
+        """``max_answer_bytes``: an answer longer than this (status line, headers and body, as
+        read) fails as a bad response and its connection is closed; None reads any length."""
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"the fast lane needs an http:// upstream, not {url!r}")
@@ -173,6 +211,7 @@ class UpstreamPool:
         self.host_header = parts.netloc.encode("latin-1")
         self._timeout_s = timeout_s
         self._connect_timeout_s = connect_timeout_s
+        self.max_answer_bytes = max_answer_bytes
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
 

@@ -251,3 +251,66 @@ async def test_a_reference_that_sends_more_than_its_answer_gets_a_fresh_connecti
                 assert r.status == 200 and await r.read() == b"{}"  # never the stray "extra"
     assert raw.connections == 2  # the out-of-step connection was not reused
     raw.server.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # The start of a second status line after the answer, in the same write.
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}HTTP/1.1 2",
+        # The upstream says it closes (and, broken, does not): the proxy must not reuse it.
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+        # HTTP/1.0 without keep-alive.
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        # An interim answer, then one with stray bytes behind it.
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2"
+        b"\r\n\r\n{}xyz",
+    ],
+    ids=["partial status line after", "connection close", "http/1.0", "1xx then stray bytes"],
+)
+async def test_an_upstream_connection_off_a_clean_message_boundary_is_never_reused(
+    answer: bytes, proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    raw = await start_raw_upstream(answer)
+    proxy = await proxy_factory(make_settings(raw.url, redis_url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
+    for i in range(3):
+        writer.write(infer(body(i)))
+        got = await asyncio.wait_for(read_answer(reader), 10)
+        assert (got.status, got.body) == (200, b"{}")  # never a 502 from a misread answer
+    writer.close()
+    assert raw.connections == 3  # each call on a connection of its own
+    raw.server.close()
+
+
+async def test_a_header_that_is_not_ascii_reaches_the_candidate_byte_for_byte(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await fake(), await fake()
+    proxy = await proxy_factory(
+        make_settings(ref.url, redis_url, candidates=[{"name": "c", "url": cand.url}])
+    )
+    value = b"\xc3\xa9 \xff"  # UTF-8, then a byte that is not
+    header = b"Host: proxy\r\nX-Name: " + value + b"\r\n"
+    for request in (infer(body(1)), infer(body(2)).replace(b"HTTP/1.1", b"HTTP/1.0")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
+        writer.write(request.replace(b"Host: proxy\r\n", header))
+        assert (await asyncio.wait_for(read_answer(reader), 10)).status == 200
+        writer.close()
+    assert await proxy.drained(10)
+    # The fast lane's copy and aiohttp's (HTTP/1.0 goes there) both arrived, and compared.
+    assert proxy.telemetry.tally[("c", "compared")] == 2
+    sent = [h["X-Name"].encode("utf-8", "surrogateescape") for h in cand.behaviour.seen_headers]
+    assert sent == [value, value]
+
+
+async def test_an_absolute_form_target_is_forwarded_as_its_path(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref = await fake()
+    proxy = await proxy_factory(make_settings(ref.url, redis_url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
+    # RFC 9112 3.2.2: a server accepts the absolute form (aiohttp serves it: not the fast lane).
+    writer.write(b"GET http://elsewhere/v2/health/ready HTTP/1.1\r\nHost: elsewhere\r\n\r\n")
+    assert (await asyncio.wait_for(read_answer(reader), 10)).status == 200  # not a 502
+    writer.close()
