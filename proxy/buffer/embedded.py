@@ -208,12 +208,20 @@ class EmbeddedRedis:
             self._socket.unlink()  # left by a server that was killed
         # "-": the configuration comes on stdin. umask 077: every file the server creates
         # (snapshot, append-only file, log) is its user's alone.
-        self._proc = subprocess.Popen(
-            [find_redis_server(), "-"],
-            stdin=subprocess.PIPE,
-            start_new_session=True,
-            umask=0o077,
-        )
+        # What it prints before its logfile is open ("Reading config from stdin", a config
+        # error) goes to that log too, not into the terminal of a CLI command.
+        early = os.open(state / "redis.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self._proc = subprocess.Popen(
+                [find_redis_server(), "-"],
+                stdin=subprocess.PIPE,
+                stdout=early,
+                stderr=early,
+                start_new_session=True,
+                umask=0o077,
+            )
+        finally:
+            os.close(early)
         assert self._proc.stdin is not None
         with self._proc.stdin:
             self._proc.stdin.write(self._config(state, password).encode())
