@@ -10,7 +10,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from loadtest.fuzz import ErrorLog, check_codecs, fuzz_codecs, fuzz_heads
+from loadtest.fuzz_codecs import check_codecs, fuzz_codecs
+from loadtest.fuzz_heads import ErrorLog, fuzz_heads
 from tests.conftest import make_settings
 
 
