@@ -30,6 +30,9 @@ class FakeBehaviour:
     """The most infer calls it was answering at once."""
     seen_headers: list[dict[str, str]] = field(default_factory=list)
     seen_paths: list[str] = field(default_factory=list)
+    hold: asyncio.Event | None = None
+    """When set, infer calls are received and counted (``calls``, ``in_flight``) but answered
+    only once the test sets this event: a candidate provably still busy when the test looks."""
 
 
 def v2_answer(body: bytes, model: str, drift: float, noise: float = 0.0, size: int = 8) -> bytes:
@@ -66,6 +69,8 @@ def make_app(behaviour: FakeBehaviour) -> web.Application:
         behaviour.seen_headers.append(dict(request.headers))
         behaviour.seen_paths.append(request.path)
         body = await request.read()
+        if behaviour.hold is not None:
+            await behaviour.hold.wait()
         if behaviour.delay_s:
             await asyncio.sleep(behaviour.delay_s)
         if behaviour.mode == "error":

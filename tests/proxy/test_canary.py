@@ -139,8 +139,9 @@ async def test_faithful_candidate_promotes_and_a_step_without_traffic_waits(
 
     # No traffic at all: once min_duration_s is over the controller says it waits ...
     await wait_until(waiting_decisions, what="a 'waiting' decision")
-    # ... and then says nothing more: six more intervals pass without a second entry.
-    await asyncio.sleep(6 * 0.05)
+    # ... and then says nothing more: six more evaluations without a second entry.
+    for _ in range(6):
+        await proxy.canary.tick()
     state = await proxy.canary.store.read()
     assert (state.status, state.step) == ("running", 0)
     waiting = await waiting_decisions()
@@ -156,7 +157,18 @@ async def test_faithful_candidate_promotes_and_a_step_without_traffic_waits(
         state = await proxy.canary.store.read()
         if state.status == "promoted":
             break
-        await asyncio.sleep(0.3)
+
+        async def moved_on_or_short(step: int = state.step) -> bool:
+            now = await proxy.canary.store.read()
+            if now is None or now.status == "promoted" or now.step > step:
+                return True
+            # Requests of the batch counted at the step before (it moved mid-batch): this step
+            # needs more traffic, which the next batch brings.
+            evidence = await proxy.canary.store.evidence(now.attempt, now.step)
+            return int(evidence.get("compared", 0)) < 10
+
+        # With its evidence complete, the step passes once it has been held min_duration_s.
+        await wait_until(moved_on_or_short, what=f"the rollout past step {state.step}")
     state = await _wait_status(proxy, {"promoted"})
     assert state.weight == 100
     outcomes = [d["outcome"] for d in await proxy.canary.store.decisions()]
@@ -312,7 +324,8 @@ async def test_commands_approval_and_resume_after_restart(
 
     # All of it in the store (so the controller has seen it), then a few more evaluations.
     await wait_until(all_evidence_stored, what="30 compared at step 0")
-    await asyncio.sleep(5 * 0.05)
+    for _ in range(5):  # five more evaluations
+        await proxy.canary.tick()
     assert (await proxy.canary.store.read()).status == "awaiting_approval"
 
     code, body = await _admin(proxy, "POST", "/api/canary/resume", json={"reason": "looks good"})
