@@ -435,6 +435,10 @@ class ProxyRunner:
             # The new mirror process first: by the time copies for a new candidate are built,
             # it is there to take them.
             await mirror.reload(_child_settings(self.data, plan.settings))
+        # The live side builds copies for the new candidates once the new mirror process runs.
+        self.data[LIVE_PROXY].reload(plan.settings)
+        if FAST_LANE in self.data:
+            self.data[FAST_LANE].reload(plan.settings)
         self.data[COVERAGE].reload(plan.settings)
         self.data[CURRENT].settings = plan.settings
         return plan

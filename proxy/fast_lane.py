@@ -70,6 +70,10 @@ class FastLane:
         self._scheduler = scheduler
         self._tel = telemetry
 
+    def reload(self, settings: Settings) -> None:
+        """Mirror what a reloaded config's candidates shadow (``proxy.*`` keep running values)."""
+        self._mirrors = settings.mirrors
+
     async def answer(self, head: Head, body: bytes, send: Callable[[bytes], None]) -> None:
         """Forward the request, ``send`` the answer the moment it is here, then account for it."""
         loop = asyncio.get_running_loop()

@@ -312,6 +312,11 @@ class LiveProxy:
             return None  # the candidate answers the error, as the reference would
         return unsafe_to_mirror(header)
 
+    def reload(self, settings: Settings) -> None:
+        """Mirror what a reloaded config's candidates shadow, with its redaction."""
+        self._settings = settings
+        self._mirrors = settings.mirrors
+
     async def close(self) -> None:
         await self._models.close()
 

@@ -19,12 +19,14 @@ BODY = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[%d]}]}'
 NEW_USER_TOKEN = "reloaded-user-token-01"
 
 
-async def _infer(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, k: int) -> int:
+async def _infer(
+    writer: asyncio.StreamWriter, reader: asyncio.StreamReader, k: int, model: bytes = b"m"
+) -> int:
     """One request on an open keep-alive connection; its status."""
     body = BODY % k
     writer.write(
-        b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (model, len(body), body)
     )
     head = await reader.readuntil(b"\r\n\r\n")
     length = next(
@@ -45,7 +47,7 @@ async def test_sighup_adds_a_candidate_and_a_user_on_open_connections(
         "listen": {"host": "127.0.0.1", "port": data_port},
         "admin": {"host": "127.0.0.1", "port": admin_port, "token": ADMIN_TOKEN},
         "reference": {"name": "ref", "url": ref.url},
-        "candidates": [{"name": "twin", "url": twin.url}],
+        "candidates": [{"name": "twin", "url": twin.url, "models": ["m"]}],
         "buffer": {"redis_url": redis_url},
         "proxy": {"drain_timeout_s": 5, "shed_lag_ms": 0},
     }
@@ -56,7 +58,8 @@ async def test_sighup_adds_a_candidate_and_a_user_on_open_connections(
         reader, writer = await asyncio.open_connection("127.0.0.1", data_port)
         assert [await _infer(writer, reader, k) for k in range(10)] == [200] * 10
 
-        cfg["candidates"].append({"name": "drifted", "url": drifted.url})
+        # A candidate for a model nothing mirrored before: the live side must start copying it.
+        cfg["candidates"].append({"name": "drifted", "url": drifted.url, "models": ["m2"]})
         cfg["admin"]["users"] = [{"name": "newbie", "token": NEW_USER_TOKEN, "role": "viewer"}]
         cfg["listen"]["host"] = "0.0.0.0"  # needs a restart: named, not applied
         config.write_text(yaml.safe_dump(cfg))
@@ -73,8 +76,9 @@ async def test_sighup_adds_a_candidate_and_a_user_on_open_connections(
                 lambda: _has(summary(), "drifted"), 30, what="the new candidate in the summary"
             )
             statuses += [await _infer(writer, reader, k) for k in range(20, 30)]
-            assert statuses == [200] * 20
-            await wait_until(lambda: drifted.behaviour.calls >= 10, 20, what="copies to drifted")
+            statuses += [await _infer(writer, reader, k, b"m2") for k in range(30, 40)]
+            assert statuses == [200] * 30
+            await wait_until(lambda: drifted.behaviour.calls == 10, 20, what="copies to drifted")
             async with s.get(
                 f"{admin}/api/me", headers={"Authorization": f"Bearer {NEW_USER_TOKEN}"}
             ) as r:
