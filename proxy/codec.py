@@ -57,7 +57,7 @@ class DecodedResponse:
     outputs: dict[str, Array] = field(default_factory=dict)
 
 
-def _inflate(body: bytes, encoding: str | None, cap: int) -> bytes:
+def inflate(body: bytes, encoding: str | None, cap: int) -> bytes:
     """``body`` decoded per its Content-Encoding, never more than ``cap`` bytes of it.
 
     Inflated a piece (``_INFLATE_PIECE``) at a time, each bounded by what is left under the cap,
@@ -254,7 +254,7 @@ def decode_infer_response(
     is not a V2 answer raises :class:`MalformedMessage` saying what is wrong, never another error;
     one past a cap raises its subclass :class:`TooLarge`.
     """
-    raw = _inflate(body, headers.get("Content-Encoding"), max_inflated_bytes)
+    raw = inflate(body, headers.get("Content-Encoding"), max_inflated_bytes)
     header_length = _header_length(headers.get(HEADER_LENGTH), len(raw))
     response = _response_json(raw if header_length is None else raw[:header_length])
     if len(response["outputs"]) > max_outputs:
@@ -302,7 +302,7 @@ def parse_request_header(
     """The JSON part of a V2 infer request, or None for a raw binary request (header length 0).
 
     Raises :class:`MalformedMessage` (:class:`TooLarge` past ``max_inflated_bytes``)."""
-    raw = _inflate(body, headers.get("Content-Encoding"), max_inflated_bytes)
+    raw = inflate(body, headers.get("Content-Encoding"), max_inflated_bytes)
     length = headers.get(HEADER_LENGTH)
     try:
         n = int(length) if length is not None else len(raw)
