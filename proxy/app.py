@@ -71,6 +71,8 @@ log = logging.getLogger("shadowproxy")
 
 STARVABLE = web.AppKey("starvable", bool)
 """The process runs at idle CPU priority: its Redis client must not time out on wall clock."""
+STORES_VERDICTS = web.AppKey("stores_verdicts", bool)
+"""The process writes verdicts (its store spools them while Redis is away); others only read."""
 
 
 def build_mirror_app(settings: Settings) -> web.Application:
@@ -92,6 +94,7 @@ def build_compare_app(settings: Settings) -> web.Application:
     app = web.Application()
     app[SETTINGS] = settings
     app[STARVABLE] = True  # it runs at idle CPU priority
+    app[STORES_VERDICTS] = True
     app.cleanup_ctx.append(_telemetry_ctx(None))
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_evidence_ctx)
@@ -119,6 +122,7 @@ def create_apps(
     )
     data[SETTINGS] = settings
     data[CURRENT] = current = SettingsRef(settings)
+    data[STORES_VERDICTS] = not settings.proxy.mirror_process
     data.cleanup_ctx.append(_telemetry_ctx(telemetry))
     data.cleanup_ctx.append(_store_ctx)
     data.cleanup_ctx.append(_evidence_ctx)
@@ -191,8 +195,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         embedded = await asyncio.to_thread(start_embedded, settings.buffer.state_dir)
         app[EMBEDDED_REDIS] = embedded
         url = embedded.url
-    # The processes that store verdicts spool them while Redis is away; the others only read.
-    comparing = app.get(STARVABLE, False) or not settings.proxy.mirror_process
+    comparing = app.get(STORES_VERDICTS, False)
     store = SampleStore.from_url(
         url, settings.buffer, starvable=app.get(STARVABLE, False), spool=comparing
     )
