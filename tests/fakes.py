@@ -55,6 +55,15 @@ def v2_answer(body: bytes, model: str, drift: float, noise: float = 0.0, size: i
     return json.dumps(out).encode()
 
 
+async def model_config(request: web.Request) -> web.Response:
+    """A model whose name starts with ``stateful`` is configured for sequence batching, as Triton
+    says; other models have no config here (404), as on a server without the route."""
+    model = request.match_info["model"]
+    if not model.startswith("stateful"):
+        raise web.HTTPNotFound()
+    return web.json_response({"name": model, "sequence_batching": {"max_sequence_idle": 1}})
+
+
 def make_app(behaviour: FakeBehaviour) -> web.Application:
     async def infer(request: web.Request) -> web.StreamResponse:
         behaviour.in_flight += 1
@@ -109,6 +118,7 @@ def make_app(behaviour: FakeBehaviour) -> web.Application:
     app.router.add_post("/v2/models/{model}/infer", infer)
     app.router.add_post("/v2/models/{model}/versions/{v}/infer", infer)
     app.router.add_get("/v2/health/ready", ready)
+    app.router.add_get("/v2/models/{model}/config", model_config)
     app.router.add_get("/big", big)
     app.router.add_put("/upload", echo_size)
     return app
