@@ -12,7 +12,14 @@ from typing import Any
 
 from comparators import SEVERITY_CAP, MetricSpec, OutputVerdict, compare_outputs, resolve_spec
 
-from .codec import DecodedResponse, MalformedMessage, decode_infer_response, preview
+from .codec import (
+    MAX_INFLATED_BYTES,
+    MAX_OUTPUTS,
+    DecodedResponse,
+    MalformedMessage,
+    decode_infer_response,
+    preview,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +86,14 @@ def analyze(
     cand: Exchange,
     model: str,
     comparisons: Table,
+    *,
+    max_inflated_bytes: int = MAX_INFLATED_BYTES,
+    max_outputs: int = MAX_OUTPUTS,
 ) -> Analysis:
     """Compare two answers to one infer request.
+
+    An answer that inflates past ``max_inflated_bytes`` or has more than ``max_outputs`` outputs
+    is not decoded (``reference_undecodable`` or ``candidate_invalid``, the reason says which).
 
     Outcomes: ``compared`` (both decoded; flagged per the comparators), ``status_mismatch``
     (flagged: the candidate errs where the reference answers, or the reverse), ``both_failed``
@@ -99,12 +112,13 @@ def analyze(
                 f" ({_error_text(cand.body if cand.status != 200 else ref.body)})"
             ),
         )
+    limits = {"max_inflated_bytes": max_inflated_bytes, "max_outputs": max_outputs}
     try:
-        decoded_ref = decode_infer_response(ref.body, ref.headers)
+        decoded_ref = decode_infer_response(ref.body, ref.headers, **limits)
     except MalformedMessage as exc:
         return Analysis("reference_undecodable", flagged=False, reason=f"reference: {exc}")
     try:
-        decoded_cand = decode_infer_response(cand.body, cand.headers)
+        decoded_cand = decode_infer_response(cand.body, cand.headers, **limits)
     except MalformedMessage as exc:
         return Analysis(
             "candidate_invalid",

@@ -282,7 +282,7 @@ async def _live_session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _shadow_client_ctx(app: web.Application) -> AsyncIterator[None]:
     # Its own pools: a slow candidate can never hold a connection the live path needs.
-    client = ShadowClient()
+    client = ShadowClient(max_answer_bytes=app[SETTINGS].proxy.max_answer_bytes)
     app[SHADOW_CLIENT] = client
     yield
     await client.close()
@@ -395,7 +395,13 @@ class ProxyRunner:
         self.admin_port = settings.admin.port
 
     async def start(self) -> None:
-        data_runner = web.AppRunner(self.data, access_log=None, handle_signals=False)
+        data_runner = web.AppRunner(
+            self.data,
+            access_log=None,
+            handle_signals=False,
+            # Connections the fast lane hands over (or all, without it) idle out as its own do.
+            keepalive_timeout=self.settings.proxy.idle_timeout_s,
+        )
         await data_runner.setup()
         self._runners.append(data_runner)
         listen = self.settings.listen

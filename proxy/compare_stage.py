@@ -191,7 +191,15 @@ class Comparer:
     async def _compare(self, pair: Pair) -> Analysis:
         cand = self._candidates[pair.candidate]
         if pair.size <= _INLINE_BYTES:
-            analysis = analyze(pair.ref, pair.cand, pair.model, self._settings.comparisons)
+            limits = self._settings.proxy
+            analysis = analyze(
+                pair.ref,
+                pair.cand,
+                pair.model,
+                self._settings.comparisons,
+                max_inflated_bytes=limits.max_inflated_bytes,
+                max_outputs=limits.max_outputs,
+            )
         else:
             analysis = await asyncio.get_running_loop().run_in_executor(
                 self._executor,

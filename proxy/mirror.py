@@ -32,7 +32,7 @@ from comparators.population import PopulationStats
 from .analysis import Exchange
 from .canary.evidence import EvidenceBuffer
 from .canary.gates import UNCOMPARED
-from .codec import MalformedMessage, parse_request_header, unsafe_to_mirror
+from .codec import MalformedMessage, TooLarge, parse_request_header, unsafe_to_mirror
 from .compare_stage import Pair
 from .coverage import is_fate
 from .guards import CpuBudget, LoopLag, stop_task
@@ -351,7 +351,12 @@ class MirrorScheduler:
         copy.checked = True
         req: MirrorRequest = copy.request
         try:
-            copy.header = parse_request_header(req.body, req.headers)
+            copy.header = parse_request_header(
+                req.body, req.headers, max_inflated_bytes=self._settings.proxy.max_inflated_bytes
+            )
+        except TooLarge:
+            copy.unsafe = "request_too_large"  # a gzip bomb, say: never inflated past the cap
+            return
         except MalformedMessage:
             copy.unsafe = "unparseable_request"
             return
