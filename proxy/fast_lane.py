@@ -166,6 +166,8 @@ class FastLaneProtocol(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._refused = False
+        self._eof = False
+        """The client half-closed: once its last whole request is answered, the connection ends."""
         self.closing = False
         self.last_active = time.monotonic()
         self.head_since: float | None = None
@@ -190,7 +192,8 @@ class FastLaneProtocol(asyncio.Protocol):
         self._transport = None
 
     def eof_received(self) -> bool | None:
-        # A client that half-closes after its request still gets the answer.
+        # A client that half-closes after its request still gets the answer (see _serve).
+        self._eof = True
         return (self._busy and not self._refused) or None
 
     def pause_writing(self) -> None:
@@ -203,6 +206,8 @@ class FastLaneProtocol(asyncio.Protocol):
         self._sync_reading()
         if not self._busy and self._buf:
             self._next()
+        if self._eof and not self._busy and self._transport is not None:
+            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._transport is None or self._refused:
@@ -303,6 +308,8 @@ class FastLaneProtocol(asyncio.Protocol):
         # While the client leaves answers unread, its next request waits (resume_writing).
         if self._buf and not self._write_paused:
             self._next()
+        if self._eof and not self._busy and not self._write_paused:
+            transport.close()  # nothing more can come; what is written still goes out first
 
     def _refuse(self, status: int, detail: str) -> None:
         """Answer ``status`` from the proxy itself and close: what the client sent cannot be

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -58,6 +58,8 @@ _SERVER_DEFAULTS = ("Date", "Server", "Content-Type")
 _SMALL_BODY = 256 * 1024
 # Request bodies up to this size are read whole; larger or unsized ones stream to the reference.
 _SMALL_REQUEST = 1024 * 1024
+Body = bytes | aiohttp.StreamReader | AsyncIterator[bytes] | None
+"""A request body as forwarded: held, or streamed as it arrives."""
 
 
 def end_to_end(headers: MultiMapping[str], drop: frozenset[str]) -> CIMultiDict[str]:
@@ -209,20 +211,9 @@ class LiveProxy:
         with span_cm as span:
             if traced:
                 self._tel.propagator.inject(headers)
-            body: bytes | aiohttp.StreamReader | None = early_body
-            if body is None and (
-                mirror
-                or (
-                    request.body_exists
-                    and request.content_length is not None
-                    and request.content_length <= _SMALL_REQUEST
-                )
-            ):
-                body = await request.read()
-            elif body is None and request.body_exists:
-                body = request.content
-                if request.content_length is not None:
-                    headers["Content-Length"] = str(request.content_length)
+            body: Body = early_body
+            if body is None:
+                body, mirror = await self._body(request, headers, mirror, tag is not None)
             future: asyncio.Future[Exchange | None] | None = None
             if mirror:
                 assert isinstance(body, bytes)
@@ -320,11 +311,39 @@ class LiveProxy:
     async def close(self) -> None:
         await self._models.close()
 
+    async def _body(
+        self, request: web.Request, headers: CIMultiDict[str], mirror: bool, in_canary: bool
+    ) -> tuple[Body, bool]:
+        """The body to forward, and whether it is still mirrored. A body is held in memory only
+        when it is copied or small; one too big to hold for a copy (``proxy.max_body_bytes``) is
+        streamed to the reference as if it were not mirrored: mirroring never changes what the
+        reference gets (nor answers 413 in its place)."""
+        cap = self._settings.proxy.max_body_bytes
+        # (A canary split holds the body whatever its size: its fallback sends it again.)
+        if mirror and not in_canary and request.body_exists:
+            body, whole = await _read_up_to(request, cap)
+            if whole:
+                return body, True
+            self._scheduler.note_skip("request_too_large")
+            if request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
+            return body, False
+        known = request.content_length
+        if mirror or (
+            request.body_exists and known is not None and known <= min(_SMALL_REQUEST, cap)
+        ):
+            return await request.read(), mirror
+        if not request.body_exists:
+            return None, mirror
+        if known is not None:
+            headers["Content-Length"] = str(known)
+        return request.content, mirror
+
     async def _forward(
         self,
         request: web.Request,
         headers: CIMultiDict[str],
-        body: bytes | aiohttp.StreamReader | None,
+        body: Body,
         future: asyncio.Future[Exchange | None] | None,
         target: _Target,
         path: str,
@@ -403,3 +422,28 @@ class LiveProxy:
             await resp.write(chunk)
         await resp.write_eof()
         return resp
+
+
+async def _read_up_to(request: web.Request, cap: int) -> tuple[Body, bool]:
+    """The body whole if it is at most ``cap`` bytes (and True); else what forwards it all
+    without holding it (and False)."""
+    if request.content_length is not None:
+        if request.content_length > cap:
+            return request.content, False
+        return await request.read(), True
+    # Chunked: read up to the cap; past it, what was read goes first, then the rest as it comes.
+    parts: list[bytes] = []
+    size = 0
+    while size <= cap:
+        chunk = await request.content.readany()
+        if not chunk:
+            return b"".join(parts), True
+        parts.append(chunk)
+        size += len(chunk)
+    return _then_rest(b"".join(parts), request.content), False
+
+
+async def _then_rest(head: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    yield head
+    while chunk := await rest.readany():
+        yield chunk

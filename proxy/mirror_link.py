@@ -67,7 +67,8 @@ class MirrorLink:
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
-        self._queries: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._queries: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
+        """Snapshots asked of the running mirror process; None answers one that died first."""
         self._qid = itertools.count(1)
         self._seq = itertools.count(1)
         self._sent = 0
@@ -275,7 +276,7 @@ class MirrorLink:
             # are dropped and counted here, so nothing is pending.
             return empty
         qid = next(self._qid)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
         self._queries[qid] = future
         self._flush()
         write_frame(self._writer, (what, qid))
@@ -286,6 +287,8 @@ class MirrorLink:
             return {**empty, "worker": "not answering", "pending": None}
         finally:
             self._queries.pop(qid, None)
+        if snap is None:
+            return empty  # it died meanwhile: what it held is counted as lost, none pending
         snap["pending"] = self._sent - snap.pop("received", 0)
         rows = snap.get("fates") if what == "progress" else snap.get("tally")
         if rows is not None:
@@ -317,6 +320,9 @@ class MirrorLink:
             return
         if self._writer is not None:
             self._writer.close()
+        for future in self._queries.values():
+            if not future.done():
+                future.set_result(None)  # no answer is coming: do not make them wait 5 s
         if not self._closing:
             code = await self._proc.wait() if self._proc else None
             self._bury(self._last)

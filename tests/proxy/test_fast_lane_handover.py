@@ -116,13 +116,6 @@ async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer
     assert answers == [v2_answer(body(3), "m", 0.0), v2_answer(body(4), "m", 0.0)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "proxy/fast_lane.py: eof_received keeps a half-closed connection open while busy and "
-        "nothing closes it after the last answer: it lingers until idle_timeout_s (75 s)"
-    ),
-)
 async def test_a_half_closed_connection_is_closed_once_its_answers_are_out(
     fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
 ) -> None:
