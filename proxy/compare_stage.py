@@ -198,7 +198,6 @@ class Comparer:
                 pair.model,
                 self._settings.comparisons,
                 max_inflated_bytes=limits.max_inflated_bytes,
-                max_outputs=limits.max_outputs,
             )
         else:
             analysis = await asyncio.get_running_loop().run_in_executor(

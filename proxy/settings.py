@@ -277,7 +277,8 @@ class ProxySettings(_Model):
     max_answer_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest candidate answer read; a longer one is cut off and counted as a failed call."""
     max_outputs: int = Field(1024, ge=1)
-    """Outputs of one answer that are compared and stored; more make the copy unparseable."""
+    """Outputs of one answer that are stored (all are compared; the rest are counted as
+    ``outputs_dropped``). An answer with more than 1024 outputs is not decoded at all."""
     max_id_chars: int = Field(256, ge=8)
     """Request ids (body ``id``, the request-id header) longer than this are cut before storage."""
     max_connections: int = Field(10_000, ge=1)
