@@ -26,6 +26,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import SecretStr
 
 from .app import ProxyRunner
@@ -48,6 +49,39 @@ def install_event_loop_policy() -> None:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+class QuietBadRequests(logging.Filter):
+    """aiohttp logs every malformed request it answers 400 at ERROR, with a traceback: a
+    hostile client could fill the logs at the rate it sends. The client has its 400; the log
+    gets one line, at most once a second, with how many were answered since."""
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        super().__init__()
+        self._every = every_s
+        self._last = 0.0
+        self._quiet = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._last < self._every:
+            self._quiet += 1
+            return False
+        record.msg, record.args = (
+            "malformed request answered %s: %s (%d more since)",
+            (
+                exc.code,
+                exc.message,
+                self._quiet,
+            ),
+        )
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self._last, self._quiet = now, 0
+        return True
 
 
 def tune_gc() -> None:
@@ -87,6 +121,7 @@ async def serve(
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
     await runner.start()
+    logging.getLogger("aiohttp.server").addFilter(QuietBadRequests())
     tune_gc()
     log.info(
         "shadowproxy: pid %d: data plane on %s:%d -> reference %s (%s); admin on %s:%d; "
