@@ -7,11 +7,13 @@ the same request to two fakes gives the same answer unless one is told to drift.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
 import socket
 from dataclasses import dataclass, field
+from urllib.parse import quote, unquote, urlsplit
 
 import numpy as np
 from aiohttp import web
@@ -184,3 +186,72 @@ async def start_raw_upstream(answer: bytes, *, idle_close_s: float | None = None
     port = server.sockets[0].getsockname()[1]
     raw = RawUpstream(f"http://127.0.0.1:{port}", server)
     return raw
+
+
+def _unix_target(url: str) -> tuple[str, str | None]:
+    """(socket path, password) of a ``unix://:PASSWORD@/PATH?db=0`` Redis URL."""
+    parts = urlsplit(url)
+    return unquote(parts.path), unquote(parts.password) if parts.password else None
+
+
+@dataclass
+class SilentRedis:
+    """A TCP server that accepts connections and reads them, never answering a byte: a hung
+    Redis (or a black-holed network path), not a refused one. Set ``relay`` and it becomes a
+    plain relay to the real Redis behind it (new connections; held ones are closed then)."""
+
+    url: str
+    server: asyncio.Server
+    target: str
+    connections: int = 0
+    held: list[asyncio.StreamWriter] = field(default_factory=list)
+    _relay: bool = False
+
+    @property
+    def relay(self) -> bool:
+        return self._relay
+
+    @relay.setter
+    def relay(self, on: bool) -> None:
+        self._relay = on
+        if on:
+            for writer in self.held:
+                writer.transport.abort()
+            self.held.clear()
+
+    def close(self) -> None:
+        self.relay = True  # drops the held connections
+        self.server.close()
+
+
+async def start_silent_redis(real_url: str) -> SilentRedis:
+    """A silent Redis on a free loopback port, relaying (once told) to the unix-socket Redis at
+    ``real_url``; its ``url`` carries that Redis's password."""
+    path, password = _unix_target(real_url)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.connections += 1
+        if not silent.relay:
+            silent.held.append(writer)
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(65536):
+                    pass  # taken, never answered
+            return
+        up_reader, up_writer = await asyncio.open_unix_connection(path)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    auth = f":{quote(password, safe='')}@" if password else ""
+    silent = SilentRedis(f"redis://{auth}127.0.0.1:{port}/0", server, path)
+    return silent
