@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
@@ -158,17 +159,23 @@ async def list_samples(request: web.Request) -> web.Response:
     return await review_api.list_samples(request, request.app[DATA_APP][STORE])
 
 
-def render_payloads(payloads: dict[str, bytes]) -> dict[str, Any]:
-    """JSON bodies as JSON; binary ones (tensor bytes) as base64 beside their JSON header."""
+def render_payloads(
+    payloads: dict[str, bytes], truncated: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """JSON bodies as JSON; binary ones (tensor bytes) as base64 beside their JSON header. A body
+    stored truncated (``buffer.max_payload_bytes``) is shown as the bytes kept, marked
+    ``truncated`` with the size it had."""
     out: dict[str, Any] = {}
     for name, raw in payloads.items():
-        if name.endswith("_headers"):
-            out[name] = json.loads(raw)
-            continue
         try:
+            if name.endswith("_headers"):
+                out[name] = json.loads(raw)
+                continue
             out[name] = {"json": json.loads(raw)}
         except (ValueError, UnicodeDecodeError):
             out[name] = {"base64": base64.b64encode(raw).decode(), "bytes": len(raw)}
+        if truncated and name in truncated:
+            out[name].update(truncated=True, original_bytes=truncated[name])
     return out
 
 
@@ -187,7 +194,7 @@ async def get_sample(request: web.Request) -> web.Response:
     sample = await _load_sample(request)
     if isinstance(sample, web.Response):
         return sample
-    sample["payloads"] = render_payloads(sample["payloads"])
+    sample["payloads"] = render_payloads(sample["payloads"], sample.get("truncated"))
     return web.json_response(sample)
 
 

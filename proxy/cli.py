@@ -219,7 +219,7 @@ async def _review(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         if args.review_command == "show":
             sample = await _find(store, args.id)
-            sample["payloads"] = render_payloads(sample["payloads"])
+            sample["payloads"] = render_payloads(sample["payloads"], sample.get("truncated"))
             if args.json:
                 print(json.dumps(sample, indent=2))
             else:

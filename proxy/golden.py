@@ -49,7 +49,7 @@ async def export_golden(
             if sample is None:
                 continue
             raw = sample.pop("payloads")
-            payloads = render_payloads(raw)
+            payloads = render_payloads(raw, sample.get("truncated"))
             label = sample.get("label") or {}
             specs = {}
             for o in sample["outputs"]:

@@ -140,7 +140,14 @@ def encode(
     if payloads is not None:
         index = keys.flagged if meta.get("flagged") else keys.kept
         limit = settings.max_payload_bytes
-        fields = tuple((k, v[:limit]) for k, v in payloads.items() if k in PAYLOAD_FIELDS)
+        kept = {k: v for k, v in payloads.items() if k in PAYLOAD_FIELDS}
+        # Bodies beyond the limit are kept as their first bytes, and the sample says so (with
+        # the size they had); headers are whole (the head limit bounds them), or they would not
+        # parse.
+        cut = {k: len(v) for k, v in kept.items() if len(v) > limit and not k.endswith("_headers")}
+        fields = tuple((k, v[:limit] if k in cut else v) for k, v in kept.items())
+        if cut:
+            meta = {**meta, "truncated": cut}
     return Encoded(
         str(meta["id"]),
         float(meta["ts"]),
