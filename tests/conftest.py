@@ -227,3 +227,15 @@ def import_or_skip(name: str, install: str = "pip install -e '.[dev]'") -> Modul
         return importlib.import_module(name)
     module: ModuleType = pytest.importorskip(name, reason=f"{name} is not installed ({install})")
     return module
+
+
+@pytest.fixture
+async def dedicated_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
+    """A Redis server of the test's own (the embedded one, on a private state directory), which
+    the test may stop and start again with its data, as an outage does."""
+    server = EmbeddedRedis(tmp_path / "redis")
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
