@@ -337,7 +337,7 @@ def _scheduler_ctx(*, in_process: bool) -> Callable[[web.Application], AsyncIter
 
 
 async def _mirror_link_ctx(app: web.Application) -> AsyncIterator[None]:
-    link = MirrorLink(_child_settings(app, app[SETTINGS]), app[TELEMETRY])
+    link = MirrorLink(_child_settings(app, app[SETTINGS]), app[TELEMETRY], app.get(EVIDENCE))
     await link.start()
     app[MIRROR] = link
     yield

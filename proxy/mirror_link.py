@@ -31,6 +31,8 @@ from functools import partial
 from typing import Any
 
 from .analysis import Exchange
+from .canary.evidence import CanaryTag, EvidenceBuffer
+from .canary.gates import UNCOMPARED
 from .coverage import is_fate
 from .guards import LoopLag, TokenBucket
 from .mirror_api import MirrorRequest, sampled
@@ -61,9 +63,13 @@ _RESTART_DELAY_S = 1.0
 class MirrorLink:
     """The live process's side of the mirror worker; same interface as ``MirrorScheduler``."""
 
-    def __init__(self, settings: Settings, telemetry: Telemetry) -> None:
+    def __init__(
+        self, settings: Settings, telemetry: Telemetry, evidence: EvidenceBuffer | None = None
+    ) -> None:
         self._settings = settings
         self._tel = telemetry
+        self._evidence = evidence
+        """The canary's evidence: a canary answer whose copy is dropped here goes unchecked."""
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -172,12 +178,20 @@ class MirrorLink:
         return False
 
     def _dropped(
-        self, reason: str, model: str, headers: Mapping[str, str], served_by: str | None = None
+        self,
+        reason: str,
+        model: str,
+        headers: Mapping[str, str],
+        served_by: str | None = None,
+        canary: CanaryTag | None = None,
     ) -> None:
         """Count a copy dropped here against each candidate that asked for it (a canary answer's
-        copy: against the canary only, whose answer then goes unchecked)."""
+        copy: against the canary only, whose answer then goes unchecked: its step's evidence
+        counts it as uncompared)."""
         if served_by is not None:
             self._tel.link_dropped(reason, served_by)
+            if canary is not None and self._evidence is not None:
+                self._evidence.add(canary, {UNCOMPARED: 1})
             return
         for cand in self._settings.candidates:
             if cand.shadows(model) and sampled(cand, headers, self._rng):
@@ -186,10 +200,14 @@ class MirrorLink:
     def offer(self, req: MirrorRequest) -> None:
         writer = self._writer
         if writer is None or writer.is_closing() or self._closing:
-            self._dropped("worker_down", req.route.model or "", req.headers, req.served_by)
+            self._dropped(
+                "worker_down", req.route.model or "", req.headers, req.served_by, req.canary
+            )
             return
         if writer.transport.get_write_buffer_size() + self._outbox_bytes > MAX_BUFFERED_BYTES:
-            self._dropped("link_full", req.route.model or "", req.headers, req.served_by)
+            self._dropped(
+                "link_full", req.route.model or "", req.headers, req.served_by, req.canary
+            )
             return
         seq = next(self._seq)
         span = req.live_span

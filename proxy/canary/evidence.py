@@ -103,7 +103,7 @@ class EvidenceBuffer:
         except StoreError as exc:
             for tag, counters in batch.items():
                 self._pending[tag].update(counters)
-            self._tel.canary_evidence_unflushed(sum(len(c) for c in batch.values()))
+            self._tel.canary_evidence_unflushed(sum(sum(c.values()) for c in batch.values()))
             log.warning("canary evidence not written yet (kept for the next try): %s", exc)
             return False
         return True

@@ -186,13 +186,6 @@ async def test_evidence_redis_refused_is_kept_and_written_once_it_is_back(
         await client.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy/canary/evidence.py:106 counts a kept batch in "
-    "shadowproxy_canary_evidence_unflushed by its number of counter names "
-    "(sum(len(c))), where the dropped path (line 99) and the metric's description count the "
-    "counts themselves (sum(sum(c.values())))",
-)
 async def test_evidence_kept_after_a_refusal_is_counted_in_counts(
     dedicated_redis: EmbeddedRedis,
 ) -> None:

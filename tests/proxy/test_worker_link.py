@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from proxy.mirror_link import MAX_BUFFERED_BYTES
 from tests.conftest import ADMIN_TOKEN, make_settings, wait_until
@@ -147,13 +146,6 @@ async def test_a_full_link_drops_copies_as_link_full_and_the_rest_are_compared(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy/mirror_link.py:174 _dropped() counts a canary answer's copy dropped at the link "
-    "(worker_down, link_full, overload, worker_budget) only in telemetry; unlike "
-    "proxy/mirror.py:165 it never adds UNCOMPARED to the step's evidence, so with "
-    "proxy.mirror_process (serve's default) `uncompared` misses them",
-)
 async def test_a_canary_answer_whose_copy_the_link_drops_is_counted_uncompared(
     fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
 ) -> None:
