@@ -73,6 +73,9 @@ class MirrorLink:
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
+        self._silent = False
+        """A query went unanswered and the process has said nothing since (stopped, hung): the
+        next ones wait briefly, so a summary does not take 5 s per question."""
         self._queries: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
         """Snapshots asked of the running mirror process; None answers one that died first."""
         self._qid = itertools.count(1)
@@ -299,8 +302,9 @@ class MirrorLink:
         self._flush()
         write_frame(self._writer, (what, qid))
         try:
-            snap = await asyncio.wait_for(future, timeout=5)
+            snap = await asyncio.wait_for(future, timeout=0.2 if self._silent else 5)
         except TimeoutError:
+            self._silent = True
             # Not "nothing pending": whatever it holds is still there (``drained`` waits on).
             return {**empty, "worker": "not answering", "pending": None}
         finally:
@@ -320,6 +324,8 @@ class MirrorLink:
         try:
             while True:
                 kind, qid, payload = await read_frame(reader)
+                if gen == self._gen:
+                    self._silent = False
                 if kind == "snap" and qid in self._queries and gen == self._gen:
                     self._queries[qid].set_result(payload)
                 elif kind == "pace" and gen == self._gen:
