@@ -290,6 +290,10 @@ class CompareLink:
             w.waiting.clear()
             if w.up and w.writer is not None:
                 write_frame(w.writer, ("close", None))
+            elif w.proc is not None and w.proc.returncode is None:
+                # Not up: still starting (its restart was just cancelled) or its link is gone.
+                # It holds nothing and would never hear "close": stop it now.
+                w.proc.kill()
         for w in self._workers:
             if w.proc is not None:
                 try:
