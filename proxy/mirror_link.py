@@ -54,9 +54,13 @@ log = logging.getLogger("shadowproxy.mirror")
 
 # Copies waiting in the socket buffer beyond this are dropped (the mirror process is stuck).
 MAX_BUFFERED_BYTES = 128 * 1024 * 1024
-# Copies wait this long for company before they are written: the shadow side never minds 20 ms,
-# and at a hundred copies a second one write per copy cost the mirror process a third of its CPU.
-FLUSH_DELAY_S = 0.02
+# Copies wait this long for company before they are written (or until FLUSH_BYTES of them wait):
+# at a hundred copies a second one write per copy cost the mirror process a third of its CPU,
+# and 20 ms -> 100 ms took it from 0.48 to 0.22 ms per copy (the live process from 0.58 to 0.48
+# ms per request). A copy reaches its candidate up to this much later than the live call: the
+# candidate's latency is timed from its own call, and comparisons do not mind.
+FLUSH_DELAY_S = 0.1
+FLUSH_BYTES = 256 * 1024
 _RESTART_DELAY_S = 1.0
 
 
@@ -263,7 +267,9 @@ class MirrorLink:
         chunks = frame(message)
         self._outbox += chunks
         self._outbox_bytes += frame_size(chunks)
-        if self._flush_handle is None:
+        if self._outbox_bytes >= FLUSH_BYTES:
+            self._flush()  # large copies go at once: bytes held here count against the link
+        elif self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(FLUSH_DELAY_S, self._flush)
 
     def _flush(self) -> None:

@@ -28,7 +28,7 @@ the caller as ``spool_full``; it is lost.
 **fsync policy** (``buffer.spool_fsync``):
 
 - ``batch`` (default): one fsync after each batch of records appended (one batch is what the
-  compare stage gathers in ~20 ms, at most 128 verdicts), and after each seal (file and
+  compare stage gathers in ~100 ms, at most 128 verdicts), and after each seal (file and
   directory). A power loss or kernel crash loses at most the batch being written; a crash of
   the process alone loses nothing already appended (the OS has the pages).
 - ``always``: an fsync after every record.
