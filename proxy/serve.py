@@ -30,7 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import SecretStr
 
 from .app import ProxyRunner
-from .buffer.embedded import EmbeddedRedis, start_embedded
+from .buffer.embedded import EmbeddedRedis, running_url, start_embedded
 from .errors import ConfigError
 from .reload import plan_reload
 from .settings import Settings, load_settings
@@ -143,9 +143,23 @@ async def serve(
         await runner.stop()
 
 
+def _load_for_reload(path: Path, running: Settings) -> Settings:
+    """The config file as a reload sees it. ``serve --workers`` hands its workers the URL of the
+    embedded Redis it started; a file that still omits ``buffer.redis_url`` means that one."""
+    new = load_settings(path)
+    url = running.buffer.redis_url
+    if (
+        new.buffer.redis_url is None
+        and url is not None
+        and running_url(new.buffer.state_dir) == url.get_secret_value()
+    ):
+        new = new.model_copy(update={"buffer": new.buffer.model_copy(update={"redis_url": url})})
+    return new
+
+
 async def _reload(runner: ProxyRunner, path: Path) -> None:
     try:
-        new = await asyncio.to_thread(load_settings, path)
+        new = await asyncio.to_thread(_load_for_reload, path, runner.settings)
     except ConfigError as exc:
         log.error("shadowproxy: SIGHUP: %s; still running the previous config", exc)
         return
@@ -236,7 +250,7 @@ class _Workers:
         if self._config_path is None:
             return
         try:
-            new = load_settings(self._config_path)
+            new = _load_for_reload(self._config_path, self.settings)
         except ConfigError as exc:
             log.error("shadowproxy: SIGHUP: %s; still running the previous config", exc)
             return

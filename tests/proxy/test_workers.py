@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+import yaml
 from aiohttp import web
 
 from loadtest.procs import descendants, free_port
 from proxy.buffer.embedded import running_url
-from tests.conftest import ADMIN_TOKEN, finish, serve_process
+from tests.conftest import ADMIN_TOKEN, finish, serve_process, wait_until
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 
@@ -85,7 +88,7 @@ async def test_workers_share_the_port_and_one_redis_and_stop_together(
 ) -> None:
     ref_port, seen = upstream
     data_port, admin_port = free_port(), free_port()
-    config = {
+    config: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": data_port},
         "admin": {"host": "127.0.0.1", "port": admin_port, "token": ADMIN_TOKEN},
         "reference": {"name": "ref", "url": f"http://127.0.0.1:{ref_port}"},
@@ -123,8 +126,18 @@ async def test_workers_share_the_port_and_one_redis_and_stop_together(
         finally:
             await client.aclose()
         assert others >= len(workers), f"{others} clients on the Redis"
+
+        # SIGHUP to the parent: each worker reloads the file (a new user here), and the Redis
+        # the parent started still counts as the one the file means (no restart asked for).
+        config["admin"]["users"] = [{"name": "newbie", "token": "reloaded-user-token-01"}]
+        await asyncio.to_thread((tmp_path / "c.yaml").write_text, yaml.safe_dump(config))
+        proc.send_signal(signal.SIGHUP)
+        # Slow polls: each refused try counts against the address's auth failure limit.
+        await wait_until(lambda: _all_know(admin_port, "reloaded-user-token-01"), 30, 0.5)
         output = await finish(proc)
     assert proc.returncode == 0, output
+    assert output.count("applied admin.users") == len(workers), output
+    assert "kept until a restart" not in output, output
     assert not alive(tree), "a worker or Redis outlived the parent"
 
 
@@ -140,3 +153,18 @@ def test_workers_zero_or_a_free_port_is_a_clear_error(tmp_path: Path) -> None:
     shared = subprocess.run([*base, "2"], capture_output=True, text=True, timeout=60)
     assert shared.returncode == 2, shared.stderr
     assert "listen.port: 0 (any free port) cannot be shared by --workers" in shared.stderr
+
+
+async def _all_know(admin_port: int, token: str) -> bool:
+    """Ten new connections in a row (spread over the workers) accept ``token``."""
+    for _ in range(10):
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
+            s.get(
+                f"http://127.0.0.1:{admin_port}/api/me",
+                headers={"Authorization": f"Bearer {token}"},
+            ) as r,
+        ):
+            if r.status != 200:
+                return False
+    return True
