@@ -170,3 +170,26 @@ async def test_a_canary_answer_whose_copy_the_link_drops_is_counted_uncompared(
     evidence = await proxy.canary.store.evidence(state.attempt, state.step)
     assert evidence.get("served_cand") == 1, evidence
     assert evidence.get("uncompared") == 1, evidence
+
+
+async def test_a_compare_worker_killed_holding_pairs_counts_them_lost_and_the_rest_compared(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    """A compare worker holds at most a credit's worth of pairs (8); killed while it holds
+    them, exactly those are counted ``compare_lost``; the pairs still waiting in the mirror
+    process go to its replacement, and every copy has exactly one fate."""
+    proxy = await _proxy(fake, proxy_factory, redis_url)
+    (worker,) = _children(proxy.mirror._proc.pid)
+    with stopped(worker):
+        await _send(proxy, [_small(k) for k in range(12)])
+
+        async def held() -> Any:
+            return (await _summary(proxy))["in_flight"]["c"] == 12
+
+        await wait_until(held, 20, what="12 copies in flight behind the stopped worker")
+        os.kill(worker, signal.SIGKILL)
+    assert await proxy.drained(30)
+    tally = (await _summary(proxy))["this_process"]["c"]
+    assert tally.get("compare_lost") == 8, tally
+    assert tally.get("compared") == 4, tally
+    assert _children(proxy.mirror._proc.pid) != [worker], "the dead worker was replaced"
