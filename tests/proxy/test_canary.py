@@ -250,6 +250,8 @@ async def test_refusing_candidate_falls_back_to_the_reference_and_rolls_back(
     assert evidence["fallbacks"] >= 3
     assert await proxy.drained(10)
     assert ref.behaviour.calls == 10  # one reference call per request: no reverse copy as well
+    # Each fallback's copy had no canary answer to compare: counted as live_failed, once.
+    assert proxy.telemetry.tally[("cand", "live_failed")] == evidence["fallbacks"]
 
 
 async def test_sequences_stay_on_the_reference_and_a_new_build_starts_a_new_attempt(
