@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+import pytest
 import yaml
 
 from loadtest.procs import free_port
@@ -252,6 +253,38 @@ async def test_refusing_candidate_falls_back_to_the_reference_and_rolls_back(
     assert ref.behaviour.calls == 10  # one reference call per request: no reverse copy as well
     # Each fallback's copy had no canary answer to compare: counted as live_failed, once.
     assert proxy.telemetry.tally[("cand", "live_failed")] == evidence["fallbacks"]
+
+
+@pytest.mark.parametrize(
+    ("reference", "outcome"),
+    [("reset", "reference_bad_response"), ("slow", "reference_timeout")],
+)
+async def test_a_canary_answer_whose_reference_copy_fails_is_counted_by_why(
+    fake: Callable[..., Any],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+    reference: str,
+    outcome: str,
+) -> None:
+    """At 100% the candidate answers live and the reference gets the copy: when that copy
+    fails, the candidate's answer goes unchecked and the reason is counted."""
+    cand = await fake()
+    ref = await fake(mode="reset") if reference == "reset" else await fake(delay_s=2.0)
+    settings = _canary_settings(ref.url, cand.url, redis_url, steps=[100])
+    settings = settings.model_copy(
+        update={"reference": settings.reference.model_copy(update={"timeout_s": 0.3})}
+    )
+    proxy = await proxy_factory(settings)
+    await _wait_status(proxy, {"running"})  # at its only step, 100%, before any request
+    # The first request of a model waits for its config (is it a sequence model?), read from
+    # the reference, so it is answered by the reference; the next ones are split.
+    await _infer(proxy, 1)
+    assert await proxy.drained(10)
+    before = proxy.telemetry.tally[("cand", outcome)]
+    results = await _infer(proxy, 3, first=1)
+    assert results == [(200, "cand")] * 3  # the client never sees the reference's trouble
+    assert await proxy.drained(10)
+    assert proxy.telemetry.tally[("cand", outcome)] - before == 3, dict(proxy.telemetry.tally)
 
 
 async def test_sequences_stay_on_the_reference_and_a_new_build_starts_a_new_attempt(
