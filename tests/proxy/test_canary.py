@@ -463,7 +463,18 @@ async def test_two_proxy_processes_share_one_rollout(
             return bool(samples["value"] >= 40)
 
         await wait_until(step_evidence_complete, what="40 compared at the last step")
-        await asyncio.sleep(10 * 0.05)  # ten of its evaluations
+
+        async def held_for() -> float:
+            # The duration gate's value is recomputed at each of the replica's evaluations.
+            gates = (await other_view())["evaluation"]["gates"]
+            return float(next(g for g in gates if g["gate"] == "duration")["value"])
+
+        start = await held_for()
+
+        async def ten_more_evaluations() -> bool:
+            return await held_for() >= start + 10 * 0.05
+
+        await wait_until(ten_more_evaluations, what="ten more of its evaluations")
         view = await other_view()
         assert (view["state"]["status"], view["state"]["step"]) == ("paused", 1), view["state"]
         assert view["serving_weight_here"] == 100
