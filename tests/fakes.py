@@ -25,6 +25,10 @@ class FakeBehaviour:
     delay_s: float = 0.0
     drift: float = 0.0  # added to every output value: a planted divergence
     noise: float = 0.0  # fresh Gaussian noise of this scale per answer: non-determinism
+    noise_seed: int | None = None
+    """Draw the noise from this seed and the request body instead of fresh: each instance still
+    differs from the others, but a statistical test on its answers gives the same result on
+    every run (fresh noise fails a test at the 1% level once a hundred runs)."""
     size: int = 8  # output elements
     calls: int = 0
     in_flight: int = 0
@@ -37,11 +41,19 @@ class FakeBehaviour:
     only once the test sets this event: a candidate provably still busy when the test looks."""
 
 
-def v2_answer(body: bytes, model: str, drift: float, noise: float = 0.0, size: int = 8) -> bytes:
+def v2_answer(
+    body: bytes,
+    model: str,
+    drift: float,
+    noise: float = 0.0,
+    size: int = 8,
+    noise_seed: int | None = None,
+) -> bytes:
     seed = int.from_bytes(hashlib.blake2b(body, digest_size=4).digest(), "little")
     values = np.random.default_rng(seed).normal(size=size) + drift
     if noise:
-        values = values + np.random.default_rng().normal(scale=noise, size=size)
+        rng = np.random.default_rng(None if noise_seed is None else [noise_seed, seed])
+        values = values + rng.normal(scale=noise, size=size)
     out = {
         "model_name": model,
         "model_version": "1",
@@ -94,7 +106,9 @@ def make_app(behaviour: FakeBehaviour) -> web.Application:
             return web.Response()
         model = request.match_info["model"]
         return web.Response(
-            body=v2_answer(body, model, behaviour.drift, behaviour.noise, behaviour.size),
+            body=v2_answer(
+                body, model, behaviour.drift, behaviour.noise, behaviour.size, behaviour.noise_seed
+            ),
             content_type="application/json",
         )
 

@@ -47,7 +47,7 @@ async def test_noise_at_the_floor_is_not_flagged(
     fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
 ) -> None:
     # A non-deterministic reference: two instances already differ by NOISE on every answer.
-    ref, twin, cand = [await fake(noise=NOISE, size=256) for _ in range(3)]
+    ref, twin, cand = [await fake(noise=NOISE, size=256, noise_seed=k) for k in range(3)]
     proxy = await proxy_factory(_settings(ref.url, twin.url, cand.url, redis_url))
     await _traffic(proxy, 0, WARMUP + MEASURED)
     verdicts = await proxy.store.list_samples(flagged=False, candidate="cand", limit=1000)
@@ -66,7 +66,7 @@ async def test_the_same_magnitude_is_flagged_where_the_reference_is_deterministi
     fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
 ) -> None:
     ref, twin = await fake(size=256), await fake(size=256)
-    cand = await fake(noise=NOISE, size=256)  # a real divergence of the same magnitude
+    cand = await fake(noise=NOISE, size=256, noise_seed=0)  # a divergence of the same size
     proxy = await proxy_factory(_settings(ref.url, twin.url, cand.url, redis_url))
     await _traffic(proxy, 0, WARMUP)
     await _traffic(proxy, WARMUP, 10)  # fewer samples than the noise floor saw
