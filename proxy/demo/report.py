@@ -58,7 +58,8 @@ def print_report(
             print(line)
         extra = Counter({what: n for (c, what), n in tally.items() if c == cand.name and n})
         skipped = sum(n for what, n in extra.items() if what.startswith("skipped:"))
-        dropped = sum(n for what, n in extra.items() if what.startswith("dropped"))
+        drops = {w.removeprefix("dropped_"): n for w, n in extra.items() if w.startswith("dropped")}
+        dropped = sum(drops.values())
         others = {
             w: n
             for w, n in extra.items()
@@ -66,6 +67,7 @@ def print_report(
         }
         print(
             f"  skipped {skipped}, dropped {dropped}"
+            + (f" ({', '.join(f'{w} {n}' for w, n in sorted(drops.items()))})" if drops else "")
             + (f", other outcomes {others}" if others else "")
         )
         cov = coverage.get(cand.name)
