@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -235,21 +234,8 @@ async def _review(args: argparse.Namespace, settings: Settings) -> int:
             await store.delete(sample["id"])
             print(f"{sample['id']}: deleted")
             return 0
-        private_file(args.out)
-        await export_golden(store, args.out, settings.comparisons)
+        await export_golden(store, args.out, settings.comparisons)  # created 0600
         return 0
-
-
-def private_file(path: Path) -> None:
-    """Make ``path`` a file only its owner may read before anything is written into it: created
-    0600 (never readable by others, not even for a moment), or narrowed to 0600 while still
-    holding what it held before (an export holds samples)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        if os.fstat(fd).st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
 
 
 async def _find(store: SampleStore, prefix: str) -> dict[str, Any]:
