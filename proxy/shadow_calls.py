@@ -19,6 +19,7 @@ from .canary.evidence import EvidenceBuffer
 from .canary.gates import CAND_CALLS, CAND_ERRORS, REF_CALLS, REF_ERRORS
 from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .guards import Breaker
+from .redact import CREDENTIAL_HEADERS
 from .routes import candidate_path
 from .settings import CandidateSettings, Settings, UpstreamSettings
 from .shadow_client import ShadowClient
@@ -26,9 +27,6 @@ from .telemetry import Telemetry
 
 if TYPE_CHECKING:
     from .mirror_api import MirrorRequest
-
-CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
-
 
 class ShadowCalls:
     def __init__(
