@@ -39,7 +39,7 @@ class ReloadPlan:
 
     @property
     def mirroring_changed(self) -> bool:
-        return any(key.split(".")[0].split("[")[0] in MIRRORING for key in self.applied)
+        return any(key in MIRRORING for key in self.applied)
 
 
 def _dump(value: Any) -> Any:
