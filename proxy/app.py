@@ -385,7 +385,6 @@ class ProxyRunner:
     def __init__(
         self, settings: Settings, *, telemetry: Telemetry | None = None, reuse_port: bool = False
     ) -> None:
-        self.settings = settings
         # SO_REUSEPORT: several processes share the ports (``serve --workers``).
         self._reuse_port = reuse_port
         self.data, self.admin = create_apps(settings, telemetry=telemetry)
@@ -393,6 +392,11 @@ class ProxyRunner:
         self._fast: FastLaneServer | None = None
         self.data_port = settings.listen.port
         self.admin_port = settings.admin.port
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force (a reload replaces them)."""
+        return self.data[CURRENT].settings
 
     async def start(self) -> None:
         data_runner = web.AppRunner(
@@ -437,7 +441,6 @@ class ProxyRunner:
         plan = plan_reload(self.settings, new)
         if not plan.applied:
             return plan
-        self.settings = plan.settings
         logging.getLogger().setLevel(plan.settings.log_level)
         mirror = self.data[MIRROR]
         if plan.mirroring_changed and isinstance(mirror, MirrorLink):
