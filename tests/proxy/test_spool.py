@@ -11,11 +11,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 
 from proxy.buffer.embedded import EmbeddedRedis
@@ -27,20 +26,12 @@ from proxy.settings import BufferSettings
 from tests.conftest import make_settings, send_infers, wait_until
 
 
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path / "redis")
-    await asyncio.to_thread(server.start)
-    yield server
-    await asyncio.to_thread(server.stop)
-
-
 async def _store_during_outage(
-    own_redis: EmbeddedRedis, settings: BufferSettings
+    dedicated_redis: EmbeddedRedis, settings: BufferSettings
 ) -> tuple[SampleStore, str]:
     """A store whose Redis has just stopped (as a proxy sees an outage begin), and its URL."""
-    url = own_redis.url
-    await asyncio.to_thread(own_redis.stop)
+    url = dedicated_redis.url
+    await asyncio.to_thread(dedicated_redis.stop)
     return SampleStore.from_url(url, settings), url
 
 
@@ -80,7 +71,7 @@ def _record(candidate: str = "c", flagged: bool = True, body: bytes = b"{}") -> 
 async def test_redis_outage_under_traffic_loses_no_verdict(
     fake: Callable[..., Any],
     proxy_factory: Callable[..., Any],
-    own_redis: EmbeddedRedis,
+    dedicated_redis: EmbeddedRedis,
     tmp_path: Path,
 ) -> None:
     """A candidate that diverges on every request; Redis stopped for most of them and restarted
@@ -88,22 +79,22 @@ async def test_redis_outage_under_traffic_loses_no_verdict(
     ref, drifted = await fake(), await fake(drift=1.0)
     settings = make_settings(
         ref.url,
-        own_redis.url,
+        dedicated_redis.url,
         candidates=[{"name": "int8", "url": drifted.url}],
         buffer={
-            "redis_url": own_redis.url,
+            "redis_url": dedicated_redis.url,
             "write_timeout_s": 0.5,
             "spool_dir": str(tmp_path / "spool"),
         },
     )
     proxy = await proxy_factory(settings)
-    url = own_redis.url
+    url = dedicated_redis.url
     await send_infers(proxy, [f"before-{i}" for i in range(5)])
-    await asyncio.to_thread(own_redis.stop)
+    await asyncio.to_thread(dedicated_redis.stop)
     await send_infers(proxy, [f"during-{i}" for i in range(30)], first=5)
     assert proxy.store.outbox is not None
     assert proxy.store.outbox.spooled == 30 and not proxy.store.outbox.lost
-    await asyncio.to_thread(own_redis.start)
+    await asyncio.to_thread(dedicated_redis.start)
     await send_infers(proxy, [f"after-{i}" for i in range(5)], first=35)
 
     async def all_there() -> dict[str, Any]:
@@ -119,15 +110,15 @@ async def test_redis_outage_under_traffic_loses_no_verdict(
 
 
 async def test_a_restart_replays_what_is_still_spooled(
-    own_redis: EmbeddedRedis, tmp_path: Path
+    dedicated_redis: EmbeddedRedis, tmp_path: Path
 ) -> None:
     settings = BufferSettings(spool_dir=tmp_path / "spool")
-    first, url = await _store_during_outage(own_redis, settings)
+    first, url = await _store_during_outage(dedicated_redis, settings)
     lost = await first.record_many([_record() for _ in range(7)])
     assert first.outbox is not None and not lost and first.outbox.spooled == 7
     await first.close()  # the proxy stops while Redis is still down
     assert len(list((tmp_path / "spool").glob("*.seg"))) == 1
-    await asyncio.to_thread(own_redis.start)
+    await asyncio.to_thread(dedicated_redis.start)
     second = SampleStore.from_url(url, settings)
     try:
         await second.start()
@@ -143,12 +134,12 @@ async def test_a_restart_replays_what_is_still_spooled(
 
 
 async def test_a_segment_replayed_twice_is_written_once(
-    own_redis: EmbeddedRedis, tmp_path: Path
+    dedicated_redis: EmbeddedRedis, tmp_path: Path
 ) -> None:
     """A crash between writing a segment to Redis and deleting it replays it again: the write is
     idempotent (samples and verdicts alike), so nothing is counted twice."""
     settings = BufferSettings(spool_dir=tmp_path / "spool")
-    url = own_redis.url
+    url = dedicated_redis.url
     records = [_record() for _ in range(3)] + [_record(flagged=False) for _ in range(2)]
     keys = KeySchema()
     spool = Spool(tmp_path / "spool", settings.spool_max_bytes, target=spool_target(url, keys))
@@ -172,16 +163,16 @@ async def test_a_segment_replayed_twice_is_written_once(
 
 
 async def test_what_the_spool_cannot_hold_is_counted(
-    own_redis: EmbeddedRedis, tmp_path: Path
+    dedicated_redis: EmbeddedRedis, tmp_path: Path
 ) -> None:
     settings = BufferSettings(spool_dir=tmp_path / "spool", spool_max_bytes=1024 * 1024)
-    store, url = await _store_during_outage(own_redis, settings)
+    store, url = await _store_during_outage(dedicated_redis, settings)
     try:
         big = b"x" * (400 * 1024)
         lost = await store.record_many([_record("c", body=big) for _ in range(4)])
         assert store.outbox is not None and lost == {"c": 2} and store.outbox.spooled == 2
         assert store.outbox.spool.usage() <= settings.spool_max_bytes
-        await asyncio.to_thread(own_redis.start)
+        await asyncio.to_thread(dedicated_redis.start)
 
         async def counted() -> dict[str, Any]:
             counts = await _counts(url)
@@ -239,14 +230,14 @@ def test_a_torn_tail_ends_the_segment_and_is_counted(tmp_path: Path) -> None:
 
 
 async def test_flush_on_shutdown_writes_what_is_spooled_once_redis_answers(
-    own_redis: EmbeddedRedis, tmp_path: Path
+    dedicated_redis: EmbeddedRedis, tmp_path: Path
 ) -> None:
     settings = BufferSettings(spool_dir=tmp_path / "spool")
-    store, url = await _store_during_outage(own_redis, settings)
+    store, url = await _store_during_outage(dedicated_redis, settings)
     try:
         await store.record_many([_record() for _ in range(3)])
         assert not await store.flush()  # Redis is still down: it stays on disk
-        await asyncio.to_thread(own_redis.start)
+        await asyncio.to_thread(dedicated_redis.start)
         assert await store.flush()
         assert (await _counts(url))["flagged"] == 3
         assert store.outbox is not None and store.outbox.replayed == 3
