@@ -28,6 +28,7 @@ from .telemetry import Telemetry
 if TYPE_CHECKING:
     from .mirror_api import MirrorRequest
 
+
 class ShadowCalls:
     def __init__(
         self,
