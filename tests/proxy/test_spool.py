@@ -40,10 +40,14 @@ async def _counts(url: str) -> dict[str, Any]:
     client = aioredis.Redis.from_url(url)
     keys = KeySchema()
     try:
-        entries = await client.xrange(keys.verdicts)
-        stats = {k.decode(): int(v) for k, v in (await client.hgetall(keys.stats)).items()}
+        # One MULTI: read one by one, a replay landing between the reads mixed two moments (the
+        # stream from before it, the index from after it).
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.xrange(keys.verdicts).hgetall(keys.stats).zcard(keys.flagged)
+            entries, raw_stats, flagged = await pipe.execute()
+        stats = {k.decode(): int(v) for k, v in raw_stats.items()}
         return {
-            "flagged": await client.zcard(keys.flagged),
+            "flagged": flagged,
             "stream": len(entries),
             "distinct": len({fields[b"sample"] for _, fields in entries}),
             "stats": stats,
