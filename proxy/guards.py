@@ -41,6 +41,9 @@ class Breaker:
 
 SATURATED = 0.9
 """A loop on the CPU this share of the time is saturated: copies would come out of live work."""
+LONE_STALL = 0.8
+"""One late tick, however late, lifts the lag average to at most this share of ``shed_ms``:
+one stall alone sheds nothing, two in a row do."""
 
 
 class LoopLag:
@@ -49,14 +52,22 @@ class LoopLag:
 
     A ticker sleeps ``interval`` and measures how much later it woke; the reading is a moving
     average over about ten ticks, so a loop that stays late sheds mirrors until it catches up,
-    while one burst (a garbage collection, a batch of answers at once) sheds nothing. Lateness
-    counts only when the loop's thread spent most of that time on the CPU: a loop late because
-    its own callbacks took the time is overloaded, and building copies would come out of live
-    latency; a loop late because the host gave the CPU to other processes (a model server
-    computing, say) is not, and shedding then would only lose copies.
+    while one burst (a garbage collection, a batch of answers at once) sheds nothing: one tick's
+    lateness is capped so that it alone cannot lift the average past ``shed_ms``
+    (``LONE_STALL``). Uncapped, one 50 ms stall as a proxy started (its first connection, an
+    import) shed the copies of the next 100 ms, and at tens of requests a second a planted
+    divergence could go unseen. Lateness counts only when the loop's thread spent most of that
+    time on the CPU: a loop late because its own callbacks took the time is overloaded, and
+    building copies would come out of live latency; a loop late because the host gave the CPU
+    to other processes (a model server computing, say) is not, and shedding then would only
+    lose copies.
     """
 
-    def __init__(self, interval: float = 0.01, weight: float = 0.1, busy: float = 0.5) -> None:
+    def __init__(
+        self, shed_ms: float, interval: float = 0.01, weight: float = 0.1, busy: float = 0.5
+    ) -> None:
+        self.shed_ms = shed_ms
+        self._cap_ms = LONE_STALL * shed_ms / weight
         self.ms = 0.0
         self.busy = 0.0
         """The share of wall time the loop's thread spent on the CPU (moving average): near 1,
@@ -83,12 +94,13 @@ class LoopLag:
             busy = (time.thread_time() - cpu) / elapsed if elapsed > 0 else 0.0
             if busy < self._busy:
                 late = 0.0  # waiting for the CPU, not busy: not this loop's overload
+            late = min(late, self._cap_ms)
             self.ms += self._weight * (late - self.ms)
             self.busy += self._weight * (min(busy, 1.0) - self.busy)
 
-    def overloaded(self, shed_ms: float) -> bool:
+    def overloaded(self) -> bool:
         """Late by ``shed_ms`` on average while busy, or on the CPU nearly all the time."""
-        return self.ms > shed_ms or self.busy > SATURATED
+        return self.ms > self.shed_ms or self.busy > SATURATED
 
 
 _RECHECK_S = 0.005

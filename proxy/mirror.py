@@ -90,7 +90,7 @@ class MirrorScheduler:
         self._models = ModelConfigs(client.session(), settings.reference.url)
         # Only the live process's lag says the host is overloaded: in the mirror process a late
         # loop means only that it was made to wait, and its copies wait in the queue.
-        self._lag = LoopLag() if live_process and proxy.shed_lag_ms else None
+        self._lag = LoopLag(proxy.shed_lag_ms) if live_process and proxy.shed_lag_ms else None
         self._sweeper: asyncio.Task[None] | None = None
         # In the mirror process, which runs at the live path's priority: its share of the CPU
         # budget (``MIRROR_SHARE`` of it; a call and its timing cost about half a comparison).
@@ -149,7 +149,7 @@ class MirrorScheduler:
         """Why a new copy cannot even wait (each reason counted), or None."""
         if self._closing:
             return "dropped_shutdown"
-        if self._lag is not None and self._lag.overloaded(self._settings.proxy.shed_lag_ms):
+        if self._lag is not None and self._lag.overloaded():
             # The live loop is late: this process is CPU-bound. Shadow work would come out of
             # live latency, so the copy is dropped (and counted) until the loop catches up.
             return "dropped_overload"

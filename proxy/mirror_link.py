@@ -106,7 +106,7 @@ class MirrorLink:
         """Per process: copies whose reference answer it has not been sent yet."""
         self._retired: dict[int, _Retired] = {}
         # The live loop's lag: the one overload signal (the mirror processes' copies queue).
-        self._lag = LoopLag() if self._shed_ms else None
+        self._lag = LoopLag(self._shed_ms) if self._shed_ms else None
 
     async def start(self) -> None:
         """Start the mirror process and wait until it is ready (its start-up errors surface
@@ -174,7 +174,7 @@ class MirrorLink:
         return self._writer is not None and not self._writer.is_closing()
 
     def admit(self, model: str, headers: Mapping[str, str]) -> bool:
-        if self._lag is not None and self._lag.overloaded(self._shed_ms):
+        if self._lag is not None and self._lag.overloaded():
             # The live loop is late: this process is CPU-bound, and building the copy would
             # come out of live latency. Dropped (and counted) until the loop catches up.
             self._dropped("overload", model, headers)

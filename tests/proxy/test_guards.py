@@ -28,19 +28,19 @@ def test_busy_on_the_cpu_counts_and_kept_off_it_does_not() -> None:
 
 
 async def _busy_and_blocked() -> None:
-    lag = LoopLag()
+    lag = LoopLag(shed_ms=1000.0)
     lag.start()
     try:
         await _hold(0.6, on_cpu=False)
         blocked = lag.busy
-        assert blocked < 0.2 and not lag.overloaded(1000.0)  # held up, but not by its own work
+        assert blocked < 0.2 and not lag.overloaded()  # held up, but not by its own work
         await _hold(0.6, on_cpu=True)
         # On a quiet host this reaches 1 (and the loop counts as saturated); on a loaded one, the
         # share of the CPU this thread got. Either way well above a loop that was blocked.
         assert lag.busy > blocked + 0.3
         # And it recovers when idle.
         await wait_until(
-            lambda: lag.busy < 0.2 and not lag.overloaded(1000.0), what="the loop idle again"
+            lambda: lag.busy < 0.2 and not lag.overloaded(), what="the loop idle again"
         )
     finally:
         await lag.stop()

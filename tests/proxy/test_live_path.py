@@ -274,6 +274,15 @@ async def test_overload_sheds_mirrors_and_keeps_serving(
     assert await proxy.drained(10)
     assert proxy.telemetry.tally[("c", "dropped_overload")] == 0
     assert proxy.telemetry.tally[("c", "compared")] == 6
+    # One long stall on the CPU (a first connection or an import as a proxy starts) is not
+    # overload: the copies right after it are made.
+    loop.call_soon(_burn, 0.2)
+    await asyncio.sleep(0.02)
+    for _ in range(3):
+        assert (await _post(url, BODY))[0] == 200
+    assert await proxy.drained(10)
+    assert proxy.telemetry.tally[("c", "dropped_overload")] == 0
+    assert proxy.telemetry.tally[("c", "compared")] == 9
     # Something CPU-bound keeps the loop 30 ms late, repeatedly: the proxy is overloaded.
     for _ in range(10):
         hog = loop.call_later(0.005, _burn, 0.03)
@@ -286,7 +295,7 @@ async def test_overload_sheds_mirrors_and_keeps_serving(
     scheduler = proxy.mirror
     assert isinstance(scheduler, MirrorScheduler) and scheduler._lag is not None
     lag = scheduler._lag
-    await wait_until(lambda: not lag.overloaded(5), what="the loop on time again")
+    await wait_until(lambda: not lag.overloaded(), what="the loop on time again")
     compared = proxy.telemetry.tally[("c", "compared")]
     assert (await _post(url, BODY))[0] == 200
     assert await proxy.drained(10)
