@@ -36,8 +36,6 @@ from .codec import warm_up
 from .compare_link import CompareLink
 from .compare_stage import Comparer, LocalCompareSink
 from .coverage import CoverageMonitor, Fates, fates_of
-from .fast_lane import FastLane, FastLaneServer
-from .forwarding import LiveProxy, strip_server_defaults
 from .judge import Judge, LatestPopulation
 from .keys import (
     CANARY,
@@ -58,6 +56,9 @@ from .keys import (
     STORE,
     TELEMETRY,
 )
+from .live.fast_lane import FastLane, FastLaneServer
+from .live.forwarding import LiveProxy, strip_server_defaults
+from .live.upstream_pool import UpstreamPool
 from .mirror import MirrorScheduler
 from .mirror_api import CompareSink, Mirror
 from .mirror_link import MirrorLink
@@ -65,7 +66,6 @@ from .reload import ReloadPlan, SettingsRef, plan_reload
 from .settings import Settings
 from .shadow_client import SKIP_AUTO_HEADERS, ShadowClient
 from .telemetry import Telemetry
-from .upstream_pool import UpstreamPool
 
 log = logging.getLogger("shadowproxy")
 

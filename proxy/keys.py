@@ -13,9 +13,9 @@ from .canary.controller import CanaryController
 from .canary.evidence import EvidenceBuffer
 from .compare_stage import Comparer
 from .coverage import CoverageMonitor
-from .fast_lane import FastLane
-from .forwarding import LiveProxy
 from .judge import LatestPopulation
+from .live.fast_lane import FastLane
+from .live.forwarding import LiveProxy
 from .mirror_api import Mirror
 from .reload import SettingsRef
 from .settings import Settings

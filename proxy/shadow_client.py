@@ -19,8 +19,8 @@ from multidict import CIMultiDict
 
 from .analysis import Exchange
 from .errors import UpstreamBadResponse, UpstreamError, translate_upstream_error
+from .live.upstream_pool import UpstreamPool
 from .settings import ProxySettings, UpstreamSettings
-from .upstream_pool import UpstreamPool
 
 # aiohttp's client adds these when absent; a transparent proxy must not invent them upstream.
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")

@@ -27,14 +27,14 @@ from typing import cast
 
 from multidict import CIMultiDict
 
-from .analysis import Exchange
-from .errors import UpstreamError
+from ..analysis import Exchange
+from ..errors import UpstreamError
+from ..mirror_api import Mirror, MirrorRequest
+from ..routes import RouteKind
+from ..settings import Settings
+from ..telemetry import Telemetry
 from .forwarding import REQUEST_DROP, end_to_end, server_span
 from .http1 import Head, error_bytes, head_end, may_be_fast, parse_head, refusal, render
-from .mirror_api import Mirror, MirrorRequest
-from .routes import RouteKind
-from .settings import Settings
-from .telemetry import Telemetry
 from .upstream_pool import Answer, UpstreamPool
 
 log = logging.getLogger("shadowproxy.forward")

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from .errors import UpstreamBadResponse, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import UpstreamBadResponse, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 # Idle connections kept per upstream; more are closed when they come back.
 MAX_IDLE = 64

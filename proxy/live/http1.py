@@ -16,10 +16,10 @@ from http import HTTPStatus
 import httptools
 from multidict import CIMultiDict
 
-from .errors import UpstreamError
+from ..errors import UpstreamError
+from ..routes import Route, RouteKind, classify
+from ..settings import Settings
 from .forwarding import HOP_BY_HOP
-from .routes import Route, RouteKind, classify
-from .settings import Settings
 
 # What every request the fast lane takes starts with: infer calls, and reads (health, metadata).
 _PREFIXES = (b"POST /v2/models/", b"GET /v2")
