@@ -16,7 +16,7 @@ Rows, in CPU microseconds per call (``time.process_time``, so BLAS threads count
 
 - ``decode``: :func:`proxy.codec.decode_infer_response` of one body, against tritonclient's
   ``InferResult.from_response_body`` + ``as_numpy`` per output (what the decoder called before);
-- ``analyze()``: :func:`proxy.analysis.analyze` of the pair (both decodes, every comparison, the
+- ``analyze()``: :func:`proxy.shadow.analysis.analyze` of the pair (both decodes, every comparison, the
   previews) with the default table ``{"*": {"*": {"metric": "auto"}}}``;
 - ``copy both arrays`` (binary pair): ``np.copyto`` of both arrays, the memory-bandwidth yardstick
   (it reads and writes each array once); the other binary rows show their GB/s over the same two
@@ -48,8 +48,8 @@ import numpy as np
 import numpy.typing as npt
 from multidict import CIMultiDict
 
-from proxy.analysis import Exchange, analyze
 from proxy.codec import HEADER_LENGTH, decode_infer_response
+from proxy.shadow.analysis import Exchange, analyze
 
 F32 = npt.NDArray[np.float32]
 COMPARISONS: Mapping[str, Mapping[str, Mapping[str, Any]]] = {"*": {"*": {"metric": "auto"}}}

@@ -43,7 +43,7 @@ class TreeCpu:
     exited: int
     """Shadow-side processes that exited inside the window (their last interval is not counted)."""
     by_name: dict[str, float] = field(default_factory=dict)
-    """Shadow-side CPU seconds by what each process runs (``proxy.mirror_worker``, ...)."""
+    """Shadow-side CPU seconds by what each process runs (``proxy.shadow.mirror_worker``, ...)."""
 
 
 def process_name(pid: int) -> str:

@@ -42,8 +42,8 @@ from .keys import (
     STORE,
     TELEMETRY,
 )
-from .mirror_link import merge_tally
 from .settings import Settings
+from .shadow.mirror_link import merge_tally
 from .telemetry import merge_prometheus_text
 
 AUTH = web.AppKey("auth", Authenticator)

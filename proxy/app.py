@@ -33,10 +33,6 @@ from .buffer.store import SampleStore
 from .canary.controller import CanaryController
 from .canary.evidence import EvidenceBuffer
 from .codec import warm_up
-from .compare_link import CompareLink
-from .compare_stage import Comparer, LocalCompareSink
-from .coverage import CoverageMonitor, Fates, fates_of
-from .judge import Judge, LatestPopulation
 from .keys import (
     CANARY,
     COMPARER,
@@ -59,12 +55,16 @@ from .keys import (
 from .live.fast_lane import FastLane, FastLaneServer
 from .live.forwarding import LiveProxy, strip_server_defaults
 from .live.upstream_pool import UpstreamPool
-from .mirror import MirrorScheduler
-from .mirror_api import CompareSink, Mirror
-from .mirror_link import MirrorLink
 from .reload import ReloadPlan, SettingsRef, plan_reload
 from .settings import Settings
-from .shadow_client import SKIP_AUTO_HEADERS, ShadowClient
+from .shadow.compare_link import CompareLink
+from .shadow.compare_stage import Comparer, LocalCompareSink
+from .shadow.coverage import CoverageMonitor, Fates, fates_of
+from .shadow.judge import Judge, LatestPopulation
+from .shadow.mirror import MirrorScheduler
+from .shadow.mirror_api import CompareSink, Mirror
+from .shadow.mirror_link import MirrorLink
+from .shadow.shadow_client import SKIP_AUTO_HEADERS, ShadowClient
 from .telemetry import Telemetry
 
 log = logging.getLogger("shadowproxy")

@@ -11,15 +11,15 @@ from .buffer.embedded import EmbeddedRedis
 from .buffer.store import SampleStore
 from .canary.controller import CanaryController
 from .canary.evidence import EvidenceBuffer
-from .compare_stage import Comparer
-from .coverage import CoverageMonitor
-from .judge import LatestPopulation
 from .live.fast_lane import FastLane
 from .live.forwarding import LiveProxy
-from .mirror_api import Mirror
 from .reload import SettingsRef
 from .settings import Settings
-from .shadow_client import ShadowClient
+from .shadow.compare_stage import Comparer
+from .shadow.coverage import CoverageMonitor
+from .shadow.judge import LatestPopulation
+from .shadow.mirror_api import Mirror
+from .shadow.shadow_client import ShadowClient
 from .telemetry import Telemetry
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -20,9 +20,9 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from .analysis import Exchange
 from .redact import strip_headers
 from .routes import Route, RouteKind
+from .shadow.analysis import Exchange
 
 
 def frame(message: Any) -> list[bytes | memoryview]:

@@ -32,8 +32,8 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from ..buffer.store import SampleStore
 from ..errors import StoreError
-from ..guards import stop_task
 from ..settings import Settings
+from ..shadow.guards import stop_task
 from ..telemetry import Telemetry
 from . import gates as g
 from .evidence import CanaryTag, EvidenceBuffer

@@ -16,10 +16,10 @@ import redis.asyncio as aioredis
 
 from comparators import OutputVerdict
 
-from ..analysis import Analysis, Exchange
 from ..buffer.keys import KeySchema
 from ..errors import StoreError
-from ..guards import stop_task
+from ..shadow.analysis import Analysis, Exchange
+from ..shadow.guards import stop_task
 from ..telemetry import Telemetry
 from . import gates as g
 from .state import EvidenceLost, add_evidence

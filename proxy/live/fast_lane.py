@@ -27,11 +27,11 @@ from typing import cast
 
 from multidict import CIMultiDict
 
-from ..analysis import Exchange
 from ..errors import UpstreamError
-from ..mirror_api import Mirror, MirrorRequest
 from ..routes import RouteKind
 from ..settings import Settings
+from ..shadow.analysis import Exchange
+from ..shadow.mirror_api import Mirror, MirrorRequest
 from ..telemetry import Telemetry
 from .forwarding import REQUEST_DROP, end_to_end, server_span
 from .http1 import Head, error_bytes, head_end, may_be_fast, parse_head, refusal, render

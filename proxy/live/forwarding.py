@@ -23,15 +23,15 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 
-from ..analysis import Exchange
 from ..canary.controller import CanaryController
 from ..canary.evidence import CanaryTag
 from ..codec import MalformedMessage, parse_request_header, unsafe_to_mirror
 from ..errors import UpstreamError, UpstreamUnavailable, translate_upstream_error
-from ..mirror_api import Mirror, MirrorRequest
 from ..model_config import ModelConfigs
 from ..routes import RouteKind, candidate_path, classify
 from ..settings import Settings, UpstreamSettings
+from ..shadow.analysis import Exchange
+from ..shadow.mirror_api import Mirror, MirrorRequest
 from ..telemetry import Telemetry
 
 log = logging.getLogger("shadowproxy.forward")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from proxy.coverage import CoverageWindow, fates_of
+from proxy.shadow.coverage import CoverageWindow, fates_of
 from tests.conftest import make_settings
 
 

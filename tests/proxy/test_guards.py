@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from proxy.guards import LoopLag
+from proxy.shadow.guards import LoopLag
 from tests.conftest import wait_until
 
 

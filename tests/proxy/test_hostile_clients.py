@@ -27,11 +27,11 @@ import pytest
 import yaml
 
 from loadtest.procs import descendants, free_port, is_redis, memory_mb
-from proxy.analysis import Exchange
 from proxy.app import ProxyRunner
 from proxy.errors import UpstreamBadResponse
 from proxy.settings import UpstreamSettings
-from proxy.shadow_client import ShadowClient
+from proxy.shadow.analysis import Exchange
+from proxy.shadow.shadow_client import ShadowClient
 from tests.conftest import ADMIN_TOKEN, make_settings, repo_root, wait_http_ok, wait_until
 from tests.proxy.test_fast_lane import body, infer, read_answer
 

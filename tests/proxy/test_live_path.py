@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.mirror import MirrorScheduler
+from proxy.shadow.mirror import MirrorScheduler
 from tests.conftest import make_settings, wait_until
 from tests.fakes import refused_url
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.mirror_link import MAX_BUFFERED_BYTES
+from proxy.shadow.mirror_link import MAX_BUFFERED_BYTES
 from tests.conftest import ADMIN_TOKEN, make_settings, wait_until
 
 PROCESS = {"drain_timeout_s": 2, "shed_lag_ms": 0, "mirror_process": True}

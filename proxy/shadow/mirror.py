@@ -29,21 +29,21 @@ from opentelemetry.trace import Link, SpanKind
 
 from comparators.population import PopulationStats
 
+from ..canary.evidence import EvidenceBuffer
+from ..canary.gates import UNCOMPARED
+from ..codec import MalformedMessage, TooLarge, parse_request_header, unsafe_to_mirror
+from ..model_config import ModelConfigs
+from ..redact import strip_headers
+from ..settings import CandidateSettings, Settings
+from ..telemetry import Telemetry
 from .analysis import Exchange
-from .canary.evidence import EvidenceBuffer
-from .canary.gates import UNCOMPARED
-from .codec import MalformedMessage, TooLarge, parse_request_header, unsafe_to_mirror
 from .compare_stage import Pair
 from .coverage import is_fate
 from .guards import CpuBudget, LoopLag, stop_task
 from .mirror_api import CompareSink, MirrorRequest, sampled
-from .model_config import ModelConfigs
-from .redact import strip_headers
-from .settings import CandidateSettings, Settings
 from .shadow_calls import ShadowCalls
 from .shadow_client import ShadowClient
 from .shadow_queue import CopyQueue, Job, QueuedCopy
-from .telemetry import Telemetry
 
 log = logging.getLogger("shadowproxy.mirror")
 

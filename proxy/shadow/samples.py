@@ -12,10 +12,10 @@ from typing import Any
 
 from comparators import OutputVerdict
 
+from ..codec import DecodedResponse
+from ..redact import Redactor
+from ..settings import CandidateSettings, ProxySettings
 from .analysis import Analysis, Exchange
-from .codec import DecodedResponse
-from .redact import Redactor
-from .settings import CandidateSettings, ProxySettings
 
 
 def side_record(x: Exchange, decoded: DecodedResponse | None, model: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The mirror process (``python -m proxy.mirror_worker FD``), started by ``MirrorLink``.
+"""The mirror process (``python -m proxy.shadow.mirror_worker FD``), started by ``MirrorLink``.
 
 It is the shadow side's I/O stage: it takes the copies the live process ships, queues them
 (bounded in bytes and age), sends them to the candidates, times their answers, pairs them with
@@ -24,21 +24,21 @@ from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry.trace import SpanContext, TraceFlags
 
+from ..keys import MIRROR, POPULATION, TELEMETRY
+from ..serve import tune_gc
+from ..settings import Settings
+from ..telemetry import merge_prometheus_text
+from ..wire import child_main, exchange_from_wire, read_frame, route_from_wire, write_frame
 from .analysis import Exchange
 from .guards import Pacer, stop_task
-from .keys import MIRROR, POPULATION, TELEMETRY
 from .mirror import MirrorScheduler
 from .mirror_api import MirrorRequest
-from .serve import tune_gc
-from .settings import Settings
-from .telemetry import merge_prometheus_text
-from .wire import child_main, exchange_from_wire, read_frame, route_from_wire, write_frame
 
 log = logging.getLogger("shadowproxy.mirror_worker")
 
 
 async def run(fd: int) -> None:
-    from .app import build_mirror_app
+    from ..app import build_mirror_app
 
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
     settings: Settings = await read_frame(reader)

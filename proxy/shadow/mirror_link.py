@@ -30,16 +30,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from .analysis import Exchange
-from .canary.evidence import CanaryTag, EvidenceBuffer
-from .canary.gates import UNCOMPARED
-from .coverage import is_fate
-from .guards import LoopLag, TokenBucket
-from .mirror_api import MirrorRequest, sampled
-from .redact import strip_headers
-from .settings import Settings
-from .telemetry import Telemetry
-from .wire import (
+from ..canary.evidence import CanaryTag, EvidenceBuffer
+from ..canary.gates import UNCOMPARED
+from ..redact import strip_headers
+from ..settings import Settings
+from ..telemetry import Telemetry
+from ..wire import (
     exchange_to_wire,
     frame,
     frame_size,
@@ -49,6 +45,10 @@ from .wire import (
     spawn_child,
     write_frame,
 )
+from .analysis import Exchange
+from .coverage import is_fate
+from .guards import LoopLag, TokenBucket
+from .mirror_api import MirrorRequest, sampled
 
 log = logging.getLogger("shadowproxy.mirror")
 
@@ -118,7 +118,7 @@ class MirrorLink:
     async def _spawn(
         self, settings: Settings
     ) -> tuple[asyncio.subprocess.Process, asyncio.StreamReader, asyncio.StreamWriter]:
-        proc, reader, writer = await spawn_child("proxy.mirror_worker")
+        proc, reader, writer = await spawn_child("proxy.shadow.mirror_worker")
         write_frame(writer, settings)
         try:
             ready = await asyncio.wait_for(read_frame(reader), timeout=60)

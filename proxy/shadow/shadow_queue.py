@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .settings import CandidateSettings
+from ..settings import CandidateSettings
 
 
 @dataclass(slots=True, eq=False)

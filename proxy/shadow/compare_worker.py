@@ -1,4 +1,5 @@
-"""A compare worker process (``python -m proxy.compare_worker FD``), started by ``CompareLink``.
+"""A compare worker process (``python -m proxy.shadow.compare_worker FD``), started by
+``CompareLink``.
 
 It decodes, compares, judges and stores the pairs the mirror process sends, at the lowest CPU
 priority (SCHED_IDLE on Linux, else nice +19): when CPU is short, everything else gets it first,
@@ -20,12 +21,12 @@ from typing import Any
 
 from aiohttp import web
 
+from ..keys import COMPARER, TELEMETRY
+from ..serve import tune_gc
+from ..settings import Settings
+from ..wire import child_main, exchange_from_wire, read_frame, write_frame
 from .compare_stage import Comparer, Pair
 from .guards import CpuBudget
-from .keys import COMPARER, TELEMETRY
-from .serve import tune_gc
-from .settings import Settings
-from .wire import child_main, exchange_from_wire, read_frame, write_frame
 
 log = logging.getLogger("shadowproxy.compare_worker")
 
@@ -82,7 +83,7 @@ async def _compare_loop(
 
 
 async def run(fd: int) -> None:
-    from .app import build_compare_app
+    from ..app import build_compare_app
 
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
     settings: Settings

@@ -21,15 +21,15 @@ from typing import Any
 
 from opentelemetry.trace import Link, SpanContext, TraceFlags
 
+from ..buffer.store import SampleStore
+from ..canary.evidence import CanaryTag, EvidenceBuffer, comparison_counters, pair_counters
+from ..errors import StoreError
+from ..redact import Redactor
+from ..settings import CandidateSettings, Settings
+from ..telemetry import Telemetry
 from .analysis import Analysis, Exchange, analyze
-from .buffer.store import SampleStore
-from .canary.evidence import CanaryTag, EvidenceBuffer, comparison_counters, pair_counters
-from .errors import StoreError
 from .judge import Judge
-from .redact import Redactor
 from .samples import sample_meta, sample_payloads
-from .settings import CandidateSettings, Settings
-from .telemetry import Telemetry
 
 log = logging.getLogger("shadowproxy.compare")
 

@@ -17,10 +17,10 @@ from collections.abc import Mapping
 import aiohttp
 from multidict import CIMultiDict
 
+from ..errors import UpstreamBadResponse, UpstreamError, translate_upstream_error
+from ..live.upstream_pool import UpstreamPool
+from ..settings import ProxySettings, UpstreamSettings
 from .analysis import Exchange
-from .errors import UpstreamBadResponse, UpstreamError, translate_upstream_error
-from .live.upstream_pool import UpstreamPool
-from .settings import ProxySettings, UpstreamSettings
 
 # aiohttp's client adds these when absent; a transparent proxy must not invent them upstream.
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")

@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING
 from multidict import CIMultiDict
 from opentelemetry import trace
 
+from ..canary.evidence import EvidenceBuffer
+from ..canary.gates import CAND_CALLS, CAND_ERRORS, REF_CALLS, REF_ERRORS
+from ..errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..redact import CREDENTIAL_HEADERS
+from ..routes import candidate_path
+from ..settings import CandidateSettings, Settings, UpstreamSettings
+from ..telemetry import Telemetry
 from .analysis import Exchange
-from .canary.evidence import EvidenceBuffer
-from .canary.gates import CAND_CALLS, CAND_ERRORS, REF_CALLS, REF_ERRORS
-from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .guards import Breaker
-from .redact import CREDENTIAL_HEADERS
-from .routes import candidate_path
-from .settings import CandidateSettings, Settings, UpstreamSettings
 from .shadow_client import ShadowClient
-from .telemetry import Telemetry
 
 if TYPE_CHECKING:
     from .mirror_api import MirrorRequest

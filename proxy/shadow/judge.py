@@ -17,7 +17,7 @@ from comparators import OutputVerdict
 from comparators.noise import NoiseFloor, NoisePolicy
 from comparators.population import PairBuffer, PopulationStats
 
-from .settings import CandidateSettings, NoiseSettings
+from ..settings import CandidateSettings, NoiseSettings
 
 Pair = tuple[str, OutputVerdict, OutputVerdict]
 

@@ -19,11 +19,11 @@ from typing import Any, Protocol
 from multidict import CIMultiDict
 from opentelemetry.trace import SpanContext
 
+from ..canary.evidence import CanaryTag
+from ..routes import Route
+from ..settings import CandidateSettings
 from .analysis import Exchange
-from .canary.evidence import CanaryTag
 from .compare_stage import Pair
-from .routes import Route
-from .settings import CandidateSettings
 
 
 @dataclass(slots=True)

@@ -15,8 +15,8 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
+from ..settings import Settings
 from .guards import stop_task
-from .settings import Settings
 
 TARGET = 0.95
 RECENT_S = 300.0

@@ -21,10 +21,10 @@ from typing import Any
 
 from comparators.population import PopulationStats
 
+from ..settings import Settings
+from ..telemetry import Telemetry, merge_prometheus_text
+from ..wire import exchange_to_wire, frame, out_of_band, read_frame, spawn_child, write_frame
 from .compare_stage import Pair
-from .settings import Settings
-from .telemetry import Telemetry, merge_prometheus_text
-from .wire import exchange_to_wire, frame, out_of_band, read_frame, spawn_child, write_frame
 
 log = logging.getLogger("shadowproxy.mirror")
 
@@ -108,7 +108,7 @@ class CompareLink:
         await asyncio.gather(*(self._spawn(w) for w in self._workers))
 
     async def _spawn(self, w: _Worker) -> None:
-        w.proc, reader, writer = await spawn_child("proxy.compare_worker")
+        w.proc, reader, writer = await spawn_child("proxy.shadow.compare_worker")
         # The CPU budget is shared: each worker keeps to its part of it.
         budget = self._settings.proxy.mirror_cpu_budget / self.workers
         write_frame(writer, (self._settings, budget))
