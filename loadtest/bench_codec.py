@@ -14,10 +14,11 @@ Two answer pairs, as a compare worker gets them (bodies and headers as bytes):
 
 Rows, in CPU microseconds per call (``time.process_time``, so BLAS threads count too):
 
-- ``decode``: :func:`proxy.codec.decode_infer_response` of one body, against tritonclient's
-  ``InferResult.from_response_body`` + ``as_numpy`` per output (what the decoder called before);
-- ``analyze()``: :func:`proxy.shadow.analysis.analyze` of the pair (both decodes, every comparison, the
-  previews) with the default table ``{"*": {"*": {"metric": "auto"}}}``;
+- ``decode``: :func:`proxy.protocols.v2_rest.codec.decode_infer_response` of one body, against
+  tritonclient's ``InferResult.from_response_body`` + ``as_numpy`` per output (what the decoder
+  called before);
+- ``analyze()``: :func:`proxy.shadow.analysis.analyze` of the pair (both decodes, every
+  comparison, the previews) with the default table ``{"*": {"*": {"metric": "auto"}}}``;
 - ``copy both arrays`` (binary pair): ``np.copyto`` of both arrays, the memory-bandwidth yardstick
   (it reads and writes each array once); the other binary rows show their GB/s over the same two
   arrays' bytes and their cost in copies.
@@ -48,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 from multidict import CIMultiDict
 
-from proxy.codec import HEADER_LENGTH, decode_infer_response
+from proxy.protocols.v2_rest.codec import HEADER_LENGTH, decode_infer_response
 from proxy.shadow.analysis import Exchange, analyze
 
 F32 = npt.NDArray[np.float32]

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loadtest.fuzz_heads import mutate
-from proxy.codec import (
+from proxy.protocols.v2_rest.codec import (
     HEADER_LENGTH,
     MalformedMessage,
     TooLarge,

@@ -32,7 +32,6 @@ from .buffer.embedded import start_embedded
 from .buffer.store import SampleStore
 from .canary.controller import CanaryController
 from .canary.evidence import EvidenceBuffer
-from .codec import warm_up
 from .keys import (
     CANARY,
     COMPARER,
@@ -55,6 +54,7 @@ from .keys import (
 from .live.fast_lane import FastLane, FastLaneServer
 from .live.forwarding import LiveProxy, strip_server_defaults
 from .live.upstream_pool import UpstreamPool
+from .protocols.v2_rest.codec import warm_up
 from .reload import ReloadPlan, SettingsRef, plan_reload
 from .settings import Settings
 from .shadow.compare_link import CompareLink

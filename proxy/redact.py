@@ -42,7 +42,7 @@ import numpy as np
 import orjson
 from tritonclient.utils import triton_to_np_dtype
 
-from .codec import HEADER_LENGTH, MalformedMessage, inflate
+from .protocols.v2_rest.codec import HEADER_LENGTH, MalformedMessage, inflate
 from .settings import ProxySettings, RedactSettings
 
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})

@@ -20,8 +20,8 @@ from typing import Any
 
 from multidict import CIMultiDict
 
+from .protocols.v2_rest.routes import Route, RouteKind
 from .redact import strip_headers
-from .routes import Route, RouteKind
 from .shadow.analysis import Exchange
 
 

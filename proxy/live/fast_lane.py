@@ -28,7 +28,7 @@ from typing import cast
 from multidict import CIMultiDict
 
 from ..errors import UpstreamError
-from ..routes import RouteKind
+from ..protocols.v2_rest.routes import RouteKind
 from ..settings import Settings
 from ..shadow.analysis import Exchange
 from ..shadow.mirror_api import Mirror, MirrorRequest

@@ -17,7 +17,7 @@ import httptools
 from multidict import CIMultiDict
 
 from ..errors import UpstreamError
-from ..routes import Route, RouteKind, classify
+from ..protocols.v2_rest.routes import Route, RouteKind, classify
 from ..settings import Settings
 from .forwarding import HOP_BY_HOP
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from comparators import SEVERITY_CAP, MetricSpec, OutputVerdict, compare_outputs, resolve_spec
 
-from ..codec import (
+from ..protocols.v2_rest.codec import (
     MAX_INFLATED_BYTES,
     MAX_OUTPUTS,
     DecodedResponse,

@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from opentelemetry.trace import SpanContext
 
 from ..canary.evidence import CanaryTag
-from ..routes import Route
+from ..protocols.v2_rest.routes import Route
 from ..settings import CandidateSettings
 from .analysis import Exchange
 from .compare_stage import Pair

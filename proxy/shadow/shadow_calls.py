@@ -17,8 +17,8 @@ from opentelemetry import trace
 from ..canary.evidence import EvidenceBuffer
 from ..canary.gates import CAND_CALLS, CAND_ERRORS, REF_CALLS, REF_ERRORS
 from ..errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..protocols.v2_rest.routes import candidate_path
 from ..redact import CREDENTIAL_HEADERS
-from ..routes import candidate_path
 from ..settings import CandidateSettings, Settings, UpstreamSettings
 from ..telemetry import Telemetry
 from .analysis import Exchange

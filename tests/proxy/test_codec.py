@@ -25,7 +25,7 @@ from tritonclient.http import InferResult
 from tritonclient.utils import serialize_byte_tensor
 
 from comparators import MetricSpec, compare_output
-from proxy.codec import (
+from proxy.protocols.v2_rest.codec import (
     HEADER_LENGTH,
     MalformedMessage,
     TooLarge,

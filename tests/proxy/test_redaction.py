@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.app import ProxyRunner
-from proxy.codec import decode_infer_response
+from proxy.protocols.v2_rest.codec import decode_infer_response
 from proxy.redact import HASH_PREFIX, Redactor
 from proxy.settings import ProxySettings, RedactSettings
 from tests.conftest import ADMIN_TOKEN, make_settings

@@ -25,8 +25,8 @@ import numpy as np
 import orjson
 from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 
-from .errors import ShadowProxyError
-from .settings import ProxySettings
+from ...errors import ShadowProxyError
+from ...settings import ProxySettings
 
 Array = np.ndarray[Any, np.dtype[Any]]
 
