@@ -25,9 +25,6 @@ import aiohttp
 from aiohttp import web
 from pydantic import SecretStr
 
-from . import admin
-from .admin_tls import admin_ssl_context
-from .admin_worker import ADMIN_WORKER, AdminWorker
 from .buffer.embedded import start_embedded
 from .buffer.store import SampleStore
 from .canary.controller import CanaryController
@@ -56,6 +53,9 @@ from .live.forwarding import LiveProxy, strip_server_defaults
 from .live.upstream_pool import UpstreamPool
 from .protocols.v2_rest.codec import warm_up
 from .reload import ReloadPlan, SettingsRef, plan_reload
+from .review import admin
+from .review.admin_tls import admin_ssl_context
+from .review.admin_worker import ADMIN_WORKER, AdminWorker
 from .settings import Settings
 from .shadow.compare_link import CompareLink
 from .shadow.compare_stage import Comparer, LocalCompareSink

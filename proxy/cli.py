@@ -14,12 +14,18 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .admin import render_payloads
 from .buffer.embedded import EmbeddedRedis, running_url
 from .buffer.store import LABELS, SampleStore
 from .canary import commands as canary_commands
 from .errors import ConfigError, ShadowProxyError, StoreError
-from .golden import export_golden, load_golden, print_replay_report, replay_golden, replay_report
+from .review.admin import render_payloads
+from .review.golden import (
+    export_golden,
+    load_golden,
+    print_replay_report,
+    replay_golden,
+    replay_report,
+)
 from .settings import Settings, load_settings
 
 

@@ -19,9 +19,9 @@ from typing import Any
 
 from aiohttp import web
 
-from ..auth import PRINCIPAL, Authenticator
 from ..errors import CanaryError, StoreError
 from ..keys import CANARY, DATA_APP, SETTINGS
+from ..review.auth import PRINCIPAL, Authenticator
 from .controller import CanaryController
 from .state import ACTIONS
 

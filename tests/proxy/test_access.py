@@ -169,7 +169,7 @@ async def test_review_page_and_assets_send_csp_and_nosniff(
 
 def test_the_pages_need_no_inline_script_or_style() -> None:
     """What the CSP above forbids, the pages must not use, or the browser would block it."""
-    static = resources.files("proxy").joinpath("static")
+    static = resources.files("proxy.review").joinpath("static")
     for page in ("review.html", "login.html"):
         html = static.joinpath(page).read_text(encoding="utf-8")
         assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html), page

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.admin_worker import ADMIN_WORKER
+from proxy.review.admin_worker import ADMIN_WORKER
 from tests.conftest import ADMIN_TOKEN, make_settings, send_infers, wait_until
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -24,10 +24,10 @@ import aiohttp
 
 from comparators import resolve_spec
 
+from ..buffer.store import SampleStore
+from ..errors import ConfigError
+from ..shadow.analysis import Exchange, analyze
 from .admin import render_payloads
-from .buffer.store import SampleStore
-from .errors import ConfigError
-from .shadow.analysis import Exchange, analyze
 
 # Request headers that frame the body; everything else about the original client stays behind.
 _FRAMING = ("Content-Type", "Content-Encoding", "Inference-Header-Content-Length")

@@ -17,21 +17,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from . import review_api
-from .auth import (
-    PRINCIPAL,
-    Authenticator,
-    Principal,
-    add_security_headers,
-    auth_middleware,
-    login,
-    login_page,
-    logout,
-)
-from .buffer.store import LABELS
-from .canary import api as canary_api
-from .errors import StoreError
-from .keys import (
+from ..buffer.store import LABELS
+from ..canary import api as canary_api
+from ..errors import StoreError
+from ..keys import (
     CANARY,
     COVERAGE,
     CURRENT,
@@ -42,9 +31,20 @@ from .keys import (
     STORE,
     TELEMETRY,
 )
-from .settings import Settings
-from .shadow.mirror_link import merge_tally
-from .telemetry import merge_prometheus_text
+from ..settings import Settings
+from ..shadow.mirror_link import merge_tally
+from ..telemetry import merge_prometheus_text
+from . import api as review_api
+from .auth import (
+    PRINCIPAL,
+    Authenticator,
+    Principal,
+    add_security_headers,
+    auth_middleware,
+    login,
+    login_page,
+    logout,
+)
 
 AUTH = web.AppKey("auth", Authenticator)
 
@@ -70,7 +70,7 @@ def create_admin_app(settings: Settings) -> web.Application:
     app.router.add_get("/api/timeseries", timeseries)
     canary_api.add_routes(app, AUTH)
     app.router.add_get("/review", review_page)
-    app.router.add_static("/static/", str(resources.files("proxy").joinpath("static")))
+    app.router.add_static("/static/", str(resources.files("proxy.review").joinpath("static")))
     return app
 
 
@@ -266,7 +266,9 @@ async def summary(request: web.Request) -> web.Response:
 
 
 async def review_page(request: web.Request) -> web.Response:
-    page = resources.files("proxy").joinpath("static/review.html").read_text(encoding="utf-8")
+    page = (
+        resources.files("proxy.review").joinpath("static/review.html").read_text(encoding="utf-8")
+    )
     resp = web.Response(text=page, content_type="text/html")
     resp.headers["Cache-Control"] = "no-store"
     return resp

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from .buffer.store import LABELS, SampleStore
-from .errors import StoreError
-from .protocols.v2_rest.codec import MalformedMessage, decode_infer_response
+from ..buffer.store import LABELS, SampleStore
+from ..errors import StoreError
+from ..protocols.v2_rest.codec import MalformedMessage, decode_infer_response
 
 # How to draw each comparator's output on the review page.
 PLOT_KIND = {

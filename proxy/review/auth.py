@@ -39,8 +39,8 @@ from aiohttp import web
 from pydantic import SecretStr
 from redis.exceptions import RedisError
 
-from .buffer.keys import KeySchema
-from .settings import AdminSettings
+from ..buffer.keys import KeySchema
+from ..settings import AdminSettings
 
 SESSION_COOKIE = "sp_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -53,8 +53,8 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login", "/api/canary/flagger"})
 OPEN_PREFIXES = ("/static/",)
 
 # The review page loads only its own script and stylesheet (no inline script or style: checked
-# against proxy/static/); its favicon is an empty data: URL. Nobody may frame it (clickjacking a
-# labelling keyboard shortcut), and nothing is sniffed into another type.
+# against proxy/review/static/); its favicon is an empty data: URL. Nobody may frame it
+# (clickjacking a labelling keyboard shortcut), and nothing is sniffed into another type.
 CSP = (
     "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'none'"
@@ -256,7 +256,7 @@ def _json_error(status: int, message: str) -> web.Response:
 
 
 def login_page(status: int = 200) -> web.Response:
-    page = resources.files("proxy").joinpath("static/login.html").read_text(encoding="utf-8")
+    page = resources.files("proxy.review").joinpath("static/login.html").read_text(encoding="utf-8")
     return web.Response(text=page, content_type="text/html", status=status)
 
 

@@ -3,10 +3,10 @@
 Listing and sorting thousands of samples, the time series and decoding tensors for the plots
 cost tens of milliseconds of CPU each; on the live process's event loop that time would come out
 of live latency. The admin app keeps access control (tokens, sessions, CSRF, rate limits) and
-the cheap routes, and forwards these GETs, once authorised, to ``python -m proxy.admin_worker``:
-a child at normal CPU priority (not the compare workers' idle priority, or the review page
-would starve under load) that serves the same handlers over a unix socket in a private 0700
-directory, reading the same Redis.
+the cheap routes, and forwards these GETs, once authorised, to
+``python -m proxy.review.admin_worker``: a child at normal CPU priority (not the compare
+workers' idle priority, or the review page would starve under load) that serves the same
+handlers over a unix socket in a private 0700 directory, reading the same Redis.
 
 The child starts on the first such request (most proxies, and every test, never need it), and a
 child that died is started again by the next one; while it starts, requests wait for it.
@@ -28,10 +28,10 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from ..keys import DATA_APP
+from ..settings import Settings
+from ..wire import child_main, read_frame, spawn_child, write_frame
 from . import admin
-from .keys import DATA_APP
-from .settings import Settings
-from .wire import child_main, read_frame, spawn_child, write_frame
 
 log = logging.getLogger("shadowproxy.admin_worker")
 
@@ -110,7 +110,7 @@ class AdminWorker:
             self._dir = Path(tempfile.mkdtemp(prefix="shadowproxy-admin-"))  # 0700 by mkdtemp
         socket_path = self._dir / "review.sock"
         socket_path.unlink(missing_ok=True)  # a dead child's
-        proc, reader, writer = await spawn_child("proxy.admin_worker")
+        proc, reader, writer = await spawn_child("proxy.review.admin_worker")
         self._proc, self._link = proc, writer
         write_frame(writer, (self._settings_of(), str(socket_path)))
         try:
@@ -156,7 +156,7 @@ ADMIN_WORKER = web.AppKey("admin_worker", AdminWorker)
 
 
 async def _serve(fd: int) -> None:
-    from .app import build_review_app
+    from ..app import build_review_app
 
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
     settings, path = await read_frame(reader)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import ssl
 
-from .errors import ConfigError
-from .settings import AdminSettings
+from ..errors import ConfigError
+from ..settings import AdminSettings
 
 
 def admin_ssl_context(admin: AdminSettings) -> ssl.SSLContext | None:
