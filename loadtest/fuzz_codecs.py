@@ -17,10 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loadtest.fuzz_heads import mutate
+from proxy.protocols.base import MalformedMessage, TooLarge
 from proxy.protocols.v2_rest.codec import (
     HEADER_LENGTH,
-    MalformedMessage,
-    TooLarge,
     decode_infer_response,
     parse_request_header,
     unsafe_to_mirror,

@@ -42,7 +42,8 @@ import numpy as np
 import orjson
 from tritonclient.utils import triton_to_np_dtype
 
-from .protocols.v2_rest.codec import HEADER_LENGTH, MalformedMessage, inflate
+from .protocols.base import MalformedMessage
+from .protocols.v2_rest.codec import HEADER_LENGTH, inflate
 from .settings import ProxySettings, RedactSettings
 
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})

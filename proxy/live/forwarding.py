@@ -26,8 +26,9 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 from ..canary.controller import CanaryController
 from ..canary.evidence import CanaryTag
 from ..errors import UpstreamError, UpstreamUnavailable, translate_upstream_error
+from ..protocols.base import MalformedMessage
 from ..protocols.model_config import ModelConfigs
-from ..protocols.v2_rest.codec import MalformedMessage, parse_request_header, unsafe_to_mirror
+from ..protocols.v2_rest.codec import parse_request_header, unsafe_to_mirror
 from ..protocols.v2_rest.routes import RouteKind, candidate_path, classify
 from ..settings import Settings, UpstreamSettings
 from ..shadow.analysis import Exchange

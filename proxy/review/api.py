@@ -15,7 +15,8 @@ from aiohttp import web
 
 from ..buffer.store import LABELS, SampleStore
 from ..errors import StoreError
-from ..protocols.v2_rest.codec import MalformedMessage, decode_infer_response
+from ..protocols.base import MalformedMessage
+from ..protocols.registry import adapter_for
 
 # How to draw each comparator's output on the review page.
 PLOT_KIND = {
@@ -142,9 +143,8 @@ def sample_tensors(sample: Mapping[str, Any]) -> dict[str, Any]:
         if body is None:
             continue
         try:
-            sides[side] = decode_infer_response(
-                body, _headers(payloads.get(f"{side}_headers"))
-            ).outputs
+            headers = _headers(payloads.get(f"{side}_headers"))
+            sides[side] = adapter_for(headers).decode_response(body, headers).outputs
         except MalformedMessage as exc:
             errors[side] = str(exc)
     metrics = {o["output"]: o["metric"] for o in sample.get("outputs", [])}

@@ -12,14 +12,9 @@ from typing import Any
 
 from comparators import SEVERITY_CAP, MetricSpec, OutputVerdict, compare_outputs, resolve_spec
 
-from ..protocols.v2_rest.codec import (
-    MAX_INFLATED_BYTES,
-    MAX_OUTPUTS,
-    DecodedResponse,
-    MalformedMessage,
-    decode_infer_response,
-    preview,
-)
+from ..protocols.base import MAX_INFLATED_BYTES, MAX_OUTPUTS, DecodedResponse, MalformedMessage
+from ..protocols.registry import adapter_for
+from ..protocols.v2_rest.codec import preview
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +72,6 @@ def _previews(ref: Mapping[str, Any], cand: Mapping[str, Any]) -> dict[str, dict
     }
 
 
-def _error_text(body: bytes) -> str:
-    return body[:200].decode("utf-8", "replace").strip()
-
-
 def analyze(
     ref: Exchange,
     cand: Exchange,
@@ -100,31 +91,34 @@ def analyze(
     (same error status on both sides; not a divergence), ``candidate_invalid`` (flagged: a 200
     that is not a V2 answer), ``reference_undecodable`` (not flagged; nothing to compare against).
     """
+    # Both sides answered the same request over the same protocol: the reference's says which.
+    adapter = adapter_for(ref.headers)
     if ref.status != 200 or cand.status != 200:
         if ref.status == cand.status:
             return Analysis("both_failed", flagged=False)
+        failed = cand if cand.status != 200 else ref
         return Analysis(
             "status_mismatch",
             flagged=True,
             severity=SEVERITY_CAP,
             reason=(
                 f"reference answered {ref.status}, candidate answered {cand.status}"
-                f" ({_error_text(cand.body if cand.status != 200 else ref.body)})"
+                f" ({adapter.error_text(failed.status, failed.headers, failed.body)})"
             ),
         )
     limits = {"max_inflated_bytes": max_inflated_bytes, "max_outputs": max_outputs}
     try:
-        decoded_ref = decode_infer_response(ref.body, ref.headers, **limits)
+        decoded_ref = adapter.decode_response(ref.body, ref.headers, **limits)
     except MalformedMessage as exc:
         return Analysis("reference_undecodable", flagged=False, reason=f"reference: {exc}")
     try:
-        decoded_cand = decode_infer_response(cand.body, cand.headers, **limits)
+        decoded_cand = adapter.decode_response(cand.body, cand.headers, **limits)
     except MalformedMessage as exc:
         return Analysis(
             "candidate_invalid",
             flagged=True,
             severity=SEVERITY_CAP,
-            reason=f"candidate answer is not valid V2: {exc}",
+            reason=f"candidate answer is not valid {adapter.title}: {exc}",
             reference=decoded_ref,
         )
 

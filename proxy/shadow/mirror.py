@@ -31,13 +31,9 @@ from comparators.population import PopulationStats
 
 from ..canary.evidence import EvidenceBuffer
 from ..canary.gates import UNCOMPARED
+from ..protocols.base import MalformedMessage, TooLarge
 from ..protocols.model_config import ModelConfigs
-from ..protocols.v2_rest.codec import (
-    MalformedMessage,
-    TooLarge,
-    parse_request_header,
-    unsafe_to_mirror,
-)
+from ..protocols.v2_rest.codec import parse_request_header, unsafe_to_mirror
 from ..redact import strip_headers
 from ..settings import CandidateSettings, Settings
 from ..telemetry import Telemetry

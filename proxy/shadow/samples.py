@@ -12,7 +12,7 @@ from typing import Any
 
 from comparators import OutputVerdict
 
-from ..protocols.v2_rest.codec import DecodedResponse
+from ..protocols.base import DecodedResponse
 from ..redact import Redactor
 from ..settings import CandidateSettings, ProxySettings
 from .analysis import Analysis, Exchange

@@ -25,10 +25,9 @@ from tritonclient.http import InferResult
 from tritonclient.utils import serialize_byte_tensor
 
 from comparators import MetricSpec, compare_output
+from proxy.protocols.base import MalformedMessage, TooLarge
 from proxy.protocols.v2_rest.codec import (
     HEADER_LENGTH,
-    MalformedMessage,
-    TooLarge,
     decode_infer_response,
     parse_request_header,
     preview,

@@ -18,43 +18,25 @@ import json
 import math
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 
-from ...errors import ShadowProxyError
-from ...settings import ProxySettings
-
-Array = np.ndarray[Any, np.dtype[Any]]
+from ..base import (
+    MAX_INFLATED_BYTES,
+    MAX_OUTPUTS,
+    Array,
+    DecodedResponse,
+    MalformedMessage,
+    TooLarge,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-# Defaults of the caps (callers pass ``proxy.max_inflated_bytes`` / ``proxy.max_outputs``): what
-# a compressed body may inflate to, so a small gzip bomb cannot take a worker's memory, and how
-# many outputs one answer may name.
-MAX_INFLATED_BYTES: int = ProxySettings.model_fields["max_inflated_bytes"].default
-MAX_OUTPUTS: int = ProxySettings.model_fields["max_outputs"].default
 _GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib checks the gzip header, CRC and length itself
 _ZLIB_WBITS = zlib.MAX_WBITS  # Triton's "deflate" is zlib-wrapped (as tritonclient reads it)
 _INFLATE_PIECE = 4 * 1024 * 1024
-
-
-class MalformedMessage(ShadowProxyError):
-    """A body that does not follow the V2 protocol."""
-
-
-class TooLarge(MalformedMessage):
-    """A body past one of the caps (``max_inflated_bytes``, ``max_outputs``): not compared, and
-    counted apart from malformed ones (it may be a valid message, only too big to take)."""
-
-
-@dataclass(frozen=True, slots=True)
-class DecodedResponse:
-    model_name: str | None
-    model_version: str | None
-    outputs: dict[str, Array] = field(default_factory=dict)
 
 
 def inflate(body: bytes, encoding: str | None, cap: int) -> bytes:

@@ -1,0 +1,38 @@
+"""V2 REST as a protocol adapter: the codec's functions behind the adapter interface."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..base import MAX_INFLATED_BYTES, MAX_OUTPUTS, DecodedResponse
+from .codec import decode_infer_response, parse_request_header, unsafe_to_mirror
+
+
+class V2RestAdapter:
+    name = "v2_rest"
+    title = "V2 REST"
+
+    def decode_response(
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        max_inflated_bytes: int = MAX_INFLATED_BYTES,
+        max_outputs: int = MAX_OUTPUTS,
+    ) -> DecodedResponse:
+        return decode_infer_response(
+            body, headers, max_inflated_bytes=max_inflated_bytes, max_outputs=max_outputs
+        )
+
+    def unsafe_to_mirror(
+        self, body: bytes, headers: Mapping[str, str], *, max_inflated_bytes: int
+    ) -> str | None:
+        header = parse_request_header(body, headers, max_inflated_bytes=max_inflated_bytes)
+        return unsafe_to_mirror(header)
+
+    def error_text(self, status: int, headers: Mapping[str, str], body: bytes) -> str:
+        # Triton's error answers are {"error": "..."}: short enough to show whole.
+        return body[:200].decode("utf-8", "replace").strip()
+
+
+ADAPTER = V2RestAdapter()
