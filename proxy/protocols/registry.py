@@ -11,8 +11,23 @@ GRPC_CONTENT_TYPE = "application/grpc"
 """What every gRPC exchange's headers say (the gRPC path records its answers with it)."""
 
 
+def _content_type(headers: Mapping[str, str]) -> str:
+    # Recorded headers may be a case-insensitive multidict or a plain dict of either case.
+    value = headers.get("content-type")
+    if value is None:
+        value = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+    return value.strip().lower()
+
+
 def adapter_for(headers: Mapping[str, str]) -> ProtocolAdapter:
     """The adapter for an exchange, by the content type its answer was recorded with; V2 REST
     (whose answers are JSON or binary-data bodies of any content type a V2 server chooses) when
     no other adapter claims it."""
+    if _content_type(headers).startswith(GRPC_CONTENT_TYPE):
+        # Imported on the first gRPC exchange only: grpcio and protobuf are heavy for a proxy
+        # that carries none.
+        from .v2_grpc.adapter import ADAPTER as V2_GRPC
+
+        adapter: ProtocolAdapter = V2_GRPC
+        return adapter
     return V2_REST

@@ -1,0 +1,94 @@
+"""A ``ModelInferRequest``'s model name, read from the protobuf wire format without parsing.
+
+The live path routes canaries by model, per request: a full parse would copy every input's raw
+contents into Python bytes first. Here the top-level fields are walked (tag, then a varint, a
+fixed-size value or a length-delimited one that is skipped, not copied), so the cost is the
+number of top-level fields, whatever the tensors weigh.
+
+The walk goes to the end rather than stopping at the first ``model_name``: a parser keeps the
+last occurrence of a singular field (concatenated messages merge), and a name in a request the
+walk would stop reading could differ from the one the server reads. Nested messages (inputs,
+parameters) are not looked into: a request whose inputs are garbage still names its model.
+"""
+
+from __future__ import annotations
+
+from ..base import MalformedMessage
+
+_MODEL_NAME = 1  # ModelInferRequest.model_name
+_VARINT, _FIXED64, _LENGTH, _START_GROUP, _END_GROUP, _FIXED32 = 0, 1, 2, 3, 4, 5
+_MAX_FIELD = (1 << 29) - 1
+
+
+def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it (at most 10 bytes, as protobuf reads)."""
+    value = shift = 0
+    for i in range(pos, min(pos + 10, len(data))):
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value & 0xFFFFFFFFFFFFFFFF, i + 1
+        shift += 7
+    raise MalformedMessage(f"not a ModelInferRequest: truncated or overlong varint at byte {pos}")
+
+
+def _skip(data: memoryview, pos: int, wire_type: int, field: int) -> int:
+    """The position after a value of ``wire_type`` starting at ``pos``."""
+    if wire_type == _VARINT:
+        return _varint(data, pos)[1]
+    if wire_type == _FIXED64:
+        end = pos + 8
+    elif wire_type == _FIXED32:
+        end = pos + 4
+    elif wire_type == _LENGTH:
+        length, pos = _varint(data, pos)
+        end = pos + length
+    elif wire_type == _START_GROUP:
+        return _skip_group(data, pos, field)
+    else:  # an end-group without its start, or wire types 6 and 7 (none exist)
+        raise MalformedMessage(f"not a ModelInferRequest: wire type {wire_type} at byte {pos}")
+    if end > len(data):
+        raise MalformedMessage(f"not a ModelInferRequest: field {field} runs past the end")
+    return end
+
+
+def _skip_group(data: memoryview, pos: int, field: int) -> int:
+    # Proto3 has no groups, but parsers skip unknown ones: so does the walk, nested or not.
+    while pos < len(data):
+        inner, wire_type, pos = _tag(data, pos)
+        if wire_type == _END_GROUP:
+            if inner != field:
+                break
+            return pos
+        pos = _skip(data, pos, wire_type, inner)
+    raise MalformedMessage(f"not a ModelInferRequest: group {field} is not closed")
+
+
+def _tag(data: memoryview, pos: int) -> tuple[int, int, int]:
+    key, after = _varint(data, pos)
+    field = key >> 3
+    if not 0 < field <= _MAX_FIELD:
+        raise MalformedMessage(f"not a ModelInferRequest: invalid field number {field}")
+    return field, key & 7, after
+
+
+def request_model(body: bytes) -> str:
+    """The ``model_name`` of a serialized ``ModelInferRequest`` ("" when it names none, as a
+    parser reads it); raises :class:`MalformedMessage` for bytes that are not a message."""
+    data = memoryview(body)
+    name = b""
+    pos = 0
+    while pos < len(data):
+        field, wire_type, pos = _tag(data, pos)
+        if field == _MODEL_NAME and wire_type == _LENGTH:
+            length, start = _varint(data, pos)
+            pos = start + length
+            if pos > len(data):
+                raise MalformedMessage("not a ModelInferRequest: model_name runs past the end")
+            name = data[start:pos].tobytes()
+        else:  # a model_name of another wire type is an unknown field to a parser too
+            pos = _skip(data, pos, wire_type, field)
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedMessage(f"not a ModelInferRequest: model_name is not UTF-8: {exc}") from exc
