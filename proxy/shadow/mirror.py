@@ -33,6 +33,8 @@ from ..canary.evidence import EvidenceBuffer
 from ..canary.gates import UNCOMPARED
 from ..protocols.base import MalformedMessage, TooLarge
 from ..protocols.model_config import ModelConfigs
+from ..protocols.registry import adapter_for
+from ..protocols.v2_rest.adapter import ADAPTER as V2_REST
 from ..protocols.v2_rest.codec import parse_request_header, unsafe_to_mirror
 from ..redact import strip_headers
 from ..settings import CandidateSettings, Settings
@@ -351,17 +353,23 @@ class MirrorScheduler:
         """Parse the copy once for all its candidates; note why it must not be mirrored."""
         copy.checked = True
         req: MirrorRequest = copy.request
+        cap = self._settings.proxy.max_inflated_bytes
+        adapter = adapter_for(req.headers)
         try:
-            copy.header = parse_request_header(
-                req.body, req.headers, max_inflated_bytes=self._settings.proxy.max_inflated_bytes
-            )
+            if adapter is V2_REST:
+                # Parsed here rather than by the adapter: the request's id comes from it too.
+                copy.header = parse_request_header(req.body, req.headers, max_inflated_bytes=cap)
+                copy.unsafe = unsafe_to_mirror(copy.header)
+            else:
+                copy.unsafe = adapter.unsafe_to_mirror(
+                    req.body, req.headers, max_inflated_bytes=cap
+                )
         except TooLarge:
             copy.unsafe = "request_too_large"  # a gzip bomb, say: never inflated past the cap
             return
         except MalformedMessage:
             copy.unsafe = "unparseable_request"
             return
-        copy.unsafe = unsafe_to_mirror(copy.header)
         if copy.unsafe is None and await self._models.is_stateful(req.route.model or ""):
             copy.unsafe = "sequence_model"
 
