@@ -47,6 +47,10 @@ def _check_token(value: SecretStr | None) -> SecretStr | None:
     return value
 
 
+_GRPC_URL = re.compile(r"^(grpcs?://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$")
+"""``host:port``, ``[v6]:port``, optionally ``grpc://`` or ``grpcs://`` in front."""
+
+
 def _check_url(value: str) -> str:
     if not re.match(r"^https?://[^/\s]+", value):
         raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
@@ -57,6 +61,9 @@ class ListenSettings(_Model):
     host: str = "127.0.0.1"
     """Address the data plane (what clients call) binds."""
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int | None = Field(None, ge=0, le=65535)
+    """gRPC listener (KServe V2 / Triton ``GRPCInferenceService``, passed through to
+    ``reference.grpc_url``) on ``host``; omitted: no gRPC listener."""
 
 
 class UserSettings(_Model):
@@ -116,8 +123,54 @@ class UpstreamSettings(_Model):
     timeout_s: float = Field(60.0, gt=0)
     """Whole-request timeout. For the reference this bounds the live call."""
     connect_timeout_s: float = Field(5.0, gt=0)
+    grpc_url: str | None = None
+    """The server's gRPC endpoint: ``host:port`` (plaintext) or ``grpcs://host:port`` (TLS)."""
+    grpc_ca: Path | None = None
+    """PEM roots that verify a ``grpcs://`` server (omitted: the system's roots)."""
+    grpc_cert: Path | None = None
+    """PEM client certificate chain for mutual TLS (with ``grpc_key``)."""
+    grpc_key: Path | None = None
 
     _url = field_validator("url")(_check_url)
+
+    @field_validator("grpc_url")
+    @classmethod
+    def _grpc_url(cls, value: str | None) -> str | None:
+        if value is not None and not _GRPC_URL.match(value):
+            raise ValueError(
+                f"must be host:port or grpcs://host:port (no path, no http://), got {value!r}"
+            )
+        return value
+
+    @field_validator("grpc_ca", "grpc_cert", "grpc_key")
+    @classmethod
+    def _pem_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _grpc_tls(self) -> UpstreamSettings:
+        if (self.grpc_cert is None) != (self.grpc_key is None):
+            raise ValueError("grpc_cert and grpc_key: give both or neither")
+        tls_files = self.grpc_ca or self.grpc_cert
+        if tls_files is not None and not (self.grpc_url or "").startswith("grpcs://"):
+            raise ValueError(
+                "grpc_ca, grpc_cert, grpc_key: need a grpcs:// grpc_url "
+                f"(got {self.grpc_url!r}); plaintext gRPC would ignore them"
+            )
+        return self
+
+    @property
+    def grpc_target(self) -> str | None:
+        """``host:port`` of the gRPC endpoint, without the scheme."""
+        if self.grpc_url is None:
+            return None
+        return self.grpc_url.removeprefix("grpcs://").removeprefix("grpc://")
+
+    @property
+    def grpc_tls(self) -> bool:
+        return self.grpc_url is not None and self.grpc_url.startswith("grpcs://")
 
 
 class CandidateSettings(UpstreamSettings):
@@ -243,8 +296,10 @@ class NoiseSettings(_Model):
 
 
 class ProxySettings(_Model):
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    """Largest request body accepted (Triton's own default is 64 MiB)."""
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=2**31 - 1)
+    """Largest request body accepted (Triton's own default is 64 MiB), and the largest gRPC
+    message either way on the gRPC listener and its channels (gRPC's own default is 4 MiB;
+    Triton and tritonclient allow up to 2 GiB - 1, the most gRPC can)."""
     compare_workers: int = Field(2, ge=1, le=64)
     """Threads that decode and compare, off the event loop."""
     drain_timeout_s: float = Field(10.0, ge=0)
@@ -396,6 +451,15 @@ class Settings(_Model):
         if dupes:
             raise ValueError(f"candidate names must be unique, repeated: {', '.join(dupes)}")
         return value
+
+    @model_validator(mode="after")
+    def _grpc_reference(self) -> Settings:
+        if self.listen.grpc_port is not None and self.reference.grpc_url is None:
+            raise ValueError(
+                "listen.grpc_port: set, but reference.grpc_url is not: the gRPC listener "
+                "needs a reference to forward to"
+            )
+        return self
 
     @model_validator(mode="after")
     def _canary_candidate(self) -> Settings:

@@ -126,3 +126,68 @@ def test_redact_and_tls_settings_are_checked(
     s = load_settings(_write(tmp_path, good))
     assert s.redact.hashes_values() and not s.redact.store_payloads
     assert "0123456789abcdef" not in repr(s)
+
+
+def test_grpc_settings_load_and_default_to_no_listener(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SP_TEST_TOKEN", "x" * 16)
+    plain = load_settings(_write(tmp_path, GOOD))
+    assert plain.listen.grpc_port is None and plain.reference.grpc_url is None
+    assert plain.proxy.max_body_bytes == 64 * 1024 * 1024  # gRPC's 4 MiB would refuse tensors
+    (tmp_path / "ca.pem").write_text("roots")
+    (tmp_path / "c.pem").write_text("cert")
+    (tmp_path / "k.pem").write_text("key")
+    text = GOOD.replace("port: 8000}", "port: 8000, grpc_port: 8010}").replace(
+        "url: http://127.0.0.1:9000}",
+        f"url: http://127.0.0.1:9000, grpc_url: 'grpcs://[::1]:9001', grpc_ca: {tmp_path}/ca.pem,"
+        f" grpc_cert: {tmp_path}/c.pem, grpc_key: {tmp_path}/k.pem}}",
+    )
+    s = load_settings(_write(tmp_path, text))
+    assert s.listen.grpc_port == 8010
+    assert s.reference.grpc_tls and s.reference.grpc_target == "[::1]:9001"
+    assert s.reference.grpc_key == tmp_path / "k.pem"
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            ("port: 8000}", "port: 8000, grpc_port: 8010}"),
+            "listen.grpc_port: set, but reference.grpc_url is not",
+        ),
+        (
+            ("url: http://127.0.0.1:9000}", "url: http://127.0.0.1:9000, grpc_url: h:1/v2}"),
+            "reference.grpc_url: must be host:port or grpcs://host:port",
+        ),
+        (
+            ("timeout_s: 5}", "timeout_s: 5, grpc_url: 'http://127.0.0.1:9101'}"),
+            "candidates[0].grpc_url: must be host:port",
+        ),
+        (
+            ("url: http://127.0.0.1:9000}", "url: http://a:1, grpc_url: a:1, grpc_ca: /no/ca.pem}"),
+            "reference.grpc_ca: no such file: /no/ca.pem",
+        ),
+        (
+            ("url: http://127.0.0.1:9000}", "url: http://a:1, grpc_url: a:1, grpc_ca: {ca}}"),
+            "reference: grpc_ca, grpc_cert, grpc_key: need a grpcs:// grpc_url (got 'a:1')",
+        ),
+        (
+            (
+                "url: http://127.0.0.1:9000}",
+                "url: http://a:1, grpc_url: grpcs://a:1, grpc_cert: {ca}}",
+            ),
+            "reference: grpc_cert and grpc_key: give both or neither",
+        ),
+    ],
+)
+def test_grpc_settings_errors_name_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: tuple[str, str], expected: str
+) -> None:
+    monkeypatch.setenv("SP_TEST_TOKEN", "x" * 16)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("roots")
+    path = _write(tmp_path, GOOD.replace(edit[0], edit[1].replace("{ca}", str(ca))))
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert f"{path}: {expected}" in str(info.value)
