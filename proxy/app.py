@@ -5,11 +5,12 @@ its cleanup contexts, which aiohttp sets up in this order and unwinds in reverse
 sample store (and the embedded Redis) -> canary evidence buffer -> canary controller -> compare
 threads and comparer -> client sessions -> mirror scheduler (or, with ``proxy.mirror_process``,
 the link to the mirror process, which runs the scheduler with its own contexts and compare
-worker processes) -> the live proxy -> the fast lane's connections to the reference.
-``ProxyRunner`` closes the fast lane's listener (letting its requests in flight finish) before
-any of that unwinds. So on shutdown the scheduler drains first (its queue, then its compare
-stage), then the clients it used close, then the comparer stores its last batch, then the canary
-stops and its last evidence is flushed, then the store closes, then telemetry flushes.
+worker processes) -> the live proxy -> the fast lane's connections to the reference -> the gRPC
+channel to the reference. ``ProxyRunner`` closes the fast lane's and the gRPC listener (letting
+their requests in flight finish) before any of that unwinds. So on shutdown the scheduler drains
+first (its queue, then its compare stage), then the clients it used close, then the comparer
+stores its last batch, then the canary stops and its last evidence is flushed, then the store
+closes, then telemetry flushes.
 The admin app only reads those resources; start it after the data app and stop it before.
 """
 
@@ -39,6 +40,7 @@ from .keys import (
     EVIDENCE,
     EXECUTOR,
     FAST_LANE,
+    GRPC_UPSTREAM,
     LIVE_PROXY,
     LIVE_SESSION,
     MIRROR,
@@ -50,6 +52,8 @@ from .keys import (
 )
 from .live.fast_lane import FastLane, FastLaneServer
 from .live.forwarding import LiveProxy, strip_server_defaults
+from .live.grpc_server import GrpcLiveServer
+from .live.grpc_upstream import GrpcUpstream
 from .live.upstream_pool import UpstreamPool
 from .protocols.v2_rest.codec import warm_up
 from .reload import ReloadPlan, SettingsRef, plan_reload
@@ -139,6 +143,7 @@ def create_apps(
     data.cleanup_ctx.append(_live_proxy_ctx)
     data.cleanup_ctx.append(_coverage_ctx)
     data.cleanup_ctx.append(_fast_lane_ctx)
+    data.cleanup_ctx.append(_grpc_upstream_ctx)
     data.on_response_prepare.append(strip_server_defaults)
     data.router.add_route("*", "/{tail:.*}", _handle)
 
@@ -379,6 +384,18 @@ async def _fast_lane_ctx(app: web.Application) -> AsyncIterator[None]:
     pool.close()
 
 
+async def _grpc_upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    # The gRPC listener's one channel to the reference (HTTP/2 multiplexes every call on it).
+    settings = app[SETTINGS]
+    if settings.listen.grpc_port is None:
+        yield
+        return
+    upstream = await GrpcUpstream.open(settings.reference, settings.proxy.max_body_bytes)
+    app[GRPC_UPSTREAM] = upstream
+    yield
+    await upstream.close()
+
+
 class ProxyRunner:
     """Start and stop both planes on their ports (used by ``serve``, the demo and the tests)."""
 
@@ -390,7 +407,10 @@ class ProxyRunner:
         self.data, self.admin = create_apps(settings, telemetry=telemetry)
         self._runners: list[web.AppRunner] = []
         self._fast: FastLaneServer | None = None
+        self._grpc: GrpcLiveServer | None = None
         self.data_port = settings.listen.port
+        self.grpc_port = settings.listen.grpc_port
+        """The gRPC listener's bound port once started; None without one."""
         self.admin_port = settings.admin.port
 
     @property
@@ -422,6 +442,13 @@ class ProxyRunner:
             )
             await site.start()
             self.data_port = _bound_port(site)
+        if GRPC_UPSTREAM in self.data and listen.grpc_port is not None:
+            self._grpc = GrpcLiveServer(
+                self.data[GRPC_UPSTREAM], max_bytes=self.settings.proxy.max_body_bytes
+            )
+            self.grpc_port = await self._grpc.start(
+                listen.host, listen.grpc_port, reuse_port=self._reuse_port
+            )
         admin_runner = web.AppRunner(self.admin, access_log=None, handle_signals=False)
         await admin_runner.setup()
         self._runners.append(admin_runner)
@@ -456,9 +483,15 @@ class ProxyRunner:
         return plan
 
     async def stop(self) -> None:
+        # Both listeners stop accepting at once, then their calls in flight finish together.
+        closing = []
         if self._fast is not None:
-            await self._fast.close(self.settings.reference.timeout_s)
+            closing.append(self._fast.close(self.settings.reference.timeout_s))
             self._fast = None
+        if self._grpc is not None:
+            closing.append(self._grpc.stop(self.settings.proxy.drain_timeout_s))
+            self._grpc = None
+        await asyncio.gather(*closing)
         while self._runners:
             await self._runners.pop().cleanup()
 

@@ -5,12 +5,15 @@
     ├── StoreError                       Redis could not be reached or answered badly
     ├── CanaryError                      a rollout command that does not apply (names why)
     └── UpstreamError                    a server behind the proxy failed (status on the class)
-        ├── UpstreamTimeout      504     no answer within the upstream's timeout
-        ├── UpstreamUnavailable  503     connection refused / DNS failure
-        └── UpstreamBadResponse  502     the connection broke or the answer was malformed
+        ├── UpstreamTimeout      504  DEADLINE_EXCEEDED  no answer within the upstream's timeout
+        ├── UpstreamUnavailable  503  UNAVAILABLE        connection refused / DNS failure
+        └── UpstreamBadResponse  502  INTERNAL           the connection broke or the answer was
+                                                         malformed
 
 The live path renders an ``UpstreamError`` in the V2 error shape ``{"error": "..."}``, naming the
-upstream, so a client sees which hop failed.
+upstream, so a client sees which hop failed; the gRPC listener ends the call with the class's
+``grpc_code`` (a ``grpc.StatusCode`` name, kept as a string so this module needs no grpc) and the
+same message. A status the upstream itself sent is no ``UpstreamError``: it is passed through.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class CanaryError(ShadowProxyError):
 
 class UpstreamError(ShadowProxyError):
     status: int = 502
+    grpc_code: str = "INTERNAL"
 
     def __init__(self, upstream: str, url: str, detail: str) -> None:
         self.upstream = upstream
@@ -48,14 +52,17 @@ class UpstreamError(ShadowProxyError):
 
 class UpstreamTimeout(UpstreamError, TimeoutError):
     status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
 
 
 class UpstreamUnavailable(UpstreamError, ConnectionError):
     status = 503
+    grpc_code = "UNAVAILABLE"
 
 
 class UpstreamBadResponse(UpstreamError):
     status = 502
+    grpc_code = "INTERNAL"
 
 
 def translate_upstream_error(exc: BaseException, upstream: str, url: str) -> UpstreamError:

@@ -13,6 +13,7 @@ from .canary.controller import CanaryController
 from .canary.evidence import EvidenceBuffer
 from .live.fast_lane import FastLane
 from .live.forwarding import LiveProxy
+from .live.grpc_upstream import GrpcUpstream
 from .reload import SettingsRef
 from .settings import Settings
 from .shadow.compare_stage import Comparer
@@ -39,3 +40,4 @@ EVIDENCE = web.AppKey("canary_evidence", EvidenceBuffer)
 CANARY = web.AppKey("canary", CanaryController)
 COVERAGE = web.AppKey("coverage", CoverageMonitor)
 CURRENT = web.AppKey("current_settings", SettingsRef)
+GRPC_UPSTREAM = web.AppKey("grpc_upstream", GrpcUpstream)

@@ -101,8 +101,9 @@ def tune_gc() -> None:
 async def serve(
     settings: Settings, *, reuse_port: bool = False, config_path: Path | None = None
 ) -> None:
-    """Run until SIGINT/SIGTERM: stop accepting, let live requests in flight finish, drain the
-    mirror queue (``proxy.drain_timeout_s``), write out what is batched or spooled, return.
+    """Run until SIGINT/SIGTERM: stop accepting (HTTP and gRPC), let live requests in flight
+    finish (gRPC calls within ``proxy.drain_timeout_s``), drain the mirror queue (the same
+    timeout), write out what is batched or spooled, return.
     SIGHUP reloads ``config_path`` (see ``reload``)."""
     if settings.admin.token is None:
         raise ConfigError("admin.token: required by serve (the admin plane needs a token)")
@@ -135,6 +136,15 @@ async def serve(
         runner.admin_port,
         ", ".join(c.name for c in settings.candidates) or "none",
     )
+    if runner.grpc_port is not None:
+        log.info(
+            "shadowproxy: pid %d: gRPC on %s:%d -> reference %s (%s)",
+            os.getpid(),
+            settings.listen.host,
+            runner.grpc_port,
+            settings.reference.name,
+            settings.reference.grpc_url,
+        )
     try:
         await stop.wait()
     finally:
@@ -196,7 +206,12 @@ def _check_workers(settings: Settings, workers: int) -> None:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     if settings.admin.token is None:
         raise ConfigError("admin.token: required by serve (the admin plane needs a token)")
-    for name, port in (("listen.port", settings.listen.port), ("admin.port", settings.admin.port)):
+    ports = (
+        ("listen.port", settings.listen.port),
+        ("listen.grpc_port", settings.listen.grpc_port),
+        ("admin.port", settings.admin.port),
+    )
+    for name, port in ports:
         if port == 0:
             # Each worker would bind a different free port: there would be no shared port.
             raise ConfigError(f"{name}: 0 (any free port) cannot be shared by --workers")

@@ -1,0 +1,231 @@
+"""The gRPC live path: a ``grpc.aio`` server that passes every call through to the reference.
+
+Every method is forwarded as raw bytes. Methods of ``inference.GRPCInferenceService`` are
+unary-unary except ``ModelStreamInfer`` (stream-stream); any other service (``grpc.health.v1``,
+reflection, a vendor's extension) is forwarded as stream-stream, which is wire-compatible with
+every cardinality: the bytes of one request and one answer are a stream of one.
+
+What the client gets is what the reference sent: status code, details, initial and trailing
+metadata, message bytes. Only a failure the proxy's own grpc made up (no connection, the deadline,
+bytes that were not gRPC) is replaced, by a status that names the upstream.
+
+Each unary ``ModelInfer`` call, answered or failed, passes ``GrpcLiveServer._completed``, which
+hands a ``GrpcExchange`` to ``on_infer`` (the seam for mirroring; none by default). The hook runs
+on the live call's task just before the answer goes out, so it must only hand the exchange off
+(a non-blocking enqueue that drops when full), never wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
+
+import grpc
+import grpc.aio
+
+from ..errors import UpstreamError
+from .grpc_upstream import GrpcUpstream, Metadata, forwardable, server_options
+
+log = logging.getLogger("shadowproxy")
+
+INFERENCE_SERVICE = "/inference.GRPCInferenceService/"
+MODEL_INFER = INFERENCE_SERVICE + "ModelInfer"
+MODEL_STREAM_INFER = INFERENCE_SERVICE + "ModelStreamInfer"
+
+_Context = grpc.aio.ServicerContext[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcExchange:
+    """One unary call as the client saw it: what went up, what came back, and how long it took."""
+
+    method: str
+    request: bytes
+    """The serialized request (for ``ModelInfer``, a ``ModelInferRequest``), as the client sent."""
+    metadata: Metadata
+    """The client's invocation metadata as forwarded to the reference (credentials included:
+    whoever stores an exchange must redact it)."""
+    response: bytes | None
+    """The serialized answer; None when the call failed."""
+    code: grpc.StatusCode
+    details: str
+    initial_metadata: Metadata
+    trailing_metadata: Metadata
+    latency_s: float
+    failure: UpstreamError | None
+    """Set when the reference could not be reached or answered no valid gRPC (``code`` is then
+    the proxy's, not the reference's)."""
+
+
+InferHook = Callable[[GrpcExchange], None]
+
+
+def _timeout(context: _Context, cap_s: float | None) -> float | None:
+    """The client's deadline (what is left of it) as the upstream call's timeout, capped."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return cap_s
+    remaining = max(0.0, remaining)
+    return remaining if cap_s is None else min(remaining, cap_s)
+
+
+class _PassThrough(grpc.GenericRpcHandler):
+    """Routes every method, known or not, to the live server's forwarding coroutines."""
+
+    def __init__(self, live: GrpcLiveServer) -> None:
+        self._live = live
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[bytes, bytes]:
+        method = handler_call_details.method
+        # Partials, not closures: grpc picks how to drive a handler by whether it is a
+        # coroutine or async generator function, and ``inspect`` sees through a partial.
+        if method.startswith(INFERENCE_SERVICE) and method != MODEL_STREAM_INFER:
+            return grpc.unary_unary_rpc_method_handler(partial(self._live.unary, method))
+        return grpc.stream_stream_rpc_method_handler(partial(self._live.stream, method))
+
+
+class GrpcLiveServer:
+    """The gRPC listener. ``ProxyRunner`` starts it after the data app's resources exist and
+    stops it (no new calls; calls in flight get the drain timeout) before they unwind; the
+    channel it forwards over belongs to the data app."""
+
+    def __init__(
+        self, upstream: GrpcUpstream, *, max_bytes: int, on_infer: InferHook | None = None
+    ) -> None:
+        self._upstream = upstream
+        self._max_bytes = max_bytes
+        self._on_infer = on_infer
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Listen on ``host:port`` (0: any free port); returns the bound port."""
+        server = grpc.aio.server(options=server_options(self._max_bytes, reuse_port=reuse_port))
+        server.add_generic_rpc_handlers((_PassThrough(self),))
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"gRPC listener: cannot bind {address} ({exc})") from None
+        if bound == 0:  # older grpc releases report a failed bind this way
+            raise OSError(f"gRPC listener: cannot bind {address}")
+        await server.start()
+        self._server = server
+        return bound
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls at once; calls in flight may finish within ``grace_s``, then are
+        cancelled. Idempotent."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace_s)
+
+    async def unary(self, method: str, request: bytes, context: _Context) -> bytes:
+        upstream = self._upstream
+        metadata = forwardable(context.invocation_metadata())
+        timeout = _timeout(context, upstream.timeout_s)
+        started = time.perf_counter()
+        call = upstream.unary(method, request, timeout=timeout, metadata=metadata)
+        response: bytes | None = None
+        failure: UpstreamError | None = None
+        try:
+            response = await call
+            code, details = grpc.StatusCode.OK, await call.details() or ""
+            initial = forwardable(await call.initial_metadata())
+            trailing = forwardable(await call.trailing_metadata())
+        except asyncio.CancelledError:
+            # The client went away (or the server is stopping): end the upstream call too.
+            call.cancel()
+            raise
+        except grpc.aio.AioRpcError as exc:
+            elapsed = time.perf_counter() - started
+            failure = upstream.transport_failure(exc, timeout=timeout, elapsed_s=elapsed)
+            if failure is None:  # the reference's own answer: passed through as it is
+                code, details = exc.code(), exc.details() or ""
+                initial = forwardable(exc.initial_metadata())
+                trailing = forwardable(exc.trailing_metadata())
+            else:
+                code, details, initial, trailing = _failure_status(failure), str(failure), (), ()
+        latency = time.perf_counter() - started
+        self._completed(
+            GrpcExchange(
+                method,
+                request,
+                metadata,
+                response,
+                code,
+                details,
+                initial,
+                trailing,
+                latency,
+                failure,
+            )
+        )
+        if initial:
+            await context.send_initial_metadata(initial)
+        if response is None:
+            await context.abort(code, details, trailing)
+        context.set_trailing_metadata(trailing)
+        return response
+
+    async def stream(
+        self, method: str, requests: AsyncIterator[bytes], context: _Context
+    ) -> AsyncIterator[bytes]:
+        upstream = self._upstream
+        # Only the client's deadline: a stream is long-lived by design, and the reference's
+        # ``timeout_s`` bounds one answer, not a session.
+        timeout = _timeout(context, None)
+        started = time.perf_counter()
+        call = upstream.stream(
+            method,
+            requests,
+            timeout=timeout,
+            metadata=forwardable(context.invocation_metadata()),
+        )
+        sent_initial = False
+        try:
+            # Initial metadata first, as the reference sent it, before any message.
+            initial = forwardable(await call.initial_metadata())
+            if initial:
+                await context.send_initial_metadata(initial)
+                sent_initial = True
+            async for message in call:
+                yield message
+            context.set_trailing_metadata(forwardable(await call.trailing_metadata()))
+        except grpc.aio.AioRpcError as exc:
+            elapsed = time.perf_counter() - started
+            failure = upstream.transport_failure(exc, timeout=timeout, elapsed_s=elapsed)
+            if failure is not None:
+                log.warning("live gRPC call %s failed: %s", method, failure)
+                await context.abort(_failure_status(failure), str(failure))
+            initial = forwardable(exc.initial_metadata())
+            if initial and not sent_initial:
+                await context.send_initial_metadata(initial)
+            await context.abort(
+                exc.code(), exc.details() or "", forwardable(exc.trailing_metadata())
+            )
+        finally:
+            # The client went away (or the server is stopping): end the upstream call too.
+            if not call.done():
+                call.cancel()
+
+    def _completed(self, exchange: GrpcExchange) -> None:
+        """Where every unary call ends, answered or failed: the one seam for mirroring."""
+        if exchange.failure is not None:
+            log.warning("live gRPC call %s failed: %s", exchange.method, exchange.failure)
+        if self._on_infer is None or exchange.method != MODEL_INFER:
+            return
+        try:
+            self._on_infer(exchange)
+        except Exception:
+            # Shadow work never fails a live call; the client still gets its answer.
+            log.exception("on_infer hook failed for a gRPC ModelInfer call")
+
+
+def _failure_status(failure: UpstreamError) -> grpc.StatusCode:
+    return grpc.StatusCode[failure.grpc_code]
