@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -200,11 +203,12 @@ class FakeUpstream:
 
 
 @pytest.fixture
-async def fake_grpc() -> AsyncIterator[Callable[[Handler], Awaitable[FakeUpstream]]]:
-    """Start a fake gRPC upstream that answers every method with ``handler`` (raw bytes)."""
+async def fake_grpc() -> AsyncIterator[Callable[..., Awaitable[FakeUpstream]]]:
+    """Start a fake gRPC upstream that answers every method with ``handler`` (raw bytes);
+    ``tls``: server credentials to listen with instead of plaintext."""
     servers: list[grpc.aio.Server] = []
 
-    async def start(handler: Handler) -> FakeUpstream:
+    async def start(handler: Handler, tls: grpc.ServerCredentials | None = None) -> FakeUpstream:
         class Route(grpc.GenericRpcHandler):
             def service(
                 self, details: grpc.HandlerCallDetails
@@ -214,7 +218,10 @@ async def fake_grpc() -> AsyncIterator[Callable[[Handler], Awaitable[FakeUpstrea
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((Route(),))
-        port = server.add_insecure_port("127.0.0.1:0")
+        if tls is None:
+            port = server.add_insecure_port("127.0.0.1:0")
+        else:
+            port = server.add_secure_port("127.0.0.1:0", tls)
         await server.start()
         servers.append(server)
         return FakeUpstream(port)
@@ -225,7 +232,7 @@ async def fake_grpc() -> AsyncIterator[Callable[[Handler], Awaitable[FakeUpstrea
 
 
 async def test_client_deadline_becomes_the_upstream_timeout(
-    fake_grpc: Callable[[Handler], Awaitable[FakeUpstream]],
+    fake_grpc: Callable[..., Awaitable[FakeUpstream]],
     proxy_factory: Callable[..., Any],
     redis_url: str,
 ) -> None:
@@ -250,7 +257,7 @@ async def test_client_deadline_becomes_the_upstream_timeout(
 
 
 async def test_reference_timeout_names_the_upstream(
-    fake_grpc: Callable[[Handler], Awaitable[FakeUpstream]],
+    fake_grpc: Callable[..., Awaitable[FakeUpstream]],
     proxy_factory: Callable[..., Any],
     redis_url: str,
 ) -> None:
@@ -288,7 +295,7 @@ async def test_unreachable_reference_is_unavailable_naming_it(
 
 
 async def test_metadata_round_trip_and_status_from_a_connected_upstream(
-    fake_grpc: Callable[[Handler], Awaitable[FakeUpstream]],
+    fake_grpc: Callable[..., Awaitable[FakeUpstream]],
     proxy_factory: Callable[..., Any],
     redis_url: str,
 ) -> None:
@@ -334,7 +341,7 @@ async def test_metadata_round_trip_and_status_from_a_connected_upstream(
 
 
 async def test_messages_over_4_mib_both_ways(
-    fake_grpc: Callable[[Handler], Awaitable[FakeUpstream]],
+    fake_grpc: Callable[..., Awaitable[FakeUpstream]],
     proxy_factory: Callable[..., Any],
     redis_url: str,
 ) -> None:
@@ -349,7 +356,7 @@ async def test_messages_over_4_mib_both_ways(
 
 
 async def test_infer_hook_sees_each_unary_model_infer(
-    fake_grpc: Callable[[Handler], Awaitable[FakeUpstream]],
+    fake_grpc: Callable[..., Awaitable[FakeUpstream]],
     proxy_factory: Callable[..., Any],
     redis_url: str,
 ) -> None:
@@ -381,7 +388,7 @@ async def test_infer_hook_sees_each_unary_model_infer(
 
 
 async def test_stop_refuses_new_calls_and_lets_calls_in_flight_finish(
-    fake_grpc: Callable[[Handler], Awaitable[FakeUpstream]],
+    fake_grpc: Callable[..., Awaitable[FakeUpstream]],
     proxy_factory: Callable[..., Any],
     redis_url: str,
 ) -> None:
@@ -410,3 +417,60 @@ async def test_stop_refuses_new_calls_and_lets_calls_in_flight_finish(
     out = await in_flight
     assert out.code == grpc.StatusCode.OK and out.response == b"slow"
     await stopping
+
+
+async def test_an_upstream_that_is_not_grpc_is_internal_naming_it(
+    proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    async def http1(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    junk = await asyncio.start_server(http1, "127.0.0.1", 0)
+    port = junk.sockets[0].getsockname()[1]
+    try:
+        proxy = await proxy_factory(_settings(f"127.0.0.1:{port}", redis_url))
+        out = await _call(proxy.grpc_port, MODEL_INFER, b"req")
+    finally:
+        junk.close()
+        await junk.wait_closed()
+    assert out.code == grpc.StatusCode.INTERNAL
+    assert out.details.startswith(f"upstream 'fp32' at 127.0.0.1:{port}: sent no valid gRPC")
+
+
+async def test_grpcs_reference_with_mutual_tls(
+    fake_grpc: Callable[..., Awaitable[FakeUpstream]],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    args = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    args += ["-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"]
+    args += ["-addext", "subjectAltName=IP:127.0.0.1"]
+    await asyncio.to_thread(subprocess.run, [openssl, *args], check=True, capture_output=True)
+    # One self-signed pair plays every part: the server's identity, the client's, both roots.
+    pem_cert, pem_key = cert.read_bytes(), key.read_bytes()
+    tls = grpc.ssl_server_credentials(
+        [(pem_key, pem_cert)], root_certificates=pem_cert, require_client_auth=True
+    )
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request + b" over tls"
+
+    fake = await fake_grpc(echo, tls)
+    url = f"grpcs://127.0.0.1:{fake.port}"
+    proxy = await proxy_factory(
+        _settings(url, redis_url, grpc_ca=str(cert), grpc_cert=str(cert), grpc_key=str(key))
+    )
+    out = await _call(proxy.grpc_port, MODEL_INFER, b"hi")
+    assert out.code == grpc.StatusCode.OK and out.response == b"hi over tls"
+    # Without the client certificate the server refuses the handshake: TLS is really in use.
+    bare = await proxy_factory(_settings(url, redis_url, grpc_ca=str(cert)))
+    refused = await _call(bare.grpc_port, MODEL_INFER, b"hi")
+    assert refused.code == grpc.StatusCode.UNAVAILABLE
+    assert refused.details.startswith(f"upstream 'fp32' at 127.0.0.1:{fake.port}:")
