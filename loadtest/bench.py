@@ -24,7 +24,11 @@ Sections, in order:
 4. coverage (``coverage.py``): the light Triton pair with planted divergences, and small JSON at
    1000 req/s against static NGINX, each for ``--coverage-duration`` seconds;
 5. CPU per compared copy (``shadow_cpu.py``) at ``--cpu-rate`` against static NGINX;
-6. the proxy's memory over ``--memory-duration`` seconds with the slow candidate.
+6. gRPC (``grpc_bench.py``): ``ModelInfer`` direct, through shadowproxy with and without a
+   candidate and through NGINX ``grpc_pass`` with and without ``mirror``, interleaved rounds at
+   500 and 1000 calls/s and saturation, against a static NGINX gRPC backend, then against
+   Triton;
+7. the proxy's memory over ``--memory-duration`` seconds with the slow candidate.
 
 Every open-loop point through a shadowproxy also reports its coverage (copies compared /
 requests sent). The tables go to stdout; ``bench.md`` (with a latency CDF, ``bench_cdf.png``) and
@@ -66,6 +70,7 @@ from .coverage import (
     settle,
     start_light_triton,
 )
+from .grpc_bench import run_grpc
 from .mirror_overhead import MODEL, environment, proxy_config, scrape
 from .nginx import nginx_binary, start_nginx
 from .openloop import Run, Saturation, open_loop, scenario, wrk_saturation
@@ -115,6 +120,8 @@ class Point:
     """The live-path round (1..--rounds); None outside that section."""
     copies: Coverage | None = None
     """What happened to the copies of this point's requests (shadowproxy with a candidate)."""
+    received: int | None = None
+    """Calls the candidate itself received meanwhile (gRPC section, targets that mirror)."""
 
 
 @dataclass
@@ -124,6 +131,8 @@ class Results:
     """Mirror outcomes from each shadowproxy's /metrics, by target."""
     coverage: list[CoverageRun] = field(default_factory=list)
     cpu: list[CpuRun] = field(default_factory=list)
+    grpc: list[Point] = field(default_factory=list)
+    """The gRPC section's points (``grpc_bench.py``), apart from the REST ones."""
     notes: list[str] = field(default_factory=list)
 
     def get(self, target: str, name: str, round: int | None = None) -> Point | None:
@@ -188,6 +197,8 @@ class Bench:
                 self.stop_triton()
                 raise
             self.servers["triton"] = server.url
+            self.servers["triton-grpc"] = f"127.0.0.1:{server.grpc_port}"
+            self.servers["triton-metrics"] = f"http://127.0.0.1:{server.metrics_port}/metrics"
             self.backend_of["triton"] = f"triton {LIGHT_REF} / {LIGHT_CAND}"
         return self.servers["triton"]
 
@@ -411,12 +422,14 @@ async def _sections(bench: Bench, args: argparse.Namespace) -> None:
         await bench.attempt(f"{target} CPU per copy", run_cpu(bench, target))
     for target in proxies if "triton" in only else []:
         await bench.attempt(f"{target} coverage triton", run_coverage(bench, target, "triton"))
+    if "grpc" in only:
+        await bench.attempt("grpc", run_grpc(bench))
     bench.stop_triton()  # its stubs must not sit beside the memory run
     for target in proxies if "memory" in only else []:
         await bench.attempt(f"{target} memory", bench.memory(target))
 
 
-SECTIONS = ("live", "points", "faults", "coverage", "cpu", "triton", "memory")
+SECTIONS = ("live", "points", "faults", "coverage", "cpu", "triton", "grpc", "memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -444,6 +457,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--triton-rate", type=float, default=150.0, help="light Triton pair run")
     parser.add_argument("--cpu-rate", type=float, default=120.0, help="CPU-per-copy run, req/s")
     parser.add_argument("--cpu-duration", type=float, default=20.0)
+    parser.add_argument(
+        "--grpc-backend",
+        choices=("static", "python"),
+        help="gRPC section's backend: static NGINX (the default with nginx) or grpc_backend.py",
+    )
+    parser.add_argument(
+        "--grpc-backend-processes", type=int, default=2, help="grpc_backend.py processes"
+    )
+    parser.add_argument(
+        "--grpc-triton-rate", type=float, default=300.0, help="gRPC calls/s against Triton"
+    )
     parser.add_argument("--quick", action="store_true", help="short runs, to try the bench out")
     parser.add_argument(
         "--tree",

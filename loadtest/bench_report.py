@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .coverage import coverage_goals, coverage_rows
+from .grpc_bench import FAST, TRITON, ceiling_table, grpc_goals, grpc_table
 from .mirror_overhead import md_table, text_table
 from .openloop import Run
 from .rounds import LIVE_POINT, live_goals, live_table
@@ -70,9 +71,11 @@ def _halves(point: Point) -> tuple[float, float]:
     return max(values[:mid]), max(values[mid:] or values[:mid])
 
 
-def table(results: Results, rounds: bool = True) -> tuple[list[str], list[list[str]]]:
+def table(
+    results: Results, rounds: bool = True, grpc: bool = False
+) -> tuple[list[str], list[list[str]]]:
     """Every point, one row each; ``rounds=False`` leaves out the live-path rounds (their
-    medians have a table of their own)."""
+    medians have a table of their own); ``grpc=True``: the gRPC section's points instead."""
     header = [
         "target",
         "measurement",
@@ -88,12 +91,19 @@ def table(results: Results, rounds: bool = True) -> tuple[list[str], list[list[s
         "other CPU %",
     ]
     rows = []
-    for point in results.points:
+    for point in results.grpc if grpc else results.points:
         if point.round and not rounds:
             continue
         if point.saturation is not None:
             sat = point.saturation
-            figures = [f"{sat.requests_per_s:.0f} (wrk)", "-", "-", "-", "-", str(sat.errors)]
+            figures = [
+                f"{sat.requests_per_s:.0f} ({sat.tool})",
+                "-",
+                "-",
+                "-",
+                "-",
+                str(sat.errors),
+            ]
         else:
             assert point.run is not None
             run = point.run
@@ -107,6 +117,8 @@ def table(results: Results, rounds: bool = True) -> tuple[list[str], list[list[s
             ]
         other = "-" if point.other_cpu is None else f"{point.other_cpu:.0f}"
         cov = f"{point.copies.share:.1%}" if point.copies else "-"
+        if point.received is not None and point.run is not None and point.run.sent:
+            cov += f" (candidate got {point.received / point.run.sent:.0%})"
         name = f"{point.name} r{point.round}" if point.round else point.name
         row = [point.target, name, point.backend, *figures, _ratio(results, point), cov, other]
         rows.append(row)
@@ -150,7 +162,7 @@ def all_goals(results: Results) -> list[str]:
     )
     lines = live_goals(results, proxies)
     lines += coverage_goals(results.coverage) + cpu_goals(results.cpu)
-    return lines + goals(results, proxies)
+    return lines + goals(results, proxies) + grpc_goals(results)
 
 
 def copies(results: Results) -> list[str]:
@@ -226,7 +238,7 @@ def write_report(results: Results, args: argparse.Namespace, elapsed_s: float, e
         "coverage = copies compared / requests sent, counted once the copies settled; "
         f"whole run {elapsed_s:.0f} s"
     )
-    other = [p.other_cpu for p in results.points if p.other_cpu is not None]
+    other = [p.other_cpu for p in results.points + results.grpc if p.other_cpu is not None]
     quiet = (
         f"CPU used by processes outside the benchmark (100 = one core): median "
         f"{sorted(other)[len(other) // 2]:.0f}%, max {max(other):.0f}%"
@@ -240,6 +252,12 @@ def write_report(results: Results, args: argparse.Namespace, elapsed_s: float, e
         ("Live path (interleaved rounds)", live_table(results)),
         ("Points", table(results, rounds=False)),
         ("Coverage runs", coverage_rows(results.coverage)),
+        ("gRPC ModelInfer (interleaved rounds)", grpc_table(results, FAST)),
+        ("gRPC ModelInfer against real Triton (interleaved rounds)", grpc_table(results, TRITON)),
+        (
+            "gRPC backends at saturation, direct (what limits a proxy behind them)",
+            ceiling_table(results),
+        ),
     ]
     parts_text = [intro]
     for title, (header, rows) in sections:
@@ -248,7 +266,8 @@ def write_report(results: Results, args: argparse.Namespace, elapsed_s: float, e
     parts_text += ["Goals:", *goal_lines, "Copies (proxy /metrics):", *copies(results)]
     parts_text += [quiet, *results.notes]
     md = ["# shadowproxy vs NGINX mirror", f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {env}.", intro]
-    for title, (header, rows) in [*sections, ("Every point", table(results))]:
+    every = [("Every point", table(results)), ("Every gRPC point", table(results, grpc=True))]
+    for title, (header, rows) in [*sections, *every]:
         if rows:
             md += [f"## {title}", md_table(header, rows)]
     md += [
@@ -324,6 +343,24 @@ def to_json(results: Results) -> dict[str, Any]:
                 "live_ms_per_request": r.live_ms_per_request,
             }
             for r in results.cpu
+        ],
+        "grpc_points": [
+            {
+                "target": p.target,
+                "name": p.name,
+                "round": p.round,
+                "backend": p.backend,
+                "latency_ms": p.run.figures() if p.run else None,
+                "ok": p.run.ok if p.run else None,
+                "sent": p.run.sent if p.run else None,
+                "errors": dict(p.run.errors) if p.run else None,
+                "candidate_received": p.received,
+                "compared": p.copies.compared if p.copies else None,
+                "saturation_rps": p.saturation.requests_per_s if p.saturation else None,
+                "generator_cores": getattr(p.saturation, "client_cores", None),
+                "other_cpu_percent": p.other_cpu,
+            }
+            for p in results.grpc
         ],
         "mirror": results.mirror,
         "notes": results.notes,
