@@ -52,6 +52,7 @@ from .keys import (
 )
 from .live.fast_lane import FastLane, FastLaneServer
 from .live.forwarding import LiveProxy, strip_server_defaults
+from .live.grpc_mirror import GrpcCopier
 from .live.grpc_server import GrpcLiveServer
 from .live.grpc_upstream import GrpcUpstream
 from .live.upstream_pool import UpstreamPool
@@ -408,6 +409,7 @@ class ProxyRunner:
         self._runners: list[web.AppRunner] = []
         self._fast: FastLaneServer | None = None
         self._grpc: GrpcLiveServer | None = None
+        self._copier: GrpcCopier | None = None
         self.data_port = settings.listen.port
         self.grpc_port = settings.listen.grpc_port
         """The gRPC listener's bound port once started; None without one."""
@@ -443,8 +445,11 @@ class ProxyRunner:
             await site.start()
             self.data_port = _bound_port(site)
         if GRPC_UPSTREAM in self.data and listen.grpc_port is not None:
+            self._copier = GrpcCopier(self.settings, self.data[MIRROR])
             self._grpc = GrpcLiveServer(
-                self.data[GRPC_UPSTREAM], max_bytes=self.settings.proxy.max_body_bytes
+                self.data[GRPC_UPSTREAM],
+                max_bytes=self.settings.proxy.max_body_bytes,
+                on_infer=self._copier,
             )
             self.grpc_port = await self._grpc.start(
                 listen.host, listen.grpc_port, reuse_port=self._reuse_port
@@ -478,6 +483,8 @@ class ProxyRunner:
         self.data[LIVE_PROXY].reload(plan.settings)
         if FAST_LANE in self.data:
             self.data[FAST_LANE].reload(plan.settings)
+        if self._copier is not None:
+            self._copier.reload(plan.settings)
         self.data[COVERAGE].reload(plan.settings)
         self.data[CURRENT].settings = plan.settings
         return plan

@@ -60,6 +60,7 @@ SUMMARY_KEYS = (
     "candidate",
     "noise_floor",
     "model",
+    "protocol",
     "outcome",
     "flagged",
     "severity",

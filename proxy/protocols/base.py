@@ -45,6 +45,16 @@ class DecodedResponse:
     outputs: dict[str, Array] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the shadow side needs to know of a request before copying it."""
+
+    unsafe: str | None
+    """Why it must never be copied to a candidate (``sequence``, ``shared_memory``), or None."""
+    request_id: str | None
+    """The id the client gave it in the message, if any (samples are listed by it)."""
+
+
 class ProtocolAdapter(Protocol):
     """One wire protocol's knowledge, as the shadow side and the review page need it."""
 
@@ -65,12 +75,11 @@ class ProtocolAdapter(Protocol):
         saying what is wrong, never another error."""
         ...
 
-    def unsafe_to_mirror(
+    def inspect_request(
         self, body: bytes, headers: Mapping[str, str], *, max_inflated_bytes: int
-    ) -> str | None:
-        """Why this request must never be copied to a candidate (``sequence``,
-        ``shared_memory``, ...), or None. Raises ``MalformedMessage`` for a request it cannot
-        read."""
+    ) -> RequestFacts:
+        """Why this request must never be copied, and its id. Raises ``MalformedMessage``
+        (``TooLarge`` past the cap) for a request it cannot read."""
         ...
 
     def error_text(self, status: int, headers: Mapping[str, str], body: bytes) -> str:

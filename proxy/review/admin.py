@@ -31,6 +31,7 @@ from ..keys import (
     STORE,
     TELEMETRY,
 )
+from ..protocols.base import MalformedMessage
 from ..settings import Settings
 from ..shadow.mirror_link import merge_tally
 from ..telemetry import merge_prometheus_text
@@ -160,19 +161,28 @@ async def list_samples(request: web.Request) -> web.Response:
 
 
 def render_payloads(
-    payloads: dict[str, bytes], truncated: Mapping[str, int] | None = None
+    payloads: dict[str, bytes],
+    truncated: Mapping[str, int] | None = None,
+    protocol: str | None = None,
 ) -> dict[str, Any]:
     """JSON bodies as JSON; binary ones (tensor bytes) as base64 beside their JSON header. A body
     stored truncated (``buffer.max_payload_bytes``) is shown as the bytes kept, marked
-    ``truncated`` with the size it had."""
+    ``truncated`` with the size it had. A gRPC request is shown as the JSON its protobuf
+    message reads as (tensors as a preview of their first values)."""
     out: dict[str, Any] = {}
     for name, raw in payloads.items():
         try:
             if name.endswith("_headers"):
                 out[name] = json.loads(raw)
                 continue
+            if name == "request" and protocol == "v2_grpc":
+                # Imported here: protobuf is heavy for an admin plane that may see no gRPC.
+                from ..protocols.v2_grpc.render import render_request
+
+                out[name] = {"json": render_request(raw), "protocol": protocol}
+                continue
             out[name] = {"json": json.loads(raw)}
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, MalformedMessage):
             out[name] = {"base64": base64.b64encode(raw).decode(), "bytes": len(raw)}
         if truncated and name in truncated:
             out[name].update(truncated=True, original_bytes=truncated[name])
@@ -194,7 +204,9 @@ async def get_sample(request: web.Request) -> web.Response:
     sample = await _load_sample(request)
     if isinstance(sample, web.Response):
         return sample
-    sample["payloads"] = render_payloads(sample["payloads"], sample.get("truncated"))
+    sample["payloads"] = render_payloads(
+        sample["payloads"], sample.get("truncated"), sample.get("protocol")
+    )
     return web.json_response(sample)
 
 

@@ -33,9 +33,7 @@ from ..canary.evidence import EvidenceBuffer
 from ..canary.gates import UNCOMPARED
 from ..protocols.base import MalformedMessage, TooLarge
 from ..protocols.model_config import ModelConfigs
-from ..protocols.registry import adapter_for
-from ..protocols.v2_rest.adapter import ADAPTER as V2_REST
-from ..protocols.v2_rest.codec import parse_request_header, unsafe_to_mirror
+from ..protocols.registry import adapter_for, is_grpc
 from ..redact import strip_headers
 from ..settings import CandidateSettings, Settings
 from ..telemetry import Telemetry
@@ -356,20 +354,14 @@ class MirrorScheduler:
         cap = self._settings.proxy.max_inflated_bytes
         adapter = adapter_for(req.headers)
         try:
-            if adapter is V2_REST:
-                # Parsed here rather than by the adapter: the request's id comes from it too.
-                copy.header = parse_request_header(req.body, req.headers, max_inflated_bytes=cap)
-                copy.unsafe = unsafe_to_mirror(copy.header)
-            else:
-                copy.unsafe = adapter.unsafe_to_mirror(
-                    req.body, req.headers, max_inflated_bytes=cap
-                )
+            facts = adapter.inspect_request(req.body, req.headers, max_inflated_bytes=cap)
         except TooLarge:
             copy.unsafe = "request_too_large"  # a gzip bomb, say: never inflated past the cap
             return
         except MalformedMessage:
             copy.unsafe = "unparseable_request"
             return
+        copy.unsafe, copy.request_id = facts.unsafe, facts.request_id
         if copy.unsafe is None and await self._models.is_stateful(req.route.model or ""):
             copy.unsafe = "sequence_model"
 
@@ -378,8 +370,11 @@ class MirrorScheduler:
         req: MirrorRequest = copy.request
         if not copy.checked:
             await self._check(copy)
-        if copy.unsafe is not None:
-            self._tel.skipped(copy.unsafe, cand.name)
+        unsafe = copy.unsafe
+        if unsafe is None and cand.grpc_target is None and is_grpc(req.headers):
+            unsafe = "no_grpc_url"  # a gRPC copy for a candidate configured for HTTP only
+        if unsafe is not None:
+            self._tel.skipped(unsafe, cand.name)
             self._ended += 1
             return
         pair = await self._calls.both_answers(cand, req, job.reverse)
@@ -387,10 +382,9 @@ class MirrorScheduler:
             self._ended += 1
             return
         ref, answer = pair
-        header = copy.header
         request_id = (
             req.headers.get(self._settings.proxy.request_id_header)
-            or (str(header["id"]) if header and header.get("id") else None)
+            or copy.request_id
             or uuid.uuid4().hex
         )
         span = req.live_span

@@ -13,6 +13,7 @@ from typing import Any
 from comparators import OutputVerdict
 
 from ..protocols.base import DecodedResponse
+from ..protocols.registry import adapter_for
 from ..redact import Redactor
 from ..settings import CandidateSettings, ProxySettings
 from .analysis import Analysis, Exchange
@@ -64,6 +65,7 @@ def sample_meta(
         "candidate": cand.name,
         "noise_floor": cand.noise_floor,
         "model": model,
+        "protocol": adapter_for(ref.headers).name,
         "outcome": a.outcome,
         "flagged": a.flagged,
         "severity": a.severity,

@@ -17,6 +17,8 @@ from opentelemetry import trace
 from ..canary.evidence import EvidenceBuffer
 from ..canary.gates import CAND_CALLS, CAND_ERRORS, REF_CALLS, REF_ERRORS
 from ..errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..protocols.registry import is_grpc
+from ..protocols.v2_grpc.wire import with_model_name
 from ..protocols.v2_rest.routes import candidate_path
 from ..redact import CREDENTIAL_HEADERS
 from ..settings import CandidateSettings, Settings, UpstreamSettings
@@ -97,14 +99,20 @@ class ShadowCalls:
             # Evidence for the canary's error rate: the limit its live answers get, or an
             # answer slower than the shadow timeout would count as an error it is not.
             timeout = self._settings.reference.timeout_s
-        path = candidate_path(req.route, cand.served_name(model))
+        served = cand.served_name(model)
+        if is_grpc(req.headers):
+            body = req.body if served == model else with_model_name(req.body, served)
+            return await self._grpc(upstream, body, headers, timeout)
+        path = candidate_path(req.route, served)
         return await self._post(upstream, path, req, headers, timeout)
 
     async def _call_reference(self, req: MirrorRequest) -> Exchange | UpstreamError:
         """The reverse copy of a request the canary answered: the reference, with the client's
         own headers (it is the upstream they were meant for)."""
-        path = candidate_path(req.route, req.route.model or "")
         ref = self._settings.reference
+        if is_grpc(req.headers):
+            return await self._grpc(ref, req.body, CIMultiDict(req.headers), ref.timeout_s)
+        path = candidate_path(req.route, req.route.model or "")
         return await self._post(ref, path, req, CIMultiDict(req.headers), ref.timeout_s)
 
     async def _post(
@@ -119,6 +127,20 @@ class ShadowCalls:
             self._tel.propagator.inject(headers)
         target = path + (f"?{req.query}" if req.query else "")
         return await self._client.post(upstream, target, headers, req.body, timeout_s)
+
+    async def _grpc(
+        self,
+        upstream: UpstreamSettings,
+        body: bytes,
+        headers: CIMultiDict[str],
+        timeout_s: float,
+    ) -> Exchange | UpstreamError:
+        if upstream.grpc_target is None:
+            # Checked before the copy is queued for it (``mirror``); a reload may get here.
+            return UpstreamUnavailable(upstream.name, upstream.url, "has no grpc_url")
+        if self._tel.exporting:
+            self._tel.propagator.inject(headers)
+        return await self._client.grpc.infer(upstream, body, headers.items(), timeout_s)
 
     def _is_canary(self, cand: CandidateSettings) -> bool:
         return cand.name == self._canary_name

@@ -21,6 +21,7 @@ from ..errors import UpstreamBadResponse, UpstreamError, translate_upstream_erro
 from ..live.upstream_pool import UpstreamPool
 from ..settings import ProxySettings, UpstreamSettings
 from .analysis import Exchange
+from .grpc_client import ShadowGrpc
 
 # aiohttp's client adds these when absent; a transparent proxy must not invent them upstream.
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -44,6 +45,8 @@ class ShadowClient:
         self.max_answer_bytes = max_answer_bytes
         self._pools: dict[str, UpstreamPool] = {}
         self._session: aiohttp.ClientSession | None = None
+        self.grpc = ShadowGrpc(max_answer_bytes)
+        """Copies of gRPC calls, to upstreams' ``grpc_url``."""
 
     def session(self) -> aiohttp.ClientSession:
         """The aiohttp session (https upstreams, model config reads), made on first use."""
@@ -129,6 +132,7 @@ class ShadowClient:
         return UpstreamBadResponse(upstream.name, upstream.url, detail)
 
     async def close(self) -> None:
+        await self.grpc.close()
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()

@@ -33,8 +33,8 @@ class QueuedCopy:
     """Bytes held while any of its jobs waits (body and headers)."""
     waiting: int = 0
     """Jobs of this copy still in the queue."""
-    header: Any = None
-    """The parsed request (filled by the first job that starts)."""
+    request_id: str | None = None
+    """The id the request carries in its message (found by the first job that starts)."""
     checked: bool = False
     unsafe: str | None = None
     """Why it must not be mirrored (found by the first job that starts), or None."""

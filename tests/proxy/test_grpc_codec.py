@@ -214,7 +214,7 @@ def request(**kwargs: Any) -> bytes:
 
 
 def unsafe(body: bytes) -> str | None:
-    return ADAPTER.unsafe_to_mirror(body, GRPC_OK, max_inflated_bytes=1 << 20)
+    return ADAPTER.inspect_request(body, GRPC_OK, max_inflated_bytes=1 << 20).unsafe
 
 
 def test_sequences_and_shared_memory_are_never_mirrored() -> None:
@@ -239,7 +239,7 @@ def test_unreadable_requests_are_refused() -> None:
     with pytest.raises(MalformedMessage, match=r"^not a ModelInferRequest"):
         unsafe(b"\x0a\xff")
     with pytest.raises(TooLarge):
-        ADAPTER.unsafe_to_mirror(request(), GRPC_OK, max_inflated_bytes=4)
+        ADAPTER.inspect_request(request(), GRPC_OK, max_inflated_bytes=4)
 
 
 _names = st.text(max_size=40)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..base import MAX_INFLATED_BYTES, MAX_OUTPUTS, DecodedResponse
+from ..base import MAX_INFLATED_BYTES, MAX_OUTPUTS, DecodedResponse, RequestFacts
 from .codec import decode_infer_response, parse_request, unsafe_to_mirror
 from .render import render_request
 from .status import status_name
@@ -40,10 +40,11 @@ class V2GrpcAdapter:
             body, headers, max_inflated_bytes=max_inflated_bytes, max_outputs=max_outputs
         )
 
-    def unsafe_to_mirror(
+    def inspect_request(
         self, body: bytes, headers: Mapping[str, str], *, max_inflated_bytes: int
-    ) -> str | None:
-        return unsafe_to_mirror(parse_request(body, max_inflated_bytes=max_inflated_bytes))
+    ) -> RequestFacts:
+        request = parse_request(body, max_inflated_bytes=max_inflated_bytes)
+        return RequestFacts(unsafe_to_mirror(request), request.id or None)
 
     def error_text(self, status: int, headers: Mapping[str, str], body: bytes) -> str:
         """``NOT_FOUND: <details>``: the status's name from ``grpc-status`` (the HTTP-like

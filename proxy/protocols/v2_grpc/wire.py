@@ -92,3 +92,25 @@ def request_model(body: bytes) -> str:
         return name.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedMessage(f"not a ModelInferRequest: model_name is not UTF-8: {exc}") from exc
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def with_model_name(body: bytes, name: str) -> bytes:
+    """``body`` addressed to model ``name``, for a candidate that serves it under another name.
+
+    A second ``model_name`` field is appended rather than the message parsed and re-serialized:
+    a parser keeps the last occurrence of a singular field, so the server reads ``name``, and the
+    tensors (most of the bytes) are not copied through protobuf twice."""
+    encoded = name.encode("utf-8")
+    tag = bytes([_MODEL_NAME << 3 | _LENGTH])
+    return body + tag + _encode_varint(len(encoded)) + encoded

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..base import MAX_INFLATED_BYTES, MAX_OUTPUTS, DecodedResponse
+from ..base import MAX_INFLATED_BYTES, MAX_OUTPUTS, DecodedResponse, RequestFacts
 from .codec import decode_infer_response, parse_request_header, unsafe_to_mirror
 
 
@@ -24,11 +24,12 @@ class V2RestAdapter:
             body, headers, max_inflated_bytes=max_inflated_bytes, max_outputs=max_outputs
         )
 
-    def unsafe_to_mirror(
+    def inspect_request(
         self, body: bytes, headers: Mapping[str, str], *, max_inflated_bytes: int
-    ) -> str | None:
+    ) -> RequestFacts:
         header = parse_request_header(body, headers, max_inflated_bytes=max_inflated_bytes)
-        return unsafe_to_mirror(header)
+        request_id = header.get("id") if header else None
+        return RequestFacts(unsafe_to_mirror(header), str(request_id) if request_id else None)
 
     def error_text(self, status: int, headers: Mapping[str, str], body: bytes) -> str:
         # Triton's error answers are {"error": "..."}: short enough to show whole.

@@ -1,0 +1,102 @@
+"""Copies of gRPC ``ModelInfer`` calls for the shadow side: the ``on_infer`` hook.
+
+``GrpcLiveServer`` hands every unary ``ModelInfer`` exchange here once the reference answered
+(just before the answer goes out). A copy is made, as over HTTP, for a model some candidate
+shadows and when the mirror admits it; the reference's answer is known already, so the copy
+goes out with it and the candidate is called after the live call, never beside it.
+
+Both sides are recorded as ``Exchange``s the registry reads with the V2 gRPC adapter: headers
+``content-type: application/grpc``, ``grpc-status`` and ``grpc-message``, plus the metadata;
+the body is the serialized answer (or the details of a failed call); the status is
+``http_status(code)`` (200 for OK), so the shadow side's status rules hold for gRPC unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+import grpc
+from multidict import CIMultiDict
+
+from ..protocols.base import MalformedMessage
+from ..protocols.registry import GRPC_CONTENT_TYPE
+from ..protocols.v2_grpc import http_status
+from ..protocols.v2_grpc.wire import request_model
+from ..protocols.v2_rest.routes import Route, RouteKind
+from ..settings import Settings
+from ..shadow.analysis import Exchange
+from ..shadow.mirror_api import Mirror, MirrorRequest
+from .grpc_server import GrpcExchange
+
+log = logging.getLogger("shadowproxy.mirror")
+
+# Route suffix of a gRPC copy: no candidate path is built from it (candidates are called over
+# gRPC), it only says what the copy is in logs and the link's wire format.
+GRPC_INFER_SUFFIX = "/grpc/ModelInfer"
+
+
+def grpc_headers(
+    code: grpc.StatusCode, details: str, *metadata: Iterable[tuple[str, str | bytes]]
+) -> CIMultiDict[str]:
+    """An exchange's headers: the content type the registry keys on, the status, and the text
+    metadata. Binary (``-bin``) values are left out: headers are text on every link and in
+    Redis, and no comparison reads them."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    headers["content-type"] = GRPC_CONTENT_TYPE
+    for pairs in metadata:
+        for key, value in pairs:
+            if isinstance(value, str) and key.lower() != "content-type":
+                headers.add(key, value)
+    headers["grpc-status"] = str(code.value[0])
+    headers["grpc-message"] = details
+    return headers
+
+
+def reference_exchange(name: str, exchange: GrpcExchange) -> Exchange:
+    """The reference's side of a copy, as the candidate's will be recorded (``shadow_client``)."""
+    headers = grpc_headers(
+        exchange.code, exchange.details, exchange.initial_metadata, exchange.trailing_metadata
+    )
+    body = exchange.response if exchange.response is not None else exchange.details.encode()
+    return Exchange(name, http_status(exchange.code), headers, body, exchange.latency_s)
+
+
+class GrpcCopier:
+    """The ``on_infer`` hook: turns a live ``ModelInfer`` exchange into a mirror copy."""
+
+    def __init__(self, settings: Settings, mirror: Mirror) -> None:
+        self._settings = settings
+        self._mirror = mirror
+
+    def reload(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def __call__(self, exchange: GrpcExchange) -> None:
+        if exchange.failure is not None:
+            return  # the reference could not answer: nothing to compare a candidate against
+        try:
+            model = request_model(exchange.request)
+        except MalformedMessage:
+            # The reference refused it too (its status says why): not worth a candidate call.
+            self._mirror.note_skip("unparseable_request")
+            return
+        headers = grpc_headers(grpc.StatusCode.OK, "", exchange.metadata)
+        del headers["grpc-status"], headers["grpc-message"]  # a request carries no status
+        if not self._settings.mirrors(model) or not self._mirror.admit(model, headers):
+            return
+        future: asyncio.Future[Exchange | None] = asyncio.get_running_loop().create_future()
+        future.set_result(reference_exchange(self._settings.reference.name, exchange))
+        self._mirror.offer(
+            MirrorRequest(
+                route=Route(RouteKind.INFER, model, None, GRPC_INFER_SUFFIX),
+                query="",
+                headers=headers,
+                body=exchange.request,
+                received_at=time.time() - exchange.latency_s,
+                live_span=None,
+                reference=future,
+            )
+        )
