@@ -70,12 +70,15 @@ def v2_answer(
 
 
 async def model_config(request: web.Request) -> web.Response:
-    """A model whose name starts with ``stateful`` is configured for sequence batching, as Triton
-    says; other models have no config here (404), as on a server without the route."""
+    """A model whose name starts with ``stateful`` is configured for sequence batching, one that
+    starts with ``decoupled`` for a decoupled transaction policy, as Triton says; other models
+    have no config here (404), as on a server without the route."""
     model = request.match_info["model"]
-    if not model.startswith("stateful"):
-        raise web.HTTPNotFound()
-    return web.json_response({"name": model, "sequence_batching": {"max_sequence_idle": 1}})
+    if model.startswith("stateful"):
+        return web.json_response({"name": model, "sequence_batching": {"max_sequence_idle": 1}})
+    if model.startswith("decoupled"):
+        return web.json_response({"name": model, "model_transaction_policy": {"decoupled": True}})
+    raise web.HTTPNotFound()
 
 
 def make_app(behaviour: FakeBehaviour) -> web.Application:

@@ -295,7 +295,7 @@ class LiveProxy:
         if stateful is None:
             return "model_unknown"  # until the reference's config says (looked up meanwhile)
         if stateful:
-            return "sequence_model"
+            return self._models.why_unsafe(model)
         try:
             header = parse_request_header(
                 body, headers, max_inflated_bytes=self._settings.proxy.max_inflated_bytes

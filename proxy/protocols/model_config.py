@@ -1,4 +1,5 @@
-"""What the reference says about a model's config, cached: is it stateful (never mirror it)?"""
+"""What the reference says about a model's config, cached: is it stateful or decoupled (never mirror
+it)?"""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ class ModelConfigs:
         # model -> (stateful, retry-after monotonic time, or None when known for good)
         self._stateful: dict[str, tuple[bool, float | None]] = {}
         self._lookups: dict[str, asyncio.Task[bool]] = {}
+        self._decoupled: set[str] = set()
+
+    def why_unsafe(self, model: str) -> str:
+        """Why a model found stateful is never mirrored, by name: a decoupled model answers a
+        request with any number of messages (its answers cannot be paired), a sequence model
+        keeps state across requests (a copy would corrupt the candidate's)."""
+        return "decoupled_model" if model in self._decoupled else "sequence_model"
 
     def peek(self, model: str) -> bool | None:
         """What is known now, without waiting: True/False, or None (unknown; a lookup starts in
@@ -57,10 +65,13 @@ class ModelConfigs:
             async with self._session.get(url, timeout=timeout) as resp:
                 if resp.status == 200:
                     config = await resp.json(content_type=None)
-                    stateful = bool(config.get("sequence_batching")) or bool(
+                    decoupled = bool(
                         (config.get("model_transaction_policy") or {}).get("decoupled")
                     )
+                    stateful = bool(config.get("sequence_batching")) or decoupled
                     self._stateful[model] = (stateful, None)
+                    if decoupled:
+                        self._decoupled.add(model)
         except (aiohttp.ClientError, TimeoutError, ValueError):
             pass  # remembered as unknown until the retry time above
         return stateful

@@ -362,8 +362,9 @@ class MirrorScheduler:
             copy.unsafe = "unparseable_request"
             return
         copy.unsafe, copy.request_id = facts.unsafe, facts.request_id
-        if copy.unsafe is None and await self._models.is_stateful(req.route.model or ""):
-            copy.unsafe = "sequence_model"
+        model = req.route.model or ""
+        if copy.unsafe is None and await self._models.is_stateful(model):
+            copy.unsafe = self._models.why_unsafe(model)
 
     async def _mirror_one(self, job: Job) -> None:
         copy, cand = job.copy, job.cand

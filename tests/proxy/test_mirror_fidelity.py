@@ -129,6 +129,7 @@ async def test_each_way_a_copy_ends_is_counted_once_by_its_name(
     [
         ("m", b'{"inputs": [not json', "unparseable_request"),
         ("stateful_lm", _body(200), "sequence_model"),  # the model's config: sequence batching
+        ("decoupled_lm", _body(200), "decoupled_model"),  # many answers to one request
     ],
 )
 async def test_copies_that_must_not_reach_a_candidate_are_skipped_by_reason(
