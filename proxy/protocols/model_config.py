@@ -1,5 +1,5 @@
-"""What the reference says about a model's config, cached: is it stateful or decoupled (never mirror
-it)?"""
+"""What the reference says about a model's config, cached: is it stateful or decoupled? Then it
+is never mirrored."""
 
 from __future__ import annotations
 
