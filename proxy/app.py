@@ -40,6 +40,7 @@ from .keys import (
     EVIDENCE,
     EXECUTOR,
     FAST_LANE,
+    GRPC_CANARY,
     GRPC_UPSTREAM,
     LIVE_PROXY,
     LIVE_SESSION,
@@ -52,10 +53,12 @@ from .keys import (
 )
 from .live.fast_lane import FastLane, FastLaneServer
 from .live.forwarding import LiveProxy, strip_server_defaults
+from .live.grpc_canary import GrpcCanary
 from .live.grpc_mirror import GrpcCopier
 from .live.grpc_server import GrpcLiveServer
 from .live.grpc_upstream import GrpcUpstream
 from .live.upstream_pool import UpstreamPool
+from .protocols.model_config import ModelConfigs
 from .protocols.v2_rest.codec import warm_up
 from .reload import ReloadPlan, SettingsRef, plan_reload
 from .review import admin
@@ -393,7 +396,24 @@ async def _grpc_upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     upstream = await GrpcUpstream.open(settings.reference, settings.proxy.max_body_bytes)
     app[GRPC_UPSTREAM] = upstream
+    canary: GrpcUpstream | None = None
+    if CANARY in app:
+        candidate = app[CANARY].candidate
+        if candidate.grpc_target is None:
+            log.warning(
+                "canary candidate %r has no grpc_url: gRPC calls stay with the reference",
+                candidate.name,
+            )
+        else:
+            # The canary's own channel: its answers are live answers.
+            canary = await GrpcUpstream.open(candidate, settings.proxy.max_body_bytes)
+            models = ModelConfigs(app[LIVE_SESSION], settings.reference.url)
+            app[GRPC_CANARY] = GrpcCanary(settings, app[CANARY], canary, models)
     yield
+    if GRPC_CANARY in app:
+        await app[GRPC_CANARY].close()
+    if canary is not None:
+        await canary.close()
     await upstream.close()
 
 
@@ -450,6 +470,7 @@ class ProxyRunner:
                 self.data[GRPC_UPSTREAM],
                 max_bytes=self.settings.proxy.max_body_bytes,
                 on_infer=self._copier,
+                canary=self.data.get(GRPC_CANARY),
             )
             self.grpc_port = await self._grpc.start(
                 listen.host, listen.grpc_port, reuse_port=self._reuse_port
@@ -485,6 +506,8 @@ class ProxyRunner:
             self.data[FAST_LANE].reload(plan.settings)
         if self._copier is not None:
             self._copier.reload(plan.settings)
+        if GRPC_CANARY in self.data:
+            self.data[GRPC_CANARY].reload(plan.settings)
         self.data[COVERAGE].reload(plan.settings)
         self.data[CURRENT].settings = plan.settings
         return plan

@@ -13,6 +13,7 @@ from .canary.controller import CanaryController
 from .canary.evidence import EvidenceBuffer
 from .live.fast_lane import FastLane
 from .live.forwarding import LiveProxy
+from .live.grpc_canary import GrpcCanary
 from .live.grpc_upstream import GrpcUpstream
 from .reload import SettingsRef
 from .settings import Settings
@@ -41,3 +42,4 @@ CANARY = web.AppKey("canary", CanaryController)
 COVERAGE = web.AppKey("coverage", CoverageMonitor)
 CURRENT = web.AppKey("current_settings", SettingsRef)
 GRPC_UPSTREAM = web.AppKey("grpc_upstream", GrpcUpstream)
+GRPC_CANARY = web.AppKey("grpc_canary", GrpcCanary)

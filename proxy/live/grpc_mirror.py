@@ -56,7 +56,8 @@ def grpc_headers(
 
 
 def reference_exchange(name: str, exchange: GrpcExchange) -> Exchange:
-    """The reference's side of a copy, as the candidate's will be recorded (``shadow_client``)."""
+    """The live answer's side of a copy (the reference's, or the canary's that answered), as
+    the shadow side records the other side (``shadow.grpc_client``)."""
     headers = grpc_headers(
         exchange.code, exchange.details, exchange.initial_metadata, exchange.trailing_metadata
     )
@@ -85,10 +86,18 @@ class GrpcCopier:
             return
         headers = grpc_headers(grpc.StatusCode.OK, "", exchange.metadata)
         del headers["grpc-status"], headers["grpc-message"]  # a request carries no status
-        if not self._settings.mirrors(model) or not self._mirror.admit(model, headers):
+        tag, served_by = exchange.canary, exchange.served_by
+        if served_by is not None:
+            # A canary answer is copied back to the reference while the rollout runs (evidence).
+            if tag is None:
+                return
+        elif not self._settings.mirrors(model):
             return
+        elif tag is None and not self._mirror.admit(model, headers):
+            return  # (canary copies are evidence: the worker accounts for any it must drop)
+        answered_by = served_by or self._settings.reference.name
         future: asyncio.Future[Exchange | None] = asyncio.get_running_loop().create_future()
-        future.set_result(reference_exchange(self._settings.reference.name, exchange))
+        future.set_result(reference_exchange(answered_by, exchange))
         self._mirror.offer(
             MirrorRequest(
                 route=Route(RouteKind.INFER, model, None, GRPC_INFER_SUFFIX),
@@ -98,5 +107,7 @@ class GrpcCopier:
                 received_at=time.time() - exchange.latency_s,
                 live_span=None,
                 reference=future,
+                served_by=served_by,
+                canary=tag,
             )
         )

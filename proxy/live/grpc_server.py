@@ -23,12 +23,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
 
-from ..errors import UpstreamError
+from ..canary.evidence import CanaryTag
+from ..errors import UpstreamError, UpstreamUnavailable
+from ..protocols.v2_grpc import http_status
 from .grpc_upstream import GrpcUpstream, Metadata, forwardable, server_options
+
+if TYPE_CHECKING:
+    from .grpc_canary import GrpcCanary
 
 log = logging.getLogger("shadowproxy")
 
@@ -57,8 +63,24 @@ class GrpcExchange:
     trailing_metadata: Metadata
     latency_s: float
     failure: UpstreamError | None
-    """Set when the reference could not be reached or answered no valid gRPC (``code`` is then
-    the proxy's, not the reference's)."""
+    """Set when the upstream could not be reached or answered no valid gRPC (``code`` is then
+    the proxy's, not the upstream's)."""
+    served_by: str | None = None
+    """The canary candidate that answered, when it was not the reference."""
+    canary: CanaryTag | None = None
+    """The canary step whose evidence this call feeds."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """One upstream call's end, as the client will see it."""
+
+    response: bytes | None
+    code: grpc.StatusCode
+    details: str
+    initial: Metadata
+    trailing: Metadata
+    failure: UpstreamError | None
 
 
 InferHook = Callable[[GrpcExchange], None]
@@ -96,9 +118,15 @@ class GrpcLiveServer:
     channel it forwards over belongs to the data app."""
 
     def __init__(
-        self, upstream: GrpcUpstream, *, max_bytes: int, on_infer: InferHook | None = None
+        self,
+        upstream: GrpcUpstream,
+        *,
+        max_bytes: int,
+        on_infer: InferHook | None = None,
+        canary: GrpcCanary | None = None,
     ) -> None:
         self._upstream = upstream
+        self._canary = canary
         self._max_bytes = max_bytes
         self._on_infer = on_infer
         self._server: grpc.aio.Server | None = None
@@ -126,52 +154,93 @@ class GrpcLiveServer:
             await server.stop(grace_s)
 
     async def unary(self, method: str, request: bytes, context: _Context) -> bytes:
-        upstream = self._upstream
         metadata = forwardable(context.invocation_metadata())
-        timeout = _timeout(context, upstream.timeout_s)
+        timeout = _timeout(context, self._upstream.timeout_s)
+        canary = self._canary if method == MODEL_INFER else None
+        split = canary.split(request, metadata) if canary is not None else None
+        by_candidate = fell_back = False
         started = time.perf_counter()
-        call = upstream.unary(method, request, timeout=timeout, metadata=metadata)
-        response: bytes | None = None
-        failure: UpstreamError | None = None
+        if canary is not None and split is not None and split.by_candidate:
+            # A canary answer is a live answer: the reference's time limit, not the shadow's.
+            outcome = await self._call(canary.candidate, method, split.body, metadata, timeout)
+            by_candidate = True
+            if isinstance(outcome.failure, UpstreamUnavailable):
+                # The candidate is not there at all: the reference answers rather than the
+                # client failing, and the fallback counts against the candidate.
+                log.warning(
+                    "canary candidate refused, answered by the reference: %s", outcome.failure
+                )
+                by_candidate, fell_back = False, True
+                outcome = await self._call(self._upstream, method, request, metadata, timeout)
+        else:
+            outcome = await self._call(self._upstream, method, request, metadata, timeout)
+        latency = time.perf_counter() - started
+        if canary is not None and split is not None:
+            status = http_status(outcome.code)
+            canary.count(split.tag, by_candidate, status, latency, fell_back)
+        self._completed(
+            GrpcExchange(
+                method,
+                request,
+                metadata,
+                outcome.response,
+                outcome.code,
+                outcome.details,
+                outcome.initial,
+                outcome.trailing,
+                latency,
+                outcome.failure,
+                served_by=canary.candidate.name if canary is not None and by_candidate else None,
+                canary=split.tag if split is not None else None,
+            )
+        )
+        if outcome.initial:
+            await context.send_initial_metadata(outcome.initial)
+        if outcome.response is None:
+            await context.abort(outcome.code, outcome.details, outcome.trailing)
+        context.set_trailing_metadata(outcome.trailing)
+        return outcome.response
+
+    async def _call(
+        self,
+        upstream: GrpcUpstream,
+        method: str,
+        request: bytes,
+        metadata: Metadata,
+        deadline_s: float | None,
+    ) -> _Outcome:
+        """One unary call to ``upstream``: its answer, or its own error status passed through,
+        or a hop failure replaced by a status that names the upstream."""
+        started = time.perf_counter()
+        call = upstream.unary(method, request, timeout=deadline_s, metadata=metadata)
         try:
             response = await call
-            code, details = grpc.StatusCode.OK, await call.details() or ""
-            initial = forwardable(await call.initial_metadata())
-            trailing = forwardable(await call.trailing_metadata())
+            return _Outcome(
+                response,
+                grpc.StatusCode.OK,
+                await call.details() or "",
+                forwardable(await call.initial_metadata()),
+                forwardable(await call.trailing_metadata()),
+                None,
+            )
         except asyncio.CancelledError:
             # The client went away (or the server is stopping): end the upstream call too.
             call.cancel()
             raise
         except grpc.aio.AioRpcError as exc:
             elapsed = time.perf_counter() - started
-            failure = upstream.transport_failure(exc, timeout=timeout, elapsed_s=elapsed)
-            if failure is None:  # the reference's own answer: passed through as it is
-                code, details = exc.code(), exc.details() or ""
-                initial = forwardable(exc.initial_metadata())
-                trailing = forwardable(exc.trailing_metadata())
-            else:
-                code, details, initial, trailing = _failure_status(failure), str(failure), (), ()
-        latency = time.perf_counter() - started
-        self._completed(
-            GrpcExchange(
-                method,
-                request,
-                metadata,
-                response,
-                code,
-                details,
-                initial,
-                trailing,
-                latency,
-                failure,
+            failure = upstream.transport_failure(exc, timeout=deadline_s, elapsed_s=elapsed)
+            if failure is not None:
+                return _Outcome(None, _failure_status(failure), str(failure), (), (), failure)
+            # The upstream's own answer: passed through as it is.
+            return _Outcome(
+                None,
+                exc.code(),
+                exc.details() or "",
+                forwardable(exc.initial_metadata()),
+                forwardable(exc.trailing_metadata()),
+                None,
             )
-        )
-        if initial:
-            await context.send_initial_metadata(initial)
-        if response is None:
-            await context.abort(code, details, trailing)
-        context.set_trailing_metadata(trailing)
-        return response
 
     async def stream(
         self, method: str, requests: AsyncIterator[bytes], context: _Context
