@@ -19,7 +19,10 @@ Debian's NGINX (1.22, ``--with-http_v2_module``) does both:
   answer is discarded (mirror subrequests' answers are).
 
 Upstream connections are kept alive (``keepalive 64``); NGINX sends one call per upstream HTTP/2
-connection (no multiplexing), so under 32 concurrent calls it holds up to 32 of them.
+connection (no multiplexing), so under 32 concurrent calls it holds up to 32 of them. With
+``mirror``, a call's HTTP/2 stream stays counted until its copy is answered too, so at saturation
+the default ``http2_max_concurrent_streams 128`` refused live calls (REFUSED_STREAM, then GOAWAY
+"too many refused streams"): the proxy's config raises it to 1024.
 """
 
 from __future__ import annotations
@@ -114,7 +117,9 @@ def grpc_proxy_config(work: Path, port: int, reference: str, candidate: str | No
     return (
         _head(work)
         + upstreams
-        + f"""    server {{
+        + f"""    # A mirrored call's stream stays counted until its copy is answered (see above).
+    http2_max_concurrent_streams 1024;
+    server {{
         listen 127.0.0.1:{port} http2 backlog=4096;
         location / {{
             {mirror}grpc_pass grpc://reference;
