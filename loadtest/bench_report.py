@@ -239,6 +239,13 @@ def write_report(results: Results, args: argparse.Namespace, elapsed_s: float, e
         "coverage = copies compared / requests sent, counted once the copies settled; "
         f"whole run {elapsed_s:.0f} s"
     )
+    if results.grpc:
+        intro += (
+            f"; gRPC: {args.rounds} interleaved rounds of ModelInfer (small 1x8 FP32 request) at "
+            f"500 and 1000 calls/s open loop ({args.duration:g} s after {args.warmup:g} s "
+            f"warmup; Triton at {args.grpc_triton_rate:g}/s), saturation by 32 grpc.aio callers "
+            f"for {args.sat_duration:g} s; 'mirrored' = calls the candidate received / calls sent"
+        )
     other = [p.other_cpu for p in results.points + results.grpc if p.other_cpu is not None]
     quiet = (
         f"CPU used by processes outside the benchmark (100 = one core): median "
