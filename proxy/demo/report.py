@@ -1,4 +1,5 @@
-"""The demo's report: per candidate, what was compared, what diverged, and by how much."""
+"""The demo's report: the traffic sent, and per candidate what was compared (over which
+protocol), what diverged, and by how much."""
 
 from __future__ import annotations
 
@@ -10,6 +11,29 @@ import numpy as np
 
 from ..settings import Settings
 
+PROTOCOLS = {"v2_rest": "REST", "v2_grpc": "gRPC"}
+"""A verdict's ``protocol`` (the reference answer's wire protocol) as the report names it."""
+
+
+def compared_by_protocol(verdicts: Iterable[Mapping[str, Any]]) -> dict[str, Counter[str]]:
+    """Per candidate, its compared verdicts by protocol (``REST``, ``gRPC``; an unknown one by its
+    own name): what Redis holds, the same count the report's "samples compared" is."""
+    out: dict[str, Counter[str]] = defaultdict(Counter)
+    for v in verdicts:
+        if v["outcome"] == "compared":
+            protocol = str(v.get("protocol") or "unknown")
+            out[v["candidate"]][PROTOCOLS.get(protocol, protocol)] += 1
+    return out
+
+
+def traffic_line(traffic: Mapping[str, int]) -> str:
+    """``traffic: 300 requests, 225 REST (113 JSON, 112 binary) + 75 gRPC, 0 failed``."""
+    rest, grpc = traffic.get("rest", 0), traffic.get("grpc", 0)
+    return (
+        f"traffic: {rest + grpc} requests, {rest} REST ({traffic.get('json', 0)} JSON, "
+        f"{traffic.get('binary', 0)} binary) + {grpc} gRPC, {traffic.get('failed', 0)} failed"
+    )
+
 
 def _q(values: list[float], q: float) -> float:
     return float(np.quantile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
@@ -20,11 +44,16 @@ def print_report(
     verdicts: Iterable[Mapping[str, Any]],
     tally: Mapping[tuple[str, str], int],
     coverage: Mapping[str, Mapping[str, Any]],
+    traffic: Mapping[str, int] | None = None,
 ) -> None:
+    verdicts = list(verdicts)
     by_cand: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for v in verdicts:
         by_cand[v["candidate"]].append(v)
+    by_protocol = compared_by_protocol(verdicts)
     print("\n=== shadowproxy demo report ===")
+    if traffic is not None:
+        print(traffic_line(traffic))
     for cand in settings.candidates:
         rows = by_cand.get(cand.name, [])
         compared = [r for r in rows if r["outcome"] == "compared"]
@@ -33,7 +62,12 @@ def print_report(
         served = ", ".join(f"{k} -> {v}" for k, v in cand.model_map.items())
         print(f"\n{cand.name}{role}  [{served}]")
         share = flagged / len(rows) if rows else 0.0
-        print(f"  samples compared {len(compared)}, flagged {flagged} ({share:.0%})")
+        protocols = by_protocol.get(cand.name, Counter())
+        split = " + ".join(
+            f"{protocols[p]} {p}"
+            for p in ("REST", "gRPC", *sorted(set(protocols) - {"REST", "gRPC"}))
+        )
+        print(f"  samples compared {len(compared)} ({split}), flagged {flagged} ({share:.0%})")
         # Per output: severity quantiles (0 = identical, larger = worse, the same scale for
         # every metric) and the comparator's own headline score at its worst.
         severities: dict[tuple[str, str], list[float]] = defaultdict(list)

@@ -2,8 +2,10 @@
 
 Everything runs on embedded defaults: the demo model repository (``deploy/models``) on the CPU
 Triton server that the nvidia-pytriton wheel ships, an embedded Redis under the state directory,
-and the proxy on free loopback ports. Traffic is sent through the proxy with tritonclient, half
-JSON and half binary tensors, and the report is read back from Redis like any reviewer would.
+and the proxy on free loopback ports (HTTP and gRPC). Traffic is sent through the proxy with
+tritonclient: every fourth request over gRPC (ModelInfer, mirrored to the candidates over their
+gRPC endpoint), the rest over REST, half JSON and half binary tensors. The report is read back
+from Redis like any reviewer would.
 """
 
 from __future__ import annotations
@@ -78,18 +80,26 @@ def model_repository() -> Path:
     return path
 
 
-def demo_settings(triton_url: str, state_dir: Path, token: str) -> Settings:
+def demo_config(triton_url: str, grpc_url: str, token: str) -> dict[str, Any]:
+    """The demo proxy's configuration less its buffer: free loopback ports for HTTP and gRPC,
+    and the reference and every candidate on the same Triton (``grpc_url``: its ``host:port``)."""
+    return {
+        "listen": {"host": "127.0.0.1", "port": 0, "grpc_port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0, "token": token},
+        "reference": {"name": "fp32", "url": triton_url, "grpc_url": grpc_url, "timeout_s": 60},
+        "candidates": [
+            {"url": triton_url, "grpc_url": grpc_url, "timeout_s": 60, "max_in_flight": 32, **c}
+            for c in DEMO_CANDIDATES
+        ],
+        "comparisons": DEMO_COMPARISONS,
+    }
+
+
+def demo_settings(triton_url: str, grpc_url: str, state_dir: Path, token: str) -> Settings:
     return settings_from_mapping(
         {
-            "listen": {"host": "127.0.0.1", "port": 0},
-            "admin": {"host": "127.0.0.1", "port": 0, "token": token},
-            "reference": {"name": "fp32", "url": triton_url, "timeout_s": 60},
-            "candidates": [
-                {"url": triton_url, "timeout_s": 60, "max_in_flight": 32, **c}
-                for c in DEMO_CANDIDATES
-            ],
+            **demo_config(triton_url, grpc_url, token),
             "buffer": {"state_dir": str(state_dir / "redis")},
-            "comparisons": DEMO_COMPARISONS,
         },
         "<demo defaults>",
     )
@@ -114,50 +124,112 @@ def write_demo_config(state_dir: Path, triton_url: str, token: str) -> Path:
     return path
 
 
-async def send_traffic(port: int, n: int, seed: int = 7, concurrency: int = 4) -> dict[str, int]:
-    """``n`` requests through the proxy: 2/3 embeddings, 1/3 topics; JSON and binary alternate."""
+GRPC_EVERY = 4
+"""Every fourth request goes over gRPC (when the proxy listens for it); the rest over REST."""
+
+
+async def send_traffic(
+    port: int,
+    n: int,
+    seed: int = 7,
+    concurrency: int = 4,
+    *,
+    grpc_port: int | None = None,
+    grpc_every: int = GRPC_EVERY,
+) -> dict[str, int]:
+    """``n`` requests through the proxy: 2/3 embeddings, 1/3 topics. With ``grpc_port``, every
+    ``grpc_every``-th one goes there (tritonclient.grpc) instead; over REST, JSON and binary
+    alternate. The same corpus draws and request ids (``demo-{i}``, X-Request-Id ``demo-{i:04d}``)
+    whichever the protocol. Counts: ok/failed, rest (json/binary) and grpc."""
+    import tritonclient.grpc.aio as grpcclient
     import tritonclient.http.aio as httpclient
 
     rng = random.Random(seed)
     corpus = sentences(max(400, n * 2), seed=seed)
     client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}", conn_timeout=120.0)
+    gclient = (
+        grpcclient.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
+        if grpc_port is not None
+        else None
+    )
+    grpc_on = gclient is not None and grpc_every > 0
     gate = asyncio.Semaphore(concurrency)
-    counts = {"ok": 0, "failed": 0, "json": 0, "binary": 0}
+    counts = {"ok": 0, "failed": 0, "rest": 0, "json": 0, "binary": 0, "grpc": 0}
+
+    def names(model: str) -> list[str]:
+        if model == EMBEDDER:
+            return ["embedding"]
+        return ["logits", "probabilities", "topic_scores", "label_id", "label"]
+
+    async def over_rest(i: int, model: str, data: np.ndarray[Any, Any], binary: bool) -> None:
+        text = httpclient.InferInput("text", [len(data)], "BYTES")
+        text.set_data_from_numpy(data, binary_data=binary)
+        outputs = [httpclient.InferRequestedOutput(o, binary_data=binary) for o in names(model)]
+        await client.infer(
+            model,
+            [text],
+            outputs=outputs,
+            request_id=f"demo-{i}",
+            headers={"X-Request-Id": f"demo-{i:04d}"},
+        )
+
+    async def over_grpc(i: int, model: str, data: np.ndarray[Any, Any]) -> None:
+        assert gclient is not None
+        text = grpcclient.InferInput("text", [len(data)], "BYTES")
+        text.set_data_from_numpy(data)
+        outputs = [grpcclient.InferRequestedOutput(o) for o in names(model)]
+        await gclient.infer(
+            model,
+            [text],
+            outputs=outputs,
+            request_id=f"demo-{i}",
+            headers={"x-request-id": f"demo-{i:04d}"},
+            client_timeout=120.0,
+        )
 
     async def one(i: int) -> None:
         model = EMBEDDER if i % 3 else CLASSIFIER
-        batch = rng.sample(corpus, rng.randint(1, 6))
-        binary = i % 2 == 0
-        text = httpclient.InferInput("text", [len(batch)], "BYTES")
-        text.set_data_from_numpy(
-            np.array([s.encode() for s in batch], dtype=np.object_), binary_data=binary
-        )
-        names = (
-            ["embedding"]
-            if model == EMBEDDER
-            else ["logits", "probabilities", "topic_scores", "label_id", "label"]
-        )
-        outputs = [httpclient.InferRequestedOutput(o, binary_data=binary) for o in names]
+        batch = rng.sample(corpus, rng.randint(1, 6))  # drawn in order, whatever the protocol
+        data = np.array([s.encode() for s in batch], dtype=np.object_)
+        use_grpc = grpc_on and i % grpc_every == grpc_every - 1
+        # JSON and binary alternate among the REST requests: i less the gRPC ones before it.
+        binary = (i - (i // grpc_every if grpc_on else 0)) % 2 == 0
         async with gate:
             try:
-                await client.infer(
-                    model,
-                    [text],
-                    outputs=outputs,
-                    request_id=f"demo-{i}",
-                    headers={"X-Request-Id": f"demo-{i:04d}"},
-                )
+                if use_grpc:
+                    await over_grpc(i, model, data)
+                else:
+                    await over_rest(i, model, data, binary)
                 counts["ok"] += 1
             except Exception as exc:
                 counts["failed"] += 1
-                print(f"  request {i} failed: {exc}")
-        counts["binary" if binary else "json"] += 1
+                print(f"  request {i} ({'gRPC' if use_grpc else 'REST'}) failed: {exc}")
+        if use_grpc:
+            counts["grpc"] += 1
+        else:
+            counts["rest"] += 1
+            counts["binary" if binary else "json"] += 1
 
     try:
         await asyncio.gather(*(one(i) for i in range(n)))
     finally:
         await client.close()
+        if gclient is not None:
+            await gclient.close()
     return counts
+
+
+async def collect_results(
+    runner: ProxyRunner, since: float
+) -> tuple[list[dict[str, Any]], Counter[tuple[str, str]], dict[str, Any]]:
+    """What the report reads once the shadows drained: the verdicts since ``since`` (the state
+    dir keeps earlier runs' for review), the outcome counts of both processes (the live one and
+    the mirror worker) and the coverage per candidate."""
+    verdicts = [v for v in await runner.store.recent_verdicts(1_000_000) if v["ts"] >= since]
+    tally: Counter[tuple[str, str]] = Counter(runner.telemetry.tally)
+    for candidate, what, n in (await runner.mirror.snapshot())["tally"]:
+        tally[(candidate, what)] += n
+    return verdicts, tally, await runner.data[COVERAGE].report()
 
 
 async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
@@ -173,32 +245,27 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
         await asyncio.to_thread(triton.wait_ready, 300.0)
         print(f"[demo] Triton ready at {triton.url} ({time.monotonic() - started:.0f}s)")
         token = secrets.token_urlsafe(16)
-        settings = demo_settings(triton.url, state_dir, token)
+        grpc_url = f"127.0.0.1:{triton.grpc_port}"
+        settings = demo_settings(triton.url, grpc_url, state_dir, token)
         runner = ProxyRunner(settings)
         await runner.start()
         try:
             print(
-                f"[demo] proxy on 127.0.0.1:{runner.data_port}, admin on "
-                f"127.0.0.1:{runner.admin_port}; sending {n_requests} requests ..."
+                f"[demo] proxy on 127.0.0.1:{runner.data_port} (gRPC 127.0.0.1:"
+                f"{runner.grpc_port}), admin on 127.0.0.1:{runner.admin_port}; "
+                f"sending {n_requests} requests ..."
             )
             t0 = time.monotonic()
             run_started = time.time()
-            counts = await send_traffic(runner.data_port, n_requests)
+            counts = await send_traffic(runner.data_port, n_requests, grpc_port=runner.grpc_port)
             print(
-                f"[demo] {counts['ok']} answered ({counts['json']} JSON, {counts['binary']} "
-                f"binary), {counts['failed']} failed, in {time.monotonic() - t0:.1f}s; "
-                "waiting for the shadows ..."
+                f"[demo] {counts['ok']} answered ({counts['json']} REST JSON, {counts['binary']} "
+                f"REST binary, {counts['grpc']} gRPC), {counts['failed']} failed, in "
+                f"{time.monotonic() - t0:.1f}s; waiting for the shadows ..."
             )
             await runner.drained(180.0)
-            # This run's verdicts only: the state dir keeps earlier runs' for review.
-            verdicts = [
-                v for v in await runner.store.recent_verdicts(1_000_000) if v["ts"] >= run_started
-            ]
-            # Outcome counts from both processes: the live one and the mirror worker.
-            tally = Counter(runner.telemetry.tally)
-            for candidate, what, n in (await runner.mirror.snapshot())["tally"]:
-                tally[(candidate, what)] += n
-            print_report(settings, verdicts, tally, await runner.data[COVERAGE].report())
+            verdicts, tally, coverage = await collect_results(runner, run_started)
+            print_report(settings, verdicts, tally, coverage, traffic=counts)
             config = write_demo_config(state_dir, triton.url, token)
             admin = f"http://127.0.0.1:{runner.admin_port}"
             if keep_running:
