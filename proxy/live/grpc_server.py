@@ -9,8 +9,9 @@ What the client gets is what the reference sent: status code, details, initial a
 metadata, message bytes. Only a failure the proxy's own grpc made up (no connection, the deadline,
 bytes that were not gRPC) is replaced, by a status that names the upstream.
 
-Each unary ``ModelInfer`` call, answered or failed, passes ``GrpcLiveServer._completed``, which
-hands a ``GrpcExchange`` to ``on_infer`` (the seam for mirroring; none by default). The hook runs
+Each unary ``ModelInfer`` call, answered or failed, and each request of a ``ModelStreamInfer``
+stream once its answer came (paired by id: ``grpc_stream_pairs``) passes
+``GrpcLiveServer._completed``, which hands a ``GrpcExchange`` to ``on_infer`` (the seam for mirroring; none by default). The hook runs
 on the live call's task just before the answer goes out, so it must only hand the exchange off
 (a non-blocking enqueue that drops when full), never wait.
 """
@@ -31,6 +32,7 @@ import grpc.aio
 from ..canary.evidence import CanaryTag
 from ..errors import UpstreamError, UpstreamUnavailable
 from ..protocols.v2_grpc import http_status
+from .grpc_stream_pairs import StreamPairs
 from .grpc_upstream import GrpcUpstream, Metadata, forwardable, server_options
 
 if TYPE_CHECKING:
@@ -250,12 +252,11 @@ class GrpcLiveServer:
         # ``timeout_s`` bounds one answer, not a session.
         timeout = _timeout(context, None)
         started = time.perf_counter()
-        call = upstream.stream(
-            method,
-            requests,
-            timeout=timeout,
-            metadata=forwardable(context.invocation_metadata()),
-        )
+        metadata = forwardable(context.invocation_metadata())
+        # Each request of a ModelStreamInfer stream is copied as a ModelInfer, once answered.
+        pairs = StreamPairs() if method == MODEL_STREAM_INFER and self._on_infer else None
+        source = requests if pairs is None else pairs.requests(requests)
+        call = upstream.stream(method, source, timeout=timeout, metadata=metadata)
         sent_initial = False
         try:
             # Initial metadata first, as the reference sent it, before any message.
@@ -265,6 +266,23 @@ class GrpcLiveServer:
                 sent_initial = True
             async for message in call:
                 yield message
+                if pairs is not None and (pair := pairs.answered(message)) is not None:
+                    request, answer, latency = pair
+                    ok = grpc.StatusCode.OK
+                    self._completed(
+                        GrpcExchange(
+                            MODEL_INFER,
+                            request,
+                            metadata,
+                            answer,
+                            ok,
+                            "",
+                            initial,
+                            (),
+                            latency,
+                            None,
+                        )
+                    )
             context.set_trailing_metadata(forwardable(await call.trailing_metadata()))
         except grpc.aio.AioRpcError as exc:
             elapsed = time.perf_counter() - started
@@ -284,7 +302,8 @@ class GrpcLiveServer:
                 call.cancel()
 
     def _completed(self, exchange: GrpcExchange) -> None:
-        """Where every unary call ends, answered or failed: the one seam for mirroring."""
+        """Where every unary call ends, answered or failed, and every answered request of a
+        ``ModelStreamInfer`` stream: the one seam for mirroring."""
         if exchange.failure is not None:
             log.warning("live gRPC call %s failed: %s", exchange.method, exchange.failure)
         if self._on_infer is None or exchange.method != MODEL_INFER:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -92,6 +92,41 @@ async def _admin(port: int, path: str) -> Any:
     ):
         assert r.status == 200, await r.text()
         return await r.json()
+
+
+async def test_each_request_of_a_stream_is_mirrored_once_answered(
+    triton_server: Any, proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    proxy = await proxy_factory(_settings(triton_server, redis_url, mirror_process=False))
+
+    def inputs(i: int, planted: bool) -> list[InferInput]:
+        rows = np.full((1, 8), 0.1 * i, dtype=np.float32)
+        if planted:
+            rows[0, 7] = PLANT
+        x = InferInput("x", [1, 8], "FP32")
+        x.set_data_from_numpy(rows)
+        return [x]
+
+    async def requests() -> AsyncIterator[dict[str, Any]]:
+        for i in range(8):
+            yield {
+                "model_name": "light_ref",
+                "inputs": inputs(i, i in (2, 5)),
+                "request_id": f"s-{i}",
+            }
+        # No id: its answer cannot be told from another's on a stream, so it is not copied.
+        yield {"model_name": "light_ref", "inputs": inputs(9, True)}
+
+    client = aiogrpc.InferenceServerClient(f"127.0.0.1:{proxy.grpc_port}")
+    try:
+        answers = [(r, e) async for r, e in client.stream_infer(requests(), stream_timeout=30)]
+    finally:
+        await client.close()
+    assert len(answers) == 9 and all(r is not None and e is None for r, e in answers)
+    assert await proxy.drained(20)
+    assert proxy.telemetry.tally[("light", "compared")] == 8
+    flagged = await proxy.store.list_samples(flagged=True, candidate="light", limit=50)
+    assert {s["request_id"] for s in flagged} == {"s-2", "s-5"}
 
 
 def _request(params: dict[str, Any] | None = None, *, shm_input: bool = False) -> bytes:

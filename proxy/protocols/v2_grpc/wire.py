@@ -16,6 +16,8 @@ from __future__ import annotations
 from ..base import MalformedMessage
 
 _MODEL_NAME = 1  # ModelInferRequest.model_name
+_ID = 3  # ModelInferRequest.id and ModelInferResponse.id
+_STREAM_ERROR, _STREAM_RESPONSE = 1, 2  # ModelStreamInferResponse.error_message, infer_response
 _VARINT, _FIXED64, _LENGTH, _START_GROUP, _END_GROUP, _FIXED32 = 0, 1, 2, 3, 4, 5
 _MAX_FIELD = (1 << 29) - 1
 
@@ -72,26 +74,50 @@ def _tag(data: memoryview, pos: int) -> tuple[int, int, int]:
     return field, key & 7, after
 
 
-def request_model(body: bytes) -> str:
-    """The ``model_name`` of a serialized ``ModelInferRequest`` ("" when it names none, as a
-    parser reads it); raises :class:`MalformedMessage` for bytes that are not a message."""
-    data = memoryview(body)
-    name = b""
+def _last_field(data: memoryview, wanted: int) -> memoryview | None:
+    """The last length-delimited value of top-level field ``wanted`` (as a parser keeps it)."""
+    found = None
     pos = 0
     while pos < len(data):
         field, wire_type, pos = _tag(data, pos)
-        if field == _MODEL_NAME and wire_type == _LENGTH:
+        if field == wanted and wire_type == _LENGTH:
             length, start = _varint(data, pos)
             pos = start + length
             if pos > len(data):
-                raise MalformedMessage("not a ModelInferRequest: model_name runs past the end")
-            name = data[start:pos].tobytes()
-        else:  # a model_name of another wire type is an unknown field to a parser too
+                raise MalformedMessage(f"not a ModelInferRequest: field {field} runs past the end")
+            found = data[start:pos]
+        else:  # a field of another wire type is an unknown field to a parser too
             pos = _skip(data, pos, wire_type, field)
+    return found
+
+
+def _text(value: memoryview | None, what: str) -> str:
     try:
-        return name.decode("utf-8")
+        return "" if value is None else value.tobytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MalformedMessage(f"not a ModelInferRequest: model_name is not UTF-8: {exc}") from exc
+        raise MalformedMessage(f"not a ModelInferRequest: {what} is not UTF-8: {exc}") from exc
+
+
+def request_model(body: bytes) -> str:
+    """The ``model_name`` of a serialized ``ModelInferRequest`` ("" when it names none, as a
+    parser reads it); raises :class:`MalformedMessage` for bytes that are not a message."""
+    return _text(_last_field(memoryview(body), _MODEL_NAME), "model_name")
+
+
+def message_id(body: bytes) -> str:
+    """The ``id`` of a serialized ``ModelInferRequest`` or ``ModelInferResponse`` (field 3 of
+    both; "" when it has none)."""
+    return _text(_last_field(memoryview(body), _ID), "id")
+
+
+def stream_answer(body: bytes) -> bytes | None:
+    """The ``infer_response`` of a serialized ``ModelStreamInferResponse``, or None when it
+    carries an error (``error_message``) instead."""
+    data = memoryview(body)
+    if _last_field(data, _STREAM_ERROR):
+        return None
+    answer = _last_field(data, _STREAM_RESPONSE)
+    return None if answer is None else answer.tobytes()
 
 
 def _encode_varint(n: int) -> bytes:
