@@ -470,6 +470,7 @@ class ProxyRunner:
                 self.data[GRPC_UPSTREAM],
                 max_bytes=self.settings.proxy.max_body_bytes,
                 on_infer=self._copier,
+                on_skip=self.data[MIRROR].note_skip,
                 canary=self.data.get(GRPC_CANARY),
             )
             self.grpc_port = await self._grpc.start(

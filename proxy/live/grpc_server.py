@@ -11,9 +11,10 @@ bytes that were not gRPC) is replaced, by a status that names the upstream.
 
 Each unary ``ModelInfer`` call, answered or failed, and each request of a ``ModelStreamInfer``
 stream once its answer came (paired by id: ``grpc_stream_pairs``) passes
-``GrpcLiveServer._completed``, which hands a ``GrpcExchange`` to ``on_infer`` (the seam for mirroring; none by default). The hook runs
-on the live call's task just before the answer goes out, so it must only hand the exchange off
-(a non-blocking enqueue that drops when full), never wait.
+``GrpcLiveServer._completed``, which hands a ``GrpcExchange`` to ``on_infer`` (the seam for
+mirroring; none by default) and counts admin methods through ``on_skip``. The hook runs on the
+live call's task just before the answer goes out, so it must only hand the exchange off (a
+non-blocking enqueue that drops when full), never wait.
 """
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ log = logging.getLogger("shadowproxy")
 INFERENCE_SERVICE = "/inference.GRPCInferenceService/"
 MODEL_INFER = INFERENCE_SERVICE + "ModelInfer"
 MODEL_STREAM_INFER = INFERENCE_SERVICE + "ModelStreamInfer"
+# Methods that change the server (or read what others set): forwarded, never mirrored, and
+# counted (``admin_method``), as the REST path counts its admin routes.
+ADMIN_METHODS = frozenset(
+    INFERENCE_SERVICE + name
+    for name in (
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
+        "SystemSharedMemoryRegister",
+        "SystemSharedMemoryUnregister",
+        "CudaSharedMemoryRegister",
+        "CudaSharedMemoryUnregister",
+        "TraceSetting",
+        "LogSettings",
+    )
+)
 
 _Context = grpc.aio.ServicerContext[bytes, bytes]
 
@@ -125,9 +141,11 @@ class GrpcLiveServer:
         *,
         max_bytes: int,
         on_infer: InferHook | None = None,
+        on_skip: Callable[[str], None] | None = None,
         canary: GrpcCanary | None = None,
     ) -> None:
         self._upstream = upstream
+        self._on_skip = on_skip
         self._canary = canary
         self._max_bytes = max_bytes
         self._on_infer = on_infer
@@ -306,6 +324,8 @@ class GrpcLiveServer:
         ``ModelStreamInfer`` stream: the one seam for mirroring."""
         if exchange.failure is not None:
             log.warning("live gRPC call %s failed: %s", exchange.method, exchange.failure)
+        if exchange.method in ADMIN_METHODS and self._on_skip is not None:
+            self._on_skip("admin_method")
         if self._on_infer is None or exchange.method != MODEL_INFER:
             return
         try:

@@ -161,15 +161,20 @@ async def test_never_mirrored_grpc_kinds_never_reach_a_candidate(
             # batcher, and refuses an unregistered region), the client gets it: not the point.
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await infer(body, timeout=10)
-        # An admin method is forwarded and answered, never copied.
+        # Reads are forwarded and answered, never copied; admin methods too, and counted.
         ready: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
             "/inference.GRPCInferenceService/ServerReady"
         )
         assert await ready(service_pb2.ServerReadyRequest().SerializeToString(), timeout=10)
+        trace: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/inference.GRPCInferenceService/TraceSetting"
+        )
+        assert await trace(service_pb2.TraceSettingRequest().SerializeToString(), timeout=10)
     assert await proxy.drained(10)
     tally = proxy.telemetry.tally
     assert tally[("light", "skipped:sequence")] == 1, tally
     assert tally[("light", "skipped:shared_memory")] == 1, tally
+    assert tally[("*", "skipped:admin_method")] == 1, tally
     assert not any(outcome in ("compared", "both_failed") for (_, outcome) in tally), tally
 
 
