@@ -685,7 +685,11 @@
     const box = clear($("request"));
     const req = p.request;
     if (!req) box.appendChild(h("p", { class: "muted" }, "The request body was not stored."));
-    else if ("json" in req) box.appendChild(prettyJson(req.json));
+    else if (req.protocol === "v2_grpc") {
+      // A protobuf ModelInferRequest, read back as JSON (tensors as their first values).
+      box.appendChild(h("p", { class: "note" }, "Came over gRPC (ModelInferRequest, shown as JSON)."));
+      box.appendChild(prettyJson(req.json));
+    } else if ("json" in req) box.appendChild(prettyJson(req.json));
     else if ("base64" in req) {
       box.appendChild(h("p", { class: "note" },
         `Binary body, ${(req.bytes || 0).toLocaleString()} bytes (e.g. Triton binary tensors): ` +
