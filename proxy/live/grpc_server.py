@@ -61,6 +61,7 @@ ADMIN_METHODS = frozenset(
 )
 
 _Context = grpc.aio.ServicerContext[bytes, bytes]
+_MAX_HANDLERS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,16 +119,26 @@ class _PassThrough(grpc.GenericRpcHandler):
 
     def __init__(self, live: GrpcLiveServer) -> None:
         self._live = live
+        # One handler per method, made once: building one inspects the coroutine's signature.
+        # Method names come from clients, so the cache is bounded (past it, built per call).
+        self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[bytes, bytes]:
         method = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is not None:
+            return handler
         # Partials, not closures: grpc picks how to drive a handler by whether it is a
         # coroutine or async generator function, and ``inspect`` sees through a partial.
         if method.startswith(INFERENCE_SERVICE) and method != MODEL_STREAM_INFER:
-            return grpc.unary_unary_rpc_method_handler(partial(self._live.unary, method))
-        return grpc.stream_stream_rpc_method_handler(partial(self._live.stream, method))
+            handler = grpc.unary_unary_rpc_method_handler(partial(self._live.unary, method))
+        else:
+            handler = grpc.stream_stream_rpc_method_handler(partial(self._live.stream, method))
+        if len(self._handlers) < _MAX_HANDLERS:
+            self._handlers[method] = handler
+        return handler
 
 
 class GrpcLiveServer:

@@ -21,6 +21,7 @@ from ..settings import UpstreamSettings
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 INT32_MAX = 2**31 - 1
+_MAX_METHODS = 256
 
 # Keys a gRPC library sets per hop: forwarding the client's would either be refused by grpc
 # (``grpc-*`` are reserved) or mislabel the proxy's own connection (``user-agent`` is the
@@ -100,6 +101,7 @@ class GrpcUpstream:
         self.target = target
         self.timeout_s = settings.timeout_s
         self.channel = channel
+        self._unary: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
 
     @classmethod
     async def open(cls, settings: UpstreamSettings, max_bytes: int) -> GrpcUpstream:
@@ -121,8 +123,13 @@ class GrpcUpstream:
     def unary(
         self, method: str, request: bytes, *, timeout: float | None, metadata: Metadata
     ) -> grpc.aio.UnaryUnaryCall[bytes, bytes]:
-        # No serializers: the bytes go out and come back as they are.
-        multi: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self.channel.unary_unary(method)
+        multi = self._unary.get(method)
+        if multi is None:
+            # No serializers: the bytes go out and come back as they are. Kept per method
+            # (bounded: names come from clients), not made again for every call.
+            multi = self.channel.unary_unary(method)
+            if len(self._unary) < _MAX_METHODS:
+                self._unary[method] = multi
         return multi(request, timeout=timeout, metadata=metadata)
 
     def stream(
