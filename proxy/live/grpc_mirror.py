@@ -14,7 +14,6 @@ the body is the serialized answer (or the details of a failed call); the status 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Iterable
 
@@ -30,8 +29,6 @@ from ..settings import Settings
 from ..shadow.analysis import Exchange
 from ..shadow.mirror_api import Mirror, MirrorRequest
 from .grpc_server import GrpcExchange
-
-log = logging.getLogger("shadowproxy.mirror")
 
 # Route suffix of a gRPC copy: no candidate path is built from it (candidates are called over
 # gRPC), it only says what the copy is in logs and the link's wire format.

@@ -35,8 +35,12 @@ class ShadowGrpc:
         assert target is not None, "only candidates with a grpc_url get gRPC copies"
         upstream = self._upstreams.get(target)
         if upstream is None:
-            upstream = await GrpcUpstream.open(settings, self._max_bytes)
-            self._upstreams[target] = upstream
+            opened = await GrpcUpstream.open(settings, self._max_bytes)
+            # Two first copies may both have opened one (TLS files are read off the loop):
+            # the first kept wins, the other is closed rather than leaked.
+            upstream = self._upstreams.setdefault(target, opened)
+            if upstream is not opened:
+                await opened.close()
         return upstream
 
     async def infer(
