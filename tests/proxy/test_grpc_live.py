@@ -250,8 +250,9 @@ async def test_client_deadline_becomes_the_upstream_timeout(
     proxy = await proxy_factory(_settings(f"127.0.0.1:{fake.port}", redis_url))
     out = await _call(proxy.grpc_port, MODEL_INFER, b"req", deadline_s=0.5)
     assert out.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    # The upstream was given what was left of the client's 0.5 s, not the reference's 10 s...
-    assert 0 < fake.seen[0]["time_remaining"] <= 0.5
+    # The upstream was given what was left of the client's 0.5 s, not the reference's 10 s
+    # (a hair over 0.5 can arrive: grpc-timeout travels rounded up to its unit)...
+    assert 0 < fake.seen[0]["time_remaining"] <= 0.6
     # ... and its call ended with the deadline.
     await wait_until(fake.cancelled.is_set, what="the upstream call was cancelled")
 
