@@ -57,14 +57,15 @@ class GrpcCanary:
         """Stop the config lookups in flight (the channel is its owner's to close)."""
         await self._models.close()
 
-    def split(self, request: bytes, metadata: Metadata) -> Split:
-        stay = Split(False, None, request)
+    def split(self, request: bytes, metadata: Metadata) -> Split | None:
+        """Who answers this call; None when the rollout has no say in it (another model, or a
+        message the reference will refuse), which then counts for nothing."""
         try:
             model = request_model(request)
         except MalformedMessage:
-            return stay  # the reference says what is wrong with it
+            return None  # the reference says what is wrong with it
         if not self._settings.canary_serves(model):
-            return stay
+            return None
         headers: Mapping[str, str] = {k: v for k, v in metadata if isinstance(v, str)}
         by_candidate, tag = self._controller.split(headers)
         if not by_candidate or self._unsafe(model, request):
