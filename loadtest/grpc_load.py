@@ -42,7 +42,7 @@ import grpc.aio
 from hdrh.histogram import HdrHistogram
 from tritonclient.grpc import service_pb2
 
-from .openloop import Run, Saturation
+from .openloop import Run, Saturation, paced
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 SMALL_VALUES = (0.5, -1.0, 2.0, 0.25, 1.5, -0.75, 3.0, 0.0)
@@ -87,7 +87,6 @@ async def open_loop(
     run = Run(rate, duration_s)
     n_warm = round(rate * warmup_s)
     n_total = n_warm + round(rate * duration_s)
-    tasks: set[asyncio.Task[None]] = set()
     async with _channel(target) as channel:
         infer = channel.unary_unary(MODEL_INFER)
         await asyncio.wait_for(channel.channel_ready(), timeout_s)
@@ -100,29 +99,10 @@ async def open_loop(
                 if i >= n_warm:
                     run.errors[exc.code().name] += 1
                 return
-            if i < n_warm:
-                return
-            # As in openloop.py: a timer that fired early times the request from its send.
-            start = min(due, sent)
-            run.latency.record_value(max(1, round((time.perf_counter() - start) * 1e6)))
-            run.send_lag.record_value(max(1, round((sent - due) * 1e6)))
+            if i >= n_warm:
+                run.record(due, sent)
 
-        t0 = time.perf_counter() + 0.02
-        try:
-            for i in range(n_total):
-                due = t0 + i / rate
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                task = asyncio.create_task(one(i, due))
-                run.sent += 1
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.wait(tasks, timeout=timeout_s + 1)
-        finally:
-            for task in tasks:
-                task.cancel()
+        await paced(run, n_total, one, timeout_s)
     return run
 
 

@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -171,6 +171,17 @@ class Run:
         out["max"] = self.latency.get_max_value() / 1000.0 if self.ok else None
         return out
 
+    def record(self, due: float, sent: float) -> None:
+        """One answer, now, to the request due at ``due`` and sent at ``sent``.
+
+        The loop's timers may fire up to a millisecond early (uvloop's resolution): a request
+        sent before its due time is timed from its actual send. Timing it from the due time
+        (as this did, with max) recorded a fast answer to an early send as 1 us: a third of
+        `direct`'s answers at 1000 req/s, which pulled every p50 down."""
+        start = min(due, sent)
+        self.latency.record_value(max(1, round((time.perf_counter() - start) * 1e6)))
+        self.send_lag.record_value(max(1, round((sent - due) * 1e6)))
+
     def cdf(self) -> tuple[list[float], list[float]]:
         """(latency ms, cumulative share) at each recorded value, for plotting."""
         xs, ys = [], []
@@ -194,7 +205,6 @@ async def open_loop(
     run = Run(rate, duration_s)
     n_warm = round(rate * warmup_s)
     n_total = n_warm + round(rate * duration_s)
-    tasks: set[asyncio.Task[None]] = set()
 
     async def one(i: int, due: float) -> None:
         sent = time.perf_counter()
@@ -209,18 +219,26 @@ async def open_loop(
         if status != 200:
             run.errors[str(status)] += 1
             return
-        # The loop's timers may fire up to a millisecond early (uvloop's resolution): a request
-        # sent before its due time is timed from its actual send. Timing it from the due time
-        # (as this did, with max) recorded a fast answer to an early send as 1 us: a third of
-        # `direct`'s answers at 1000 req/s, which pulled every p50 down.
-        start = min(due, sent)
-        run.latency.record_value(max(1, round((time.perf_counter() - start) * 1e6)))
-        run.send_lag.record_value(max(1, round((sent - due) * 1e6)))
+        run.record(due, sent)
 
+    try:
+        await paced(run, n_total, one, timeout_s)
+    finally:
+        await pool.close()
+    return run
+
+
+async def paced(
+    run: Run, n_total: int, one: Callable[[int, float], Awaitable[None]], timeout_s: float
+) -> None:
+    """Start ``one(i, due)`` for i in 0..n_total at ``run.rate`` a second, each at its due time
+    whatever happened before (open loop); wait for the last answers up to ``timeout_s``, then
+    cancel what is left."""
+    tasks: set[asyncio.Task[None]] = set()
     t0 = time.perf_counter() + 0.02
     try:
         for i in range(n_total):
-            due = t0 + i / rate
+            due = t0 + i / run.rate
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -233,8 +251,6 @@ async def open_loop(
     finally:
         for task in tasks:
             task.cancel()
-        await pool.close()
-    return run
 
 
 @dataclass
