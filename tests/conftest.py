@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import inspect
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,3 +240,20 @@ async def dedicated_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
         yield server
     finally:
         await asyncio.to_thread(server.stop)
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and key for 127.0.0.1 (openssl; skipped without it)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    args = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    args += ["-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"]
+    subprocess.run(
+        [openssl, *args, "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

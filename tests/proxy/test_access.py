@@ -4,9 +4,7 @@ security headers on the review page, and a Secure cookie under TLS."""
 from __future__ import annotations
 
 import re
-import shutil
 import ssl
-import subprocess
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -178,22 +176,6 @@ def test_the_pages_need_no_inline_script_or_style() -> None:
         assert "javascript:" not in html, page
         srcs = re.findall(r'(?:src|href)="([^"]+)"', html)
         assert all(s.startswith("/static/") or s == "data:," for s in srcs), (page, srcs)
-
-
-@pytest.fixture
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    args = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    args += ["-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"]
-    subprocess.run(
-        [openssl, *args, "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 async def test_the_cookie_is_secure_under_tls_or_when_told(

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -444,16 +442,9 @@ async def test_grpcs_reference_with_mutual_tls(
     fake_grpc: Callable[..., Awaitable[FakeUpstream]],
     proxy_factory: Callable[..., Any],
     redis_url: str,
-    tmp_path: Path,
+    self_signed: tuple[Path, Path],
 ) -> None:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    args = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    args += ["-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"]
-    args += ["-addext", "subjectAltName=IP:127.0.0.1"]
-    await asyncio.to_thread(subprocess.run, [openssl, *args], check=True, capture_output=True)
+    cert, key = self_signed
     # One self-signed pair plays every part: the server's identity, the client's, both roots.
     pem_cert, pem_key = cert.read_bytes(), key.read_bytes()
     tls = grpc.ssl_server_credentials(
