@@ -36,6 +36,15 @@ class TooLarge(MalformedMessage):
     counted apart from malformed ones (it may be a valid message, only too big to take)."""
 
 
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """``name``'s value (``name`` in lower case): recorded headers may be a case-insensitive
+    multidict or a plain dict of either case."""
+    value = headers.get(name)
+    if value is None:
+        value = next((v for k, v in headers.items() if k.lower() == name), None)
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class DecodedResponse:
     """An answer in the form the comparators take, whatever protocol carried it."""

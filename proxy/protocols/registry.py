@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .base import ProtocolAdapter
+from .base import ProtocolAdapter, header
 from .v2_rest.adapter import ADAPTER as V2_REST
 
 GRPC_CONTENT_TYPE = "application/grpc"
@@ -12,11 +12,7 @@ GRPC_CONTENT_TYPE = "application/grpc"
 
 
 def _content_type(headers: Mapping[str, str]) -> str:
-    # Recorded headers may be a case-insensitive multidict or a plain dict of either case.
-    value = headers.get("content-type")
-    if value is None:
-        value = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
-    return value.strip().lower()
+    return (header(headers, "content-type") or "").strip().lower()
 
 
 def adapter_for(headers: Mapping[str, str]) -> ProtocolAdapter:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..base import MAX_INFLATED_BYTES, MAX_OUTPUTS, DecodedResponse, RequestFacts
+from ..base import RequestFacts, header
 from .codec import decode_infer_response, parse_request, unsafe_to_mirror
 from .render import render_request
 from .status import status_name
@@ -15,30 +15,12 @@ __all__ = ["ADAPTER", "V2GrpcAdapter", "render_request", "request_model"]
 _ERROR_TEXT_MAX = 200
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    # Recorded headers may be a case-insensitive multidict or a plain dict of either case.
-    value = headers.get(name)
-    if value is None:
-        value = next((v for k, v in headers.items() if k.lower() == name), None)
-    return value
-
-
 class V2GrpcAdapter:
     name = "v2_grpc"
     title = "V2 gRPC"
 
-    def decode_response(
-        self,
-        body: bytes,
-        headers: Mapping[str, str],
-        *,
-        max_inflated_bytes: int = MAX_INFLATED_BYTES,
-        max_outputs: int = MAX_OUTPUTS,
-    ) -> DecodedResponse:
-        # gRPC message compression is undone by the gRPC path: the body is the message itself.
-        return decode_infer_response(
-            body, headers, max_inflated_bytes=max_inflated_bytes, max_outputs=max_outputs
-        )
+    # gRPC message compression is undone by the gRPC path: the body is the message itself.
+    decode_response = staticmethod(decode_infer_response)
 
     def inspect_request(
         self, body: bytes, headers: Mapping[str, str], *, max_inflated_bytes: int
@@ -49,7 +31,7 @@ class V2GrpcAdapter:
     def error_text(self, status: int, headers: Mapping[str, str], body: bytes) -> str:
         """``NOT_FOUND: <details>``: the status's name from ``grpc-status`` (the HTTP-like
         ``status`` when it is missing) and the details from ``grpc-message``, else the body."""
-        code = _header(headers, "grpc-status")
+        code = header(headers, "grpc-status")
         if code is None:
             label = f"HTTP {status}"
         else:
@@ -57,7 +39,7 @@ class V2GrpcAdapter:
                 label = status_name(int(code))
             except ValueError:
                 label = f"grpc-status {code[:20]!r}"
-        details = _header(headers, "grpc-message")
+        details = header(headers, "grpc-message")
         if not details:
             details = body[: _ERROR_TEXT_MAX * 4].decode("utf-8", "replace")
         text = f"{label}: {details.strip()}" if details.strip() else label

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..base import MAX_INFLATED_BYTES, MAX_OUTPUTS, DecodedResponse, RequestFacts
+from ..base import RequestFacts
 from .codec import decode_infer_response, parse_request_header, unsafe_to_mirror
 
 
@@ -12,17 +12,7 @@ class V2RestAdapter:
     name = "v2_rest"
     title = "V2 REST"
 
-    def decode_response(
-        self,
-        body: bytes,
-        headers: Mapping[str, str],
-        *,
-        max_inflated_bytes: int = MAX_INFLATED_BYTES,
-        max_outputs: int = MAX_OUTPUTS,
-    ) -> DecodedResponse:
-        return decode_infer_response(
-            body, headers, max_inflated_bytes=max_inflated_bytes, max_outputs=max_outputs
-        )
+    decode_response = staticmethod(decode_infer_response)
 
     def inspect_request(
         self, body: bytes, headers: Mapping[str, str], *, max_inflated_bytes: int
