@@ -35,18 +35,23 @@ from .grpc_server import GrpcExchange
 GRPC_INFER_SUFFIX = "/grpc/ModelInfer"
 
 
-def grpc_headers(
-    code: grpc.StatusCode, details: str, *metadata: Iterable[tuple[str, str | bytes]]
-) -> CIMultiDict[str]:
-    """An exchange's headers: the content type the registry keys on, the status, and the text
-    metadata. Binary (``-bin``) values are left out: headers are text on every link and in
-    Redis, and no comparison reads them."""
+def _metadata_headers(*metadata: Iterable[tuple[str, str | bytes]]) -> CIMultiDict[str]:
+    """The content type the registry keys on, and the text metadata. Binary (``-bin``) values
+    are left out: headers are text on every link and in Redis, and no comparison reads them."""
     headers: CIMultiDict[str] = CIMultiDict()
     headers["content-type"] = GRPC_CONTENT_TYPE
     for pairs in metadata:
         for key, value in pairs:
             if isinstance(value, str) and key.lower() != "content-type":
                 headers.add(key, value)
+    return headers
+
+
+def grpc_headers(
+    code: grpc.StatusCode, details: str, *metadata: Iterable[tuple[str, str | bytes]]
+) -> CIMultiDict[str]:
+    """An answer's headers: its metadata's, and its status."""
+    headers = _metadata_headers(*metadata)
     headers["grpc-status"] = str(code.value[0])
     headers["grpc-message"] = details
     return headers
@@ -81,8 +86,7 @@ class GrpcCopier:
             # The reference refused it too (its status says why): not worth a candidate call.
             self._mirror.note_skip("unparseable_request")
             return
-        headers = grpc_headers(grpc.StatusCode.OK, "", exchange.metadata)
-        del headers["grpc-status"], headers["grpc-message"]  # a request carries no status
+        headers = _metadata_headers(exchange.metadata)
         tag, served_by = exchange.canary, exchange.served_by
         if served_by is not None:
             # A canary answer is copied back to the reference while the rollout runs (evidence).
