@@ -292,22 +292,29 @@ def write_report(results: Results, args: argparse.Namespace, elapsed_s: float, e
     return "\n".join(parts_text) + "\n"
 
 
+def _point_json(p: Point) -> dict[str, Any]:
+    """What every point of every section records (REST and gRPC alike)."""
+    return {
+        "target": p.target,
+        "name": p.name,
+        "round": p.round,
+        "backend": p.backend,
+        "latency_ms": p.run.figures() if p.run else None,
+        "ok": p.run.ok if p.run else None,
+        "sent": p.run.sent if p.run else None,
+        "errors": dict(p.run.errors) if p.run else None,
+        "compared": p.copies.compared if p.copies else None,
+        "saturation_rps": p.saturation.requests_per_s if p.saturation else None,
+        "other_cpu_percent": p.other_cpu,
+    }
+
+
 def to_json(results: Results) -> dict[str, Any]:
     return {
         "points": [
             {
-                "target": p.target,
-                "name": p.name,
-                "round": p.round,
-                "backend": p.backend,
-                "latency_ms": p.run.figures() if p.run else None,
-                "ok": p.run.ok if p.run else None,
-                "sent": p.run.sent if p.run else None,
-                "errors": dict(p.run.errors) if p.run else None,
-                "compared": p.copies.compared if p.copies else None,
+                **_point_json(p),
                 "coverage": p.copies.share if p.copies else None,
-                "saturation_rps": p.saturation.requests_per_s if p.saturation else None,
-                "other_cpu_percent": p.other_cpu,
                 "memory_mb": p.memory or None,
             }
             for p in results.points
@@ -354,19 +361,9 @@ def to_json(results: Results) -> dict[str, Any]:
         ],
         "grpc_points": [
             {
-                "target": p.target,
-                "name": p.name,
-                "round": p.round,
-                "backend": p.backend,
-                "latency_ms": p.run.figures() if p.run else None,
-                "ok": p.run.ok if p.run else None,
-                "sent": p.run.sent if p.run else None,
-                "errors": dict(p.run.errors) if p.run else None,
+                **_point_json(p),
                 "candidate_received": p.received,
-                "compared": p.copies.compared if p.copies else None,
-                "saturation_rps": p.saturation.requests_per_s if p.saturation else None,
                 "generator_cores": getattr(p.saturation, "client_cores", None),
-                "other_cpu_percent": p.other_cpu,
             }
             for p in results.grpc
         ],
