@@ -38,27 +38,13 @@ from pathlib import Path
 import aiohttp
 
 from .grpc_backend import FIXED
-from .nginx import TEMP_PATHS, nginx_binary
+from .nginx import TEMP_PATHS, config_head, nginx_binary
 from .procs import Processes
-
-_HEAD = """worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-{temp}
-    client_max_body_size 64m;
-    client_body_buffer_size 2m;
-    keepalive_requests 100000000;
-    keepalive_timeout 300s;
-"""
 
 
 def _head(work: Path) -> str:
-    temp = "\n".join(f"    {name}_temp_path {work / name};" for name in TEMP_PATHS)
-    return _HEAD.format(work=work, temp=temp)
+    # Many calls per connection: a gRPC client keeps one HTTP/2 connection for all of them.
+    return config_head(work, keepalive_requests=100_000_000) + "    keepalive_timeout 300s;\n"
 
 
 def static_grpc_config(work: Path, port: int, status_port: int) -> str:

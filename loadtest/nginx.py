@@ -30,9 +30,27 @@ def _host_port(url: str) -> str:
     return f"{parts.hostname}:{parts.port}"
 
 
+def config_head(work: Path, keepalive_requests: int = 1_000_000) -> str:
+    """How every nginx.conf of the bench starts: one worker in the foreground, its files under
+    ``work``, and an ``http`` block (left open for the caller) taking bodies up to 64 MiB on
+    long-lived keep-alive connections."""
+    temp = "\n".join(f"    {name}_temp_path {work / name};" for name in TEMP_PATHS)
+    return f"""worker_processes 1;
+daemon off;
+pid {work / "nginx.pid"};
+error_log {work / "error.log"} warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+{temp}
+    client_max_body_size 64m;
+    client_body_buffer_size 2m;
+    keepalive_requests {keepalive_requests};
+"""
+
+
 def nginx_config(work: Path, port: int, reference: str, candidate: str | None) -> str:
     """The config for a reverse proxy to ``reference``, mirroring to ``candidate`` when given."""
-    temp = "\n".join(f"    {name}_temp_path {work / name};" for name in TEMP_PATHS)
     mirror = "mirror /mirror;\n            mirror_request_body on;" if candidate else ""
     upstream_candidate = mirror_location = ""
     if candidate:
@@ -44,18 +62,9 @@ def nginx_config(work: Path, port: int, reference: str, candidate: str | None) -
             internal;
             proxy_pass http://candidate$request_uri;
         }"""
-    return f"""worker_processes 1;
-daemon off;
-pid {work / "nginx.pid"};
-error_log {work / "error.log"} warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-{temp}
-    client_max_body_size 64m;
-    client_body_buffer_size 2m;
-    keepalive_requests 1000000;
-    proxy_http_version 1.1;
+    return (
+        config_head(work)
+        + f"""    proxy_http_version 1.1;
     proxy_set_header Connection "";
     upstream reference {{ server {_host_port(reference)}; keepalive 64; }}
 {upstream_candidate}    server {{
@@ -67,6 +76,7 @@ http {{
     }}
 }}
 """
+    )
 
 
 def start_nginx(

@@ -23,7 +23,7 @@ import subprocess
 from pathlib import Path
 
 from .fake_backend import OUTPUT_VALUES
-from .nginx import TEMP_PATHS, nginx_binary
+from .nginx import TEMP_PATHS, config_head, nginx_binary
 from .procs import Processes
 
 # NGINX substitutes $model (the named capture of the location) inside the answer text.
@@ -46,19 +46,9 @@ _MODEL = r"(?<model>[^/]+)"
 
 def static_config(work: Path, port: int) -> str:
     """The whole nginx.conf of a static V2 backend on 127.0.0.1:``port``."""
-    temp = "\n".join(f"    {name}_temp_path {work / name};" for name in TEMP_PATHS)
-    return f"""worker_processes 1;
-daemon off;
-pid {work / "nginx.pid"};
-error_log {work / "error.log"} warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-{temp}
-    client_max_body_size 64m;
-    client_body_buffer_size 2m;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
+    return (
+        config_head(work)
+        + f"""    keepalive_timeout 300s;
     default_type application/json;
     server {{
         listen 127.0.0.1:{port} backlog=4096;
@@ -77,6 +67,7 @@ http {{
     }}
 }}
 """
+    )
 
 
 def start_static_backend(
