@@ -242,6 +242,16 @@ async def dedicated_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
         await asyncio.to_thread(server.stop)
 
 
+async def wait_rollout(proxy: ProxyRunner, statuses: set[str], timeout_s: float = 15) -> Any:
+    """The proxy's canary rollout once its status is one of ``statuses``."""
+
+    async def reached() -> Any:
+        state = await proxy.canary.store.read()
+        return state if state is not None and state.status in statuses else None
+
+    return await wait_until(reached, timeout_s, 0.05, what=f"rollout status in {statuses}")
+
+
 @pytest.fixture
 def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     """A self-signed certificate and key for 127.0.0.1 (openssl; skipped without it)."""

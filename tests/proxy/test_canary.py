@@ -21,7 +21,14 @@ import yaml
 
 from loadtest.procs import free_port
 from proxy.app import ProxyRunner
-from tests.conftest import ADMIN_TOKEN, make_settings, repo_root, wait_http_ok, wait_until
+from tests.conftest import (
+    ADMIN_TOKEN,
+    make_settings,
+    repo_root,
+    wait_http_ok,
+    wait_rollout,
+    wait_until,
+)
 from tests.fakes import refused_url
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -80,14 +87,6 @@ async def _infer(
                 await r.read()
                 out.append((r.status, r.headers.get("X-Served-By", "")))
     return out
-
-
-async def _wait_status(proxy: ProxyRunner, statuses: set[str], timeout_s: float = 15) -> Any:
-    async def reached() -> Any:
-        state = await proxy.canary.store.read()
-        return state if state is not None and state.status in statuses else None
-
-    return await wait_until(reached, timeout_s, 0.05, what=f"rollout status in {statuses}")
 
 
 async def _admin(proxy: _Ports, method: str, path: str, **kw: Any) -> tuple[int, Any]:
@@ -170,7 +169,7 @@ async def test_faithful_candidate_promotes_and_a_step_without_traffic_waits(
 
         # With its evidence complete, the step passes once it has been held min_duration_s.
         await wait_until(moved_on_or_short, what=f"the rollout past step {state.step}")
-    state = await _wait_status(proxy, {"promoted"})
+    state = await wait_rollout(proxy, {"promoted"})
     assert state.weight == 100
     outcomes = [d["outcome"] for d in await proxy.canary.store.decisions()]
     assert outcomes[0] == "started" and outcomes[-1] == "promoted"
@@ -195,7 +194,7 @@ async def test_divergent_candidate_rolls_back_at_once_and_says_why(
     proxy = await proxy_factory(_canary_settings(ref.url, cand.url, redis_url, min_samples=50))
     await _infer(proxy, 12)
     assert await proxy.drained(10)
-    state = await _wait_status(proxy, {"rolled_back"})
+    state = await wait_rollout(proxy, {"rolled_back"})
     assert state.weight == 0
     assert "flagged_rate" in state.reason and "above the limit" in state.reason
     last = (await proxy.canary.store.decisions())[-1]
@@ -227,7 +226,7 @@ async def test_slow_candidate_fails_the_latency_gate(
     proxy = await proxy_factory(_canary_settings(ref.url, cand.url, redis_url, gates=gates))
     await asyncio.gather(*(_infer(proxy, 4, first=100 * k) for k in range(4)))
     assert await proxy.drained(10)
-    state = await _wait_status(proxy, {"rolled_back"})
+    state = await wait_rollout(proxy, {"rolled_back"})
     assert "latency_p99" in state.reason and "ms" in state.reason
     gate = next(
         g for g in (await proxy.canary.store.decisions())[-1]["gates"] if g["gate"] == "latency_p99"
@@ -245,7 +244,7 @@ async def test_refusing_candidate_falls_back_to_the_reference_and_rolls_back(
     # The client never sees the candidate's absence: the reference answered.
     assert [status for status, _ in results] == [200] * 10
     assert {who for _, who in results} == {"ref"}
-    state = await _wait_status(proxy, {"rolled_back"})
+    state = await wait_rollout(proxy, {"rolled_back"})
     assert "error_rate" in state.reason
     evidence = await proxy.canary.store.evidence(state.attempt, 0)
     assert evidence["fallbacks"] >= 3
@@ -287,7 +286,7 @@ async def test_a_canary_answer_whose_reference_copy_fails_is_counted_by_why(
         update={"reference": settings.reference.model_copy(update={"timeout_s": 0.3})}
     )
     proxy = await proxy_factory(settings)
-    await _wait_status(proxy, {"running"})  # at its only step, 100%, before any request
+    await wait_rollout(proxy, {"running"})  # at its only step, 100%, before any request
     # The first request of a model waits for its config (is it a sequence model?), read from
     # the reference, so it is answered by the reference; the next ones are split.
     await _infer(proxy, 1)
@@ -360,7 +359,7 @@ async def test_commands_approval_and_resume_after_restart(
     proxy = await proxy_factory(settings)
     await _infer(proxy, 15)
     assert await proxy.drained(10)
-    state = await _wait_status(proxy, {"awaiting_approval"})
+    state = await wait_rollout(proxy, {"awaiting_approval"})
     assert state.step == 0 and "needs a person's approval" in state.reason
     await _infer(proxy, 15, first=100)  # more evidence does not move it on its own
     assert await proxy.drained(10)
@@ -437,7 +436,7 @@ async def test_two_proxy_processes_share_one_rollout(
         await _infer(inproc, 25)
         await _infer(other, 25, first=1000)
         assert await inproc.drained(10)
-        state = await _wait_status(inproc, {"running"}, 5)
+        state = await wait_rollout(inproc, {"running"}, 5)
 
         async def at_last_step() -> Any:
             state = await inproc.canary.store.read()

@@ -13,7 +13,7 @@ import tritonclient.grpc.aio as aiogrpc
 from tritonclient.grpc import InferInput
 
 from proxy.keys import GRPC_CANARY
-from tests.conftest import make_settings, wait_until
+from tests.conftest import make_settings, wait_rollout, wait_until
 from tests.fakes import refused_url
 
 pytestmark = pytest.mark.triton
@@ -66,20 +66,12 @@ async def _infer(port: int, n: int, planted: frozenset[int] = frozenset()) -> li
     return answered
 
 
-async def _active(proxy: Any) -> Any:
-    async def running() -> Any:
-        state = await proxy.canary.store.read()
-        return state if state is not None and state.status == "running" else None
-
-    return await wait_until(running, 15, 0.05, what="the rollout running")
-
-
 async def test_the_canary_answers_its_share_over_grpc_and_is_compared_back(
     triton_server: Any, proxy_factory: Callable[..., Any], redis_url: str
 ) -> None:
     settings = _settings(triton_server, redis_url, f"127.0.0.1:{triton_server.grpc_port}")
     proxy = await proxy_factory(settings)
-    state = await _active(proxy)
+    state = await wait_rollout(proxy, {"running"})
     # The split needs the model's config (stateful or not) before it sends anything away.
     await wait_until(
         lambda: proxy.data[GRPC_CANARY]._models.peek("light_ref") is False,
@@ -102,19 +94,14 @@ async def test_an_unreachable_grpc_canary_falls_back_and_rolls_back(
 ) -> None:
     dead = refused_url().removeprefix("http://")
     proxy = await proxy_factory(_settings(triton_server, redis_url, dead, min_samples=5))
-    await _active(proxy)
+    await wait_rollout(proxy, {"running"})
     await wait_until(
         lambda: proxy.data[GRPC_CANARY]._models.peek("light_ref") is False,
         what="the model's config known",
     )
     answered = await _infer(proxy.grpc_port, 8)
     assert set(answered) == {"light_ref"}  # the client never sees the candidate's absence
-
-    async def rolled_back() -> Any:
-        state = await proxy.canary.store.read()
-        return state if state is not None and state.status == "rolled_back" else None
-
-    state = await wait_until(rolled_back, 15, 0.05, what="the rollback")
+    state = await wait_rollout(proxy, {"rolled_back"})
     assert "error_rate" in state.reason
     evidence = await proxy.canary.store.evidence(state.attempt, 0)
     assert evidence["fallbacks"] >= 3, evidence
