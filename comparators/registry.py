@@ -13,8 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from comparators import discrete, distributions, numeric, torch_backend
-from comparators.base import SMALL, Array, Comparator, SpecError, as_rows_last_axis
+from comparators import (
+    discrete,
+    distributions,
+    llm_meta,
+    llm_text,
+    llm_tokens,
+    numeric,
+    torch_backend,
+)
+from comparators.base import SMALL, Array, Comparator, Scored, SpecError, as_rows_last_axis
 from comparators.types import MetricSpec
 from comparators.validity import group_of, to_numpy
 
@@ -49,6 +57,10 @@ def _positive_int(v: Any) -> str | None:
     return None if ok else "an integer >= 1"
 
 
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool | np.bool_) else "true or false"
+
+
 def _normalize(v: Any) -> str | None:
     return None if v in discrete.NORMALIZERS else "one of " + ", ".join(discrete.NORMALIZERS)
 
@@ -69,6 +81,11 @@ PARAM_CHECKS: Mapping[str, Check] = MappingProxyType(
         "min_agreement": _real(0.0, 1.0),
         "normalize": _normalize,
         "min_exact": _real(0.0, 1.0),
+        "min_similarity": _real(0.0, 1.0),
+        "compare_normalized": _bool,
+        "min_prefix_agreement": _real(0.0, 1.0),
+        "max_kl_mean": _real(0.0),
+        "enabled": _bool,
     }
 )
 
@@ -84,21 +101,55 @@ class MetricInfo:
     fill: float | None
 
 
-REGISTRY: Mapping[str, MetricInfo] = MappingProxyType(
+_ARRAY_METRICS: dict[str, MetricInfo] = {
+    "tolerance": MetricInfo(numeric.tolerance, numeric.TOLERANCE_DEFAULTS, None),
+    "sqnr": MetricInfo(numeric.sqnr, numeric.SQNR_DEFAULTS, None),
+    "cosine": MetricInfo(numeric.cosine, numeric.COSINE_DEFAULTS, 0.0),
+    "logits": MetricInfo(distributions.logits, distributions.LOGITS_DEFAULTS, -math.inf),
+    "probabilities": MetricInfo(
+        distributions.probabilities, distributions.PROBABILITIES_DEFAULTS, 0.0
+    ),
+    "argmax": MetricInfo(distributions.argmax, distributions.ARGMAX_DEFAULTS, -math.inf),
+    "exact": MetricInfo(discrete.exact, discrete.EXACT_DEFAULTS, None),
+    "exact_text": MetricInfo(discrete.exact_text, discrete.EXACT_TEXT_DEFAULTS, None),
+}
+# The generated-answer metrics (comparators.compare_text_answers, compare_semantic), one per
+# aspect of an answer, with their defaults; a config table names them like the array metrics.
+LLM_METRICS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {
-        "tolerance": MetricInfo(numeric.tolerance, numeric.TOLERANCE_DEFAULTS, None),
-        "sqnr": MetricInfo(numeric.sqnr, numeric.SQNR_DEFAULTS, None),
-        "cosine": MetricInfo(numeric.cosine, numeric.COSINE_DEFAULTS, 0.0),
-        "logits": MetricInfo(distributions.logits, distributions.LOGITS_DEFAULTS, -math.inf),
-        "probabilities": MetricInfo(
-            distributions.probabilities, distributions.PROBABILITIES_DEFAULTS, 0.0
-        ),
-        "argmax": MetricInfo(distributions.argmax, distributions.ARGMAX_DEFAULTS, -math.inf),
-        "exact": MetricInfo(discrete.exact, discrete.EXACT_DEFAULTS, None),
-        "exact_text": MetricInfo(discrete.exact_text, discrete.EXACT_TEXT_DEFAULTS, None),
+        "text": llm_text.TEXT_DEFAULTS,
+        "tokens": llm_tokens.TOKENS_DEFAULTS,
+        "logprobs": llm_tokens.LOGPROBS_DEFAULTS,
+        "finish_reason": llm_meta.FINISH_REASON_DEFAULTS,
+        "usage": llm_meta.USAGE_DEFAULTS,
+        "json": llm_text.JSON_DEFAULTS,
+        "latency": llm_meta.LATENCY_DEFAULTS,
+        "semantic": llm_meta.SEMANTIC_DEFAULTS,
     }
 )
-METRICS: Mapping[str, Comparator] = MappingProxyType({k: v.fn for k, v in REGISTRY.items()})
+
+
+def _answers_only(name: str) -> Comparator:
+    def refuse(ref: Array, cand: Array, params: Mapping[str, Any]) -> Scored:
+        raise SpecError(
+            f"metric '{name}' scores generated-text answers (comparators.compare_text_answers, "
+            "compare_semantic), not arrays"
+        )
+
+    return refuse
+
+
+# Every metric a spec may name. The generated-answer ones are listed with a comparator that
+# refuses arrays: a table may name them for any output, and compare_output must then answer
+# with a verdict saying why, not fail on an unknown name.
+REGISTRY: Mapping[str, MetricInfo] = MappingProxyType(
+    {
+        **_ARRAY_METRICS,
+        **{k: MetricInfo(_answers_only(k), v, None) for k, v in LLM_METRICS.items()},
+    }
+)
+# The array comparators.
+METRICS: Mapping[str, Comparator] = MappingProxyType({k: v.fn for k, v in _ARRAY_METRICS.items()})
 
 
 def _looks_like_probabilities(a: Array) -> bool:
