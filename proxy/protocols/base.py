@@ -4,16 +4,19 @@ The shadow side compares answers without knowing their wire protocol: an adapter
 per exchange (``registry.adapter_for``), turns an answer's bytes into a ``DecodedResponse``
 (named numpy tensors plus the model's name and version), says why a request must never be
 copied, and renders an error for a verdict's reason. V2 REST (``v2_rest``) is the first adapter;
-V2 gRPC the second.
+V2 gRPC the second; Triton generate and OpenAI-compatible APIs (``llm``) decode generated text
+(``TextAdapter``), streamed or not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
+from comparators.llm_types import TextAnswer
 
 from ..errors import ShadowProxyError
 from ..settings import ProxySettings
@@ -52,6 +55,9 @@ class DecodedResponse:
     model_name: str | None
     model_version: str | None
     outputs: dict[str, Array] = field(default_factory=dict)
+    texts: dict[str, TextAnswer] = field(default_factory=dict)
+    """Generated text, one entry per choice (keyed by the prefix its verdicts are named with:
+    ``""`` for the first), from the LLM adapters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +68,10 @@ class RequestFacts:
     """Why it must never be copied to a candidate (``sequence``, ``shared_memory``), or None."""
     request_id: str | None
     """The id the client gave it in the message, if any (samples are listed by it)."""
+    model: str | None = None
+    """The model it names in its body, where the path does not (OpenAI-compatible APIs)."""
+    needs: frozenset[str] = frozenset()
+    """Features a candidate must allow by name before it gets a copy (``mirror_llm.allow``)."""
 
 
 class ProtocolAdapter(Protocol):
@@ -93,4 +103,22 @@ class ProtocolAdapter(Protocol):
 
     def error_text(self, status: int, headers: Mapping[str, str], body: bytes) -> str:
         """A failed answer's error, short, for a verdict's reason."""
+        ...
+
+
+class TextAdapter(ProtocolAdapter, Protocol):
+    """An LLM API's adapter: its answers decode with the request beside them (JSON mode, chat or
+    not) and the timeline of their bytes (time to first token, time per token)."""
+
+    def decode_answer(
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        request: bytes,
+        request_headers: Mapping[str, str],
+        timeline: Sequence[tuple[int, float]],
+        max_inflated_bytes: int = MAX_INFLATED_BYTES,
+    ) -> DecodedResponse:
+        """The answer assembled whole (every event of a stream); raises ``MalformedMessage``."""
         ...
