@@ -26,15 +26,17 @@ from collections.abc import Callable
 from typing import cast
 
 from multidict import CIMultiDict
+from opentelemetry.trace import Span
 
 from ..errors import UpstreamError
-from ..protocols.v2_rest.routes import RouteKind
+from ..protocols.v2_rest.routes import LLM, MIRRORED, RouteKind
 from ..settings import Settings
 from ..shadow.analysis import Exchange
 from ..shadow.mirror_api import Mirror, MirrorRequest
 from ..telemetry import Telemetry
 from .forwarding import REQUEST_DROP, end_to_end, server_span
 from .http1 import Head, error_bytes, head_end, may_be_fast, parse_head, refusal, render
+from .stream_relay import StreamRelay
 from .upstream_pool import Answer, UpstreamPool
 
 log = logging.getLogger("shadowproxy.forward")
@@ -57,6 +59,10 @@ _LINGER_S = 2.0
 _PIPELINE_LIMIT = 2 * 1024 * 1024
 
 
+class _CutStream(Exception):
+    """A streamed answer failed after its head was sent: the connection must be cut."""
+
+
 class FastLane:
     """What the fast lane does with one request: the same as ``LiveProxy`` for an infer call."""
 
@@ -66,6 +72,7 @@ class FastLane:
         self.settings = settings
         self.max_body = min(_FAST_BODY, settings.proxy.max_body_bytes)
         self._mirrors = settings.mirrors
+        self._any_mirror = any(c.sample_rate > 0 for c in settings.candidates)
         self._pool = pool
         self._scheduler = scheduler
         self._tel = telemetry
@@ -73,13 +80,27 @@ class FastLane:
     def reload(self, settings: Settings) -> None:
         """Mirror what a reloaded config's candidates shadow (``proxy.*`` keep running values)."""
         self._mirrors = settings.mirrors
+        self._any_mirror = any(c.sample_rate > 0 for c in settings.candidates)
 
-    async def answer(self, head: Head, body: bytes, send: Callable[[bytes], None]) -> None:
-        """Forward the request, ``send`` the answer the moment it is here, then account for it."""
+    async def answer(
+        self,
+        head: Head,
+        body: bytes,
+        send: Callable[[bytes], None],
+        relay: Callable[[StreamRelay | None], None] | None = None,
+    ) -> None:
+        """Forward the request, ``send`` the answer the moment it is here, then account for it.
+        An LLM call's answer is relayed as it streams in (``relay`` is told of the relay, so the
+        connection can pause it while the client does not read)."""
         loop = asyncio.get_running_loop()
-        infer = head.route.kind is RouteKind.INFER
+        kind = head.route.kind
         model = head.route.model or ""
-        mirror = infer and self._mirrors(model) and self._scheduler.admit(model, head.headers)
+        mirror = (
+            kind in MIRRORED
+            # An OpenAI call names its model in the body, read by the shadow side.
+            and (self._mirrors(model) if head.route.model is not None else self._any_mirror)
+            and self._scheduler.admit(model, head.headers)
+        )
         headers = end_to_end(head.headers, REQUEST_DROP)
         copy_headers = headers.copy() if mirror else headers
         span_cm, traced = server_span(
@@ -102,6 +123,9 @@ class FastLane:
                 )
                 # Handed over once the live call is on the wire: the client does not wait for it.
                 loop.call_soon(self._scheduler.offer, copy)
+            if kind in LLM:
+                await self._stream(head, headers, body, send, future, span, relay)
+                return
             started = time.perf_counter()
             try:
                 answer = await self._pool.request(self._request_bytes(head, headers, body))
@@ -126,6 +150,67 @@ class FastLane:
                 future.set_result(self._exchange(answer, latency))
             span.set_attribute("http.response.status_code", answer.status)
             self._tel.request(head.route.kind.value, answer.status)
+
+    async def _stream(
+        self,
+        head: Head,
+        headers: CIMultiDict[str],
+        body: bytes,
+        send: Callable[[bytes], None],
+        future: asyncio.Future[Exchange | None] | None,
+        span: Span,
+        on_relay: Callable[[StreamRelay | None], None] | None,
+    ) -> None:
+        """An LLM call: its answer relayed as it is read, teed for the copy."""
+        started = time.perf_counter()
+        tee = self.settings.proxy.max_answer_bytes if future is not None else None
+        relay = StreamRelay(send, not head.keep_alive, tee, started)
+        if on_relay is not None:
+            on_relay(relay)
+        try:
+            await self._pool.request(self._request_bytes(head, headers, body), sink=relay)
+        except BaseException as exc:
+            if future is not None and not future.done():
+                # A cancelled call (the client left) leaves an incomplete answer: recorded as
+                # such, never compared. Any other failure leaves nothing to compare.
+                cancelled = isinstance(exc, asyncio.CancelledError) and relay.sent_head
+                future.set_result(self._partial(relay, started) if cancelled else None)
+            if not isinstance(exc, UpstreamError):
+                raise
+            if relay.sent_head:
+                # The status is sent: a failure now can only cut the connection, as the
+                # reference's own would for a direct client.
+                head.keep_alive = False
+                raise _CutStream from exc
+            send(error_bytes(exc, not head.keep_alive))
+            log.warning("live request %s %s failed: %s", head.method, head.target, exc)
+            span.set_attribute("http.response.status_code", exc.status)
+            self._tel.request(head.route.kind.value, exc.status)
+            return
+        finally:
+            if on_relay is not None:
+                on_relay(None)
+        relay.finish()
+        latency = time.perf_counter() - started
+        self._tel.latency("reference", self._pool.name, latency)
+        if future is not None:
+            if relay.overflow:
+                future.set_result(None)
+                self._scheduler.note_skip("answer_too_large")
+            else:
+                future.set_result(self._relayed(relay, latency, complete=True))
+        span.set_attribute("http.response.status_code", relay.status)
+        self._tel.request(head.route.kind.value, relay.status)
+
+    def _relayed(self, relay: StreamRelay, latency: float, *, complete: bool) -> Exchange:
+        headers = CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in relay.headers)
+        body = b"".join(relay.kept)
+        return Exchange(
+            self._pool.name, relay.status, headers, body, latency, tuple(relay.timeline), complete
+        )
+
+    def _partial(self, relay: StreamRelay, started: float) -> Exchange:
+        return self._relayed(relay, time.perf_counter() - started, complete=False)
 
     def refused(self, status: int) -> None:
         """A request (or connection) the fast lane answered ``status`` itself."""
@@ -163,6 +248,10 @@ class FastLaneProtocol(asyncio.Protocol):
         self._head: Head | None = None
         self._head_len = 0
         self._busy = False
+        self._relay: StreamRelay | None = None
+        """The streamed answer being relayed (an LLM call), paused while the client lags."""
+        self._streaming: asyncio.Task[None] | None = None
+        """The LLM call being served: cancelled if the client leaves (it stops the generation)."""
         self._write_paused = False
         self._read_paused = False
         self._refused = False
@@ -190,8 +279,17 @@ class FastLaneProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         self._transport = None
+        if self._streaming is not None and not self._streaming.done():
+            # Nobody reads the rest: the reference's connection is closed, which ends the
+            # generation there (vLLM and Triton abort a request whose client is gone).
+            self._streaming.cancel()
 
     def eof_received(self) -> bool | None:
+        if self._streaming is not None and not self._streaming.done():
+            # A client that closes during a stream has left (as NGINX reads it, "client
+            # prematurely closed"): waiting to write would let a stalled generation run on.
+            self._streaming.cancel()
+            return None
         # A client that half-closes after its request still gets the answer (see _serve).
         self._eof = True
         return (self._busy and not self._refused) or None
@@ -199,9 +297,13 @@ class FastLaneProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._write_paused = True
         self._sync_reading()
+        if self._relay is not None:
+            self._relay.pause()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._relay is not None:
+            self._relay.resume()
         self.last_active = time.monotonic()
         self._sync_reading()
         if not self._busy and self._buf:
@@ -248,6 +350,7 @@ class FastLaneProtocol(asyncio.Protocol):
         task = asyncio.get_running_loop().create_task(self._serve(head, body))
         self._server.tasks.add(task)
         task.add_done_callback(self._server.tasks.discard)
+        self._streaming = task if head.route.kind in LLM else None
 
     def _take_head(self) -> bool:
         """Parse the head at the start of the buffer once it is whole; False if there is none to
@@ -289,8 +392,18 @@ class FastLaneProtocol(asyncio.Protocol):
             if self._transport is not None and not self._transport.is_closing():
                 self._transport.write(data)
 
+        def on_relay(relay: StreamRelay | None) -> None:
+            self._relay = relay
+            if relay is not None and self._write_paused:
+                relay.pause()
+
         try:
-            await self._lane.answer(head, body, send)
+            await self._lane.answer(head, body, send, on_relay)
+        except _CutStream as exc:
+            log.warning("live stream %s %s cut: %s", head.method, head.target, exc.__cause__)
+            head.keep_alive = False
+        except asyncio.CancelledError:
+            return  # the client left mid-stream: nothing more to send it
         except Exception:
             log.exception("fast lane: %s %s failed inside the proxy", head.method, head.target)
             if not sent:

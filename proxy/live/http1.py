@@ -17,12 +17,13 @@ import httptools
 from multidict import CIMultiDict
 
 from ..errors import UpstreamError
-from ..protocols.v2_rest.routes import Route, RouteKind, classify
+from ..protocols.v2_rest.routes import MIRRORED, Route, RouteKind, classify
 from ..settings import Settings
 from .forwarding import HOP_BY_HOP
 
-# What every request the fast lane takes starts with: infer calls, and reads (health, metadata).
-_PREFIXES = (b"POST /v2/models/", b"GET /v2")
+# What every request the fast lane takes starts with: infer and generate calls, OpenAI-compatible
+# calls, and reads (health, metadata).
+_PREFIXES = (b"POST /v2/models/", b"GET /v2", b"POST /v1/")
 _RESPONSE_DROP = frozenset(n.encode() for n in (*HOP_BY_HOP, "content-length"))
 
 
@@ -110,7 +111,15 @@ def parse_head(raw: bytes, settings: Settings, max_body: int) -> Head | None:
         return None
     target = fields.url.decode("latin-1")
     route = classify(method, target)
-    if route.kind is not kind or settings.canary_serves(route.model or ""):
+    if kind is RouteKind.INFER and route.kind in MIRRORED:
+        kind = route.kind  # infer, generate, OpenAI: every POST the fast lane takes
+    if route.kind is not kind:
+        return None
+    # Requests in a canary split go to aiohttp's path, which holds the split; an OpenAI call
+    # names its model in the body, so none is taken here while a canary runs.
+    if settings.canary_serves(route.model or "") or (
+        route.kind is RouteKind.OPENAI and settings.canary is not None
+    ):
         return None
     return Head(method, target, route, headers, length, parser.should_keep_alive())
 
@@ -129,17 +138,30 @@ def render(
     status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes, close: bool
 ) -> bytes:
     """The answer as the client gets it, framed by its length (as aiohttp frames a whole one)."""
+    return response_head(status, reason, headers, b"%d" % len(body), close) + body
+
+
+def response_head(
+    status: int,
+    reason: bytes,
+    headers: list[tuple[bytes, bytes]],
+    length: bytes | None,
+    close: bool,
+) -> bytes:
+    """An answer's head: end-to-end headers, framed by ``length``, or chunked when None."""
     drop = _RESPONSE_DROP
     named = [v for n, v in headers if n.lower() == b"connection"]
     if named:
         drop = drop | {t.strip().lower() for v in named for t in v.split(b",")}
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_phrase(status))]
     lines.extend(b"%s: %s\r\n" % (n, v) for n, v in headers if n.lower() not in drop)
-    lines.append(b"Content-Length: %d\r\n" % len(body))
+    if length is None:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    else:
+        lines.append(b"Content-Length: %s\r\n" % length.strip())
     if close:
         lines.append(b"Connection: close\r\n")
     lines.append(b"\r\n")
-    lines.append(body)
     return b"".join(lines)
 
 

@@ -10,6 +10,11 @@ the same wording as ``translate_upstream_error`` gives for aiohttp's: refused ->
 time -> 504, a reset or a malformed answer -> 502. A request is never retried: a POST the
 upstream may have run must not run twice.
 
+A streamed answer (LLM routes) is handed to an ``AnswerSink`` as it is parsed: its head the
+moment it is whole, each piece of body as it is read, so an SSE event reaches the client in the
+same turn of the loop that read it. After the head, the time limit is between reads (as NGINX's
+``proxy_read_timeout``), not on the whole answer: a generation may stream for minutes.
+
 A connection goes back to the pool only at a clean message boundary: the answer whole, framed by
 its length or chunks, keep-alive, and not one byte after it. Anything else (a ``Connection:
 close``, an answer read until close, bytes nobody asked for, a timeout, a cap) closes it, so
@@ -20,8 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import dataclass
-from typing import cast
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -44,6 +50,26 @@ class Answer:
     reason: bytes
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    timeline: list[tuple[int, float]] = field(default_factory=list)
+    """(body bytes read so far, ``time.perf_counter()``) per read, when asked for."""
+
+
+class AnswerSink(Protocol):
+    """Where a streamed answer goes as it is read."""
+
+    def head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], upstream: Pausable
+    ) -> None:
+        """The answer's head is whole (never an interim 1xx); ``upstream`` can be paused while
+        the client is not reading."""
+
+    def body(self, data: bytes) -> None: ...
+
+
+class Pausable(Protocol):
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
 
 
 class _Connection(asyncio.Protocol):
@@ -61,6 +87,13 @@ class _Connection(asyncio.Protocol):
         """Bytes of the answer so far (status, headers and body), against the pool's cap."""
         self._headers_done = False
         self._until_close = False
+        self._sink: AnswerSink | None = None
+        self._timeline: list[tuple[int, float]] | None = None
+        self._body_size = 0
+        self._idle_s: float | None = None
+        """Streams: after the head, the most time between two reads."""
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self.reusable = False
         self._spoiled = False
         self.closed = False
@@ -79,6 +112,8 @@ class _Connection(asyncio.Protocol):
             # Bytes nobody asked for: the connection is out of step; never reuse it.
             self.close()
             return
+        if self._idle_s is not None:
+            self._last_read = asyncio.get_running_loop().time()
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -110,6 +145,9 @@ class _Connection(asyncio.Protocol):
             self._spoiled = True
             self.reusable = False
         self._reason, self._headers, self._body = b"", [], []
+        self._body_size = 0
+        if self._timeline is not None:
+            self._timeline.clear()
         self._headers_done = self._until_close = False
 
     def _count(self, n: int) -> None:
@@ -132,10 +170,19 @@ class _Connection(asyncio.Protocol):
         self._until_close = b"content-length" not in names and b"transfer-encoding" not in names
         keep = self._parser.should_keep_alive() and not self._until_close
         self.reusable = keep and not self._spoiled
+        status = self._parser.get_status_code()
+        if self._sink is not None and self.transport is not None and not 100 <= status < 200:
+            self._sink.head(status, self._reason, self._headers, self.transport)
 
     def on_body(self, body: bytes) -> None:
         self._count(len(body))
-        self._body.append(body)
+        if self._timeline is not None:
+            self._body_size += len(body)
+            self._timeline.append((self._body_size, time.perf_counter()))
+        if self._sink is not None:
+            self._sink.body(body)
+        else:
+            self._body.append(body)
 
     def on_message_complete(self) -> None:
         if 100 <= self._parser.get_status_code() < 200:
@@ -144,15 +191,26 @@ class _Connection(asyncio.Protocol):
 
     # requests
 
-    async def call(self, data: list[bytes], deadline: float) -> Answer:
-        """Send ``data``; the answer, or an ``UpstreamError`` (a timeout at ``deadline``)."""
+    async def call(
+        self,
+        data: list[bytes],
+        deadline: float,
+        *,
+        timed: bool = False,
+        sink: AnswerSink | None = None,
+        idle_s: float | None = None,
+    ) -> Answer:
+        """Send ``data``; the answer, or an ``UpstreamError`` (a timeout at ``deadline``, or,
+        with ``idle_s``, once the head is in, ``idle_s`` without a read)."""
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Answer] = loop.create_future()
         self._waiter = waiter
         self._size = 0
+        self._sink, self._idle_s = sink, idle_s
+        self._timeline = [] if timed else None
         # One timer handle, not asyncio.timeout(): this is the live path's only timer.
-        timer = loop.call_at(deadline, self._time_out)
+        self._timer = loop.call_at(deadline, self._time_out)
         self.transport.writelines(data)
         try:
             return await waiter
@@ -160,20 +218,31 @@ class _Connection(asyncio.Protocol):
             self.close()  # its answer would arrive for nobody
             raise
         finally:
-            timer.cancel()
-            self._waiter = None
+            self._timer.cancel()
+            self._waiter = self._sink = self._timer = None
+            self._idle_s = None
 
     def _finish(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             status = self._parser.get_status_code()
             self._waiter.set_result(
-                Answer(status, self._reason, self._headers, b"".join(self._body))
+                Answer(
+                    status, self._reason, self._headers, b"".join(self._body), self._timeline or []
+                )
             )
 
     def _time_out(self) -> None:
-        self._fail(
-            UpstreamTimeout(self._pool.name, self._pool.url, "timed out waiting for an answer")
-        )
+        if self._idle_s is not None and self._headers_done:
+            # A stream under way: the limit is between reads, counted from the last one.
+            due = self._last_read + self._idle_s
+            loop = asyncio.get_running_loop()
+            if due > loop.time():
+                self._timer = loop.call_at(due, self._time_out)
+                return
+            detail = f"sent nothing for {self._idle_s:g} s in the middle of its answer"
+        else:
+            detail = "timed out waiting for an answer"
+        self._fail(UpstreamTimeout(self._pool.name, self._pool.url, detail))
 
     def _fail(self, err: UpstreamError) -> None:
         self.reusable = False
@@ -218,13 +287,25 @@ class UpstreamPool:
     def bad(self, detail: str) -> UpstreamBadResponse:
         return UpstreamBadResponse(self.name, self.url, detail)
 
-    async def request(self, data: list[bytes], timeout_s: float | None = None) -> Answer:
+    async def request(
+        self,
+        data: list[bytes],
+        timeout_s: float | None = None,
+        *,
+        timed: bool = False,
+        sink: AnswerSink | None = None,
+    ) -> Answer:
         """Send one whole request (its bytes in ``data``) and read the whole answer, within
-        ``timeout_s`` (default: the pool's)."""
+        ``timeout_s`` (default: the pool's). ``timed``: record when each piece of the body came
+        (``Answer.timeline``). ``sink``: hand the answer over as it is read instead of keeping
+        its body (``Answer.body`` is then empty); the time limit then runs to the head, and after
+        it between reads."""
         timeout = self._timeout_s if timeout_s is None else timeout_s
         deadline = asyncio.get_running_loop().time() + timeout
         conn = self._idle.pop() if self._idle else await self._connect(deadline)
-        answer = await conn.call(data, deadline)
+        answer = await conn.call(
+            data, deadline, timed=timed, sink=sink, idle_s=timeout if sink is not None else None
+        )
         if conn.reusable and not conn.closed and len(self._idle) < MAX_IDLE:
             self._idle.append(conn)
         else:

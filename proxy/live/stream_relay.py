@@ -1,0 +1,82 @@
+"""Relay a streamed answer (LLM routes) to the client as it is read, and tee it for the copy.
+
+Each piece of body is written to the client in the turn of the loop that read it from the
+reference: an SSE event is never held for the next one. An answer framed by its length keeps
+that length; any other is sent chunked, one chunk per piece read (chunk boundaries are
+hop-by-hop: the client reads the same bytes, in the same order, as soon as they came).
+
+When the request is mirrored, the relay also keeps what it sent (up to ``tee_cap`` bytes) and
+when each piece came: the shadow side assembles the whole answer from it, off the live path,
+with its time to first token. A client that stops reading pauses the reference's connection,
+so neither the relay nor the transport holds more than one read beyond the write buffer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from .http1 import reason_phrase, response_head
+from .upstream_pool import Pausable
+
+
+class StreamRelay:
+    """An ``AnswerSink`` writing to one client connection."""
+
+    def __init__(
+        self, send: Callable[[bytes], None], close: bool, tee_cap: int | None, started: float
+    ) -> None:
+        """``tee_cap``: keep up to this many bytes for the copy (None keeps nothing);
+        ``started``: when the request was sent (``time.perf_counter()``)."""
+        self._send = send
+        self._close = close
+        self._tee_cap = tee_cap
+        self._started = started
+        self._chunked = False
+        self.upstream: Pausable | None = None
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.sent_head = False
+        self.kept: list[bytes] = []
+        self.kept_size = 0
+        self.timeline: list[tuple[int, float]] = []
+        self.overflow = False
+        """More came than ``tee_cap``: the copy cannot be compared (it is not whole)."""
+
+    def head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], upstream: Pausable
+    ) -> None:
+        self.status, self.headers, self.upstream = status, headers, upstream
+        length = next((v for n, v in headers if n.lower() == b"content-length"), None)
+        self._chunked = length is None
+        self._send(
+            response_head(status, reason or reason_phrase(status), headers, length, self._close)
+        )
+        self.sent_head = True
+
+    def body(self, data: bytes) -> None:
+        if not data:
+            return
+        self._send(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        if self._tee_cap is None or self.overflow:
+            return
+        self.kept_size += len(data)
+        if self.kept_size > self._tee_cap:
+            self.overflow = True
+            self.kept.clear()
+            self.timeline.clear()
+            return
+        self.kept.append(data)
+        self.timeline.append((self.kept_size, time.perf_counter() - self._started))
+
+    def finish(self) -> None:
+        if self._chunked:
+            self._send(b"0\r\n\r\n")
+
+    def pause(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
