@@ -173,6 +173,13 @@ class UpstreamSettings(_Model):
         return self.grpc_url is not None and self.grpc_url.startswith("grpcs://")
 
 
+class MirrorLlmSettings(_Model):
+    allow: list[Literal["n", "best_of", "tools", "store"]] = []
+    """LLM request features this candidate may be sent: ``n`` > 1 and ``best_of`` (n times the
+    work), ``tools`` (a tool call may have side effects the proxy cannot know of), ``store``
+    (the request kept server-side). A copy using one not allowed is skipped, counted."""
+
+
 class CandidateSettings(UpstreamSettings):
     timeout_s: float = Field(5.0, gt=0)
     sample_rate: float = Field(1.0, ge=0.0, le=1.0)
@@ -195,6 +202,10 @@ class CandidateSettings(UpstreamSettings):
     """How long the circuit stays open before one copy probes the candidate again."""
     forward_credentials: bool = False
     """Send the client's Authorization and Cookie headers to this candidate too."""
+    llm_timeout_s: float = Field(120.0, gt=0)
+    """The time limit of a copy of a generated-text call (Triton generate, OpenAI-compatible):
+    a generation takes seconds to minutes where a tensor model takes milliseconds."""
+    mirror_llm: MirrorLlmSettings = MirrorLlmSettings()
 
     def shadows(self, model: str) -> bool:
         return not self.models or model in self.models

@@ -84,13 +84,15 @@ def exchange_to_wire(x: Exchange | None) -> tuple[Any, ...] | None:
         strip_headers(x.headers.items()),
         out_of_band(x.body),
         x.latency_s,
+        x.timeline,
+        x.complete,
     )
 
 
 def exchange_from_wire(x: tuple[Any, ...] | None) -> Exchange | None:
     if x is None:
         return None
-    return Exchange(x[0], x[1], CIMultiDict(x[2]), x[3], x[4])
+    return Exchange(x[0], x[1], CIMultiDict(x[2]), x[3], x[4], x[5], x[6])
 
 
 async def spawn_child(

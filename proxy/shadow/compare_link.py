@@ -52,6 +52,7 @@ def pair_to_wire(p: Pair) -> tuple[Any, ...]:
         exchange_to_wire(p.cand),
         p.canary,
         p.live_span,
+        p.protocol,
     )
 
 

@@ -11,6 +11,7 @@ Verdicts are written to Redis in batches (``StoreBatcher``), one round trip for 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections import Counter
@@ -60,6 +61,9 @@ class Pair:
     queued_at: float = 0.0
     """When its copy entered the mirror queue (monotonic, in the mirror process): a pair that
     waits for CPU is bounded by the queue's age too."""
+    protocol: str = ""
+    """The adapter of an LLM route (``triton_generate``, ``openai``); empty for V2 infer calls,
+    whose adapter the answer's headers say."""
 
     @property
     def size(self) -> int:
@@ -190,24 +194,22 @@ class Comparer:
 
     async def _compare(self, pair: Pair) -> Analysis:
         cand = self._candidates[pair.candidate]
+        run = functools.partial(
+            analyze,
+            pair.ref,
+            pair.cand,
+            pair.model,
+            self._settings.comparisons,
+            protocol=pair.protocol,
+            # An LLM answer is read with its request beside it (JSON mode, chat or not).
+            request=pair.request_body if pair.protocol else b"",
+            request_headers=dict(pair.request_headers) if pair.protocol else None,
+            max_inflated_bytes=self._settings.proxy.max_inflated_bytes,
+        )
         if pair.size <= _INLINE_BYTES:
-            limits = self._settings.proxy
-            analysis = analyze(
-                pair.ref,
-                pair.cand,
-                pair.model,
-                self._settings.comparisons,
-                max_inflated_bytes=limits.max_inflated_bytes,
-            )
+            analysis = run()
         else:
-            analysis = await asyncio.get_running_loop().run_in_executor(
-                self._executor,
-                analyze,
-                pair.ref,
-                pair.cand,
-                pair.model,
-                self._settings.comparisons,
-            )
+            analysis = await asyncio.get_running_loop().run_in_executor(self._executor, run)
         if analysis.verdicts:
             self._apply_judgement(cand, pair, analysis)
         noise_floor = "true" if cand.noise_floor else "false"
@@ -247,6 +249,7 @@ class Comparer:
             answer=pair.cand,
             a=a,
             stored=keep,
+            protocol=pair.protocol,
         )
         payloads = None
         if keep:

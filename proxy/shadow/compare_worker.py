@@ -32,11 +32,35 @@ log = logging.getLogger("shadowproxy.compare_worker")
 
 
 def pair_from_wire(w: tuple[Any, ...]) -> Pair:
-    seq, candidate, model, request_id, received_at, headers, body, ref, cand, canary, span = w
+    (
+        seq,
+        candidate,
+        model,
+        request_id,
+        received_at,
+        headers,
+        body,
+        ref,
+        cand,
+        canary,
+        span,
+        proto,
+    ) = w
     ref_x, cand_x = exchange_from_wire(ref), exchange_from_wire(cand)
     assert ref_x is not None and cand_x is not None
     return Pair(
-        seq, candidate, model, request_id, received_at, headers, body, ref_x, cand_x, canary, span
+        seq,
+        candidate,
+        model,
+        request_id,
+        received_at,
+        headers,
+        body,
+        ref_x,
+        cand_x,
+        canary,
+        span,
+        protocol=proto,
     )
 
 

@@ -40,6 +40,7 @@ FAILED = frozenset(
         "internal_error",
         "cancelled",
         "compare_lost",
+        "reference_incomplete",  # the client left mid-stream: no whole answer to compare
     }
 )
 

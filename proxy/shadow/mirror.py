@@ -22,6 +22,7 @@ import logging
 import random
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from opentelemetry import trace
@@ -31,9 +32,11 @@ from comparators.population import PopulationStats
 
 from ..canary.evidence import EvidenceBuffer
 from ..canary.gates import UNCOMPARED
-from ..protocols.base import MalformedMessage, TooLarge
+from ..protocols.base import MalformedMessage, ProtocolAdapter, TooLarge
+from ..protocols.llm.adapter import OPENAI
 from ..protocols.model_config import ModelConfigs
-from ..protocols.registry import adapter_for, is_grpc
+from ..protocols.registry import adapter_for, is_grpc, text_adapter
+from ..protocols.v2_rest.routes import RouteKind
 from ..redact import strip_headers
 from ..settings import CandidateSettings, Settings
 from ..telemetry import Telemetry
@@ -115,6 +118,9 @@ class MirrorScheduler:
 
     def offer(self, req: MirrorRequest) -> None:
         """Queue a job per sampled candidate. Never blocks, never raises into the caller."""
+        if req.route.model is None and req.route.kind is RouteKind.OPENAI:
+            # Its model is in the body: read here, off the live path, to choose candidates.
+            req.route = replace(req.route, model=self._body_model(req))
         model = req.route.model or ""
         req.seq = next(self._seq)
         jobs: list[Job] = []
@@ -347,12 +353,20 @@ class MirrorScheduler:
         with trace.use_span(span, end_on_exit=True):
             await self._mirror_one(job)
 
+    def _body_model(self, req: MirrorRequest) -> str:
+        cap = self._settings.proxy.max_inflated_bytes
+        try:
+            facts = OPENAI.inspect_request(req.body, req.headers, max_inflated_bytes=cap)
+        except MalformedMessage:
+            return ""  # no candidate with a model list takes it; _check counts it unparseable
+        return facts.model or ""
+
     async def _check(self, copy: QueuedCopy) -> None:
         """Parse the copy once for all its candidates; note why it must not be mirrored."""
         copy.checked = True
         req: MirrorRequest = copy.request
         cap = self._settings.proxy.max_inflated_bytes
-        adapter = adapter_for(req.headers)
+        adapter: ProtocolAdapter = text_adapter(req.route.kind) or adapter_for(req.headers)
         try:
             facts = adapter.inspect_request(req.body, req.headers, max_inflated_bytes=cap)
         except TooLarge:
@@ -361,10 +375,16 @@ class MirrorScheduler:
         except MalformedMessage:
             copy.unsafe = "unparseable_request"
             return
-        copy.unsafe, copy.request_id = facts.unsafe, facts.request_id
+        copy.unsafe, copy.request_id, copy.needs = facts.unsafe, facts.request_id, facts.needs
+        if req.route.kind is RouteKind.OPENAI:
+            return  # not a V2 model: there is no model config to ask
         model = req.route.model or ""
         if copy.unsafe is None and await self._models.is_stateful(model):
-            copy.unsafe = self._models.why_unsafe(model)
+            unsafe = self._models.why_unsafe(model)
+            # The generate adapter assembles every response of a decoupled model's stream;
+            # over V2 infer its many answers cannot be paired, so there it is never mirrored.
+            if not (req.route.kind is RouteKind.GENERATE and unsafe == "decoupled_model"):
+                copy.unsafe = unsafe
 
     async def _mirror_one(self, job: Job) -> None:
         copy, cand = job.copy, job.cand
@@ -374,6 +394,10 @@ class MirrorScheduler:
         unsafe = copy.unsafe
         if unsafe is None and cand.grpc_target is None and is_grpc(req.headers):
             unsafe = "no_grpc_url"  # a gRPC copy for a candidate configured for HTTP only
+        if unsafe is None and copy.needs:
+            refused = sorted(copy.needs - set(cand.mirror_llm.allow))
+            if refused:
+                unsafe = f"llm_{refused[0]}"  # n, best_of, tools, store: opt-in per candidate
         if unsafe is not None:
             self._tel.skipped(unsafe, cand.name)
             self._ended += 1
@@ -404,5 +428,6 @@ class MirrorScheduler:
                 canary=req.canary,
                 live_span=(span.trace_id, span.span_id, int(span.trace_flags)) if span else None,
                 queued_at=job.enqueued,
+                protocol=adapter.name if (adapter := text_adapter(req.route.kind)) else "",
             )
         )

@@ -13,7 +13,7 @@ from typing import Any
 from comparators import OutputVerdict
 
 from ..protocols.base import DecodedResponse
-from ..protocols.registry import adapter_for
+from ..protocols.registry import adapter_named
 from ..redact import Redactor
 from ..settings import CandidateSettings, ProxySettings
 from .analysis import Analysis, Exchange
@@ -21,13 +21,21 @@ from .analysis import Analysis, Exchange
 
 def side_record(x: Exchange, decoded: DecodedResponse | None, model: str) -> dict[str, Any]:
     """One side of a sample: who answered, with which model and version, how fast."""
-    return {
+    record = {
         "upstream": x.upstream,
         "status": x.status,
         "model": decoded.model_name if decoded else model,
         "version": decoded.model_version if decoded else None,
         "latency_ms": round(x.latency_s * 1000, 3),
     }
+    first = decoded.texts.get("") if decoded else None
+    if first is not None:
+        # Generated text: time to first token and per output token, the LLM latency pair.
+        if first.ttft_s is not None:
+            record["ttft_ms"] = round(first.ttft_s * 1000, 3)
+        if first.tpot_s is not None:
+            record["tpot_ms"] = round(first.tpot_s * 1000, 3)
+    return record
 
 
 def headers_json(headers: Iterable[tuple[str, str]]) -> bytes:
@@ -46,6 +54,7 @@ def sample_meta(
     answer: Exchange,
     a: Analysis,
     stored: bool,
+    protocol: str = "",
 ) -> dict[str, Any]:
     """The JSON record of one comparison: ids, both sides, every score, and why it was flagged.
 
@@ -65,7 +74,7 @@ def sample_meta(
         "candidate": cand.name,
         "noise_floor": cand.noise_floor,
         "model": model,
-        "protocol": adapter_for(ref.headers).name,
+        "protocol": adapter_named(protocol, ref.headers).name,
         "outcome": a.outcome,
         "flagged": a.flagged,
         "severity": a.severity,

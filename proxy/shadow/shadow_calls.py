@@ -17,9 +17,10 @@ from opentelemetry import trace
 from ..canary.evidence import EvidenceBuffer
 from ..canary.gates import CAND_CALLS, CAND_ERRORS, REF_CALLS, REF_ERRORS
 from ..errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..protocols.llm.openai import with_body_model
 from ..protocols.registry import is_grpc
 from ..protocols.v2_grpc.wire import with_model_name
-from ..protocols.v2_rest.routes import candidate_path
+from ..protocols.v2_rest.routes import LLM, RouteKind, candidate_path
 from ..redact import CREDENTIAL_HEADERS
 from ..settings import CandidateSettings, Settings, UpstreamSettings
 from ..telemetry import Telemetry
@@ -104,6 +105,14 @@ class ShadowCalls:
             body = req.body if served == model else with_model_name(req.body, served)
             return await self._grpc(upstream, body, headers, timeout)
         path = candidate_path(req.route, served)
+        if req.route.kind in LLM:
+            if req.canary is None or not self._is_canary(cand):
+                timeout = cand.llm_timeout_s
+            body = req.body
+            if req.route.kind is RouteKind.OPENAI and served != model:
+                body = with_body_model(req.body, req.headers, served)
+                headers.popall("Content-Encoding", None)  # re-encoded as plain JSON
+            return await self._post(upstream, path, req, headers, timeout, body=body, timed=True)
         return await self._post(upstream, path, req, headers, timeout)
 
     async def _call_reference(self, req: MirrorRequest) -> Exchange | UpstreamError:
@@ -113,7 +122,10 @@ class ShadowCalls:
         if is_grpc(req.headers):
             return await self._grpc(ref, req.body, CIMultiDict(req.headers), ref.timeout_s)
         path = candidate_path(req.route, req.route.model or "")
-        return await self._post(ref, path, req, CIMultiDict(req.headers), ref.timeout_s)
+        timed = req.route.kind in LLM
+        return await self._post(
+            ref, path, req, CIMultiDict(req.headers), ref.timeout_s, timed=timed
+        )
 
     async def _post(
         self,
@@ -122,11 +134,15 @@ class ShadowCalls:
         req: MirrorRequest,
         headers: CIMultiDict[str],
         timeout_s: float,
+        *,
+        body: bytes | None = None,
+        timed: bool = False,
     ) -> Exchange | UpstreamError:
         if self._tel.exporting:
             self._tel.propagator.inject(headers)
         target = path + (f"?{req.query}" if req.query else "")
-        return await self._client.post(upstream, target, headers, req.body, timeout_s)
+        data = req.body if body is None else body
+        return await self._client.post(upstream, target, headers, data, timeout_s, timed=timed)
 
     async def _grpc(
         self,

@@ -79,8 +79,11 @@ class ShadowClient:
         headers: Mapping[str, str],
         body: bytes,
         timeout_s: float,
+        *,
+        timed: bool = False,
     ) -> Exchange | UpstreamError:
-        """POST ``body`` to ``target`` (path and query) under ``timeout_s``; the answer whole."""
+        """POST ``body`` to ``target`` (path and query) under ``timeout_s``; the answer whole.
+        ``timed``: with when each piece of it came (``Exchange.timeline``: LLM streams)."""
         started = time.perf_counter()
         if upstream.url.startswith("http://"):
             pool = self._pool(upstream)
@@ -89,14 +92,17 @@ class ShadowClient:
             head.extend(_header_line(k, v) for k, v in headers.items())
             head.append(b"Content-Length: %d\r\n\r\n" % len(body))
             try:
-                answer = await pool.request([b"".join(head), body], timeout_s)
+                answer = await pool.request([b"".join(head), body], timeout_s, timed=timed)
             except UpstreamError as exc:
                 return exc
             latency = time.perf_counter() - started
             answer_headers = CIMultiDict(
                 (n.decode("latin-1"), v.decode("latin-1")) for n, v in answer.headers
             )
-            return Exchange(upstream.name, answer.status, answer_headers, answer.body, latency)
+            timeline = tuple((size, at - started) for size, at in answer.timeline)
+            return Exchange(
+                upstream.name, answer.status, answer_headers, answer.body, latency, timeline
+            )
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=upstream.connect_timeout_s)
         try:
             async with self.session().post(
@@ -106,15 +112,27 @@ class ShadowClient:
                 timeout=timeout,
                 allow_redirects=False,
             ) as resp:
-                data = await self._read_capped(resp, upstream)
+                reads: list[tuple[int, float]] = []
+                data = await self._read_capped(resp, upstream, reads if timed else None, started)
                 latency = time.perf_counter() - started
                 return Exchange(
-                    upstream.name, resp.status, CIMultiDict(resp.headers), data, latency
+                    upstream.name,
+                    resp.status,
+                    CIMultiDict(resp.headers),
+                    data,
+                    latency,
+                    tuple(reads),
                 )
         except Exception as exc:
             return translate_upstream_error(exc, upstream.name, upstream.url)
 
-    async def _read_capped(self, resp: aiohttp.ClientResponse, upstream: UpstreamSettings) -> bytes:
+    async def _read_capped(
+        self,
+        resp: aiohttp.ClientResponse,
+        upstream: UpstreamSettings,
+        timeline: list[tuple[int, float]] | None = None,
+        started: float = 0.0,
+    ) -> bytes:
         cap = self.max_answer_bytes
         if resp.content_length is not None and resp.content_length > cap:
             raise self._too_large(upstream)
@@ -125,6 +143,8 @@ class ShadowClient:
             if size > cap:
                 raise self._too_large(upstream)
             chunks.append(chunk)
+            if timeline is not None:
+                timeline.append((size, time.perf_counter() - started))
         return b"".join(chunks)
 
     def _too_large(self, upstream: UpstreamSettings) -> UpstreamBadResponse:

@@ -38,6 +38,8 @@ class QueuedCopy:
     checked: bool = False
     unsafe: str | None = None
     """Why it must not be mirrored (found by the first job that starts), or None."""
+    needs: frozenset[str] = frozenset()
+    """LLM request features each candidate must allow by name (``mirror_llm.allow``)."""
 
 
 @dataclass(slots=True, eq=False)
