@@ -1,0 +1,210 @@
+"""LLM traffic on the live path: streams relayed untouched and unbuffered, teed, mirrored.
+
+The upstreams are the bench's deterministic streaming server (``loadtest.llm_backend``): the
+same request gives the same bytes, so what the client reads through the proxy is compared byte
+for byte with what it reads directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from loadtest.llm_backend import LlmBackend, LlmBehaviour
+from proxy.app import ProxyRunner
+from proxy.shadow.coverage import is_fate
+from tests.conftest import make_settings, wait_until
+
+CHAT = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "say something about canaries"}],
+    "max_tokens": 8,
+    "stream": True,
+    "logprobs": True,
+    "top_logprobs": 3,
+}
+COMPLETION = {"model": "tiny", "prompt": "once upon a time", "max_tokens": 6, "stream": True}
+GENERATE = {"text_input": "shadow traffic is", "parameters": {"max_tokens": 5}}
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[Callable[..., Any]]:
+    servers: list[LlmBackend] = []
+
+    async def start(**kw: Any) -> LlmBackend:
+        server = LlmBackend(LlmBehaviour(**kw))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+async def _post(url: str, path: str, body: dict[str, Any]) -> tuple[int, str, bytes]:
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as s,
+        s.post(url + path, json=body) as r,
+    ):
+        return r.status, r.headers.get("Content-Type", ""), await r.read()
+
+
+def _proxy_url(proxy: ProxyRunner) -> str:
+    return f"http://127.0.0.1:{proxy.data_port}"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", CHAT),
+        ("/v1/completions", COMPLETION),
+        ("/v1/chat/completions", {**CHAT, "stream": False}),
+        ("/v2/models/tiny/generate_stream", GENERATE),
+        ("/v2/models/tiny/generate", GENERATE),
+    ],
+)
+async def test_answers_are_byte_identical_to_direct(
+    llm: Callable[..., Any],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+    path: str,
+    body: dict[str, Any],
+) -> None:
+    ref = await llm()
+    proxy = await proxy_factory(make_settings(ref.url, redis_url))
+    direct = await _post(ref.url, path, body)
+    through = await _post(_proxy_url(proxy), path, body)
+    assert direct[0] == 200 and direct[2]
+    assert through == direct
+
+
+async def test_each_event_reaches_the_client_before_the_stream_ends(
+    llm: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    # The reference sends its first event and then nothing: a proxy that buffered the stream
+    # (or waited for a second event to fill a read) would show the client nothing at all.
+    ref = await llm(mode="hang")
+    proxy = await proxy_factory(make_settings(ref.url, redis_url))
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(_proxy_url(proxy) + "/v1/chat/completions", json=CHAT) as r,
+    ):
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)
+    event = json.loads(first.removeprefix(b"data: "))
+    assert event["choices"][0]["delta"]["role"] == "assistant"
+
+
+async def test_a_divergent_candidate_is_flagged_and_a_twin_is_not(
+    llm: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, twin, drifted = await llm(), await llm(), await llm(diverge_at=2)
+    candidates = [{"name": "twin", "url": twin.url}, {"name": "drifted", "url": drifted.url}]
+    proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=candidates))
+    for i in range(3):
+        chat = {**CHAT, "messages": [{"role": "user", "content": f"prompt {i}"}]}
+        assert (await _post(_proxy_url(proxy), "/v1/chat/completions", chat))[0] == 200
+        assert (await _post(_proxy_url(proxy), "/v2/models/tiny/generate_stream", GENERATE))[
+            0
+        ] == 200
+    assert await proxy.drained(10)
+    flagged = await proxy.store.list_samples(flagged=True)
+    assert {s["candidate"] for s in flagged} == {"drifted"}
+    assert len(flagged) == 6
+    assert {s["protocol"] for s in flagged} == {"openai", "triton_generate"}
+    twin_verdicts = await proxy.store.list_samples(flagged=False, candidate="twin")
+    assert len(twin_verdicts) == 6
+    assert all(v["outcome"] == "compared" for v in twin_verdicts)
+    sample = await proxy.store.get_sample(
+        next(s["id"] for s in flagged if s["protocol"] == "openai")
+    )
+    assert sample is not None
+    text = next(o for o in sample["outputs"] if o["output"] == "text")
+    # The swap at token 2 of 8: the first divergence is where token 2 starts.
+    assert text["flagged"] and text["scores"]["first_divergence_token"] == 2
+    preview = sample["previews"]["text"]
+    assert preview["reference"]["text"] != preview["candidate"]["text"]
+    assert preview["reference"]["tokens"][0]["top"]
+    assert sample["reference"]["ttft_ms"] > 0 and sample["candidate_side"]["ttft_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "outcome"),
+    [("garbage", "candidate_invalid"), ("cut", "bad_response"), ("hang", "timeout")],
+)
+async def test_a_broken_candidate_never_touches_the_live_stream(
+    llm: Callable[..., Any],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+    mode: str,
+    outcome: str,
+) -> None:
+    ref, broken = await llm(), await llm(mode=mode)
+    candidates = [{"name": "broken", "url": broken.url, "llm_timeout_s": 0.5}]
+    proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=candidates))
+    direct = await _post(ref.url, "/v1/chat/completions", CHAT)
+    for _ in range(2):
+        assert await _post(_proxy_url(proxy), "/v1/chat/completions", CHAT) == direct
+    assert await proxy.drained(10)
+    fates = {w: n for (c, w), n in proxy.telemetry.tally.items() if c == "broken"}
+    assert fates.get(outcome) == 2, fates
+
+
+async def test_a_client_leaving_mid_stream_cancels_the_reference_call(
+    llm: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await llm(delay_s=0.05, tokens=200), await llm()
+    proxy = await proxy_factory(
+        make_settings(ref.url, redis_url, candidates=[{"name": "c", "url": cand.url}])
+    )
+    body = {**CHAT, "max_tokens": 200}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(_proxy_url(proxy) + "/v1/chat/completions", json=body) as r,
+    ):
+        await r.content.readuntil(b"\n\n")
+        await r.content.readuntil(b"\n\n")
+        r.close()  # the client goes away after two events of 201
+    await wait_until(lambda: ref.behaviour.cancelled == 1, what="the reference call cancelled")
+    assert await proxy.drained(10)
+    fates = {w: n for (c, w), n in proxy.telemetry.tally.items() if c == "c" and is_fate(w) and n}
+    assert fates == {"reference_incomplete": 1}, fates
+    assert await proxy.store.list_samples(flagged=True) == []
+
+
+async def test_tools_and_n_are_mirrored_only_where_allowed(
+    llm: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, strict, open_ = await llm(), await llm(), await llm()
+    candidates = [
+        {"name": "strict", "url": strict.url},
+        {"name": "open", "url": open_.url, "mirror_llm": {"allow": ["tools", "n"]}},
+    ]
+    proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=candidates))
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    await _post(_proxy_url(proxy), "/v1/chat/completions", {**CHAT, "tools": tools})
+    await _post(_proxy_url(proxy), "/v1/chat/completions", {**CHAT, "n": 2})
+    await _post(_proxy_url(proxy), "/v1/chat/completions", CHAT)
+    assert await proxy.drained(10)
+    assert strict.behaviour.calls == 1 and open_.behaviour.calls == 3
+    tally = proxy.telemetry.tally
+    assert tally[("strict", "skipped:llm_tools")] == 1 and tally[("strict", "skipped:llm_n")] == 1
+
+
+async def test_model_map_renames_the_model_in_an_openai_body(
+    llm: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await llm(), await llm()
+    candidates = [{"name": "c", "url": cand.url, "model_map": {"tiny": "tiny-bf16"}}]
+    proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=candidates))
+    await _post(_proxy_url(proxy), "/v1/chat/completions", CHAT)
+    assert await proxy.drained(10)
+    assert [b["model"] for b in cand.behaviour.seen_bodies] == ["tiny-bf16"]
+    assert ref.behaviour.seen_bodies[0]["model"] == "tiny"
+    assert cand.behaviour.seen_bodies[0]["messages"] == CHAT["messages"]
