@@ -438,6 +438,20 @@ class CanarySettings(_Model):
         return self.id or self.candidate
 
 
+class SemanticSettings(_Model):
+    """Semantic similarity of generated answers (opt-in: an inference per compared copy)."""
+
+    embedding_url: str = Field(pattern=r"^https?://")
+    """A V2 server (Triton) or an OpenAI-compatible one (``api: openai``): its base URL."""
+    embedding_model: str = Field(min_length=1)
+    api: Literal["v2", "openai"] = "v2"
+    embedding_input: str = "text"
+    """V2: the model's BYTES input that takes the texts."""
+    embedding_output: str = "embedding"
+    """V2: the model's FP32 output of one vector per text."""
+    timeout_s: float = Field(10.0, gt=0)
+
+
 class Settings(_Model):
     listen: ListenSettings = ListenSettings()
     admin: AdminSettings = AdminSettings()
@@ -452,6 +466,8 @@ class Settings(_Model):
     redact: RedactSettings = RedactSettings()
     canary: CanarySettings | None = None
     """A progressive rollout of one candidate; absent, every live request goes to the reference."""
+    semantic: SemanticSettings | None = None
+    """Embed both answers of each compared LLM copy and score their cosine (``semantic``)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("candidates")

@@ -22,6 +22,8 @@ from typing import Any
 
 from opentelemetry.trace import Link, SpanContext, TraceFlags
 
+from comparators import compare_semantic, resolve_spec
+
 from ..buffer.store import SampleStore
 from ..canary.evidence import CanaryTag, EvidenceBuffer, comparison_counters, pair_counters
 from ..errors import StoreError
@@ -31,6 +33,7 @@ from ..telemetry import Telemetry
 from .analysis import Analysis, Exchange, analyze
 from .judge import Judge
 from .samples import sample_meta, sample_payloads
+from .semantic import Embedder, EmbeddingFailed
 
 log = logging.getLogger("shadowproxy.compare")
 
@@ -154,6 +157,7 @@ class Comparer:
         self._batcher = StoreBatcher(store, telemetry)
         self._redactor = Redactor(settings.redact, settings.proxy)
         self._rng = random.Random()
+        self._embedder = Embedder(settings.semantic) if settings.semantic else None
 
     @property
     def unstored(self) -> int:
@@ -210,6 +214,8 @@ class Comparer:
             analysis = run()
         else:
             analysis = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        if self._embedder is not None and analysis.outcome == "compared":
+            await self._semantic(self._embedder, cand, pair, analysis)
         if analysis.verdicts:
             self._apply_judgement(cand, pair, analysis)
         noise_floor = "true" if cand.noise_floor else "false"
@@ -221,6 +227,28 @@ class Comparer:
         self._store(cand, pair, analysis)
         self._tel.mirror(cand.name, analysis.outcome)  # after: one fate, even if storing broke
         return analysis
+
+    async def _semantic(
+        self, embedder: Embedder, cand: CandidateSettings, pair: Pair, a: Analysis
+    ) -> None:
+        """The first choice's two texts, embedded and scored: one more verdict."""
+        ref = a.reference.texts.get("") if a.reference else None
+        answer = a.candidate.texts.get("") if a.candidate else None
+        if ref is None or answer is None or ref.incomplete or answer.incomplete:
+            return
+        try:
+            vectors = await embedder.embed([ref.text, answer.text])
+        except EmbeddingFailed as exc:
+            log.warning("no semantic similarity for a copy to %s: %s", cand.name, exc)
+            self._tel.skipped("semantic_failed", cand.name)
+            return
+        spec = resolve_spec(self._settings.comparisons, pair.model, "semantic")
+        verdict = compare_semantic(vectors[0], vectors[1], spec)
+        a.verdicts.append(verdict)
+        a.severity = max(a.severity, verdict.severity)
+        if verdict.flagged:
+            a.flagged = True
+            a.reason = "; ".join(x for x in (a.reason, f"semantic: {verdict.reason}") if x)
 
     def _is_canary(self, cand: CandidateSettings) -> bool:
         return cand.name == self._canary_name
@@ -260,6 +288,8 @@ class Comparer:
 
     async def close(self) -> None:
         await self._batcher.close()
+        if self._embedder is not None:
+            await self._embedder.close()
 
 
 class LocalCompareSink:

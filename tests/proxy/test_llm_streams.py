@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from loadtest.llm_backend import LlmBackend, LlmBehaviour
 from proxy.app import ProxyRunner
 from proxy.shadow.coverage import is_fate
 from tests.conftest import make_settings, wait_until
+from tests.llm_fakes import llm, post_json
+
+__all__ = ["llm"]  # the fixture, used by name
 
 CHAT = {
     "model": "tiny",
@@ -30,29 +32,6 @@ CHAT = {
 }
 COMPLETION = {"model": "tiny", "prompt": "once upon a time", "max_tokens": 6, "stream": True}
 GENERATE = {"text_input": "shadow traffic is", "parameters": {"max_tokens": 5}}
-
-
-@pytest.fixture
-async def llm() -> AsyncIterator[Callable[..., Any]]:
-    servers: list[LlmBackend] = []
-
-    async def start(**kw: Any) -> LlmBackend:
-        server = LlmBackend(LlmBehaviour(**kw))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.close()
-
-
-async def _post(url: str, path: str, body: dict[str, Any]) -> tuple[int, str, bytes]:
-    async with (
-        aiohttp.ClientSession(auto_decompress=False) as s,
-        s.post(url + path, json=body) as r,
-    ):
-        return r.status, r.headers.get("Content-Type", ""), await r.read()
 
 
 def _proxy_url(proxy: ProxyRunner) -> str:
@@ -78,8 +57,8 @@ async def test_answers_are_byte_identical_to_direct(
 ) -> None:
     ref = await llm()
     proxy = await proxy_factory(make_settings(ref.url, redis_url))
-    direct = await _post(ref.url, path, body)
-    through = await _post(_proxy_url(proxy), path, body)
+    direct = await post_json(ref.url, path, body)
+    through = await post_json(_proxy_url(proxy), path, body)
     assert direct[0] == 200 and direct[2]
     assert through == direct
 
@@ -109,8 +88,8 @@ async def test_a_divergent_candidate_is_flagged_and_a_twin_is_not(
     proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=candidates))
     for i in range(3):
         chat = {**CHAT, "messages": [{"role": "user", "content": f"prompt {i}"}]}
-        assert (await _post(_proxy_url(proxy), "/v1/chat/completions", chat))[0] == 200
-        assert (await _post(_proxy_url(proxy), "/v2/models/tiny/generate_stream", GENERATE))[
+        assert (await post_json(_proxy_url(proxy), "/v1/chat/completions", chat))[0] == 200
+        assert (await post_json(_proxy_url(proxy), "/v2/models/tiny/generate_stream", GENERATE))[
             0
         ] == 200
     assert await proxy.drained(10)
@@ -148,9 +127,9 @@ async def test_a_broken_candidate_never_touches_the_live_stream(
     ref, broken = await llm(), await llm(mode=mode)
     candidates = [{"name": "broken", "url": broken.url, "llm_timeout_s": 0.5}]
     proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=candidates))
-    direct = await _post(ref.url, "/v1/chat/completions", CHAT)
+    direct = await post_json(ref.url, "/v1/chat/completions", CHAT)
     for _ in range(2):
-        assert await _post(_proxy_url(proxy), "/v1/chat/completions", CHAT) == direct
+        assert await post_json(_proxy_url(proxy), "/v1/chat/completions", CHAT) == direct
     assert await proxy.drained(10)
     fates = {w: n for (c, w), n in proxy.telemetry.tally.items() if c == "broken"}
     assert fates.get(outcome) == 2, fates
@@ -188,9 +167,9 @@ async def test_tools_and_n_are_mirrored_only_where_allowed(
     ]
     proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=candidates))
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
-    await _post(_proxy_url(proxy), "/v1/chat/completions", {**CHAT, "tools": tools})
-    await _post(_proxy_url(proxy), "/v1/chat/completions", {**CHAT, "n": 2})
-    await _post(_proxy_url(proxy), "/v1/chat/completions", CHAT)
+    await post_json(_proxy_url(proxy), "/v1/chat/completions", {**CHAT, "tools": tools})
+    await post_json(_proxy_url(proxy), "/v1/chat/completions", {**CHAT, "n": 2})
+    await post_json(_proxy_url(proxy), "/v1/chat/completions", CHAT)
     assert await proxy.drained(10)
     assert strict.behaviour.calls == 1 and open_.behaviour.calls == 3
     tally = proxy.telemetry.tally
@@ -203,7 +182,7 @@ async def test_model_map_renames_the_model_in_an_openai_body(
     ref, cand = await llm(), await llm()
     candidates = [{"name": "c", "url": cand.url, "model_map": {"tiny": "tiny-bf16"}}]
     proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=candidates))
-    await _post(_proxy_url(proxy), "/v1/chat/completions", CHAT)
+    await post_json(_proxy_url(proxy), "/v1/chat/completions", CHAT)
     assert await proxy.drained(10)
     assert [b["model"] for b in cand.behaviour.seen_bodies] == ["tiny-bf16"]
     assert ref.behaviour.seen_bodies[0]["model"] == "tiny"
