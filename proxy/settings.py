@@ -375,6 +375,14 @@ class CanaryGates(_Model):
     max_latency_p99_ratio: float = Field(1.5, gt=0)
     """Candidate p99 <= ratio x reference p99 + ``latency_slack_ms`` on the same requests."""
     latency_slack_ms: float = Field(5.0, ge=0)
+    max_ttft_ratio: float = Field(1.5, gt=0)
+    """LLM calls: candidate time to first token (high quantile) <= ratio x the reference's +
+    ``ttft_slack_ms``, on the same requests; skipped where no answer streamed tokens."""
+    ttft_slack_ms: float = Field(20.0, ge=0)
+    min_semantic_similarity: float | None = Field(None, ge=-1, le=1)
+    """LLM calls with ``semantic`` configured: the ``semantic_quantile`` of the answers' cosine
+    must reach this (e.g. 0.9 at the 10th percentile); None: no such gate."""
+    semantic_quantile: float = Field(0.1, gt=0, lt=1)
     paired_alpha: float = Field(0.01, gt=0, lt=1)
     """Where a noise-floor twin answers the same requests: the step fails when McNemar's test says
     the candidate is flagged more often than the twin at this significance."""

@@ -43,6 +43,16 @@ def comparison_counters(analysis: Analysis, ref: Exchange, cand: Exchange) -> di
     if ref.status == 200 and cand.status == 200:
         counters[g.latency_field(g.LAT_REF, ref.latency_s)] = 1
         counters[g.latency_field(g.LAT_CAND, cand.latency_s)] = 1
+    first_ref = analysis.reference.texts.get("") if analysis.reference else None
+    first_cand = analysis.candidate.texts.get("") if analysis.candidate else None
+    if first_ref is not None and first_cand is not None:
+        # LLM calls: time to first token of both sides, and how alike the answers mean.
+        if first_ref.ttft_s is not None and first_cand.ttft_s is not None:
+            counters[g.latency_field(g.TTFT_REF, first_ref.ttft_s)] = 1
+            counters[g.latency_field(g.TTFT_CAND, first_cand.ttft_s)] = 1
+        semantic = next((v for v in analysis.verdicts if v.output == "semantic"), None)
+        if semantic is not None and semantic.valid:
+            counters[g.semantic_field(semantic.scores["cosine"])] = 1
     return counters
 
 

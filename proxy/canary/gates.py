@@ -53,6 +53,34 @@ LAT_REF = "lat_ref"  # paired: both sides' timings of the same compared request
 LAT_CAND = "lat_cand"
 LIVE_LAT_REF = "live_lat_ref"  # live answers, timed by the live process
 LIVE_LAT_CAND = "live_lat_cand"
+TTFT_REF = "ttft_ref"  # LLM calls: time to first token of both sides of a compared request
+TTFT_CAND = "ttft_cand"
+SEMANTIC = "sem"  # LLM calls: the answers' embedding cosine, in buckets of 0.001 below 1
+_SEM_BUCKETS = 2000
+
+
+def semantic_field(cosine: float) -> str:
+    """The histogram bucket field for one cosine similarity (1 - cosine in steps of 0.001)."""
+    bucket = min(_SEM_BUCKETS, max(0, math.floor((1.0 - cosine) * 1000.0)))
+    return f"{SEMANTIC}:{bucket}"
+
+
+def semantic_quantile(evidence: Mapping[str, int], q: float) -> tuple[float | None, int]:
+    """(the ``q`` quantile of the cosine, samples): low quantiles are the dissimilar answers."""
+    prefix = SEMANTIC + ":"
+    buckets = sorted(
+        ((int(k[len(prefix) :]), n) for k, n in evidence.items() if k.startswith(prefix)),
+        reverse=True,  # most dissimilar first: the q quantile of cosine from below
+    )
+    total = sum(n for _, n in buckets)
+    if not total:
+        return None, 0
+    seen = 0
+    for bucket, n in buckets:
+        seen += n
+        if seen >= q * total:
+            return 1.0 - bucket / 1000.0, total
+    return 1.0 - buckets[-1][0] / 1000.0, total
 
 
 def latency_field(side: str, seconds: float) -> str:
@@ -204,6 +232,8 @@ def evaluate(
         )
     )
     results.append(_latency_gate(evidence, gates, min_samples))
+    results.append(_ttft_gate(evidence, gates, min_samples))
+    results.append(_semantic_gate(evidence, gates, min_samples))
     results.append(_paired_gate(evidence, gates, has_twin, weight))
     statuses = {r.status for r in results}
     status: Status = "fail" if "fail" in statuses else "wait" if "wait" in statuses else "pass"
@@ -238,6 +268,42 @@ def _latency_gate(evidence: Mapping[str, int], gates: CanaryGates, min_samples: 
     cand_p99 = cand_q
     status: Status = "pass" if cand_p99 <= limit else "fail"
     return GateResult("latency_p99", status, round(cand_p99, 3), round(limit, 3), shown)
+
+
+def _ttft_gate(evidence: Mapping[str, int], gates: CanaryGates, min_samples: int) -> GateResult:
+    n = min(latency_quantile(evidence, side, 0.5)[1] for side in (TTFT_REF, TTFT_CAND))
+    if n == 0:
+        return GateResult("ttft", "skip", None, None, "no compared answer carried tokens")
+    if n < min_samples:
+        return GateResult("ttft", "wait", None, None, f"{n}/{min_samples} timed first tokens")
+    q = min(0.99, 1.0 - _TAIL_SAMPLES / n)
+    ref_q, _ = latency_quantile(evidence, TTFT_REF, q)
+    cand_q, _ = latency_quantile(evidence, TTFT_CAND, q)
+    assert ref_q is not None and cand_q is not None
+    limit = gates.max_ttft_ratio * ref_q + gates.ttft_slack_ms
+    name = f"p{q * 100:.3g}"
+    shown = (
+        f"candidate time to first token {name} {cand_q:.1f} ms vs reference {ref_q:.1f} ms "
+        f"({n} pairs), limit {limit:.1f} ms "
+        f"({gates.max_ttft_ratio:g}x + {gates.ttft_slack_ms:g} ms)"
+    )
+    status: Status = "pass" if cand_q <= limit else "fail"
+    return GateResult("ttft", status, round(cand_q, 3), round(limit, 3), shown)
+
+
+def _semantic_gate(evidence: Mapping[str, int], gates: CanaryGates, min_samples: int) -> GateResult:
+    floor = gates.min_semantic_similarity
+    if floor is None:
+        return GateResult("semantic", "skip", None, None, "no min_semantic_similarity set")
+    q = gates.semantic_quantile
+    value, n = semantic_quantile(evidence, q)
+    if value is None or n < min_samples:
+        return GateResult("semantic", "wait", value, floor, f"{n}/{min_samples} semantic scores")
+    shown = (
+        f"cosine of the answers' embeddings at the {q:.0%} quantile {value:.3f} over {n}, "
+        f"floor {floor:g}"
+    )
+    return GateResult("semantic", "pass" if value >= floor else "fail", value, floor, shown)
 
 
 def _paired_gate(

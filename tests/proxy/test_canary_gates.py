@@ -91,3 +91,37 @@ def test_no_data_waits_and_any_failure_fails_the_step() -> None:
         has_twin=False,
     )
     assert result.status == "fail" and result.summary().startswith("flagged_rate:")
+
+
+def test_time_to_first_token_gate_compares_both_sides_and_skips_without_tokens() -> None:
+    assert _evaluate({})["ttft"].status == "skip"
+    evidence = {g.latency_field(g.TTFT_REF, 0.050): 30, g.latency_field(g.TTFT_CAND, 0.060): 30}
+    assert _evaluate(evidence)["ttft"].status == "wait"  # 30 of 60
+    evidence = {g.latency_field(g.TTFT_REF, 0.050): 100, g.latency_field(g.TTFT_CAND, 0.080): 100}
+    r = _evaluate(evidence)["ttft"]
+    # 80 ms against 1.5 x 50 ms + 20 ms = 95 ms
+    assert r.status == "pass" and r.threshold == pytest.approx(95, rel=0.03)
+    evidence[g.latency_field(g.TTFT_CAND, 0.080)] = 0
+    evidence[g.latency_field(g.TTFT_CAND, 0.200)] = 100
+    r = _evaluate(evidence)["ttft"]
+    assert r.status == "fail" and r.value == pytest.approx(200, rel=0.02)
+
+
+def test_semantic_gate_reads_a_low_quantile_of_the_cosine() -> None:
+    assert _evaluate({})["semantic"].status == "skip"  # no floor set
+    gates = CanaryGates(min_semantic_similarity=0.9, semantic_quantile=0.1)
+
+    def semantic(evidence: dict[str, int]) -> g.GateResult:
+        result = g.evaluate(
+            evidence, gates, min_samples=60, elapsed_s=10, min_duration_s=5, has_twin=False
+        )
+        return next(r for r in result.gates if r.gate == "semantic")
+
+    # 90 answers at cosine 0.99 and 10 at 0.5: the 10% quantile is 0.5, below 0.9.
+    evidence = {g.semantic_field(0.99): 90, g.semantic_field(0.5): 10}
+    r = semantic(evidence)
+    assert r.status == "fail" and r.value == pytest.approx(0.5, abs=1e-3)
+    # 95 at 0.99 and 5 at 0.5: the 10% quantile is 0.99.
+    r = semantic({g.semantic_field(0.99): 95, g.semantic_field(0.5): 5})
+    assert r.status == "pass" and r.value == pytest.approx(0.99, abs=1e-3)
+    assert semantic({g.semantic_field(0.99): 10}).status == "wait"
