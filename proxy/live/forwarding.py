@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 from aiohttp import web
@@ -27,13 +27,15 @@ from ..canary.controller import CanaryController
 from ..canary.evidence import CanaryTag
 from ..errors import UpstreamError, UpstreamUnavailable, translate_upstream_error
 from ..protocols.base import MalformedMessage
+from ..protocols.llm.openai import body_model, with_body_model
 from ..protocols.model_config import ModelConfigs
 from ..protocols.v2_rest.codec import parse_request_header, unsafe_to_mirror
-from ..protocols.v2_rest.routes import RouteKind, candidate_path, classify
+from ..protocols.v2_rest.routes import LLM, MIRRORED, Route, RouteKind, candidate_path, classify
 from ..settings import Settings, UpstreamSettings
 from ..shadow.analysis import Exchange
 from ..shadow.mirror_api import Mirror, MirrorRequest
 from ..telemetry import Telemetry
+from .stream_tee import ProxiedStreamResponse, relay_stream
 
 log = logging.getLogger("shadowproxy.forward")
 
@@ -104,10 +106,6 @@ class ProxiedResponse(web.Response):
     upstream_headers: frozenset[str] = frozenset()
 
 
-class ProxiedStreamResponse(web.StreamResponse):
-    upstream_headers: frozenset[str] = frozenset()
-
-
 async def strip_server_defaults(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare`` hook: keep proxied headers exactly as the reference sent them."""
     if isinstance(response, ProxiedResponse | ProxiedStreamResponse):
@@ -166,6 +164,7 @@ class LiveProxy:
     ) -> None:
         self._settings = settings
         self._mirrors = settings.mirrors
+        self._any = any(c.sample_rate > 0 for c in settings.candidates)
         self._session = session
         self._scheduler = scheduler
         self._tel = telemetry
@@ -185,20 +184,22 @@ class LiveProxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw_path = origin_form(request)
         route = classify(request.method, raw_path)
+        if route.kind is RouteKind.OPENAI and self._canary is not None:
+            # The model is in the body, and the split depends on it: read it (the split would).
+            route = replace(route, model=body_model(await request.read(), request.headers))
         model = route.model or ""
         canary = (
-            self._canary
-            if route.kind is RouteKind.INFER and self._settings.canary_serves(model)
-            else None
+            self._canary if route.kind in MIRRORED and self._settings.canary_serves(model) else None
         )
-        by_candidate, tag, early_body = await self._split(canary, model, request)
+        by_candidate, tag, early_body = await self._split(canary, route, request)
         # A canary answer is copied back to the reference while the rollout runs (evidence);
         # after it, that would only double the reference's load, and with no reference answer
         # there is nothing to compare other candidates with.
         if by_candidate:
             mirror = tag is not None
         else:
-            mirror = route.kind is RouteKind.INFER and self._mirrors(model)
+            known = route.model is not None or route.kind is not RouteKind.OPENAI
+            mirror = route.kind in MIRRORED and (self._mirrors(model) if known else self._any)
             # (Canary copies are evidence: the worker accounts for any it has to drop.)
             mirror = mirror and (tag is not None or self._scheduler.admit(model, request.headers))
         if route.kind is RouteKind.ADMIN:
@@ -233,14 +234,29 @@ class LiveProxy:
                     )
                 )
             fell_back = False
+            streamed = route.kind in LLM
             started = time.perf_counter()
             try:
                 if by_candidate and canary is not None and self._cand is not None:
-                    path = candidate_path(route, canary.candidate.served_name(model))
+                    served = canary.candidate.served_name(model)
+                    path = candidate_path(route, served)
                     path += f"?{request.query_string}" if request.query_string else ""
+                    cand_body, cand_headers = body, headers
+                    if route.kind is RouteKind.OPENAI and served != model:
+                        assert isinstance(body, bytes)  # held for the split
+                        cand_body = with_body_model(body, headers, served)
+                        cand_headers = headers.copy()
+                        cand_headers.popall("Content-Encoding", None)
                     try:
                         response = await self._forward(
-                            request, headers, body, future, self._cand, path, refused_raises=True
+                            request,
+                            cand_headers,
+                            cand_body,
+                            future,
+                            self._cand,
+                            path,
+                            refused_raises=True,
+                            streamed=streamed,
                         )
                     except UpstreamUnavailable as err:
                         # The candidate is not there at all: answer from the reference rather
@@ -250,11 +266,11 @@ class LiveProxy:
                         if future is not None and not future.done():
                             future.set_result(None)
                         response = await self._forward(
-                            request, headers, body, None, self._ref, raw_path
+                            request, headers, body, None, self._ref, raw_path, streamed=streamed
                         )
                 else:
                     response = await self._forward(
-                        request, headers, body, future, self._ref, raw_path
+                        request, headers, body, future, self._ref, raw_path, streamed=streamed
                     )
             finally:
                 if future is not None and not future.done():
@@ -271,7 +287,7 @@ class LiveProxy:
             return response
 
     async def _split(
-        self, canary: CanaryController | None, model: str, request: web.Request
+        self, canary: CanaryController | None, route: Route, request: web.Request
     ) -> tuple[bool, CanaryTag | None, bytes | None]:
         """(the candidate answers?, the canary step's tag, the body when it had to be read)."""
         if canary is None:
@@ -280,7 +296,7 @@ class LiveProxy:
         if not by_candidate:
             return False, tag, None
         body = await request.read()
-        unsafe = self._unsafe_to_split(model, body, request.headers)
+        unsafe = self._unsafe_to_split(route, body, request.headers)
         if unsafe is not None:
             # Sequences, shared memory and stateful models stay with the reference.
             self._scheduler.note_skip(f"canary_{unsafe}")
@@ -288,14 +304,23 @@ class LiveProxy:
         return True, tag, body
 
     def _unsafe_to_split(
-        self, model: str, body: bytes, headers: CIMultiDictProxy[str]
+        self, route: Route, body: bytes, headers: CIMultiDictProxy[str]
     ) -> str | None:
         """Why this request must stay on the reference (the canary cannot take it), or None."""
+        if route.kind is RouteKind.OPENAI:
+            return None  # no V2 model config to ask; a generation holds no state between calls
+        model = route.model or ""
         stateful = self._models.peek(model)
         if stateful is None:
             return "model_unknown"  # until the reference's config says (looked up meanwhile)
         if stateful:
-            return self._models.why_unsafe(model)
+            unsafe = self._models.why_unsafe(model)
+            # Triton generate streams a decoupled model's responses whole to one client.
+            if route.kind is RouteKind.GENERATE and unsafe == "decoupled_model":
+                return None
+            return unsafe
+        if route.kind is RouteKind.GENERATE:
+            return None
         try:
             header = parse_request_header(
                 body, headers, max_inflated_bytes=self._settings.proxy.max_inflated_bytes
@@ -308,6 +333,7 @@ class LiveProxy:
         """Mirror what a reloaded config's candidates shadow, with its redaction."""
         self._settings = settings
         self._mirrors = settings.mirrors
+        self._any = any(c.sample_rate > 0 for c in settings.candidates)
 
     async def close(self) -> None:
         await self._models.close()
@@ -350,15 +376,25 @@ class LiveProxy:
         path: str,
         *,
         refused_raises: bool = False,
+        streamed: bool = False,
     ) -> web.StreamResponse:
+        # (A streamed answer's head goes out before this returns: the canary's served-by header
+        # is set on it here.)
+        """``streamed``: an LLM call, relayed read by read (and teed for ``future``), its time
+        limit between reads rather than on the whole answer."""
         started = time.perf_counter()
+        timeout = target.timeout
+        if streamed:
+            timeout = aiohttp.ClientTimeout(
+                sock_connect=timeout.sock_connect, sock_read=timeout.total
+            )
         try:
             upstream = await self._session.request(
                 request.method,
                 target.url + path,
                 data=body,
                 headers=headers,
-                timeout=target.timeout,
+                timeout=timeout,
                 allow_redirects=False,
             )
         except Exception as exc:
@@ -371,6 +407,17 @@ class LiveProxy:
             resp_headers = end_to_end(upstream.headers, _RESPONSE_DROP)
             names = frozenset(k.lower() for k in upstream.headers)
             size = upstream.content_length
+            if streamed:
+                resp = ProxiedStreamResponse(
+                    status=upstream.status, reason=upstream.reason, headers=resp_headers
+                )
+                resp.upstream_headers = names
+                if self._served_header:
+                    resp.headers[self._served_header] = target.name
+                cap = self._settings.proxy.max_answer_bytes
+                return await relay_stream(
+                    request, upstream, resp, started, future, target.name, cap
+                )
             if future is not None or (size is not None and size <= _SMALL_BODY):
                 return await self._whole(upstream, resp_headers, names, started, future, target)
             return await self._stream(request, upstream, resp_headers, names, size)

@@ -33,7 +33,7 @@ from comparators.population import PopulationStats
 from ..canary.evidence import EvidenceBuffer
 from ..canary.gates import UNCOMPARED
 from ..protocols.base import MalformedMessage, ProtocolAdapter, TooLarge
-from ..protocols.llm.adapter import OPENAI
+from ..protocols.llm.openai import body_model
 from ..protocols.model_config import ModelConfigs
 from ..protocols.registry import adapter_for, is_grpc, text_adapter
 from ..protocols.v2_rest.routes import RouteKind
@@ -120,7 +120,8 @@ class MirrorScheduler:
         """Queue a job per sampled candidate. Never blocks, never raises into the caller."""
         if req.route.model is None and req.route.kind is RouteKind.OPENAI:
             # Its model is in the body: read here, off the live path, to choose candidates.
-            req.route = replace(req.route, model=self._body_model(req))
+            cap = self._settings.proxy.max_inflated_bytes
+            req.route = replace(req.route, model=body_model(req.body, req.headers, cap) or "")
         model = req.route.model or ""
         req.seq = next(self._seq)
         jobs: list[Job] = []
@@ -352,14 +353,6 @@ class MirrorScheduler:
         )
         with trace.use_span(span, end_on_exit=True):
             await self._mirror_one(job)
-
-    def _body_model(self, req: MirrorRequest) -> str:
-        cap = self._settings.proxy.max_inflated_bytes
-        try:
-            facts = OPENAI.inspect_request(req.body, req.headers, max_inflated_bytes=cap)
-        except MalformedMessage:
-            return ""  # no candidate with a model list takes it; _check counts it unparseable
-        return facts.model or ""
 
     async def _check(self, copy: QueuedCopy) -> None:
         """Parse the copy once for all its candidates; note why it must not be mirrored."""

@@ -21,6 +21,7 @@ import yaml
 
 from loadtest.procs import free_port
 from proxy.app import ProxyRunner
+from tests.canary_config import fast_canary
 from tests.conftest import (
     ADMIN_TOKEN,
     make_settings,
@@ -35,27 +36,11 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def _canary_settings(ref: str, cand: str, redis_url: str, **canary: Any) -> Any:
-    config: dict[str, Any] = {
-        "candidate": "cand",
-        "steps": [50, 100],
-        "min_samples": 10,
-        "min_duration_s": 0.2,
-        "interval_s": 0.05,
-        "response_header": "X-Served-By",
-        # Latency is not what most of these tests are about: two fakes on a busy test machine
-        # differ by milliseconds; the latency test below sets its own limit.
-        "gates": {
-            "max_flagged_rate": 0.3,
-            "max_error_rate_increase": 0.3,
-            "latency_slack_ms": 1000,
-        },
-    }
-    config.update(canary)
     return make_settings(
         ref,
         redis_url,
         candidates=[{"name": "cand", "url": cand, "timeout_s": 5}],
-        canary=config,
+        canary=fast_canary(**canary),
     )
 
 

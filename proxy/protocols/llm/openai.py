@@ -68,6 +68,17 @@ def inspect_request(
     )
 
 
+def body_model(
+    body: bytes, headers: Mapping[str, str], max_inflated_bytes: int = 1 << 26
+) -> str | None:
+    """The ``model`` a request body names, None if it names none or cannot be read."""
+    try:
+        model = read_request(body, headers, max_inflated_bytes).get("model")
+    except MalformedMessage:
+        return None
+    return model if isinstance(model, str) and model else None
+
+
 def with_body_model(
     body: bytes, headers: Mapping[str, str], model: str, max_inflated_bytes: int = 1 << 26
 ) -> bytes:
