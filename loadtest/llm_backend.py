@@ -107,6 +107,7 @@ class LlmBackend:
         app.router.add_post("/v1/completions", self._openai)
         app.router.add_post("/v2/models/{model}/generate", self._generate)
         app.router.add_post("/v2/models/{model}/generate_stream", self._generate)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v2/health/ready", self._ready)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
@@ -120,6 +121,27 @@ class LlmBackend:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """One unit vector of 32 per input, from the text; ``diverge_at`` tilts every vector."""
+        body = await request.json()
+        b = self.behaviour
+        b.calls += 1
+        b.seen_bodies.append(body)
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = []
+        for i, text in enumerate(texts):
+            seed = hashlib.blake2b(str(text).encode(), digest_size=32).digest()
+            vector = [x / 255.0 - 0.5 for x in seed]
+            if b.diverge_at is not None:
+                vector[b.diverge_at % 32] += 0.5
+            norm = sum(x * x for x in vector) ** 0.5
+            data.append(
+                {"object": "embedding", "index": i, "embedding": [x / norm for x in vector]}
+            )
+        usage = {"prompt_tokens": len(texts), "total_tokens": len(texts)}
+        model = body.get("model", self.name)
+        return web.json_response({"object": "list", "data": data, "model": model, "usage": usage})
 
     async def _ready(self, request: web.Request) -> web.Response:
         return web.Response(status=200)

@@ -187,3 +187,21 @@ async def test_model_map_renames_the_model_in_an_openai_body(
     assert [b["model"] for b in cand.behaviour.seen_bodies] == ["tiny-bf16"]
     assert ref.behaviour.seen_bodies[0]["model"] == "tiny"
     assert cand.behaviour.seen_bodies[0]["messages"] == CHAT["messages"]
+
+
+async def test_embeddings_are_compared_as_vectors(
+    llm: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, twin, tilted = await llm(), await llm(), await llm(diverge_at=3)
+    candidates = [{"name": "twin", "url": twin.url}, {"name": "tilted", "url": tilted.url}]
+    proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=candidates))
+    body = {"model": "embedder", "input": ["a first sentence", "and a second one"]}
+    status, _, answer = await post_json(_proxy_url(proxy), "/v1/embeddings", body)
+    assert status == 200 and answer == (await post_json(ref.url, "/v1/embeddings", body))[2]
+    assert await proxy.drained(10)
+    verdicts = {v["candidate"]: v for v in await proxy.store.list_samples(flagged=False)}
+    tilted_out = {o["output"]: o for o in verdicts["tilted"]["outputs"]}["embedding"]
+    twin_out = {o["output"]: o for o in verdicts["twin"]["outputs"]}["embedding"]
+    assert tilted_out["metric"] == "cosine" and tilted_out["flagged"]
+    assert twin_out["metric"] == "cosine" and not twin_out["flagged"]
+    assert verdicts["tilted"]["protocol"] == "openai"
