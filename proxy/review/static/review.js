@@ -435,7 +435,11 @@
           h("span", { class: "mono" }, headlineText(worst))]
         : h("span", { class: "muted" }, item.outcome || "")),
       h("td", { class: "c-sev" }, sevBadge(item.severity)),
-      h("td", { class: "c-reason", title: item.reason || "" }, item.reason || ""),
+      LLM && LLM.isLLMProtocol(item.protocol)
+        // two lines more: the opening of both answers, read when the row comes into view
+        ? h("td", { class: "c-reason llm-row", title: item.reason || "" },
+          h("div", { class: "reason-line" }, item.reason || ""), LLM.listSnippet(item))
+        : h("td", { class: "c-reason", title: item.reason || "" }, item.reason || ""),
       h("td", { class: "c-label" }, labelBadge(item.label)),
       h("td", { class: "c-rid mono", title: item.request_id || "" }, item.request_id || ""));
     return tr;
@@ -494,13 +498,21 @@
 
   // ---------------------------------------------------------------- sample view
 
-  function fetchSample(id) {
+  // The LLM view (review_llm.js, loaded first on the review page only): built on this file's
+  // helpers, so it escapes and formats as the rest of the page does.
+  const LLM = typeof window.ShadowReviewLLM === "function"
+    ? window.ShadowReviewLLM({ h, s, clear, fmtNum, prettyJson, diffChars, legend, api })
+    : null;
+
+  /** `protocol` (from the list row, when known): an LLM sample has no tensors to fetch. */
+  function fetchSample(id, protocol) {
     let p = state.cache.get(id);
     if (!p) {
       const enc = encodeURIComponent(id);
+      const noTensors = LLM && LLM.isLLMProtocol(protocol);
       p = Promise.all([
         api("/api/samples/" + enc).then((r) => r.data),
-        api("/api/samples/" + enc + "/tensors").then((r) => r.data, (e) => ({ error: e })),
+        noTensors ? null : api("/api/samples/" + enc + "/tensors").then((r) => r.data, (e) => ({ error: e })),
       ]).then(([sample, tensors]) => ({ sample, tensors }));
       p.catch(() => state.cache.delete(id));
       state.cache.set(id, p);
@@ -540,7 +552,7 @@
     $("sample-error").hidden = true;
     updatePosition();
     try {
-      const { sample, tensors } = await fetchSample(id);
+      const { sample, tensors } = await fetchSample(id, index >= 0 ? state.items[index].protocol : undefined);
       if (gen !== state.sampleGen) return;
       if (index >= 0 && state.items[index] && sample.label === null && state.items[index].label) {
         sample.label = state.items[index].label; // labelled here after it was cached
@@ -560,7 +572,7 @@
     }
     // prefetch the next one so j / a / r / n feel instant
     const nxt = state.items[index + 1];
-    if (nxt) fetchSample(nxt.id).catch(() => {});
+    if (nxt) fetchSample(nxt.id, nxt.protocol).catch(() => {});
   }
 
   function updatePosition() {
@@ -593,11 +605,15 @@
     ]);
     $("sample-reason").textContent = sm.reason || "(no reason recorded)";
     renderLabelPanel(sm.label);
+    const llm = !!(LLM && LLM.isLLM(sm));
+    $("sample-content").classList.toggle("llm-sample", llm);
+    $("llm").hidden = !llm;
+    if (llm) LLM.render($("llm"), sm); else clear($("llm"));
     renderSides(sm);
     renderScores(sm);
-    renderPlots(sm, tensors);
+    if (llm) clear($("plots")); else renderPlots(sm, tensors);
     renderRequest(sm.payloads || {});
-    renderRaw(sm.payloads || {});
+    renderRaw(sm.payloads || {}, llm);
   }
 
   function renderLabelPanel(label) {
@@ -730,11 +746,13 @@
     return t;
   }
 
-  function renderRaw(p) {
+  /** `llm`: a body that is not JSON is an event stream, shown as text. */
+  function renderRaw(p, llm) {
     const box = clear($("raw"));
     const body = (b) => !b ? h("p", { class: "muted" }, "not stored")
       : "json" in b ? prettyJson(b.json)
-        : h("p", { class: "note" }, `binary, ${(b.bytes || 0).toLocaleString()} bytes`);
+        : llm && "base64" in b ? LLM.textBody(b)
+          : h("p", { class: "note" }, `binary, ${(b.bytes || 0).toLocaleString()} bytes`);
     const col = (name, b, hd) => h("div", { class: "side" }, h("h3", null, name), body(b),
       Array.isArray(hd) ? headersTable(hd) : null);
     box.appendChild(h("div", { class: "sides" },
