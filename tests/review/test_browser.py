@@ -168,6 +168,15 @@ async def _viewer_is_read_only(page: Any, base: str, first: str) -> None:
     assert await page.evaluate(script, [first, me["csrf"]]) == [403, 403]
 
 
+def _watch(page: Any, base: str, page_errors: list[str], foreign: list[str]) -> None:
+    """Collect the page's script errors, and every request that leaves the admin plane."""
+    page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+    page.on(
+        "request",
+        lambda req: None if req.url.startswith((base, "data:")) else foreign.append(req.url),
+    )
+
+
 async def test_review_page_login_triage_label_and_viewer(
     fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
 ) -> None:
@@ -179,11 +188,7 @@ async def test_review_page_login_triage_label_and_viewer(
     foreign: list[str] = []
 
     def watch(page: Any) -> None:
-        page.on("pageerror", lambda exc: page_errors.append(str(exc)))
-        page.on(
-            "request",
-            lambda req: None if req.url.startswith((base, "data:")) else foreign.append(req.url),
-        )
+        _watch(page, base, page_errors, foreign)
 
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
