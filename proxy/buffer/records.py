@@ -61,6 +61,7 @@ SUMMARY_KEYS = (
     "noise_floor",
     "model",
     "protocol",
+    "snippet",
     "outcome",
     "flagged",
     "severity",

@@ -16,7 +16,7 @@ from aiohttp import web
 from ..buffer.store import LABELS, SampleStore
 from ..errors import StoreError
 from ..protocols.base import MalformedMessage
-from ..protocols.registry import adapter_for
+from ..protocols.registry import adapter_named
 
 # How to draw each comparator's output on the review page.
 PLOT_KIND = {
@@ -144,7 +144,8 @@ def sample_tensors(sample: Mapping[str, Any]) -> dict[str, Any]:
             continue
         try:
             headers = _headers(payloads.get(f"{side}_headers"))
-            sides[side] = adapter_for(headers).decode_response(body, headers).outputs
+            adapter = adapter_named(str(sample.get("protocol") or ""), headers)
+            sides[side] = adapter.decode_response(body, headers).outputs
         except MalformedMessage as exc:
             errors[side] = str(exc)
     metrics = {o["output"]: o["metric"] for o in sample.get("outputs", [])}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from comparators import OutputVerdict
@@ -87,7 +87,35 @@ def sample_meta(
     }
     if len(a.verdicts) > caps.max_outputs:
         meta["outputs_dropped"] = len(a.verdicts) - caps.max_outputs
+    snippet = text_snippet(previews)
+    if snippet is not None:
+        meta["snippet"] = snippet
     return meta
+
+
+# A list row of an LLM sample shows this much of each answer, from a little before they part.
+_SNIPPET_CHARS = 160
+_SNIPPET_LEAD = 40
+
+
+def text_snippet(previews: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Both answers' texts around where they first differ, for the review list (taken from the
+    previews as stored: redacted texts stay redacted)."""
+    pv = previews.get("text")
+    if not isinstance(pv, Mapping):
+        return None
+    ref, cand = pv.get("reference"), pv.get("candidate")
+    if not (isinstance(ref, Mapping) and isinstance(cand, Mapping)):
+        return None
+    rt, ct = ref.get("text"), cand.get("text")
+    if not (isinstance(rt, str) and isinstance(ct, str)):
+        return None
+    common = next((i for i, (x, y) in enumerate(zip(rt, ct, strict=False)) if x != y), None)
+    if common is None:
+        common = min(len(rt), len(ct))
+    start = max(0, common - _SNIPPET_LEAD) if common > _SNIPPET_CHARS - _SNIPPET_LEAD else 0
+    end = start + _SNIPPET_CHARS
+    return {"reference": rt[start:end], "candidate": ct[start:end], "offset": start}
 
 
 def sample_payloads(

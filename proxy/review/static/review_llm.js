@@ -570,6 +570,13 @@ window.ShadowReviewLLM = function (k) {
   function listSnippet(item) {
     const el = h("div", { class: "llm-snip", dataset: { id: item.id } },
       h("div", { class: "muted small" }, "…"));
+    const stored = item.snippet;
+    if (stored && typeof stored.reference === "string" && typeof stored.candidate === "string") {
+      // Samples recorded with their texts' snippet in the summary need no fetch of their own.
+      const r = stored.reference, c = stored.candidate;
+      fillSnippet(el, { ref: r, cand: c, at: r !== c ? commonPrefix(r, c) : -1 });
+      return el;
+    }
     if (!observer) { queue.push(el); pump(); return el; }
     observer.observe(el);
     observed.add(el);
