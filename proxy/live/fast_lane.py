@@ -194,11 +194,9 @@ class FastLane:
         latency = time.perf_counter() - started
         self._tel.latency("reference", self._pool.name, latency)
         if future is not None:
-            if relay.overflow:
-                future.set_result(None)
-                self._scheduler.note_skip("answer_too_large")
-            else:
-                future.set_result(self._relayed(relay, latency, complete=True))
+            # Past the tee's cap the copy has no whole answer: its fate is reference_failed.
+            whole = not relay.overflow
+            future.set_result(self._relayed(relay, latency, complete=True) if whole else None)
         span.set_attribute("http.response.status_code", relay.status)
         self._tel.request(head.route.kind.value, relay.status)
 
