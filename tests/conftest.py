@@ -27,6 +27,7 @@ from proxy.buffer.embedded import EmbeddedRedis
 from proxy.settings import Settings, settings_from_mapping
 from tests.fakes import FakeBehaviour, FakeUpstream, start_fake
 from tests.triton_fixture import READY_TIMEOUT_S, triton_server  # noqa: F401
+from tests.vllm_fixture import vllm_servers  # noqa: F401
 
 ADMIN_TOKEN = "test-admin-token"
 
