@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo review test lint typecheck unit chromium loadtest clean vllm
+.PHONY: demo demo-llm review test lint typecheck unit chromium loadtest clean vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ $(VLLM_STAMP):
 	touch $@
 
 vllm: $(VLLM_STAMP)
+
+# The LLM demo on real vLLM (its venv takes a few minutes to build, once per machine).
+demo-llm: $(STAMP) $(VLLM_STAMP)
+	$(BIN)/shadowproxy demo --llm
 
 unit: $(STAMP) chromium $(VLLM_STAMP)
 	$(BIN)/pytest -q

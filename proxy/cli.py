@@ -28,6 +28,9 @@ from .review.golden import (
 )
 from .settings import Settings, load_settings
 
+DEMO_REQUESTS = 300
+LLM_DEMO_REQUESTS = 24
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shadowproxy", description=__doc__)
@@ -44,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     demo = sub.add_parser("demo", help="run the whole demo on embedded defaults and report")
-    demo.add_argument("--requests", type=int, default=300, help="live requests to send")
+    demo.add_argument(
+        "--requests",
+        type=int,
+        default=DEMO_REQUESTS,
+        help=f"live requests to send ({DEMO_REQUESTS}; with --llm, {LLM_DEMO_REQUESTS})",
+    )
     demo.add_argument("--state-dir", type=Path, default=Path(".state/demo"))
     demo.add_argument("--keep-running", action="store_true", help="stay up for review")
     demo.add_argument(
@@ -52,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead, run two canary rollouts (traced promotes, int8 rolls back) and print "
         "the decision log",
+    )
+    demo.add_argument(
+        "--llm",
+        action="store_true",
+        help="instead, stream chat completions through a proxy in front of real vLLM servers "
+        "(fp32 reference, bf16 candidate, fp32 twin); needs `make vllm` once",
     )
 
     replay = sub.add_parser("replay", help="re-send a golden set to a model and report")
@@ -124,6 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return serve_workers(settings, args.workers, config_path=args.config)
             asyncio.run(serve(settings, config_path=args.config))
             return 0
+        if args.command == "demo" and args.llm:
+            from .demo.vllm_demo import run_vllm_demo
+
+            requests = args.requests if args.requests != DEMO_REQUESTS else LLM_DEMO_REQUESTS
+            return asyncio.run(run_vllm_demo(requests, args.state_dir / "llm"))
         if args.command == "demo" and args.canary:
             from .demo.canary import run_canary_demo
 

@@ -10,8 +10,14 @@ from typing import Any
 import numpy as np
 
 from ..settings import Settings
+from .llm import llm_lines
 
-PROTOCOLS = {"v2_rest": "REST", "v2_grpc": "gRPC"}
+PROTOCOLS = {
+    "v2_rest": "REST",
+    "v2_grpc": "gRPC",
+    "triton_generate": "generate",
+    "openai": "OpenAI",
+}
 """A verdict's ``protocol`` (the reference answer's wire protocol) as the report names it."""
 
 
@@ -29,9 +35,12 @@ def compared_by_protocol(verdicts: Iterable[Mapping[str, Any]]) -> dict[str, Cou
 def traffic_line(traffic: Mapping[str, int]) -> str:
     """``traffic: 300 requests, 225 REST (113 JSON, 112 binary) + 75 gRPC, 0 failed``."""
     rest, grpc = traffic.get("rest", 0), traffic.get("grpc", 0)
+    generate, stream = traffic.get("llm_generate", 0), traffic.get("llm_generate_stream", 0)
+    llm = f" + {generate + stream} generations ({generate} generate, {stream} streamed)"
     return (
         f"traffic: {rest + grpc} requests, {rest} REST ({traffic.get('json', 0)} JSON, "
-        f"{traffic.get('binary', 0)} binary) + {grpc} gRPC, {traffic.get('failed', 0)} failed"
+        f"{traffic.get('binary', 0)} binary) + {grpc} gRPC"
+        f"{llm if generate + stream else ''}, {traffic.get('failed', 0)} failed"
     )
 
 
@@ -60,13 +69,11 @@ def print_report(
         flagged = sum(1 for r in rows if r["flagged"])
         role = " (noise floor: a second reference instance)" if cand.noise_floor else ""
         served = ", ".join(f"{k} -> {v}" for k, v in cand.model_map.items())
-        print(f"\n{cand.name}{role}  [{served}]")
+        print(f"\n{cand.name}{role}  [{served or cand.url}]")
         share = flagged / len(rows) if rows else 0.0
         protocols = by_protocol.get(cand.name, Counter())
-        split = " + ".join(
-            f"{protocols[p]} {p}"
-            for p in ("REST", "gRPC", *sorted(set(protocols) - {"REST", "gRPC"}))
-        )
+        order = ("REST", "gRPC", *sorted(set(protocols) - {"REST", "gRPC"}))
+        split = " + ".join(f"{protocols[p]} {p}" for p in order if protocols[p]) or "none"
         print(f"  samples compared {len(compared)} ({split}), flagged {flagged} ({share:.0%})")
         # Per output: severity quantiles (0 = identical, larger = worse, the same scale for
         # every metric) and the comparator's own headline score at its worst.
@@ -89,6 +96,8 @@ def print_report(
             if (output, metric) in headlines:
                 name, vals = headlines[(output, metric)]
                 line += f"  worst {name} {_worst(name, vals):.6g}"
+            print(line)
+        for line in llm_lines(compared):
             print(line)
         extra = Counter({what: n for (c, what), n in tally.items() if c == cand.name and n})
         skipped = sum(n for what, n in extra.items() if what.startswith("skipped:"))
