@@ -28,7 +28,10 @@ Sections, in order:
    candidate and through NGINX ``grpc_pass`` with and without ``mirror``, interleaved rounds at
    500 and 1000 calls/s and saturation, against a static NGINX gRPC backend, then against
    Triton;
-7. the proxy's memory over ``--memory-duration`` seconds with the slow candidate.
+7. LLM streams (``llm_ttfb.py``): time to the first SSE event of streamed chat completions,
+   direct and through shadowproxy with and without mirroring, against a deterministic
+   streaming server (``llm_backend.py``);
+8. the proxy's memory over ``--memory-duration`` seconds with the slow candidate.
 
 Every open-loop point through a shadowproxy also reports its coverage (copies compared /
 requests sent). The tables go to stdout; ``bench.md`` (with a latency CDF, ``bench_cdf.png``) and
@@ -71,6 +74,7 @@ from .coverage import (
     start_light_triton,
 )
 from .grpc_bench import run_grpc
+from .llm_ttfb import run_llm
 from .mirror_overhead import MODEL, environment, proxy_config, scrape
 from .nginx import nginx_binary, start_nginx
 from .openloop import Run, Saturation, open_loop, scenario, wrk_saturation
@@ -424,12 +428,14 @@ async def _sections(bench: Bench, args: argparse.Namespace) -> None:
         await bench.attempt(f"{target} coverage triton", run_coverage(bench, target, "triton"))
     if "grpc" in only:
         await bench.attempt("grpc", run_grpc(bench))
+    if "llm" in only:
+        await bench.attempt("llm", run_llm(bench))
     bench.stop_triton()  # its stubs must not sit beside the memory run
     for target in proxies if "memory" in only else []:
         await bench.attempt(f"{target} memory", bench.memory(target))
 
 
-SECTIONS = ("live", "points", "faults", "coverage", "cpu", "triton", "grpc", "memory")
+SECTIONS = ("live", "points", "faults", "coverage", "cpu", "triton", "grpc", "llm", "memory")
 
 
 def build_parser() -> argparse.ArgumentParser:

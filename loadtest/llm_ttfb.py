@@ -186,6 +186,16 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+async def run_llm(bench: Any) -> None:
+    """``make bench``'s LLM section (``--only llm``): the same figures, with the bench's
+    ``--rounds``, printed and kept with its notes."""
+    args = argparse.Namespace(streams=200, rounds=bench.args.rounds, delay_ms=2.0)
+    bench.say(f"[{time.strftime('%H:%M:%S')}] LLM streams: time to first event")
+    text = report(args, await measure(args, bench.procs, bench.work))
+    bench.say(text)
+    bench.results.notes.append(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=200)
