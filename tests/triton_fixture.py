@@ -21,6 +21,12 @@ DEMO_MODELS = (
     # numpy only, ready in a second or two: for coverage tests and benchmarks.
     "light_ref",
     "light_cand",
+    # Decoupled LMs for Triton's generate extension: a tiny transformer trained once per cache
+    # key (the first stub trains for a few seconds, the others load its weights).
+    "lm_fp32",
+    "lm_int8",
+    "lm_bf16",
+    "lm_fp32_twin",
 )
 # Seven stubs each import torch and load MiniLM on a shared 2-core machine: ~2 minutes when the
 # machine is busy, so leave room well beyond that.
