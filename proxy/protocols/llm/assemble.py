@@ -118,7 +118,9 @@ class ChoiceBuilder:
         ttft = self.first_at if self.first_at is not None else whole_at
         tpot = None
         n = len(self.tokens) if self.has_logprobs else self.pieces
-        if self.first_at is not None and self.last_at is not None and n >= 2:
+        # Only a stream times its tokens: one answer read whole has no time per token.
+        streamed = self.pieces >= 2
+        if streamed and self.first_at is not None and self.last_at is not None and n >= 2:
             tpot = (self.last_at - self.first_at) / (n - 1)
         tool_calls = None
         if self.tool_calls:
