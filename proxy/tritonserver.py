@@ -179,6 +179,10 @@ class TritonServer:
             "--log-verbose=0",
             # Below stop()'s grace period, so a clean shutdown finishes before the SIGKILL.
             "--exit-timeout-secs=5",
+            # Every config.pbtxt is complete: without this, each Python model starts a stub
+            # process once more only to be asked for its config (twice the process launches;
+            # under load, a launch storm once aborted the server in boost's interprocess lock).
+            "--disable-auto-complete-config",
         ]
         if self.models is not None:
             cmd.append("--model-control-mode=explicit")

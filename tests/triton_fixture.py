@@ -28,7 +28,7 @@ DEMO_MODELS = (
     "lm_bf16",
     "lm_fp32_twin",
 )
-# Seven stubs each import torch and load MiniLM on a shared 2-core machine: ~2 minutes when the
+# Eleven torch stubs (MiniLM and the tiny LMs) load on a shared 2-core machine: ~2 minutes when the
 # machine is busy, so leave room well beyond that.
 READY_TIMEOUT_S = 420.0
 
