@@ -27,6 +27,7 @@ from ..keys import COVERAGE
 from ..settings import Settings, settings_from_mapping
 from ..tritonserver import TritonServer
 from .corpus import sentences
+from .llm import LM_CANDIDATES, LM_COMPARISONS, LM_MODELS, send_llm_traffic
 from .report import print_report
 
 EMBEDDER = "minilm_fp32"
@@ -90,8 +91,11 @@ def demo_config(triton_url: str, grpc_url: str, token: str) -> dict[str, Any]:
         "candidates": [
             {"url": triton_url, "grpc_url": grpc_url, "timeout_s": 60, "max_in_flight": 32, **c}
             for c in DEMO_CANDIDATES
-        ],
-        "comparisons": DEMO_COMPARISONS,
+        ]
+        + [{"url": triton_url, **c} for c in LM_CANDIDATES],
+        "comparisons": {**DEMO_COMPARISONS, **LM_COMPARISONS},
+        # Generated answers are also compared by meaning: both embedded by the demo's MiniLM.
+        "semantic": {"embedding_url": triton_url, "embedding_model": EMBEDDER},
     }
 
 
@@ -116,13 +120,16 @@ def write_demo_config(state_dir: Path, triton_url: str, token: str) -> Path:
             "admin": {"host": "127.0.0.1", "port": REVIEW_ADMIN_PORT, "token": token},
             "reference": {"name": "fp32", "url": triton_url},
             "buffer": {"state_dir": str((state_dir / "redis").resolve())},
-            "comparisons": DEMO_COMPARISONS,
+            "comparisons": {**DEMO_COMPARISONS, **LM_COMPARISONS},
         }
     )
     path.touch(mode=0o600)
     path.write_text(text)
     return path
 
+
+LLM_REQUESTS = 40
+"""Generations sent to the language model after the tensor traffic."""
 
 GRPC_EVERY = 4
 """Every fourth request goes over gRPC (when the proxy listens for it); the rest over REST."""
@@ -238,7 +245,12 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
     repo = model_repository()
     print(f"[demo] starting Triton on the CPU with the demo models from {repo} ...")
     # The models the demo's candidates use (the repository also holds the suite's light pair).
-    models = (EMBEDDER, CLASSIFIER, *(m for c in DEMO_CANDIDATES for m in c["model_map"].values()))
+    models = (
+        EMBEDDER,
+        CLASSIFIER,
+        *(m for c in DEMO_CANDIDATES for m in c["model_map"].values()),
+        *LM_MODELS,
+    )
     triton = TritonServer(repo, workdir=state_dir / "triton", models=tuple(dict.fromkeys(models)))
     try:
         await asyncio.to_thread(triton.start)
@@ -258,10 +270,15 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
             t0 = time.monotonic()
             run_started = time.time()
             counts = await send_traffic(runner.data_port, n_requests, grpc_port=runner.grpc_port)
+            llm = await send_llm_traffic(runner.data_port, LLM_REQUESTS)
+            counts["failed"] += llm["failed"]
+            counts.update({f"llm_{k}": v for k, v in llm.items()})
             print(
                 f"[demo] {counts['ok']} answered ({counts['json']} REST JSON, {counts['binary']} "
-                f"REST binary, {counts['grpc']} gRPC), {counts['failed']} failed, in "
-                f"{time.monotonic() - t0:.1f}s; waiting for the shadows ..."
+                f"REST binary, {counts['grpc']} gRPC) and {llm['ok']} generations "
+                f"({llm['generate']} generate, {llm['generate_stream']} generate_stream), "
+                f"{counts['failed']} failed, in {time.monotonic() - t0:.1f}s; "
+                "waiting for the shadows ..."
             )
             await runner.drained(180.0)
             verdicts, tally, coverage = await collect_results(runner, run_started)
