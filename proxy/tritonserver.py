@@ -34,11 +34,11 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+
+from .server_process import LOG_TAIL_LINES, ServerProcess
 
 _STOP_GRACE_S = 15.0
 _POLL_S = 0.5
-_LOG_TAIL_LINES = 30
 # Triton's own line for a model whose load failed, with the reason (Python traceback included).
 _LOAD_FAILED = re.compile(r"failed to load '([^']+)' version \d+: (.*?)\"?$", re.MULTILINE)
 _STUB_NAME = "triton_python_backend_stub"
@@ -111,7 +111,7 @@ def _error_text(status: int, body: str) -> str:
     return f"HTTP {status}: {body.strip()[:200]}" if status else "no answer"
 
 
-class TritonServer:
+class TritonServer(ServerProcess):
     """One `tritonserver` process serving `model_repository`; stop it with `stop()` or `with`."""
 
     def __init__(
@@ -199,16 +199,9 @@ class TritonServer:
                 start_new_session=True,
             )
 
-    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
     def _fail(self, what: str) -> TritonStartError:
         return TritonStartError(
-            f"{what}\n--- last {_LOG_TAIL_LINES} lines of {self.log_path} ---\n{self.log_tail()}"
+            f"{what}\n--- last {LOG_TAIL_LINES} lines of {self.log_path} ---\n{self.log_tail()}"
         )
 
     def _failed_models(self) -> dict[str, str]:
@@ -328,20 +321,3 @@ class TritonServer:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         self._remove_shm_regions()
-
-    def __enter__(self) -> TritonServer:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -29,13 +29,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
-from proxy.tritonserver import _free_port, _get
+from .server_process import LOG_TAIL_LINES, ServerProcess
+from .tritonserver import _free_port, _get
 
 _STOP_GRACE_S = 20.0
 _POLL_S = 0.5
-_LOG_TAIL_LINES = 40
 _VENV = Path(__file__).resolve().parents[1] / ".venv-vllm"
 PYTHON_ENV = "SHADOWPROXY_VLLM_PYTHON"
 # Imported by every Python process of the server (API server, engine core, worker: spawned, so
@@ -101,7 +100,7 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
-class VllmServer:
+class VllmServer(ServerProcess):
     """One vLLM OpenAI API server for `model_dir`; stop it with `stop()` or `with`."""
 
     def __init__(
@@ -209,17 +208,10 @@ class VllmServer:
                 start_new_session=True,
             )
 
-    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
     def _fail(self, what: str) -> VllmStartError:
         return VllmStartError(
             f"vLLM {self.served_model_name!r} ({self.dtype}, {self.url}): {what}\n"
-            f"--- last {_LOG_TAIL_LINES} lines of {self.log_path} ---\n{self.log_tail()}"
+            f"--- last {LOG_TAIL_LINES} lines of {self.log_path} ---\n{self.log_tail()}"
         )
 
     def _served_names(self) -> tuple[int, list[str]]:
@@ -294,20 +286,3 @@ class VllmServer:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-    def __enter__(self) -> VllmServer:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
