@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,9 @@ class LlmBehaviour:
     """Between two events (the first comes at once)."""
     tokens: int = 8
     diverge_at: int | None = None
+    sample_seed: int = 0
+    """With ``temperature`` > 0 in a request, about a third of the tokens are the runner-up
+    instead, chosen by this seed and the prompt: two servers of one model sample apart."""
     calls: int = 0
     cancelled: int = 0
     """Streams whose client went away before the end."""
@@ -72,15 +76,18 @@ def _prompt_of(body: dict[str, Any]) -> str:
     return str(body.get("prompt", body.get("text_input", "")))
 
 
-def tokens_for(prompt: str, n: int, diverge_at: int | None = None) -> list[tuple[str, float]]:
-    """(token, logprob) for ``n`` tokens, from the prompt alone."""
+def tokens_for(
+    prompt: str, n: int, diverge_at: int | None = None, sampled_by: int | None = None
+) -> list[tuple[str, float]]:
+    """(token, logprob) for ``n`` tokens, from the prompt alone (and, when sampling, a seed)."""
     seed = hashlib.blake2b(prompt.encode(), digest_size=8).digest()
+    rng = random.Random(f"{sampled_by}:{prompt}") if sampled_by is not None else None
     out = []
     for i in range(n):
         h = hashlib.blake2b(seed + i.to_bytes(4, "big"), digest_size=4).digest()
         word = _WORDS[h[0] % len(_WORDS)]
         lp = -0.05 - (h[1] / 255.0)
-        if diverge_at is not None and i == diverge_at:
+        if (diverge_at is not None and i == diverge_at) or (rng and rng.random() < 0.3):
             word = _WORDS[(h[0] + 1) % len(_WORDS)]  # the runner-up of _top below
             lp = -1.5
         out.append((" " + word, round(lp, 4)))
@@ -143,6 +150,11 @@ class LlmBackend:
         model = body.get("model", self.name)
         return web.json_response({"object": "list", "data": data, "model": model, "usage": usage})
 
+    def _sampling(self, body: dict[str, Any]) -> int | None:
+        params = body.get("parameters") or {}
+        temperature = body.get("temperature", params.get("temperature")) or 0
+        return self.behaviour.sample_seed if temperature > 0 else None
+
     async def _ready(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
 
@@ -153,7 +165,7 @@ class LlmBackend:
         b.seen_bodies.append(body)
         chat = request.path.endswith("chat/completions")
         n = int(body.get("max_tokens") or b.tokens)
-        toks = tokens_for(_prompt_of(body), n, b.diverge_at)
+        toks = tokens_for(_prompt_of(body), n, b.diverge_at, self._sampling(body))
         want_lp = bool(body.get("logprobs"))
         model = body.get("model", self.name)
         base = {"id": "cmpl-fixed", "created": 1700000000, "model": model}
@@ -201,7 +213,7 @@ class LlmBackend:
         model = request.match_info["model"]
         params = body.get("parameters") or {}
         n = int(params.get("max_tokens") or body.get("max_tokens") or b.tokens)
-        toks = tokens_for(_prompt_of(body), n, b.diverge_at)
+        toks = tokens_for(_prompt_of(body), n, b.diverge_at, self._sampling(body))
         base = {"model_name": model, "model_version": "1"}
         if not request.path.endswith("_stream"):
             text = "".join(t for t, _ in toks)

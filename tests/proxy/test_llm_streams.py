@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -205,3 +206,41 @@ async def test_embeddings_are_compared_as_vectors(
     assert tilted_out["metric"] == "cosine" and tilted_out["flagged"]
     assert twin_out["metric"] == "cosine" and not twin_out["flagged"]
     assert verdicts["tilted"]["protocol"] == "openai"
+
+
+async def test_sampled_answers_are_judged_against_the_twins_spread(
+    llm: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    # Three servers of one model, sampling apart (temperature 1): the candidate's answers differ
+    # from the reference's as much as the twin's do. Judged by the threshold alone most would be
+    # flagged; against the twin's spread (the A/A noise floor) few are.
+    ref, twin, cand = await llm(sample_seed=1), await llm(sample_seed=2), await llm(sample_seed=3)
+    noise = {"min_samples": 10}
+
+    async def flagged(candidates: list[dict[str, Any]]) -> int:
+        since = time.time()  # both runs share one Redis
+        proxy = await proxy_factory(
+            make_settings(ref.url, redis_url, candidates=candidates, noise=noise)
+        )
+        for i in range(50):
+            chat = {
+                **CHAT,
+                "stream": False,
+                "temperature": 1.0,
+                "max_tokens": 12,
+                "messages": [{"role": "user", "content": f"tell me story {i}"}],
+            }
+            assert (await post_json(_proxy_url(proxy), "/v1/chat/completions", chat))[0] == 200
+            if i == 19:  # the twin's first verdicts are the floor the rest are judged against
+                assert await proxy.drained(10)
+        assert await proxy.drained(10)
+        assert proxy.telemetry.tally[("cand", "compared")] == 50
+        flagged = await proxy.store.list_samples(flagged=True, candidate="cand")
+        return sum(1 for v in flagged if v["ts"] >= since)
+
+    alone = await flagged([{"name": "cand", "url": cand.url}])
+    with_twin = await flagged(
+        [{"name": "cand", "url": cand.url}, {"name": "twin", "url": twin.url, "noise_floor": True}]
+    )
+    assert alone >= 40, alone
+    assert with_twin <= 25, with_twin
