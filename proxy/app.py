@@ -51,7 +51,8 @@ from .keys import (
     STORE,
     TELEMETRY,
 )
-from .live.fast_lane import FastLane, FastLaneServer
+from .live.fast_lane import FastLane
+from .live.fast_lane_server import FastLaneServer
 from .live.forwarding import LiveProxy, strip_server_defaults
 from .live.grpc_canary import GrpcCanary
 from .live.grpc_mirror import GrpcCopier

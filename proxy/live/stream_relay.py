@@ -16,6 +16,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from multidict import CIMultiDict
+
+from ..shadow.analysis import Exchange
 from .http1 import reason_phrase, response_head
 from .upstream_pool import Pausable
 
@@ -68,6 +71,15 @@ class StreamRelay:
             return
         self.kept.append(data)
         self.timeline.append((self.kept_size, time.perf_counter() - self._started))
+
+    def exchange(self, upstream: str, *, complete: bool) -> Exchange:
+        """What was relayed, as the copy's reference answer (``complete``: to its end)."""
+        headers = CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in self.headers)
+        latency = time.perf_counter() - self._started
+        body = b"".join(self.kept)
+        return Exchange(
+            upstream, self.status, headers, body, latency, tuple(self.timeline), complete
+        )
 
     def finish(self) -> None:
         if self._chunked:
