@@ -283,12 +283,18 @@ async def test_overload_sheds_mirrors_and_keeps_serving(
     assert await proxy.drained(10)
     assert proxy.telemetry.tally[("c", "dropped_overload")] == 0
     assert proxy.telemetry.tally[("c", "compared")] == 9
-    # Something CPU-bound keeps the loop 30 ms late, repeatedly: the proxy is overloaded.
-    for _ in range(10):
-        hog = loop.call_later(0.005, _burn, 0.03)
-        await asyncio.sleep(0.04)
-        assert (await _post(url, BODY))[0] == 200  # live traffic is still served
-    hog.cancel()
+    # Something CPU-bound keeps the loop 30 ms late, repeatedly: the proxy is overloaded. (The
+    # guard sheds only when the loop's own thread had the CPU: on a host where other processes
+    # took half of it, the burst is not this process's overload, so it is tried again.)
+    for _attempt in range(3):
+        cpu, wall = time.thread_time(), time.perf_counter()
+        for _ in range(10):
+            hog = loop.call_later(0.005, _burn, 0.03)
+            await asyncio.sleep(0.04)
+            assert (await _post(url, BODY))[0] == 200  # live traffic is still served
+        hog.cancel()
+        if (time.thread_time() - cpu) / (time.perf_counter() - wall) > 0.6:
+            break
     assert await proxy.drained(10)
     assert proxy.telemetry.tally[("c", "dropped_overload")] >= 3
     # The lag reading decays once the loop is on time again; then copies are made again.
