@@ -257,6 +257,7 @@ class LiveProxy:
                             path,
                             refused_raises=True,
                             streamed=streamed,
+                            in_canary=True,
                         )
                     except UpstreamUnavailable as err:
                         # The candidate is not there at all: answer from the reference rather
@@ -266,11 +267,25 @@ class LiveProxy:
                         if future is not None and not future.done():
                             future.set_result(None)
                         response = await self._forward(
-                            request, headers, body, None, self._ref, raw_path, streamed=streamed
+                            request,
+                            headers,
+                            body,
+                            None,
+                            self._ref,
+                            raw_path,
+                            streamed=streamed,
+                            in_canary=True,
                         )
                 else:
                     response = await self._forward(
-                        request, headers, body, future, self._ref, raw_path, streamed=streamed
+                        request,
+                        headers,
+                        body,
+                        future,
+                        self._ref,
+                        raw_path,
+                        streamed=streamed,
+                        in_canary=canary is not None,
                     )
             finally:
                 if future is not None and not future.done():
@@ -377,11 +392,11 @@ class LiveProxy:
         *,
         refused_raises: bool = False,
         streamed: bool = False,
+        in_canary: bool = False,
     ) -> web.StreamResponse:
-        # (A streamed answer's head goes out before this returns: the canary's served-by header
-        # is set on it here.)
         """``streamed``: an LLM call, relayed read by read (and teed for ``future``), its time
-        limit between reads rather than on the whole answer."""
+        limit between reads rather than on the whole answer. Its head goes out before this
+        returns, so the canary's served-by header (``in_canary``) is set on it here."""
         started = time.perf_counter()
         timeout = target.timeout
         if streamed:
@@ -412,7 +427,7 @@ class LiveProxy:
                     status=upstream.status, reason=upstream.reason, headers=resp_headers
                 )
                 resp.upstream_headers = names
-                if self._served_header:
+                if self._served_header and in_canary:
                     resp.headers[self._served_header] = target.name
                 cap = self._settings.proxy.max_answer_bytes
                 return await relay_stream(
