@@ -61,9 +61,10 @@ class LlmBehaviour:
     """Between two events (the first comes at once)."""
     tokens: int = 8
     diverge_at: int | None = None
-    sample_seed: int = 0
-    """With ``temperature`` > 0 in a request, about a third of the tokens are the runner-up
-    instead, chosen by this seed and the prompt: two servers of one model sample apart."""
+    sample_seed: int | None = None
+    """Set: with ``temperature`` > 0 in a request, about a third of the tokens are the runner-up
+    instead, chosen by this seed and the prompt, so two servers of one model sample apart.
+    Unset, the temperature is ignored (every answer is the prompt's)."""
     calls: int = 0
     cancelled: int = 0
     """Streams whose client went away before the end."""
@@ -153,7 +154,8 @@ class LlmBackend:
     def _sampling(self, body: dict[str, Any]) -> int | None:
         params = body.get("parameters") or {}
         temperature = body.get("temperature", params.get("temperature")) or 0
-        return self.behaviour.sample_seed if temperature > 0 else None
+        seed = self.behaviour.sample_seed
+        return seed if seed is not None and temperature > 0 else None
 
     async def _ready(self, request: web.Request) -> web.Response:
         return web.Response(status=200)

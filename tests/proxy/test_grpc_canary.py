@@ -104,4 +104,7 @@ async def test_an_unreachable_grpc_canary_falls_back_and_rolls_back(
     state = await wait_rollout(proxy, {"rolled_back"})
     assert "error_rate" in state.reason
     evidence = await proxy.canary.store.evidence(state.attempt, 0)
-    assert evidence["fallbacks"] >= 3, evidence
+    # Every fallback is a candidate error; how many came before the rollback depends on when
+    # the controller looked (three errors of any kind fail the gate early).
+    assert evidence["fallbacks"] >= 1, evidence
+    assert evidence["cand_errors"] >= max(3, evidence["fallbacks"]), evidence
