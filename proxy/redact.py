@@ -20,8 +20,11 @@ ever see its result.
 - **JSON pointers** (``redact.json_pointers``, RFC 6901) in any JSON body (V2 header or not): the
   value there is replaced by ``"hmac-sha256:<hex>"`` of its canonical JSON.
 - A body that value redaction applies to but that cannot be read (not JSON, compressed beyond
-  ``proxy.max_inflated_bytes``) is **withheld**: replaced by a small JSON note with the body's
-  size and keyed hash, never stored as it came.
+  ``proxy.max_inflated_bytes``; an SSE stream), or, when inputs or outputs are named, one that
+  has no V2 ``inputs``/``outputs`` to find them in (an OpenAI or generate body, an error), is
+  **withheld**: replaced by a small JSON note with the body's size and keyed hash, never stored
+  as it came. For generated text, name ``text`` in ``redact.outputs``: its previews, reasons and
+  the answers' bodies are then kept out (or name JSON pointers into the request).
 - ``redact.store_payloads: false``: no bodies and no headers at all; tensor previews are dropped
   and reasons that quote a body are cut. Scores and metadata stay.
 
@@ -77,6 +80,9 @@ class Redactor:
         self._drop = CREDENTIAL_HEADERS | {h.lower() for h in settings.headers}
         self._inputs = frozenset(settings.inputs)
         self._outputs = frozenset(settings.outputs)
+        # A generated text's other aspects quote it (the tokens where two answers part, a JSON
+        # answer's structure): redacting ``text`` redacts their reasons and previews too.
+        self._shown_outputs = self._outputs | (_TEXT_ASPECTS if "text" in self._outputs else set())
         self._pointers = [_parse_pointer(p) for p in settings.json_pointers]
         secret = settings.secret.get_secret_value() if settings.secret is not None else ""
         self._key = secret.encode()
@@ -107,13 +113,13 @@ class Redactor:
             return outputs, dict(previews)
         safe = [
             {**o, "reason": f"{o['metric']} flagged (values redacted)" if o["reason"] else ""}
-            if o["output"] in self._outputs
+            if _aspect(o["output"]) in self._shown_outputs
             else o
             for o in outputs
         ]
         shown = {
             name: {side: _blank(pv.get(side)) for side in ("reference", "candidate")}
-            if name in self._outputs
+            if _aspect(name) in self._shown_outputs
             else pv
             for name, pv in previews.items()
         }
@@ -141,6 +147,11 @@ class Redactor:
         if not isinstance(doc, dict | list) or (length == 0 and names):
             # A raw binary request (header length 0) is one unnamed input: it may be a named one.
             return self._withheld(body, headers, "a body whose tensors cannot be named")
+        if names and not (isinstance(doc, dict) and isinstance(doc.get(kind), list)):
+            # Not a V2 body (an OpenAI answer, a generate request, an error): its values are not
+            # tensors by name, so a named one may be anywhere in it (a generated text named
+            # "text" is in choices[].message.content). SSE answers never parse here at all.
+            return self._withheld(body, headers, f"a body without {kind} to redact by name")
         blobs = raw[length:]
         changed, kept = False, blobs
         if names and isinstance(doc, dict) and isinstance(doc.get(kind), list):
@@ -209,9 +220,24 @@ class Redactor:
         return Body(orjson.dumps(note), [*kept, ("Content-Type", "application/json")])
 
 
+_TEXT_ASPECTS = frozenset({"tokens", "logprobs", "json"})
+
+
+def _aspect(output: str) -> str:
+    """An output's name without its choice (``choices[1].text`` -> ``text``)."""
+    return output.rsplit(".", 1)[-1] if output.startswith("choices[") else output
+
+
+# What a generated text's preview says about its content: cleared when ``text`` is redacted
+# (its finish reason, usage and timing stay).
+_TEXT_CONTENT = ("text", "tokens", "token_ids", "tool_calls")
+
+
 def _blank(pv: Any) -> Any:
     if not isinstance(pv, dict):
         return pv
+    if pv.get("kind") == "text":
+        return {**pv, **dict.fromkeys(_TEXT_CONTENT), "text": "", "redacted": True}
     return {**pv, "head": [], "redacted": True}
 
 

@@ -107,6 +107,8 @@ def text_snippet(previews: Mapping[str, Any]) -> dict[str, Any] | None:
     ref, cand = pv.get("reference"), pv.get("candidate")
     if not (isinstance(ref, Mapping) and isinstance(cand, Mapping)):
         return None
+    if ref.get("redacted") or cand.get("redacted"):
+        return None
     rt, ct = ref.get("text"), cand.get("text")
     if not (isinstance(rt, str) and isinstance(ct, str)):
         return None

@@ -22,6 +22,9 @@ from proxy.protocols.v2_rest.codec import decode_infer_response
 from proxy.redact import HASH_PREFIX, Redactor
 from proxy.settings import ProxySettings, RedactSettings
 from tests.conftest import ADMIN_TOKEN, make_settings
+from tests.llm_fakes import llm, post_json
+
+__all__ = ["llm"]  # the fixture, used by name
 
 TOKEN = "s3cr3t-t0ken-value"
 COOKIE = "c00kie-value"
@@ -236,3 +239,46 @@ def test_a_body_that_cannot_be_read_is_withheld_not_stored() -> None:
     assert _leaks(stored.data) == [] and note["withheld"] and note["hash"].startswith(HASH_PREFIX)
     untouched = _redactor().request(b"not json", [("Cookie", COOKIE)])
     assert untouched.data == b"not json" and untouched.headers == []
+
+
+async def test_a_generated_text_named_in_redact_outputs_is_nowhere_at_rest(
+    llm: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    ref, cand = await llm(), await llm(diverge_at=1)
+    settings = make_settings(
+        ref.url,
+        redis_url,
+        candidates=[{"name": "c", "url": cand.url}],
+        redact={"outputs": ["text"], "secret": "test-redaction-secret-0123456789"},
+        comparisons={"*": {"*": {"metric": "auto"}, "text": {"min_similarity": 0.999}}},
+    )
+    proxy = await proxy_factory(settings)
+    url = f"http://127.0.0.1:{proxy.data_port}"
+    answers = []
+    for stream in (True, False):
+        chat = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "tell me a secret"}],
+            "max_tokens": 8,
+            "stream": stream,
+        }
+        status, _, body = await post_json(url, "/v1/chat/completions", chat)
+        assert status == 200
+        answers.append(body)
+    assert await proxy.drained(10)
+    flagged = await proxy.store.list_samples(flagged=True)
+    assert len(flagged) == 2  # compared and flagged: the samples were stored, redacted
+    at_rest = await _everything_in(redis_url)
+    # Each answer's generated words (the candidate's differ from the 2nd token) are not there.
+    for body in answers:
+        text = _generated(body).encode()
+        assert len(text) > 20 and text not in at_rest
+        assert text[:12] not in at_rest
+
+
+def _generated(body: bytes) -> str:
+    """A chat answer's text, streamed (the deltas joined) or not."""
+    if not body.startswith(b"data: "):
+        return str(json.loads(body)["choices"][0]["message"]["content"])
+    events = [json.loads(e[6:]) for e in body.split(b"\n\n") if e.startswith(b"data: {")]
+    return "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
