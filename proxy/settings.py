@@ -525,9 +525,13 @@ class Settings(_Model):
                     raise ValueError(f"[{model!r}][{output!r}]: {exc}") from None
         return value
 
-    def mirrors(self, model: str) -> bool:
-        """Whether any candidate may take a copy of a request to ``model`` (no body needed)."""
-        return any(c.sample_rate > 0 and c.shadows(model) for c in self.candidates)
+    def mirrors(self, model: str | None) -> bool:
+        """Whether any candidate may take a copy of a request to ``model`` (no body needed);
+        None: the model is not known yet (an OpenAI call names it in its body), so any
+        candidate might."""
+        return any(
+            c.sample_rate > 0 and (model is None or c.shadows(model)) for c in self.candidates
+        )
 
     def canary_serves(self, model: str) -> bool:
         """Whether live requests to ``model`` take part in the canary split."""

@@ -58,7 +58,6 @@ class FastLane:
         self.settings = settings
         self.max_body = min(_FAST_BODY, settings.proxy.max_body_bytes)
         self._mirrors = settings.mirrors
-        self._any_mirror = any(c.sample_rate > 0 for c in settings.candidates)
         self._pool = pool
         self._scheduler = scheduler
         self._tel = telemetry
@@ -66,7 +65,6 @@ class FastLane:
     def reload(self, settings: Settings) -> None:
         """Mirror what a reloaded config's candidates shadow (``proxy.*`` keep running values)."""
         self._mirrors = settings.mirrors
-        self._any_mirror = any(c.sample_rate > 0 for c in settings.candidates)
 
     async def answer(
         self,
@@ -83,8 +81,8 @@ class FastLane:
         model = head.route.model or ""
         mirror = (
             kind in MIRRORED
-            # An OpenAI call names its model in the body, read by the shadow side.
-            and (self._mirrors(model) if head.route.model is not None else self._any_mirror)
+            # An OpenAI call names its model in the body (None here), read by the shadow side.
+            and self._mirrors(head.route.model)
             and self._scheduler.admit(model, head.headers)
         )
         headers = end_to_end(head.headers, REQUEST_DROP)
@@ -181,9 +179,8 @@ class FastLane:
         latency = time.perf_counter() - started
         self._tel.latency("reference", self._pool.name, latency)
         if future is not None:
-            # Past the tee's cap the copy has no whole answer: its fate is reference_failed.
-            whole = not relay.overflow
-            future.set_result(relay.exchange(self._pool.name, complete=True) if whole else None)
+            # Past the tee's cap the copy has no whole answer (None): reference_failed.
+            future.set_result(relay.exchange(self._pool.name, complete=True))
         span.set_attribute("http.response.status_code", relay.status)
         self._tel.request(head.route.kind.value, relay.status)
 

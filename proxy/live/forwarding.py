@@ -164,7 +164,6 @@ class LiveProxy:
     ) -> None:
         self._settings = settings
         self._mirrors = settings.mirrors
-        self._any = any(c.sample_rate > 0 for c in settings.candidates)
         self._session = session
         self._scheduler = scheduler
         self._tel = telemetry
@@ -198,8 +197,8 @@ class LiveProxy:
         if by_candidate:
             mirror = tag is not None
         else:
-            known = route.model is not None or route.kind is not RouteKind.OPENAI
-            mirror = route.kind in MIRRORED and (self._mirrors(model) if known else self._any)
+            # (An OpenAI call's model may be unknown here: None, read by the shadow side.)
+            mirror = route.kind in MIRRORED and self._mirrors(route.model)
             # (Canary copies are evidence: the worker accounts for any it has to drop.)
             mirror = mirror and (tag is not None or self._scheduler.admit(model, request.headers))
         if route.kind is RouteKind.ADMIN:
@@ -348,7 +347,6 @@ class LiveProxy:
         """Mirror what a reloaded config's candidates shadow, with its redaction."""
         self._settings = settings
         self._mirrors = settings.mirrors
-        self._any = any(c.sample_rate > 0 for c in settings.candidates)
 
     async def close(self) -> None:
         await self._models.close()

@@ -13,13 +13,13 @@ so neither the relay nor the transport holds more than one read beyond the write
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from multidict import CIMultiDict
 
 from ..shadow.analysis import Exchange
 from .http1 import reason_phrase, response_head
+from .stream_tee import Tee
 from .upstream_pool import Pausable
 
 
@@ -33,18 +33,12 @@ class StreamRelay:
         ``started``: when the request was sent (``time.perf_counter()``)."""
         self._send = send
         self._close = close
-        self._tee_cap = tee_cap
-        self._started = started
+        self._tee = Tee(tee_cap, started) if tee_cap is not None else None
         self._chunked = False
         self.upstream: Pausable | None = None
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.sent_head = False
-        self.kept: list[bytes] = []
-        self.kept_size = 0
-        self.timeline: list[tuple[int, float]] = []
-        self.overflow = False
-        """More came than ``tee_cap``: the copy cannot be compared (it is not whole)."""
 
     def head(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], upstream: Pausable
@@ -61,25 +55,16 @@ class StreamRelay:
         if not data:
             return
         self._send(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
-        if self._tee_cap is None or self.overflow:
-            return
-        self.kept_size += len(data)
-        if self.kept_size > self._tee_cap:
-            self.overflow = True
-            self.kept.clear()
-            self.timeline.clear()
-            return
-        self.kept.append(data)
-        self.timeline.append((self.kept_size, time.perf_counter() - self._started))
+        if self._tee is not None:
+            self._tee.add(data)
 
-    def exchange(self, upstream: str, *, complete: bool) -> Exchange:
-        """What was relayed, as the copy's reference answer (``complete``: to its end)."""
+    def exchange(self, upstream: str, *, complete: bool) -> Exchange | None:
+        """What was relayed, as the copy's reference answer (``complete``: to its end); None
+        when nothing was kept, or more than the tee's cap came."""
+        if self._tee is None:
+            return None
         headers = CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in self.headers)
-        latency = time.perf_counter() - self._started
-        body = b"".join(self.kept)
-        return Exchange(
-            upstream, self.status, headers, body, latency, tuple(self.timeline), complete
-        )
+        return self._tee.exchange(upstream, self.status, headers, complete=complete)
 
     def finish(self) -> None:
         if self._chunked:

@@ -9,12 +9,50 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from ..shadow.analysis import Exchange
+
+
+class Tee:
+    """What a relayed answer's copy keeps: its bytes up to ``cap`` and when each read came
+    (seconds since ``started``, ``time.perf_counter()``); past the cap, nothing (``overflow``:
+    the copy is not whole, so it cannot be compared)."""
+
+    def __init__(self, cap: int, started: float) -> None:
+        self._cap = cap
+        self.started = started
+        self.kept: list[bytes] = []
+        self.size = 0
+        self.timeline: list[tuple[int, float]] = []
+        self.overflow = False
+
+    def add(self, data: bytes) -> None:
+        if self.overflow:
+            return
+        self.size += len(data)
+        if self.size > self._cap:
+            self.overflow = True
+            self.kept.clear()
+            self.timeline.clear()
+            return
+        self.kept.append(data)
+        self.timeline.append((self.size, time.perf_counter() - self.started))
+
+    def exchange(
+        self, upstream: str, status: int, headers: Mapping[str, str], *, complete: bool
+    ) -> Exchange | None:
+        """What was kept, as the copy's reference answer (``complete``: to its end); None past
+        the cap."""
+        if self.overflow:
+            return None
+        latency = time.perf_counter() - self.started
+        body = b"".join(self.kept)
+        return Exchange(upstream, status, headers, body, latency, tuple(self.timeline), complete)
 
 
 class ProxiedStreamResponse(web.StreamResponse):
@@ -37,10 +75,7 @@ async def relay_stream(
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     await response.prepare(request)
-    kept: list[bytes] = []
-    timeline: list[tuple[int, float]] = []
-    size = 0
-    overflow = False
+    tee = Tee(tee_cap, started)
     outcome: bool | None = None  # True: whole; False: the client left; None: the upstream failed
     try:
         async for chunk in upstream.content.iter_any():
@@ -49,11 +84,8 @@ async def relay_stream(
             except ConnectionResetError:
                 outcome = False
                 break
-            if future is not None and not overflow:
-                size += len(chunk)
-                overflow = size > tee_cap
-                kept.append(chunk)
-                timeline.append((size, time.perf_counter() - started))
+            if future is not None:
+                tee.add(chunk)
         else:
             await response.write_eof()
             outcome = True
@@ -63,12 +95,8 @@ async def relay_stream(
     finally:
         if future is not None and not future.done():
             exchange = None
-            if outcome is not None and not overflow:
-                latency = time.perf_counter() - started
+            if outcome is not None:
                 headers = CIMultiDict(upstream.headers)
-                body = b"".join(kept)
-                exchange = Exchange(
-                    upstream_name, upstream.status, headers, body, latency, tuple(timeline), outcome
-                )
+                exchange = tee.exchange(upstream_name, upstream.status, headers, complete=outcome)
             future.set_result(exchange)
     return response
