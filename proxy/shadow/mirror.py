@@ -32,8 +32,7 @@ from comparators.population import PopulationStats
 
 from ..canary.evidence import EvidenceBuffer
 from ..canary.gates import UNCOMPARED
-from ..protocols.base import MalformedMessage, ProtocolAdapter, TooLarge
-from ..protocols.llm.openai import body_model
+from ..protocols.base import MalformedMessage, ProtocolAdapter, RequestFacts, TooLarge
 from ..protocols.model_config import ModelConfigs
 from ..protocols.registry import adapter_for, is_grpc, text_adapter
 from ..protocols.v2_rest.routes import RouteKind
@@ -118,14 +117,15 @@ class MirrorScheduler:
 
     def offer(self, req: MirrorRequest) -> None:
         """Queue a job per sampled candidate. Never blocks, never raises into the caller."""
+        copy = QueuedCopy(req, len(req.body) + 64 * len(req.headers))
         if req.route.model is None and req.route.kind is RouteKind.OPENAI:
-            # Its model is in the body: read here, off the live path, to choose candidates.
-            cap = self._settings.proxy.max_inflated_bytes
-            req.route = replace(req.route, model=body_model(req.body, req.headers, cap) or "")
+            # Its model is in the body: read here, off the live path, to choose candidates (the
+            # one parse of the copy, which its jobs then need not repeat).
+            facts = self._inspect(copy)
+            req.route = replace(req.route, model=(facts.model if facts else None) or "")
         model = req.route.model or ""
         req.seq = next(self._seq)
         jobs: list[Job] = []
-        copy = QueuedCopy(req, len(req.body) + 64 * len(req.headers))
         for cand in self._settings.candidates:
             if not cand.shadows(model):
                 continue
@@ -354,8 +354,9 @@ class MirrorScheduler:
         with trace.use_span(span, end_on_exit=True):
             await self._mirror_one(job)
 
-    async def _check(self, copy: QueuedCopy) -> None:
-        """Parse the copy once for all its candidates; note why it must not be mirrored."""
+    def _inspect(self, copy: QueuedCopy) -> RequestFacts | None:
+        """Parse the copy once for all its candidates; note why it must not be mirrored (None:
+        it cannot be read)."""
         copy.checked = True
         req: MirrorRequest = copy.request
         cap = self._settings.proxy.max_inflated_bytes
@@ -364,13 +365,18 @@ class MirrorScheduler:
             facts = adapter.inspect_request(req.body, req.headers, max_inflated_bytes=cap)
         except TooLarge:
             copy.unsafe = "request_too_large"  # a gzip bomb, say: never inflated past the cap
-            return
+            return None
         except MalformedMessage:
             copy.unsafe = "unparseable_request"
-            return
+            return None
         copy.unsafe, copy.request_id, copy.needs = facts.unsafe, facts.request_id, facts.needs
-        if req.route.kind is RouteKind.OPENAI:
-            return  # not a V2 model: there is no model config to ask
+        return facts
+
+    async def _check(self, copy: QueuedCopy) -> None:
+        """``_inspect``, then ask the reference's model config whether the model is stateful."""
+        req: MirrorRequest = copy.request
+        if self._inspect(copy) is None or req.route.kind is RouteKind.OPENAI:
+            return  # unreadable; or not a V2 model: there is no model config to ask
         model = req.route.model or ""
         if copy.unsafe is None and await self._models.is_stateful(model):
             unsafe = self._models.why_unsafe(model)
