@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..base import MAX_INFLATED_BYTES, MAX_OUTPUTS, DecodedResponse, MalformedMessage
@@ -11,8 +11,12 @@ from .assemble import as_object, loads
 
 
 class _LlmAdapter:
-    """What both LLM adapters share: a plain ``decode_response`` (no request, no timing) for
-    callers that know only the answer, and short error texts from JSON error bodies."""
+    """What both LLM adapters share: ``decode_answer`` (the request read when the API needs it,
+    then the API's decoder), a plain ``decode_response`` (no request, no timing) for callers
+    that know only the answer, and short error texts from JSON error bodies."""
+
+    reads_request: bool
+    _decode: Callable[..., DecodedResponse]
 
     def decode_response(
         self,
@@ -41,7 +45,15 @@ class _LlmAdapter:
         timeline: Sequence[tuple[int, float]],
         max_inflated_bytes: int = MAX_INFLATED_BYTES,
     ) -> DecodedResponse:
-        raise NotImplementedError
+        parsed: Any = None
+        if request and self.reads_request:
+            try:
+                parsed = openai.read_request(request, request_headers, max_inflated_bytes)
+            except MalformedMessage:
+                parsed = None  # the answer is still read; only what the request asked is unknown
+        return self._decode(
+            body, headers, request=parsed, timeline=timeline, max_inflated_bytes=max_inflated_bytes
+        )
 
     def error_text(self, status: int, headers: Mapping[str, str], body: bytes) -> str:
         # {"error": "..."} (Triton) or {"error": {"message": ...}} (OpenAI): the message, short.
@@ -57,49 +69,19 @@ class _LlmAdapter:
 class GenerateAdapter(_LlmAdapter):
     name = "triton_generate"
     title = "Triton generate"
+    reads_request = False
 
     inspect_request = staticmethod(generate.inspect_request)
-
-    def decode_answer(
-        self,
-        body: bytes,
-        headers: Mapping[str, str],
-        *,
-        request: bytes,
-        request_headers: Mapping[str, str],
-        timeline: Sequence[tuple[int, float]],
-        max_inflated_bytes: int = MAX_INFLATED_BYTES,
-    ) -> DecodedResponse:
-        return generate.decode_answer(
-            body, headers, timeline=timeline, max_inflated_bytes=max_inflated_bytes
-        )
+    _decode = staticmethod(generate.decode_answer)
 
 
 class OpenAIAdapter(_LlmAdapter):
     name = "openai"
     title = "OpenAI"
+    reads_request = True  # JSON mode is asked for in the request
 
     inspect_request = staticmethod(openai.inspect_request)
-
-    def decode_answer(
-        self,
-        body: bytes,
-        headers: Mapping[str, str],
-        *,
-        request: bytes,
-        request_headers: Mapping[str, str],
-        timeline: Sequence[tuple[int, float]],
-        max_inflated_bytes: int = MAX_INFLATED_BYTES,
-    ) -> DecodedResponse:
-        parsed: Any = None
-        if request:
-            try:
-                parsed = openai.read_request(request, request_headers, max_inflated_bytes)
-            except MalformedMessage:
-                parsed = None  # the answer is still read; only JSON mode is unknown
-        return openai.decode_answer(
-            body, headers, request=parsed, timeline=timeline, max_inflated_bytes=max_inflated_bytes
-        )
+    _decode = staticmethod(openai.decode_answer)
 
 
 GENERATE = GenerateAdapter()

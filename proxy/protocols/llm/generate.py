@@ -95,9 +95,11 @@ def decode_answer(
     body: bytes,
     headers: Mapping[str, str],
     *,
+    request: Mapping[str, Any] | None = None,
     timeline: Timeline,
     max_inflated_bytes: int,
 ) -> DecodedResponse:
+    """``request`` is not needed: a generate answer says all there is to know of itself."""
     raw = inflate(body, header(headers, "content-encoding"), max_inflated_bytes)
     whole_at = timeline[-1][1] if timeline else None
     b = ChoiceBuilder()
