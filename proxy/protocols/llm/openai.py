@@ -33,11 +33,6 @@ from .assemble import (
     usage_of,
 )
 
-# Request features a candidate takes only when its config allows them by name
-# (``mirror_llm.allow``): more than one choice costs the candidate n times the work, and a tool
-# call may have side effects the proxy cannot know of; ``store`` keeps the request server-side.
-NEEDS_ALLOWANCE = ("n", "best_of", "tools", "store")
-
 
 def read_request(body: bytes, headers: Mapping[str, str], max_inflated_bytes: int) -> Any:
     raw = inflate(body, header(headers, "content-encoding"), max_inflated_bytes)
@@ -51,6 +46,9 @@ def inspect_request(
     model = request.get("model")
     if not isinstance(model, str) or not model:
         raise MalformedMessage('the request names no "model"')
+    # Features a candidate takes only when its config allows them by name (``mirror_llm.allow``):
+    # more than one choice costs the candidate n times the work, a tool call may have side
+    # effects the proxy cannot know of, and ``store`` keeps the request server-side.
     needs: set[str] = set()
     n = request.get("n")
     if isinstance(n, int) and n > 1:
