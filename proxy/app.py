@@ -56,6 +56,7 @@ from .live.fast_lane_server import FastLaneServer
 from .live.forwarding import LiveProxy, strip_server_defaults
 from .live.grpc_canary import GrpcCanary
 from .live.grpc_mirror import GrpcCopier
+from .live.grpc_relay import GrpcRelay
 from .live.grpc_server import GrpcLiveServer
 from .live.grpc_upstream import GrpcUpstream
 from .live.upstream_pool import UpstreamPool
@@ -430,6 +431,7 @@ class ProxyRunner:
         self._runners: list[web.AppRunner] = []
         self._fast: FastLaneServer | None = None
         self._grpc: GrpcLiveServer | None = None
+        self._relay: GrpcRelay | None = None
         self._copier: GrpcCopier | None = None
         self.data_port = settings.listen.port
         self.grpc_port = settings.listen.grpc_port
@@ -466,17 +468,7 @@ class ProxyRunner:
             await site.start()
             self.data_port = _bound_port(site)
         if GRPC_UPSTREAM in self.data and listen.grpc_port is not None:
-            self._copier = GrpcCopier(self.settings, self.data[MIRROR])
-            self._grpc = GrpcLiveServer(
-                self.data[GRPC_UPSTREAM],
-                max_bytes=self.settings.proxy.max_body_bytes,
-                on_infer=self._copier,
-                on_skip=self.data[MIRROR].note_skip,
-                canary=self.data.get(GRPC_CANARY),
-            )
-            self.grpc_port = await self._grpc.start(
-                listen.host, listen.grpc_port, reuse_port=self._reuse_port
-            )
+            await self._start_grpc(listen.host, listen.grpc_port)
         admin_runner = web.AppRunner(self.admin, access_log=None, handle_signals=False)
         await admin_runner.setup()
         self._runners.append(admin_runner)
@@ -489,6 +481,32 @@ class ProxyRunner:
         )
         await admin_site.start()
         self.admin_port = _bound_port(admin_site)
+
+    async def _start_grpc(self, host: str, port: int) -> None:
+        settings = self.settings
+        self._copier = GrpcCopier(settings, self.data[MIRROR])
+        canary = self.data.get(GRPC_CANARY)
+        self._grpc = GrpcLiveServer(
+            self.data[GRPC_UPSTREAM],
+            max_bytes=settings.proxy.max_body_bytes,
+            on_infer=self._copier,
+            on_skip=self.data[MIRROR].note_skip,
+            canary=canary,
+        )
+        if canary is not None or settings.reference.grpc_tls or not settings.proxy.grpc_relay:
+            self.grpc_port = await self._grpc.start(host, port, reuse_port=self._reuse_port)
+            return
+        # The relay listens; the grpc.aio listener, on a loopback port of its own, takes the
+        # connections whose upstream cannot be relayed to (unreachable, not HTTP/2).
+        handover = await self._grpc.start("127.0.0.1", 0)
+        self._relay = GrpcRelay(
+            settings.reference,
+            handover_port=handover,
+            max_bytes=settings.proxy.max_body_bytes,
+            on_infer=self._copier,
+            on_skip=self.data[MIRROR].note_skip,
+        )
+        self.grpc_port = await self._relay.start(host, port, reuse_port=self._reuse_port)
 
     async def reload(self, new: Settings) -> ReloadPlan:
         """Take on what ``new`` changes that a running proxy can (``reload``), no connection
@@ -520,6 +538,9 @@ class ProxyRunner:
         if self._fast is not None:
             closing.append(self._fast.close(self.settings.reference.timeout_s))
             self._fast = None
+        if self._relay is not None:
+            closing.append(self._relay.stop(self.settings.proxy.drain_timeout_s))
+            self._relay = None
         if self._grpc is not None:
             closing.append(self._grpc.stop(self.settings.proxy.drain_timeout_s))
             self._grpc = None

@@ -336,6 +336,11 @@ class ProxySettings(_Model):
     """Serve HTTP/1.1 infer calls (one Content-Length, up to 16 MiB, not in a canary split) and
     GET reads on a bare asyncio protocol with pooled connections to the reference: about 40% of
     aiohttp's CPU per request. Other requests, and an https reference, go through aiohttp."""
+    grpc_relay: bool = True
+    """Relay each gRPC client connection frame for frame over a connection of its own to the
+    reference, reading only header blocks and the messages it copies: a fraction of the CPU of
+    terminating every call in ``grpc.aio``. A canary or a ``grpcs://`` reference needs calls
+    terminated, and then (or with this off) the ``grpc.aio`` listener serves every call."""
     max_inflated_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     """Largest a compressed body (client request, reference or candidate answer) may inflate to
     for comparison; beyond it the copy is skipped and counted, and the live request is forwarded

@@ -27,10 +27,11 @@ class StreamPairs:
     async def requests(self, source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """``source``'s messages, unchanged, each noted on its way up."""
         async for message in source:
-            self._sent(message)
+            self.sent(message)
             yield message
 
-    def _sent(self, message: bytes) -> None:
+    def sent(self, message: bytes) -> None:
+        """Note ``message`` (a request going up) so its answer can be paired with it."""
         try:
             request_id = message_id(message)
         except MalformedMessage:

@@ -25,15 +25,28 @@ MiB = 1024 * 1024
 Handler = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]
 
 
-def _settings(grpc_url: str, redis_url: str, drain_s: float = 2, **reference: Any) -> Any:
+def _settings(
+    grpc_url: str, redis_url: str, drain_s: float = 2, relay: bool = True, **reference: Any
+) -> Any:
     ref = {"name": "fp32", "url": "http://127.0.0.1:9", "grpc_url": grpc_url, "timeout_s": 10}
     return make_settings(
         ref["url"],
         redis_url,
         listen={"host": "127.0.0.1", "port": 0, "grpc_port": 0},
         reference={**ref, **reference},
-        proxy={"drain_timeout_s": drain_s, "shed_lag_ms": 0, "mirror_process": False},
+        proxy={
+            "drain_timeout_s": drain_s,
+            "shed_lag_ms": 0,
+            "mirror_process": False,
+            "grpc_relay": relay,
+        },
     )
+
+
+# Both gRPC listeners: the frame relay (the default) and grpc.aio (canary, grpcs reference).
+@pytest.fixture(params=[True, False], ids=["relay", "grpc_aio"])
+def relay(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
 
 
 def _infer_request(model: str, rows: int, *, cols: int = 8, request_id: str = "g-1") -> bytes:
@@ -233,6 +246,7 @@ async def test_client_deadline_becomes_the_upstream_timeout(
     fake_grpc: Callable[..., Awaitable[FakeUpstream]],
     proxy_factory: Callable[..., Any],
     redis_url: str,
+    relay: bool,
 ) -> None:
     fake: FakeUpstream
 
@@ -245,7 +259,7 @@ async def test_client_deadline_becomes_the_upstream_timeout(
         raise AssertionError("unreachable")
 
     fake = await fake_grpc(never_answers)
-    proxy = await proxy_factory(_settings(f"127.0.0.1:{fake.port}", redis_url))
+    proxy = await proxy_factory(_settings(f"127.0.0.1:{fake.port}", redis_url, relay=relay))
     out = await _call(proxy.grpc_port, MODEL_INFER, b"req", deadline_s=0.5)
     assert out.code == grpc.StatusCode.DEADLINE_EXCEEDED
     # The upstream was given what was left of the client's 0.5 s, not the reference's 10 s
@@ -259,13 +273,14 @@ async def test_reference_timeout_names_the_upstream(
     fake_grpc: Callable[..., Awaitable[FakeUpstream]],
     proxy_factory: Callable[..., Any],
     redis_url: str,
+    relay: bool,
 ) -> None:
     async def never_answers(request: bytes, context: Any) -> bytes:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
     fake = await fake_grpc(never_answers)
-    settings = _settings(f"127.0.0.1:{fake.port}", redis_url, timeout_s=0.3)
+    settings = _settings(f"127.0.0.1:{fake.port}", redis_url, timeout_s=0.3, relay=relay)
     proxy = await proxy_factory(settings)
     out = await _call(proxy.grpc_port, MODEL_INFER, b"req", deadline_s=30)
     assert out.code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -297,6 +312,7 @@ async def test_metadata_round_trip_and_status_from_a_connected_upstream(
     fake_grpc: Callable[..., Awaitable[FakeUpstream]],
     proxy_factory: Callable[..., Any],
     redis_url: str,
+    relay: bool,
 ) -> None:
     fake: FakeUpstream
 
@@ -312,7 +328,7 @@ async def test_metadata_round_trip_and_status_from_a_connected_upstream(
         return request[::-1]
 
     fake = await fake_grpc(echo)
-    proxy = await proxy_factory(_settings(f"127.0.0.1:{fake.port}", redis_url))
+    proxy = await proxy_factory(_settings(f"127.0.0.1:{fake.port}", redis_url, relay=relay))
     metadata = (("x-probe", "abc"), ("authorization", "Bearer t0k"), ("x-data-bin", b"\x01\x02"))
     options = [("grpc.primary_user_agent", "client-ua/1")]
     out = await _call(proxy.grpc_port, MODEL_INFER, b"hello", metadata=metadata, options=options)
@@ -322,7 +338,8 @@ async def test_metadata_round_trip_and_status_from_a_connected_upstream(
     seen = fake.seen[0]
     assert seen["x-probe"] == "abc" and seen["authorization"] == "Bearer t0k"
     assert seen["x-data-bin"] == b"\x01\x02"
-    assert not seen["user-agent"].startswith("client-ua")  # the proxy's own
+    # The relay passes the client's headers as they are; grpc.aio's channel sets its own.
+    assert seen["user-agent"].startswith("client-ua") == relay
 
     refused = await _call(proxy.grpc_port, MODEL_INFER, b"refuse", metadata=metadata)
     assert refused == Outcome(
@@ -343,12 +360,13 @@ async def test_messages_over_4_mib_both_ways(
     fake_grpc: Callable[..., Awaitable[FakeUpstream]],
     proxy_factory: Callable[..., Any],
     redis_url: str,
+    relay: bool,
 ) -> None:
     async def echo(request: bytes, context: Any) -> bytes:
         return request
 
     fake = await fake_grpc(echo)
-    proxy = await proxy_factory(_settings(f"127.0.0.1:{fake.port}", redis_url))
+    proxy = await proxy_factory(_settings(f"127.0.0.1:{fake.port}", redis_url, relay=relay))
     payload = np.random.default_rng(0).bytes(6 * MiB)
     out = await _call(proxy.grpc_port, MODEL_INFER, payload)
     assert out.code == grpc.StatusCode.OK and out.response == payload
@@ -386,10 +404,60 @@ async def test_infer_hook_sees_each_unary_model_infer(
     assert seen[1].details == "no such model" and seen[1].failure is None
 
 
+async def test_the_relay_hands_each_unary_model_infer_to_the_hook(
+    fake_grpc: Callable[..., Awaitable[FakeUpstream]],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+) -> None:
+    from proxy.live.grpc_relay import GrpcRelay
+    from proxy.live.grpc_server import GrpcExchange
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        await context.send_initial_metadata((("x-initial", "i"),))
+        if request == b"bad":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such model: 100%")
+        context.set_trailing_metadata((("x-trailing", "t"),))
+        return request + b"!"
+
+    fake = await fake_grpc(echo)
+    settings = _settings(f"127.0.0.1:{fake.port}", redis_url)
+    skipped: list[str] = []
+    seen: list[GrpcExchange] = []
+    relay = GrpcRelay(
+        settings.reference,
+        handover_port=9,
+        max_bytes=MiB,
+        on_infer=seen.append,
+        on_skip=skipped.append,
+    )
+    port = await relay.start("127.0.0.1", 0)
+    try:
+        metadata = (("x-probe", "1"), ("x-data-bin", b"\x00\x01"))
+        await _call(port, MODEL_INFER, b"x", metadata=metadata)
+        await _call(port, MODEL_INFER, b"bad")
+        await _call(port, "/inference.GRPCInferenceService/ServerReady", b"")
+        await _call(port, "/inference.GRPCInferenceService/RepositoryModelUnload", b"")
+        big = await _call(port, MODEL_INFER, b"y" * (MiB + 1))
+    finally:
+        await relay.stop(1)
+    assert big.code == grpc.StatusCode.OK  # too large to copy, answered all the same
+    assert [(e.request, e.response, e.code, e.details) for e in seen] == [
+        (b"x", b"x!", grpc.StatusCode.OK, ""),
+        (b"bad", None, grpc.StatusCode.NOT_FOUND, "no such model: 100%"),
+    ]
+    first = seen[0]
+    assert ("x-probe", "1") in first.metadata and ("x-data-bin", b"\x00\x01") in first.metadata
+    assert first.initial_metadata == (("x-initial", "i"),)
+    assert first.trailing_metadata == (("x-trailing", "t"),)
+    assert first.latency_s > 0 and first.failure is None
+    assert skipped == ["admin_method", "request_too_large"]
+
+
 async def test_stop_refuses_new_calls_and_lets_calls_in_flight_finish(
     fake_grpc: Callable[..., Awaitable[FakeUpstream]],
     proxy_factory: Callable[..., Any],
     redis_url: str,
+    relay: bool,
 ) -> None:
     gate = asyncio.Event()
     fake: FakeUpstream
@@ -401,7 +469,9 @@ async def test_stop_refuses_new_calls_and_lets_calls_in_flight_finish(
 
     fake = await fake_grpc(gated)
     # A drain timeout far longer than the test: the call in flight ends because it finished.
-    proxy = await proxy_factory(_settings(f"127.0.0.1:{fake.port}", redis_url, drain_s=60))
+    proxy = await proxy_factory(
+        _settings(f"127.0.0.1:{fake.port}", redis_url, drain_s=60, relay=relay)
+    )
     in_flight = asyncio.create_task(_call(proxy.grpc_port, MODEL_INFER, b"slow"))
     await wait_until(lambda: fake.seen, what="the call reached the upstream")
     stopping = asyncio.create_task(proxy.stop())
