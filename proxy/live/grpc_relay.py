@@ -78,10 +78,11 @@ class _Side:
     a frame of the relay's own never lands inside one), the header block being read, and the
     frames of the relay's own waiting for that block to end."""
 
-    __slots__ = ("block", "decoder", "max_frame", "tail", "waiting")
+    __slots__ = ("block", "decoder", "max_frame", "sent_ahead", "tail", "waiting")
 
     def __init__(self) -> None:
         self.tail = b""
+        self.sent_ahead = 0
         self.block: tuple[int, int, list[bytes]] | None = None
         self.waiting: list[bytes] = []
         self.decoder = Decoder(max_header_list_size=_MAX_HEADER_LIST)
@@ -193,7 +194,12 @@ class RelayConnection(asyncio.Protocol):
         elif self._pipe is not None:
             self._pipe.write(data)
         else:
+            # Before the upstream has shown it speaks HTTP/2: its copy is kept for a hand-over,
+            # and it goes up at once (some servers, NGINX among them, say nothing before the
+            # client's preface).
             self._early += data
+            if self._upstream is not None:
+                self._upstream.write(data)
             if len(self._early) > _EARLY_CAP and self._client is not None:
                 self._client.pause_reading()
 
@@ -250,6 +256,8 @@ class RelayConnection(asyncio.Protocol):
         self._upstream = transport
         if self._closed:
             transport.close()
+        elif self._early:
+            transport.write(bytes(self._early))
 
     def _not_http2(self) -> None:
         if not self._relaying and self._pipe is None and not self._closed:
@@ -310,7 +318,7 @@ class RelayConnection(asyncio.Protocol):
         self._early.clear()
         self._pump(self._down, first, self._upstream_frame, self._client)
         if early:
-            self._from_client(early)
+            self._from_client(early, forward=False)  # it went up already
         assert self._client is not None
         self._client.resume_reading()
 
@@ -346,27 +354,31 @@ class RelayConnection(asyncio.Protocol):
 
     # -- frames ----------------------------------------------------------------------------
 
-    def _from_client(self, data: bytes) -> None:
+    def _from_client(self, data: bytes, *, forward: bool = True) -> None:
+        out = self._upstream if forward else None
         if self._preface:
             # The client's preface crosses as it is; frames follow it.
             taken = data[: self._preface]
             self._preface -= len(taken)
-            if self._upstream is not None:
-                self._upstream.write(taken)
+            if out is not None:
+                out.write(taken)
             data = data[len(taken) :]
             if not data:
                 return
-        self._pump(self._up, data, self._client_frame, self._upstream)
+        self._pump(self._up, data, self._client_frame, out)
         if self._draining and not self._calls.open:
             self._close_both()
 
     def _pump(self, side: _Side, data: bytes, on_frame: Any, out: asyncio.Transport | None) -> None:
         """Pass ``data``'s whole frames to ``out`` (less those ``on_frame`` drops); hold a
-        partial one back until the rest of it comes."""
+        partial one back until the rest of it comes. ``out`` None: read only (the bytes went
+        out already, as on probation)."""
+        # Leading bytes that went out already: the held part of a frame read on probation.
+        sent = side.sent_ahead
         if side.tail:
             data = side.tail + data
             side.tail = b""
-        at, end, sent = 0, len(data), 0
+        at, end = 0, len(data)
         while end - at >= FRAME_HEAD:
             size, kind, flags, stream = read_head(data, at)
             stop = at + FRAME_HEAD + size
@@ -378,12 +390,13 @@ class RelayConnection(asyncio.Protocol):
             if not on_frame(kind, flags, stream, data, at + FRAME_HEAD, stop):
                 if out is not None and sent < at:
                     out.write(data[sent:at])
-                sent = stop
+                sent = max(sent, stop)
             at = stop
         if out is not None and sent < at:
             out.write(data[sent:at] if sent or at < end else data)
         if at < end:
             side.tail = data[at:]
+        side.sent_ahead = len(side.tail) if out is None else max(0, sent - at)
         if side.block is None and side.waiting and out is not None:
             out.write(b"".join(side.waiting))
             side.waiting.clear()

@@ -1,0 +1,180 @@
+"""The gRPC relay (the default gRPC listener) where a frame relay can go wrong and ``grpc.aio``
+cannot: frames of its own on a shared connection, an upstream connection that drops, copies of
+compressed messages. The behaviour both listeners share is in ``test_grpc_live.py``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from proxy.live.grpc_relay import GrpcRelay
+from proxy.live.grpc_server import GrpcExchange
+from tests.conftest import wait_until
+from tests.proxy.test_grpc_live import (  # noqa: F401  (fake_grpc and relay are fixtures)
+    MODEL_INFER,
+    FakeUpstream,
+    _call,
+    _settings,
+    fake_grpc,
+    relay,
+)
+
+
+async def test_a_call_the_relay_ends_leaves_the_connection_in_use(
+    fake_grpc: Callable[..., Awaitable[FakeUpstream]],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+) -> None:
+    """A call past the reference's ``timeout_s`` ends with the relay's own status, after the
+    answer headers the upstream already sent, and the client's connection (its HPACK tables,
+    its flow-control windows) goes on serving the calls after it."""
+    fake: FakeUpstream
+
+    async def slow_then_echo(request: bytes, context: Any) -> bytes:
+        if request == b"slow":
+            await context.send_initial_metadata((("x-early", "1"),))
+            try:
+                await asyncio.sleep(30)
+            finally:
+                fake.cancelled.set()
+        return request[::-1] * 20_000
+
+    fake = await fake_grpc(slow_then_echo)
+    settings = _settings(f"127.0.0.1:{fake.port}", redis_url, timeout_s=0.3)
+    proxy = await proxy_factory(settings)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel:
+        multi: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(MODEL_INFER)
+        call = multi(b"slow", timeout=30)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert (err.value.details() or "").startswith(
+            f"upstream 'fp32' at 127.0.0.1:{fake.port}: timed out waiting for an answer (0.3 s)"
+        )
+        assert tuple(await call.initial_metadata()) == (("x-early", "1"),)
+        await wait_until(fake.cancelled.is_set, what="the upstream's call was cancelled")
+        # 80 KB answers: more than the connection's first flow-control window, several times.
+        for i in range(8):
+            request = b"%04d" % i
+            assert await multi(request, timeout=5) == request[::-1] * 20_000
+
+
+async def test_an_upstream_connection_that_drops_ends_its_calls_naming_it(
+    fake_grpc: Callable[..., Awaitable[FakeUpstream]],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+    relay: bool,
+) -> None:
+    fake: FakeUpstream
+
+    async def hangs(request: bytes, context: Any) -> bytes:
+        fake.seen.append({})
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    fake = await fake_grpc(hangs)
+    # A TCP forwarder in front of the upstream, so its connection can be cut mid-call.
+    cut: list[asyncio.StreamWriter] = []
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", fake.port)
+        cut.extend((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    forwarder = await asyncio.start_server(forward, "127.0.0.1", 0)
+    port = forwarder.sockets[0].getsockname()[1]
+    try:
+        proxy = await proxy_factory(_settings(f"127.0.0.1:{port}", redis_url, relay=relay))
+        pending = asyncio.create_task(_call(proxy.grpc_port, MODEL_INFER, b"req", deadline_s=30))
+        await wait_until(lambda: fake.seen, what="the call reached the upstream")
+        for writer in cut:
+            writer.transport.abort()
+        out = await pending
+    finally:
+        forwarder.close()
+    assert out.code == grpc.StatusCode.UNAVAILABLE
+    assert out.details.startswith(f"upstream 'fp32' at 127.0.0.1:{port}: "), out.details
+
+
+async def test_compressed_messages_are_copied_inflated(
+    fake_grpc: Callable[..., Awaitable[FakeUpstream]], redis_url: str
+) -> None:
+    async def echo(request: bytes, context: Any) -> bytes:
+        context.set_compression(grpc.Compression.Gzip)
+        return request + b"!"
+
+    fake = await fake_grpc(echo)
+    seen: list[GrpcExchange] = []
+    relay_ = GrpcRelay(
+        _settings(f"127.0.0.1:{fake.port}", redis_url).reference,
+        handover_port=9,
+        max_bytes=1024 * 1024,
+        on_infer=seen.append,
+    )
+    port = await relay_.start("127.0.0.1", 0)
+    try:
+        body = b"tensor bytes " * 1000
+        out = await _call(port, MODEL_INFER, body, compression=grpc.Compression.Gzip)
+    finally:
+        await relay_.stop(1)
+    assert out.code == grpc.StatusCode.OK and out.response == body + b"!"
+    assert [(e.request, e.response) for e in seen] == [(body, body + b"!")]
+
+
+async def test_an_upstream_that_waits_for_the_client_preface_is_relayed(
+    fake_grpc: Callable[..., Awaitable[FakeUpstream]],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+) -> None:
+    """NGINX says nothing until the client's preface: what the client sends meanwhile goes up
+    at once, and is read for the calls it opens without being sent twice."""
+
+    agents: list[str] = []
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        agents.append(dict(context.invocation_metadata())["user-agent"])
+        return request[::-1]
+
+    fake = await fake_grpc(echo)
+    first_bytes: list[int] = []
+
+    async def speaks_second(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.read(65536)  # nothing goes down before the client spoke
+        first_bytes.append(len(first))
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", fake.port)
+        up_writer.write(first)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    silent = await asyncio.start_server(speaks_second, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    try:
+        proxy = await proxy_factory(_settings(f"127.0.0.1:{port}", redis_url))
+        options = [("grpc.primary_user_agent", "client-ua/1")]
+        target = f"127.0.0.1:{proxy.grpc_port}"
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            multi: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(MODEL_INFER)
+            bodies = [bytes(range(256)) * 400 + b"%d" % i for i in range(3)]
+            answers = await asyncio.gather(*(multi(body, timeout=10) for body in bodies))
+    finally:
+        silent.close()
+    assert answers == [body[::-1] for body in bodies]
+    assert first_bytes and first_bytes[0] > 0
+    # Relayed, not handed over to grpc.aio (whose channel would say its own user-agent).
+    assert len(agents) == 3 and all(agent.startswith("client-ua/1") for agent in agents)
