@@ -183,8 +183,8 @@ class RelayConnection(asyncio.Protocol):
     # -- the client's side ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._client = transport
+        # uvloop's transports are not registered as asyncio.Transport subclasses.
+        self._client = cast(asyncio.Transport, transport)
         self._relay.connections.add(self)
         self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
@@ -583,8 +583,7 @@ class _UpstreamEnd(asyncio.Protocol):
         self._conn = conn
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._conn.upstream_made(transport)
+        self._conn.upstream_made(cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
         self._conn.from_upstream(data)

@@ -15,14 +15,12 @@ import pytest
 from proxy.live.grpc_relay import GrpcRelay
 from proxy.live.grpc_server import GrpcExchange
 from tests.conftest import wait_until
-from tests.proxy.test_grpc_live import (  # noqa: F401  (fake_grpc and relay are fixtures)
-    MODEL_INFER,
-    FakeUpstream,
-    _call,
-    _settings,
-    fake_grpc,
-    relay,
-)
+from tests.proxy import test_grpc_live as live
+from tests.proxy.test_grpc_live import MODEL_INFER, FakeUpstream, _call, _settings
+
+# The fake upstreams, and both listeners, as test_grpc_live.py has them.
+fake_grpc = live.fake_grpc
+relay = live.relay
 
 
 async def test_a_call_the_relay_ends_leaves_the_connection_in_use(
@@ -116,18 +114,18 @@ async def test_compressed_messages_are_copied_inflated(
 
     fake = await fake_grpc(echo)
     seen: list[GrpcExchange] = []
-    relay_ = GrpcRelay(
+    listener = GrpcRelay(
         _settings(f"127.0.0.1:{fake.port}", redis_url).reference,
         handover_port=9,
         max_bytes=1024 * 1024,
         on_infer=seen.append,
     )
-    port = await relay_.start("127.0.0.1", 0)
+    port = await listener.start("127.0.0.1", 0)
     try:
         body = b"tensor bytes " * 1000
         out = await _call(port, MODEL_INFER, body, compression=grpc.Compression.Gzip)
     finally:
-        await relay_.stop(1)
+        await listener.stop(1)
     assert out.code == grpc.StatusCode.OK and out.response == body + b"!"
     assert [(e.request, e.response) for e in seen] == [(body, body + b"!")]
 
