@@ -505,6 +505,7 @@ class ProxyRunner:
             max_bytes=settings.proxy.max_body_bytes,
             on_infer=self._copier,
             on_skip=self.data[MIRROR].note_skip,
+            copying=self._copier.copying,
         )
         self.grpc_port = await self._relay.start(host, port, reuse_port=self._reuse_port)
 

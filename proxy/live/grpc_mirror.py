@@ -77,6 +77,11 @@ class GrpcCopier:
     def reload(self, settings: Settings) -> None:
         self._settings = settings
 
+    def copying(self) -> bool:
+        """Whether a call could be copied now (some candidate takes some copies); when not,
+        the relay does not read calls for copies at all."""
+        return self._settings.mirrors(None)
+
     def __call__(self, exchange: GrpcExchange) -> None:
         if exchange.failure is not None:
             return  # the reference could not answer: nothing to compare a candidate against

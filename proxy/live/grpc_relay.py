@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, cast
 
-from hpack import Decoder, HPACKError
+from hpack import HPACKDecodingError
 
 from ..errors import UpstreamTimeout, UpstreamUnavailable
 from ..settings import UpstreamSettings
@@ -50,6 +50,7 @@ from .h2_frames import (
     SETTINGS,
     SETTINGS_HEADER_TABLE_SIZE,
     SETTINGS_MAX_FRAME_SIZE,
+    HeaderBlocks,
     block_fragment,
     data_of,
     goaway,
@@ -60,6 +61,7 @@ from .h2_frames import (
     status_frame,
     window_update,
 )
+from .h2_hpack import huffman_tables
 
 log = logging.getLogger("shadowproxy")
 
@@ -78,14 +80,14 @@ class _Side:
     a frame of the relay's own never lands inside one), the header block being read, and the
     frames of the relay's own waiting for that block to end."""
 
-    __slots__ = ("block", "decoder", "max_frame", "sent_ahead", "tail", "waiting")
+    __slots__ = ("block", "headers", "max_frame", "sent_ahead", "tail", "waiting")
 
     def __init__(self) -> None:
         self.tail = b""
         self.sent_ahead = 0
         self.block: tuple[int, int, list[bytes]] | None = None
         self.waiting: list[bytes] = []
-        self.decoder = Decoder(max_header_list_size=_MAX_HEADER_LIST)
+        self.headers = HeaderBlocks(_MAX_HEADER_LIST)
         self.max_frame = DEFAULT_MAX_FRAME
         """The largest frame the receiving end accepts (its SETTINGS_MAX_FRAME_SIZE)."""
 
@@ -102,7 +104,9 @@ class GrpcRelay:
         max_bytes: int,
         on_infer: InferHook | None = None,
         on_skip: Callable[[str], None] | None = None,
+        copying: Callable[[], bool] | None = None,
     ) -> None:
+        """``copying``: whether calls are worth reading for ``on_infer`` now (None: always)."""
         target = reference.grpc_target
         assert target is not None and not reference.grpc_tls
         self.name = reference.name
@@ -115,6 +119,7 @@ class GrpcRelay:
         self.max_bytes = max_bytes
         self.on_infer = on_infer
         self.on_skip = on_skip
+        self.copying = copying
         self.connections: set[RelayConnection] = set()
         self._all_closed: asyncio.Event | None = None
         self._server: asyncio.Server | None = None
@@ -125,6 +130,7 @@ class GrpcRelay:
             self._all_closed.set()
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        huffman_tables()  # built once (~10 ms), before the first call rather than during it
         loop = asyncio.get_running_loop()
         try:
             server = await loop.create_server(
@@ -173,6 +179,7 @@ class RelayConnection(asyncio.Protocol):
             timeout_s=relay.timeout_s,
             on_infer=relay.on_infer,
             on_skip=relay.on_skip,
+            copying=relay.copying,
         )
         self._dead: OrderedDict[int, None] = OrderedDict()
         self._last_stream = 0
@@ -421,7 +428,7 @@ class RelayConnection(asyncio.Protocol):
             for ident, value in settings_of(data[start:stop]):
                 # The client's settings bound what the upstream sends it.
                 if ident == SETTINGS_HEADER_TABLE_SIZE:
-                    self._down.decoder.max_allowed_table_size = value
+                    self._down.headers.decoder.max_allowed_table_size = value
                 elif ident == SETTINGS_MAX_FRAME_SIZE:
                     self._down.max_frame = value
         return True
@@ -451,7 +458,7 @@ class RelayConnection(asyncio.Protocol):
         elif kind == SETTINGS and not flags & ACK:
             for ident, value in settings_of(data[start:stop]):
                 if ident == SETTINGS_HEADER_TABLE_SIZE:
-                    self._up.decoder.max_allowed_table_size = value
+                    self._up.headers.decoder.max_allowed_table_size = value
                 elif ident == SETTINGS_MAX_FRAME_SIZE:
                     self._up.max_frame = value
         return True
@@ -495,11 +502,8 @@ class RelayConnection(asyncio.Protocol):
             return None
         side.block = None
         try:
-            # raw: (name, value) byte pairs, in a list (typed as any iterable of header tuples).
-            fields = cast(
-                "list[tuple[bytes, bytes]]", side.decoder.decode(b"".join(pieces), raw=True)
-            )
-        except (HPACKError, ValueError) as exc:
+            fields = side.headers.decode(b"".join(pieces))
+        except HPACKDecodingError as exc:
             # The tables can no longer be followed: the receiver will fail the connection.
             self._broken(f"a header block that does not decode ({exc})")
             return None

@@ -113,8 +113,10 @@ class RelayCalls:
         timeout_s: float | None,
         on_infer: InferHook | None,
         on_skip: Callable[[str], None] | None,
+        copying: Callable[[], bool] | None = None,
     ) -> None:
         self.open: dict[int, RelayCall] = {}
+        self._copying = copying
         self._cap = cap
         self._timeout_s = timeout_s
         self._on_infer = on_infer
@@ -133,7 +135,11 @@ class RelayCalls:
             deadline = grpc_timeout_s(asked.decode("latin-1")) if asked is not None else None
             if self._timeout_s is not None and (deadline is None or deadline > self._timeout_s):
                 limit = self._timeout_s
-        if self._on_infer is not None and method in (MODEL_INFER, MODEL_STREAM_INFER):
+        if (
+            self._on_infer is not None
+            and method in (MODEL_INFER, MODEL_STREAM_INFER)
+            and (self._copying is None or self._copying())
+        ):
             text = _text(fields)
             encoding = next((value for name, value in text if name == "grpc-encoding"), None)
             call.reads = _UNARY if method == MODEL_INFER else _STREAM

@@ -18,6 +18,7 @@ from hpack import Encoder, NeverIndexedHeaderTuple
 
 from ..protocols.base import MalformedMessage
 from ..protocols.v2_rest.codec import inflate
+from .h2_hpack import Fields, HpackDecoder
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FRAME_HEAD = 9
@@ -107,6 +108,40 @@ def status_frame(stream: int, code: int, message: str, *, headers_sent: bool) ->
     # A fresh encoder each time: never-indexed literals leave no state behind in either table.
     block = Encoder().encode([NeverIndexedHeaderTuple(k, v) for k, v in fields], huffman=False)
     return frame(HEADERS, END_STREAM | END_HEADERS, stream, block)
+
+
+# Decoded header blocks kept per direction: a server's answers (and a client's calls) often
+# repeat the same bytes call after call, and then need no decoding at all.
+_KEPT_BLOCKS = 256
+
+
+class HeaderBlocks:
+    """One direction's HPACK decoder, and the blocks it decoded since its table last changed.
+
+    A block decodes to the same fields whenever the dynamic table is as it was: a block that
+    changed the table (an entry added or evicted, its size updated) is never kept, and every
+    change clears what was kept."""
+
+    __slots__ = ("_kept", "decoder")
+
+    def __init__(self, max_header_list_size: int) -> None:
+        self.decoder = HpackDecoder(max_header_list_size)
+        self._kept: dict[bytes, Fields] = {}
+
+    def decode(self, block: bytes) -> Fields:
+        """The block's (name, value) pairs; raises ``hpack.HPACKDecodingError`` when it does
+        not decode."""
+        kept = self._kept.get(block)
+        if kept is not None:
+            return kept
+        decoder = self.decoder
+        version, size = decoder.version, decoder.size
+        fields = decoder.decode(block)
+        if decoder.version != version or decoder.size != size:
+            self._kept.clear()
+        elif len(self._kept) < _KEPT_BLOCKS:
+            self._kept[block] = fields
+        return fields
 
 
 def grpc_timeout_s(value: str) -> float | None:
