@@ -52,6 +52,11 @@ def read_head(buf: bytes | bytearray, at: int) -> tuple[int, int, int, int]:
     return (high << 16) | low, kind, flags, stream & _STREAM_MASK
 
 
+def read_last_stream(buf: bytes, at: int) -> int:
+    """The last stream id a GOAWAY payload starting at ``at`` names."""
+    return int.from_bytes(buf[at : at + 4], "big") & _STREAM_MASK
+
+
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     size = len(payload)
     return _HEAD.pack(size >> 16, size & 0xFFFF, kind, flags, stream) + payload
