@@ -17,8 +17,9 @@ openai = import_or_skip("openai")
 
 pytestmark = [pytest.mark.vllm, VLLM_TIMEOUT]
 
-# Greedy answers of the fixture's tiny Llama: bf16 changes the answer to the first five (found
-# by asking both servers 40 corpus openings), not to the last three.
+# Greedy answers of the fixture's tiny Llama: bf16 changed the answer to the first five of these
+# (found by asking both servers 40 corpus openings) on the machine they were chosen on. How
+# many differ depends on the CPU's bf16 kernels, so the test asks both servers itself.
 PROMPTS = [
     "The senator visited Kyoto to promote",
     "The paper by astronomers describing a",
@@ -29,7 +30,6 @@ PROMPTS = [
     "What is the best time of",
     "The food truck makes the ramen",
 ]
-DIVERGING = 5
 
 
 async def _ask(client: Any, prompt: str, stream: bool) -> str:
@@ -70,9 +70,15 @@ async def test_bf16_is_compared_against_fp32_and_the_twin_stays_at_the_noise_flo
     direct = openai.AsyncOpenAI(
         base_url=f"{vllm_servers.reference.url}/v1", api_key="unused", max_retries=0
     )
+    bf16_direct = openai.AsyncOpenAI(
+        base_url=f"{vllm_servers.candidate.url}/v1", api_key="unused", max_retries=0
+    )
+    diverging = 0
     for i, prompt in enumerate(PROMPTS):
         got = await _ask(through, prompt, stream=i % 2 == 0)
         assert got == await _ask(direct, prompt, stream=i % 2 == 1)  # greedy: the same text
+        diverging += got != await _ask(bf16_direct, prompt, stream=False)
+    assert diverging >= 1, "bf16 answered every prompt as fp32 did: nothing to flag here"
     assert await proxy.drained(60)
     verdicts = await proxy.store.list_samples(flagged=False)
     by_cand: dict[str, list[dict[str, Any]]] = {"bf16": [], "twin": []}
@@ -91,6 +97,6 @@ async def test_bf16_is_compared_against_fp32_and_the_twin_stays_at_the_noise_flo
     assert all(t["logprobs"]["scores"]["kl_max"] < 1e-9 for t in twin)
     assert all(b["logprobs"]["scores"]["kl_max"] > 0 for b in bf16)
     differing = [b for b in bf16 if b["text"]["scores"]["exact"] == 0.0]
-    assert len(differing) == DIVERGING, [b["text"]["scores"] for b in bf16]
+    assert len(differing) == diverging, [b["text"]["scores"] for b in bf16]
     assert all(b["text"]["flagged"] for b in differing)
-    assert sum(v["flagged"] for v in by_cand["bf16"]) >= DIVERGING
+    assert sum(v["flagged"] for v in by_cand["bf16"]) >= diverging
