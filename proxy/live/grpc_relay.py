@@ -2,8 +2,8 @@
 connection of its own to the reference.
 
 Terminating every call in ``grpc.aio`` (a server call and a client call per request) costs about
-half a millisecond of CPU; the relay, about a sixth of that (at saturation on the bench host it
-carried 1.5x NGINX ``grpc_pass``'s calls, where ``grpc.aio`` carried a fifth of them). A client's HTTP/2 connection is
+half a millisecond of CPU. Relayed, at saturation on the bench host, the proxy carried 1.5x
+NGINX ``grpc_pass``'s calls, where ``grpc.aio`` had carried a fifth of them. A client's HTTP/2 connection is
 paired with one upstream connection and the frames cross unchanged both ways, so everything the
 client and the reference say to each other (settings, flow control, deadlines as
 ``grpc-timeout``, metadata, status, trailers, pings, GOAWAY) is theirs. The relay reads what it
