@@ -506,6 +506,7 @@ class ProxyRunner:
             on_infer=self._copier,
             on_skip=self.data[MIRROR].note_skip,
             copying=self._copier.copying,
+            max_connections=settings.proxy.max_connections,
         )
         self.grpc_port = await self._relay.start(host, port, reuse_port=self._reuse_port)
 

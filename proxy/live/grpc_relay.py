@@ -3,9 +3,9 @@ connection of its own to the reference.
 
 Terminating every call in ``grpc.aio`` (a server call and a client call per request) costs about
 half a millisecond of CPU. Relayed, at saturation on the bench host, the proxy carried 1.5x
-NGINX ``grpc_pass``'s calls, where ``grpc.aio`` had carried a fifth of them. A client's HTTP/2 connection is
-paired with one upstream connection and the frames cross unchanged both ways, so everything the
-client and the reference say to each other (settings, flow control, deadlines as
+NGINX ``grpc_pass``'s calls, where ``grpc.aio`` had carried a fifth of them. A client's HTTP/2
+connection is paired with one upstream connection and the frames cross unchanged both ways, so
+everything the client and the reference say to each other (settings, flow control, deadlines as
 ``grpc-timeout``, metadata, status, trailers, pings, GOAWAY) is theirs. The relay reads what it
 must: frame heads, every header block (HPACK's tables are per connection and must be followed
 in order), and the DATA of the calls it copies (``RelayCalls``).
@@ -64,8 +64,11 @@ class GrpcRelay:
         on_infer: InferHook | None = None,
         on_skip: Callable[[str], None] | None = None,
         copying: Callable[[], bool] | None = None,
+        max_connections: int = 10_000,
     ) -> None:
-        """``copying``: whether calls are worth reading for ``on_infer`` now (None: always)."""
+        """``copying``: whether calls are worth reading for ``on_infer`` now (None: always);
+        ``max_connections``: client connections held at once (each holds one to the
+        reference), beyond which new ones are closed."""
         target = reference.grpc_target
         assert target is not None and not reference.grpc_tls
         self.name = reference.name
@@ -79,6 +82,7 @@ class GrpcRelay:
         self.on_infer = on_infer
         self.on_skip = on_skip
         self.copying = copying
+        self.max_connections = max_connections
         self.connections: set[RelayConnection] = set()
         self._all_closed: asyncio.Event | None = None
         self._server: asyncio.Server | None = None
@@ -148,6 +152,13 @@ class RelayConnection(FrameRelay, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not registered as asyncio.Transport subclasses.
         self._client = cast(asyncio.Transport, transport)
+        if len(self._relay.connections) >= self._relay.max_connections:
+            log.warning(
+                "gRPC relay: %d client connections, closing a new one", len(self._relay.connections)
+            )
+            self._closed = True
+            self._client.abort()
+            return
         self._relay.connections.add(self)
         self._connecting = asyncio.get_running_loop().create_task(self._connect())
 

@@ -176,3 +176,33 @@ async def test_an_upstream_that_waits_for_the_client_preface_is_relayed(
     assert first_bytes and first_bytes[0] > 0
     # Relayed, not handed over to grpc.aio (whose channel would say its own user-agent).
     assert len(agents) == 3 and all(agent.startswith("client-ua/1") for agent in agents)
+
+
+async def test_connections_past_max_connections_are_closed(
+    fake_grpc: Callable[..., Awaitable[FakeUpstream]], redis_url: str
+) -> None:
+    """Each relayed client holds a connection to the reference: their number is capped."""
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    fake = await fake_grpc(echo)
+    listener = GrpcRelay(
+        _settings(f"127.0.0.1:{fake.port}", redis_url).reference,
+        handover_port=9,
+        max_bytes=1024,
+        max_connections=1,
+    )
+    port = await listener.start("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as held:
+            first: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = held.unary_unary(MODEL_INFER)
+            assert await first(b"one", timeout=5) == b"one"
+            refused = await _call(port, MODEL_INFER, b"two", deadline_s=2)
+            assert refused.code == grpc.StatusCode.UNAVAILABLE
+            assert await first(b"three", timeout=5) == b"three"
+        # The held connection gone, a new client gets in.
+        await wait_until(lambda: not listener.connections, what="the first connection closed")
+        assert (await _call(port, MODEL_INFER, b"four")).response == b"four"
+    finally:
+        await listener.stop(1)
