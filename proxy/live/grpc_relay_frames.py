@@ -122,7 +122,7 @@ class FrameRelay:
             data = side.tail + data
             side.tail = b""
         at, end = 0, len(data)
-        while end - at >= FRAME_HEAD:
+        while end - at >= FRAME_HEAD and not self._closed:
             size, kind, flags, stream = read_head(data, at)
             stop = at + FRAME_HEAD + size
             if stop > end:
@@ -135,6 +135,8 @@ class FrameRelay:
                     out.write(data[sent:at])
                 sent = max(sent, stop)
             at = stop
+        if self._closed:
+            return  # broken off mid-way: nothing more crosses
         if out is not None and sent < at:
             out.write(data[sent:at] if sent or at < end else data)
         if at < end:
@@ -237,6 +239,10 @@ class FrameRelay:
                 return None  # the receiver refuses it; nothing of ours depends on it
             first_stream, first_flags, pieces = side.block
             pieces.append(payload)
+            if sum(map(len, pieces)) > _MAX_HEADER_LIST:
+                # A CONTINUATION flood: the block would be held whole to be decoded.
+                self._broken(f"a header block over {_MAX_HEADER_LIST} bytes")
+                return None
         else:
             fragment = block_fragment(flags, payload)
             if kind == PUSH_PROMISE:
@@ -297,4 +303,5 @@ class FrameRelay:
 
     def _broken(self, why: str) -> None:
         log.warning("gRPC relay: closing a connection: the peer sent %s", why)
+        self._closed = True
         self.abort()

@@ -14,6 +14,7 @@ import pytest
 
 from proxy.live.grpc_relay import GrpcRelay
 from proxy.live.grpc_server import GrpcExchange
+from proxy.live.h2_frames import CONTINUATION, DATA, HEADERS, PREFACE, SETTINGS, frame
 from tests.conftest import wait_until
 from tests.proxy import test_grpc_live as live
 from tests.proxy.test_grpc_live import MODEL_INFER, FakeUpstream, _call, _settings
@@ -206,3 +207,54 @@ async def test_connections_past_max_connections_are_closed(
         assert (await _call(port, MODEL_INFER, b"four")).response == b"four"
     finally:
         await listener.stop(1)
+
+
+@pytest.mark.parametrize("attack", ["oversized_frame", "continuation_flood"])
+async def test_a_client_cannot_make_the_relay_hold_unbounded_bytes(
+    fake_grpc: Callable[..., Awaitable[FakeUpstream]],
+    redis_url: str,
+    attack: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Frames cross whole, so the relay holds a partial frame, and a header block until its
+    last frame: past what the peer agreed to (a frame) or 1 MiB (a block), it closes the
+    connection instead of holding more."""
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    fake = await fake_grpc(echo)
+    listener = GrpcRelay(
+        _settings(f"127.0.0.1:{fake.port}", redis_url).reference, handover_port=9, max_bytes=1024
+    )
+    port = await listener.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(PREFACE + frame(SETTINGS, 0, 0))
+        # The upstream's SETTINGS came through: the relay has the connection (not on probation).
+        assert (await reader.readexactly(9))[3] == SETTINGS
+        if attack == "oversized_frame":
+            # A DATA frame declared at 16 MB (over what the upstream agreed to), sent in part.
+            head = (16_000_000).to_bytes(3, "big") + bytes([DATA, 0]) + (1).to_bytes(4, "big")
+            writer.write(head + b"x" * 100)
+        else:
+            block = b"\x00\x05x-pad\x7f\x81\x7f" + b"a" * 16_000  # not END_HEADERS
+            writer.write(frame(HEADERS, 0, 1, block[:16_000]))
+            for _ in range(80):  # 80 x 16 KB of CONTINUATION, none of them the last
+                writer.write(frame(CONTINUATION, 0, 1, b"a" * 16_000))
+        await writer.drain()
+        closed = False
+        async with asyncio.timeout(10):
+            try:
+                while await reader.read(65536):
+                    pass  # the upstream's SETTINGS, then nothing
+            except ConnectionResetError:
+                pass  # the relay aborts the connection
+            closed = True
+        writer.close()
+    finally:
+        await listener.stop(1)
+    assert closed
+    # Closed by the relay, for that reason (not by the upstream).
+    why = "a frame of 16000000 bytes" if attack == "oversized_frame" else "a header block over"
+    assert why in caplog.text
