@@ -493,7 +493,7 @@ class ProxyRunner:
             on_skip=self.data[MIRROR].note_skip,
             canary=canary,
         )
-        if canary is not None or settings.reference.grpc_tls or not settings.proxy.grpc_relay:
+        if canary is not None or not settings.proxy.grpc_relay:
             self.grpc_port = await self._grpc.start(host, port, reuse_port=self._reuse_port)
             return
         # The relay listens; the grpc.aio listener, on a loopback port of its own, takes the

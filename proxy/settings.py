@@ -339,8 +339,9 @@ class ProxySettings(_Model):
     grpc_relay: bool = True
     """Relay each gRPC client connection frame for frame over a connection of its own to the
     reference, reading only header blocks and the messages it copies: a fraction of the CPU of
-    terminating every call in ``grpc.aio``. A canary or a ``grpcs://`` reference needs calls
-    terminated, and then (or with this off) the ``grpc.aio`` listener serves every call."""
+    terminating every call in ``grpc.aio`` (a ``grpcs://`` reference is relayed to over TLS). A
+    canary needs calls terminated, and then (or with this off) the ``grpc.aio`` listener serves
+    every call."""
     max_inflated_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     """Largest a compressed body (client request, reference or candidate answer) may inflate to
     for comparison; beyond it the copy is skipped and counted, and the live request is forwarded

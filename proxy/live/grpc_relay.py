@@ -15,9 +15,9 @@ inference call unanswered after the reference's ``timeout_s`` ends with DEADLINE
 connection that drops ends its calls with UNAVAILABLE, each naming the upstream. Until the
 upstream has shown it speaks HTTP/2 (its SETTINGS frame), nothing of it has reached the client,
 so a connection whose upstream cannot be reached, or is not HTTP/2, is handed whole to the
-``grpc.aio`` listener (``handover_port``), which reports that failure per call. Canary splits
-and TLS to the reference need a call terminated, so with either the ``grpc.aio`` listener takes
-every connection (``ProxyRunner`` decides).
+``grpc.aio`` listener (``handover_port``), which reports that failure per call. A ``grpcs://``
+reference is relayed to over TLS (ALPN ``h2``). A canary split needs each call terminated, so
+with a canary the ``grpc.aio`` listener takes every connection (``ProxyRunner`` decides).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable
 from typing import cast
 
@@ -70,7 +71,7 @@ class GrpcRelay:
         ``max_connections``: client connections held at once (each holds one to the
         reference), beyond which new ones are closed."""
         target = reference.grpc_target
-        assert target is not None and not reference.grpc_tls
+        assert target is not None
         self.name = reference.name
         self.target = target
         host, _, port = target.rpartition(":")
@@ -83,6 +84,10 @@ class GrpcRelay:
         self.on_skip = on_skip
         self.copying = copying
         self.max_connections = max_connections
+        self._reference = reference
+        self.tls: ssl.SSLContext | None = None
+        """For a ``grpcs://`` reference: TLS with ALPN ``h2``, verified against ``grpc_ca`` (the
+        system's roots without one), presenting ``grpc_cert``/``grpc_key`` when given."""
         self.connections: set[RelayConnection] = set()
         self._all_closed: asyncio.Event | None = None
         self._server: asyncio.Server | None = None
@@ -94,6 +99,9 @@ class GrpcRelay:
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         huffman_tables()  # built once (~10 ms), before the first call rather than during it
+        if self._reference.grpc_tls:
+            # PEM files are read once, off the loop; a rotated certificate needs a restart.
+            self.tls = await asyncio.to_thread(_tls_context, self._reference)
         loop = asyncio.get_running_loop()
         try:
             server = await loop.create_server(
@@ -119,6 +127,16 @@ class GrpcRelay:
                 await asyncio.wait_for(self._all_closed.wait(), grace_s)
         for conn in list(self.connections):
             conn.abort()
+
+
+def _tls_context(reference: UpstreamSettings) -> ssl.SSLContext:
+    context = ssl.create_default_context(
+        cafile=str(reference.grpc_ca) if reference.grpc_ca is not None else None
+    )
+    if reference.grpc_cert is not None and reference.grpc_key is not None:
+        context.load_cert_chain(reference.grpc_cert, reference.grpc_key)
+    context.set_alpn_protocols(["h2"])
+    return context
 
 
 class RelayConnection(FrameRelay, asyncio.Protocol):
@@ -218,7 +236,13 @@ class RelayConnection(FrameRelay, asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(relay.connect_timeout_s):
-                await loop.create_connection(lambda: _UpstreamEnd(self), relay.host, relay.port)
+                await loop.create_connection(
+                    lambda: _UpstreamEnd(self),
+                    relay.host,
+                    relay.port,
+                    ssl=relay.tls,
+                    server_hostname=relay.host if relay.tls is not None else None,
+                )
         except (OSError, TimeoutError) as exc:
             log.debug(
                 "gRPC relay: %s:%s not reached (%s), handing over", relay.host, relay.port, exc

@@ -513,6 +513,7 @@ async def test_grpcs_reference_with_mutual_tls(
     proxy_factory: Callable[..., Any],
     redis_url: str,
     self_signed: tuple[Path, Path],
+    relay: bool,
 ) -> None:
     cert, key = self_signed
     # One self-signed pair plays every part: the server's identity, the client's, both roots.
@@ -521,18 +522,23 @@ async def test_grpcs_reference_with_mutual_tls(
         [(pem_key, pem_cert)], root_certificates=pem_cert, require_client_auth=True
     )
 
+    agents: list[str] = []
+
     async def echo(request: bytes, context: Any) -> bytes:
+        agents.append(dict(context.invocation_metadata())["user-agent"])
         return request + b" over tls"
 
     fake = await fake_grpc(echo, tls)
     url = f"grpcs://127.0.0.1:{fake.port}"
-    proxy = await proxy_factory(
-        _settings(url, redis_url, grpc_ca=str(cert), grpc_cert=str(cert), grpc_key=str(key))
-    )
-    out = await _call(proxy.grpc_port, MODEL_INFER, b"hi")
+    files = {"grpc_ca": str(cert), "grpc_cert": str(cert), "grpc_key": str(key)}
+    proxy = await proxy_factory(_settings(url, redis_url, relay=relay, **files))
+    options = [("grpc.primary_user_agent", "client-ua/1")]
+    out = await _call(proxy.grpc_port, MODEL_INFER, b"hi", options=options)
     assert out.code == grpc.StatusCode.OK and out.response == b"hi over tls"
+    # Relayed over TLS (the client's own headers reached the upstream), or through grpc.aio.
+    assert agents[0].startswith("client-ua/1") == relay
     # Without the client certificate the server refuses the handshake: TLS is really in use.
-    bare = await proxy_factory(_settings(url, redis_url, grpc_ca=str(cert)))
+    bare = await proxy_factory(_settings(url, redis_url, relay=relay, grpc_ca=str(cert)))
     refused = await _call(bare.grpc_port, MODEL_INFER, b"hi")
     assert refused.code == grpc.StatusCode.UNAVAILABLE
     assert refused.details.startswith(f"upstream 'fp32' at 127.0.0.1:{fake.port}:")
