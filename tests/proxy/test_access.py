@@ -116,12 +116,23 @@ async def test_a_session_follows_the_users_in_the_current_config(
         ):
             return r.status, await r.json()
 
-    async def label(proxy: ProxyRunner) -> int:
+    async def label(proxy: ProxyRunner) -> tuple[int, Any]:
         url = f"{_base(proxy)}/api/samples/nosuch/label"
-        return (await _status("POST", url, rita, json={"verdict": "regression"}))[0]
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(url, headers=rita, json={"verdict": "regression"}) as r,
+        ):
+            return r.status, await r.json()
 
     assert (await me(first, rita))[1]["role"] == "reviewer"
-    assert await label(first) == 404  # allowed to label; there is merely no such sample
+    # Allowed to label; there is merely no such sample, and the answer says so. Labelling it
+    # wrote nothing: no sample hash made of a label alone, no entry in the labels hash.
+    status, body = await label(first)
+    assert status == 404 and body["error"] == "no sample 'nosuch' (unknown or expired)", body
+    keys = first.store.keys
+    redis = first.store.redis
+    assert not await redis.exists(keys.sample("nosuch"))
+    assert not await redis.hexists(keys.labels, "nosuch")
     await first.stop()
 
     # rita demoted to viewer: the same session now reads only.
@@ -129,7 +140,8 @@ async def test_a_session_follows_the_users_in_the_current_config(
     demoted = await proxy_factory(_admin_settings(ref.url, redis_url, users=users))
     status, body = await me(demoted, rita)
     assert status == 200 and body["user"] == "rita" and body["role"] == "viewer"
-    assert await label(demoted) == 403
+    status, body = await label(demoted)
+    assert status == 403 and "rita is a viewer" in body["error"], body
     await demoted.stop()
 
     # rita's token replaced, vera removed: both sessions are over, for good.
