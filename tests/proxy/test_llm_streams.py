@@ -168,10 +168,12 @@ async def test_tools_and_n_are_mirrored_only_where_allowed(
     ]
     proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=candidates))
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
-    await post_json(_proxy_url(proxy), "/v1/chat/completions", {**CHAT, "tools": tools})
-    await post_json(_proxy_url(proxy), "/v1/chat/completions", {**CHAT, "n": 2})
-    await post_json(_proxy_url(proxy), "/v1/chat/completions", CHAT)
+    bodies = [{**CHAT, "tools": tools}, {**CHAT, "n": 2}, CHAT]
+    through = [await post_json(_proxy_url(proxy), "/v1/chat/completions", b) for b in bodies]
     assert await proxy.drained(10)
+    # Every request, copied or not, is answered as the reference answers it directly.
+    direct = [await post_json(ref.url, "/v1/chat/completions", b) for b in bodies]
+    assert [t[0] for t in through] == [200] * 3 and through == direct
     assert strict.behaviour.calls == 1 and open_.behaviour.calls == 3
     tally = proxy.telemetry.tally
     assert tally[("strict", "skipped:llm_tools")] == 1 and tally[("strict", "skipped:llm_n")] == 1
@@ -183,11 +185,13 @@ async def test_model_map_renames_the_model_in_an_openai_body(
     ref, cand = await llm(), await llm()
     candidates = [{"name": "c", "url": cand.url, "model_map": {"tiny": "tiny-bf16"}}]
     proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=candidates))
-    await post_json(_proxy_url(proxy), "/v1/chat/completions", CHAT)
+    through = await post_json(_proxy_url(proxy), "/v1/chat/completions", CHAT)
     assert await proxy.drained(10)
     assert [b["model"] for b in cand.behaviour.seen_bodies] == ["tiny-bf16"]
     assert ref.behaviour.seen_bodies[0]["model"] == "tiny"
     assert cand.behaviour.seen_bodies[0]["messages"] == CHAT["messages"]
+    # The client's answer is the reference's to the body as sent, the name unmapped.
+    assert through[0] == 200 and through == await post_json(ref.url, "/v1/chat/completions", CHAT)
 
 
 async def test_embeddings_are_compared_as_vectors(

@@ -56,8 +56,8 @@ async def test_request_id_falls_back_to_the_v2_body_id(
     proxy = await proxy_factory(
         make_settings(ref.url, redis_url, candidates=[{"name": "d", "url": drifted.url}])
     )
-    await _send(proxy.data_port, b'{"id":"body-42",' + BODY[1:])
-    await _send(proxy.data_port, BODY)
+    assert await _send(proxy.data_port, b'{"id":"body-42",' + BODY[1:]) == 200
+    assert await _send(proxy.data_port, BODY) == 200
     assert await proxy.drained(10)
     ids = {s["request_id"] for s in await proxy.store.list_samples(flagged=True)}
     assert "body-42" in ids and len(ids) == 2  # the other one got a generated id
@@ -73,7 +73,7 @@ async def test_hash_sampling_keeps_related_requests_together(
     for user in range(20):
         before = cand.behaviour.calls
         for _ in range(3):
-            await _send(proxy.data_port, **{"X-User": f"user-{user}"})
+            assert await _send(proxy.data_port, **{"X-User": f"user-{user}"}) == 200
         assert await proxy.drained(10)
         per_user[f"user-{user}"] = cand.behaviour.calls - before
     assert set(per_user.values()) <= {0, 3}, per_user  # all of a user's requests, or none
@@ -87,7 +87,7 @@ async def test_random_sampling_follows_the_rate(
     c = {"name": "c", "url": cand.url, "sample_rate": 0.3}
     proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=[c]))
     for _ in range(200):
-        await _send(proxy.data_port)
+        assert await _send(proxy.data_port) == 200
     assert await proxy.drained(10)
     assert 30 <= cand.behaviour.calls <= 90  # 60 expected; p(outside) < 1e-4
     assert proxy.telemetry.tally[("c", "skipped:not_sampled")] == 200 - cand.behaviour.calls
@@ -99,13 +99,15 @@ async def test_model_map_and_credentials(
     ref, cand = await fake(), await fake()
     c = {"name": "c", "url": cand.url, "model_map": {"m": "m_int8"}, "models": ["m"]}
     proxy = await proxy_factory(make_settings(ref.url, redis_url, candidates=[c]))
-    await _send(
+    status = await _send(
         proxy.data_port,
         path="/v2/models/m/versions/1/infer",
         Authorization="Bearer secret",
         Cookie="a=b",
     )
-    await _send(proxy.data_port, path="/v2/models/other/infer")  # not in the candidate's models
+    assert status == 200
+    # Not in the candidate's models: answered by the reference, never mirrored.
+    assert await _send(proxy.data_port, path="/v2/models/other/infer") == 200
     assert await proxy.drained(10)
     assert cand.behaviour.seen_paths == ["/v2/models/m_int8/versions/1/infer"]
     assert "Authorization" not in cand.behaviour.seen_headers[0]
@@ -125,10 +127,14 @@ async def test_unsafe_requests_are_never_mirrored_and_counted_by_reason(
         b'"parameters":{"shared_memory_region":"r0","shared_memory_byte_size":8}}]}'
     )
     seq = b'{"parameters":{"sequence_id":7,"sequence_start":true},' + BODY[1:]
-    await _send(proxy.data_port, shm)
-    await _send(proxy.data_port, seq)
-    await _send(proxy.data_port, b"{}", path="/v2/repository/models/m/load")
-    await _send(proxy.data_port, b"{}", path="/v2/systemsharedmemory/region/r0/register")
+    # Each is answered by the reference as without the proxy (the fake has no repository or
+    # shared-memory routes: its own 404 comes back), and none is copied.
+    assert await _send(proxy.data_port, shm) == 200
+    assert await _send(proxy.data_port, seq) == 200
+    assert await _send(proxy.data_port, b"{}", path="/v2/repository/models/m/load") == 404
+    region = "/v2/systemsharedmemory/region/r0/register"
+    assert await _send(proxy.data_port, b"{}", path=region) == 404
+    assert ref.behaviour.calls == 2
     assert await proxy.drained(10)
     assert cand.behaviour.calls == 0
     tally = proxy.telemetry.tally
@@ -148,7 +154,7 @@ async def test_trace_context_is_forwarded_and_shadow_spans_link_to_the_live_span
         telemetry=tel,
     )
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
-    await _send(proxy.data_port, traceparent=f"00-{trace_id}-00f067aa0ba902b7-01")
+    assert await _send(proxy.data_port, traceparent=f"00-{trace_id}-00f067aa0ba902b7-01") == 200
     assert await proxy.drained(10)
     assert ref.behaviour.seen_headers[0]["traceparent"].split("-")[1] == trace_id
     spans = {s.name: s for s in exporter.get_finished_spans()}

@@ -120,8 +120,9 @@ async def test_filters_sorting_paging_tensors_and_timeseries(
         assert (await get("since=0&until=1"))[1] == 0
         async with s.post(
             f"{base}/api/samples/{items[0]['id']}/label", json={"verdict": "acceptable"}
-        ):
-            pass
+        ) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["verdict"] == "acceptable"
         assert [i["id"] for i in (await get("label=acceptable"))[0]] == [items[0]["id"]]
         assert (await get("label=none"))[1] == 5
         async with s.get(f"{base}/api/samples?flagged=1&sort=nope") as r:

@@ -11,6 +11,7 @@ from aiohttp import web
 from proxy.settings import TelemetrySettings
 from proxy.telemetry import Telemetry
 from tests.conftest import make_settings
+from tests.fakes import v2_answer
 
 
 async def test_spans_and_metrics_reach_an_otlp_collector(
@@ -39,8 +40,10 @@ async def test_spans_and_metrics_reach_an_otlp_collector(
         proxy = await proxy_factory(settings, telemetry=tel)
         async with aiohttp.ClientSession() as s:
             body = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}]}'
-            async with s.post(f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer", data=body):
-                pass
+            async with s.post(
+                f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer", data=body
+            ) as r:
+                assert r.status == 200 and await r.read() == v2_answer(body, "m", 0.0)
         assert await proxy.drained(10)
         await proxy.stop()
         # Shutdown flushes the batch span processor and the periodic metric reader; they post
