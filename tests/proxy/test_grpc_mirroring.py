@@ -4,7 +4,6 @@ never mirrored never reach a candidate."""
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -154,18 +153,29 @@ async def test_never_mirrored_grpc_kinds_never_reach_a_candidate(
         "sequence": _request({"sequence_id": 7, "sequence_start": True}),
         "shared_memory": _request(shm_input=True),
     }
+
+    async def outcome(target: str, body: bytes) -> tuple[Any, ...]:
+        """What a ModelInfer call answers: ("ok", the answer) or (status code, details)."""
+        async with grpc.aio.insecure_channel(target) as channel:
+            call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(MODEL_INFER)
+            try:
+                return ("ok", await call(body, timeout=10))
+            except grpc.aio.AioRpcError as exc:
+                return (exc.code(), exc.details())
+
+    for kind, body in cases.items():
+        # Whatever Triton answers (it runs a sequence id on a model without a sequence
+        # batcher, and refuses an unregistered region), the client gets exactly that.
+        through = await outcome(f"127.0.0.1:{proxy.grpc_port}", body)
+        direct = await outcome(f"127.0.0.1:{triton_server.grpc_port}", body)
+        assert through == direct, kind
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel:
-        infer: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(MODEL_INFER)
-        for body in cases.values():
-            # Whatever Triton answers (it runs a sequence id on a model without a sequence
-            # batcher, and refuses an unregistered region), the client gets it: not the point.
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await infer(body, timeout=10)
         # Reads are forwarded and answered, never copied; admin methods too, and counted.
         ready: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
             "/inference.GRPCInferenceService/ServerReady"
         )
-        assert await ready(service_pb2.ServerReadyRequest().SerializeToString(), timeout=10)
+        answer = await ready(service_pb2.ServerReadyRequest().SerializeToString(), timeout=10)
+        assert service_pb2.ServerReadyResponse.FromString(answer).ready
         trace: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
             "/inference.GRPCInferenceService/TraceSetting"
         )
