@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import pytest
 from proxy.app import ProxyRunner
 from tests.conftest import ADMIN_TOKEN, make_settings, wait_until
 from tests.fakes import start_raw_upstream, v2_answer
+from tests.proxy.test_workers import tcp_peers
 
 
 @dataclass
@@ -136,16 +138,23 @@ async def test_upstream_connections_are_reused_and_a_closed_one_is_not(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
         idle_close_s=0.3,
     )
+    raw_port = int(raw.url.rsplit(":", 1)[1])
     proxy = await proxy_factory(make_settings(raw.url, redis_url))
     url = f"http://127.0.0.1:{proxy.data_port}/v2/models/m/infer"
+
+    def to_upstream() -> int:
+        """This process's (the proxy's) connections to the upstream."""
+        return sum(remote == raw_port for _, remote in tcp_peers(os.getpid()))
+
     async with aiohttp.ClientSession() as s:
         for _ in range(5):
             async with s.post(url, data=body(1)) as r:
                 assert r.status == 200 and await r.read() == b"{}"
-        assert raw.connections == 1  # one pooled connection for five calls
-        await asyncio.sleep(0.6)  # the upstream closes it as idle
+        assert raw.connections == 1 and to_upstream() == 1  # one pooled connection for five
+        # The upstream closes it as idle, and the proxy lets go of it.
+        await wait_until(lambda: to_upstream() == 0, what="the idle connection closed")
         async with s.post(url, data=body(1)) as r:
-            assert r.status == 200  # not a 502 from reusing the dead one
+            assert r.status == 200 and await r.read() == b"{}"  # not a 502 from the dead one
     assert raw.connections == 2
     raw.server.close()
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -103,10 +102,12 @@ async def test_workers_share_the_port_and_one_redis_and_stop_together(
         assert len(redis) == 1, "the parent starts one embedded Redis for all workers"
         assert tcp_peers(redis[0], listening=True) == set(), "the embedded Redis listens on TCP"
         # One worker answering is not both: wait until each listens on the shared data port.
-        deadline = time.monotonic() + 60
-        while not all((data_port, 0) in tcp_peers(p, listening=True) for p in workers):
-            assert time.monotonic() < deadline, "a worker never listened on the data port"
-            await asyncio.sleep(0.1)
+        await wait_until(
+            lambda: all((data_port, 0) in tcp_peers(p, listening=True) for p in workers),
+            timeout_s=60,
+            interval_s=0.1,
+            what="both workers listening on the data port",
+        )
         # Each request on its own connection, so the kernel spreads them over both workers.
         for _ in range(60):
             async with (
