@@ -65,9 +65,14 @@ class ModelConfigs:
             async with self._session.get(url, timeout=timeout) as resp:
                 if resp.status == 200:
                     config = await resp.json(content_type=None)
-                    decoupled = bool(
-                        (config.get("model_transaction_policy") or {}).get("decoupled")
-                    )
+                    if not isinstance(config, dict):
+                        # A JSON list, a string: no model config, so it says nothing about
+                        # state; unreadable, like invalid JSON.
+                        raise ValueError(f"the config of {model!r} is not a JSON object")
+                    policy = config.get("model_transaction_policy") or {}
+                    if not isinstance(policy, dict):
+                        raise ValueError(f"the transaction policy of {model!r} is no object")
+                    decoupled = bool(policy.get("decoupled"))
                     stateful = bool(config.get("sequence_batching")) or decoupled
                     self._stateful[model] = (stateful, None)
                     if decoupled:
