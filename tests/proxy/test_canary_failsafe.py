@@ -8,6 +8,8 @@ if nothing happened to its state.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import redis.asyncio as aioredis
 import yaml
 
 from proxy.app import ProxyRunner
+from proxy.buffer.embedded import EmbeddedRedis
 from proxy.settings import Settings
 from tests.conftest import ADMIN_TOKEN, wait_until
 from tests.proxy.test_canary import AUTH, _admin, _canary_settings, _cli, _infer, _weight_here
@@ -154,3 +157,38 @@ async def test_a_restarted_proxy_finds_the_log_and_the_cli_restarts_the_rollout(
     assert state is not None and (state.status, state.attempt) == ("running", 2)
     again.canary.poke()
     await wait_until(lambda: _served_by_candidate(again), what="the candidate serving again")
+
+
+async def _serving_weights(proxy: ProxyRunner) -> tuple[Any, Any]:
+    """The weight this replica serves as /api/summary and /api/canary report it."""
+    _, summary = await _admin(proxy, "GET", "/api/summary")
+    code, view = await _admin(proxy, "GET", "/api/canary")
+    return summary["canary"]["serving_weight_here"], (
+        view["serving_weight_here"] if code == 200 else code
+    )
+
+
+async def test_redis_out_of_reach_serves_the_reference_after_stale_after_s(
+    dedicated_redis: EmbeddedRedis, fake: Callable[..., Any], proxy_factory: Callable[..., Any]
+) -> None:
+    """Redis stops answering: the replica keeps the weight it confirmed for ``stale_after_s``
+    (a blip does not flip it), then serves the reference, and the candidate again once Redis
+    is back with the rollout."""
+    url = dedicated_redis.url
+    ref, cand = await fake(), await fake()
+    proxy = await proxy_factory(_settings(ref.url, cand.url, url, stale_after_s=0.5))
+    await wait_until(lambda: _served_by_candidate(proxy), what="the candidate serving at 100%")
+
+    began = time.monotonic()
+    await asyncio.to_thread(dedicated_redis.stop)
+    await wait_until(lambda: _weight_here(proxy) is None, what="the rollout's view gone stale")
+    # Its last confirmed read was at most one interval (50 ms) before Redis stopped.
+    assert time.monotonic() - began >= 0.5 - 0.05
+    assert {who for _, who in await _infer(proxy, 10, first=100)} == {"ref"}
+    assert (await _serving_weights(proxy))[0] == 0
+
+    await asyncio.to_thread(dedicated_redis.start)
+    assert dedicated_redis.url == url  # the same server, its data kept
+    await wait_until(lambda: _served_by_candidate(proxy), what="the candidate serving again")
+    state = await proxy.canary.store.read()
+    assert state is not None and (state.status, state.attempt, state.weight) == ("running", 1, 100)
