@@ -327,26 +327,32 @@ class CanaryController:
     async def status(self, decisions: int = 50) -> dict[str, Any]:
         """The rollout, the current step's gates (measured values and thresholds), and the log."""
         out = await describe(self._settings, self.store, decisions)
-        out["serving_weight_here"] = self.state.weight if self.state is not None else 0.0
+        out["serving_weight_here"] = self._serving_weight()
         return out
+
+    def _serving_weight(self) -> float:
+        """The weight this replica serves: 0 while its view is stale, or when the rollout is of
+        another configuration than its own."""
+        state = self.state
+        return state.weight if state is not None and self._ours(state) else 0.0
 
     def brief(self) -> dict[str, Any]:
         """For ``/api/summary``: the rollout as this replica last read it, and whether it was
         lost (then this replica serves the reference until ``canary restart``)."""
-        seen, here = self._seen, self.state
+        seen = self._seen
         return {
             "rollout": self.config.rollout_id,
             "status": seen.status if seen is not None else None,
             "state_lost": seen is not None and seen.status == "lost",
             "reason": seen.reason if seen is not None else "",
-            "serving_weight_here": here.weight if here is not None and self._ours(here) else 0.0,
+            "serving_weight_here": self._serving_weight(),
         }
 
     def observe_gauges(self, options: CallbackOptions) -> Iterator[Observation]:
         """OpenTelemetry callback: the weight, the step and each gate's value and threshold."""
         attrs = {"rollout": self.config.rollout_id, "candidate": self.candidate.name}
         state = self.state
-        yield Observation(state.weight if state else 0.0, {**attrs, "stat": "weight"})
+        yield Observation(self._serving_weight(), {**attrs, "stat": "weight"})
         lost = self._seen is not None and self._seen.status == "lost"
         yield Observation(int(lost), {**attrs, "stat": "state_lost"})
         if state is not None:

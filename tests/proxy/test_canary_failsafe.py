@@ -9,6 +9,7 @@ if nothing happened to its state.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 
 from proxy.app import ProxyRunner
 from proxy.buffer.embedded import EmbeddedRedis
+from proxy.canary.state import fingerprint
 from proxy.settings import Settings
 from tests.conftest import ADMIN_TOKEN, wait_until
 from tests.proxy.test_canary import AUTH, _admin, _canary_settings, _cli, _infer, _weight_here
@@ -159,6 +161,11 @@ async def test_a_restarted_proxy_finds_the_log_and_the_cli_restarts_the_rollout(
     await wait_until(lambda: _served_by_candidate(again), what="the candidate serving again")
 
 
+async def _metrics(proxy: ProxyRunner) -> str:
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        return await (await s.get(f"http://127.0.0.1:{proxy.admin_port}/metrics")).text()
+
+
 async def _serving_weights(proxy: ProxyRunner) -> tuple[Any, Any]:
     """The weight this replica serves as /api/summary and /api/canary report it."""
     _, summary = await _admin(proxy, "GET", "/api/summary")
@@ -192,3 +199,30 @@ async def test_redis_out_of_reach_serves_the_reference_after_stale_after_s(
     await wait_until(lambda: _served_by_candidate(proxy), what="the candidate serving again")
     state = await proxy.canary.store.read()
     assert state is not None and (state.status, state.attempt, state.weight) == ("running", 1, 100)
+
+
+async def test_a_rollout_of_another_build_is_served_by_the_reference(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    """Two replicas on one Redis whose canary candidates differ (another URL: another build):
+    the one whose build is not the running rollout's serves every request from the reference,
+    reports a serving weight of 0, and leaves the rollout alone."""
+    ref, cand, other = await fake(), await fake(), await fake()
+    ours = await proxy_factory(_settings(ref.url, cand.url, redis_url))
+    await wait_until(lambda: _served_by_candidate(ours), what="the candidate serving at 100%")
+
+    theirs = await proxy_factory(_settings(ref.url, other.url, redis_url))
+    for _ in range(3):
+        await theirs.canary.tick()
+    calls = other.behaviour.calls
+    assert {who for _, who in await _infer(theirs, 20, first=100)} == {"ref"}
+    assert await _serving_weights(theirs) == (0, 0)
+    assert re.search(r'stat="weight"\} 0(\.0)?$', await _metrics(theirs), re.M)
+    assert await theirs.drained(10)
+    assert other.behaviour.calls - calls == 20  # shadow copies only: no live answer came from it
+    # The rollout is untouched: still the first build's, served by its candidate there.
+    assert await _serving_weights(ours) == (100, 100)
+    assert {who for _, who in await _infer(ours, 5, first=200)} == {"cand"}
+    state = await ours.canary.store.read()
+    assert state is not None and state.fingerprint == fingerprint(ours.settings)
+    assert [d["outcome"] for d in await ours.canary.store.decisions()] == ["started"]
