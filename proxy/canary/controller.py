@@ -5,7 +5,10 @@ path uses), evaluates the gates on the step's evidence (summed by every replica)
 next state through a check-and-set: the first replica to propose wins, the others see the new
 state on their next read. The live path only calls ``split`` and ``count``, which never await.
 If Redis cannot be read for ``canary.stale_after_s``, this replica serves everything from the
-reference until it can again: it never serves the candidate on a weight it cannot confirm.
+reference until it can again: it never serves the candidate on a weight it cannot confirm. A
+state it reads but cannot parse (corrupt, or written by another version) is no weight either:
+it serves the reference at once, counts ``outcome="state_unreadable"`` and says why, and leaves
+the key to ``shadowproxy canary restart``.
 
 Fail-safe: a rollout whose state disappears from Redis (a flush, an eviction, a Redis restarted
 without persistence) is never started again from its first step by a controller. The first replica
@@ -37,7 +40,15 @@ from ..shadow.guards import stop_task
 from ..telemetry import Telemetry
 from . import gates as g
 from .evidence import CanaryTag, EvidenceBuffer
-from .state import CanaryStore, Change, Decision, RolloutState, fingerprint, lost_state
+from .state import (
+    CanaryStore,
+    Change,
+    Decision,
+    RolloutState,
+    StateUnreadable,
+    fingerprint,
+    lost_state,
+)
 
 log = logging.getLogger("shadowproxy.canary")
 
@@ -140,6 +151,8 @@ class CanaryController:
         disappearance is a loss, not a rollout to start."""
         self._logged: dict[str, Any] | None = None
         """The newest decision in the log, read while this process has not seen the rollout."""
+        self._unreadable: str | None = None
+        """Why the stored state cannot be read, while it cannot: the reference serves here."""
 
     # ------------------------------------------------------------------ the live path
 
@@ -218,10 +231,14 @@ class CanaryController:
     # ------------------------------------------------------------------ the control loop
 
     async def start(self) -> None:
+        # Nothing in Redis may keep the proxy from starting: until a rollout is read, the
+        # reference serves.
         try:
             await self.tick()
         except StoreError as exc:
             log.warning("canary: cannot read the rollout yet (%s); serving the reference", exc)
+        except Exception:
+            log.exception("canary: the first evaluation failed; serving the reference")
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def close(self) -> None:
@@ -287,7 +304,11 @@ class CanaryController:
             # that a missing state was lost rather than never made.
             newest = await self.store.decisions(1)
             self._logged = newest[-1] if newest else None
-        state, record = await self.store.update(self._start_if_new)
+        try:
+            state, record = await self.store.update(self._start_if_new)
+        except StateUnreadable as exc:
+            self._adopt_unreadable(str(exc))
+            return
         self._adopt(state, record)
         if state is None or not state.active or not self._ours(state):
             return
@@ -301,7 +322,23 @@ class CanaryController:
         )
         self._adopt(new, record)
 
+    def _adopt_unreadable(self, why: str) -> None:
+        """The state key holds no rollout state: serve the reference now (not once the last
+        weight read goes stale), say why once, and leave the key to a person: ``canary
+        restart`` writes a new state over it."""
+        self._state = None
+        self._last_eval = None
+        if self._unreadable is None:
+            self._tel.canary_decision(self.config.rollout_id, "state_unreadable")
+            log.warning(
+                "canary %s: %s; serving the reference until `shadowproxy canary restart`",
+                self.config.rollout_id,
+                why,
+            )
+        self._unreadable = why
+
     def _adopt(self, state: RolloutState | None, record: dict[str, Any] | None) -> None:
+        self._unreadable = None
         if state is not None and self._state is not None:
             moved = (state.attempt, state.step) != (self._state.attempt, self._state.step)
             if moved or not state.active:
@@ -331,8 +368,8 @@ class CanaryController:
         return out
 
     def _serving_weight(self) -> float:
-        """The weight this replica serves: 0 while its view is stale, or when the rollout is of
-        another configuration than its own."""
+        """The weight this replica serves: 0 while its view is stale or unreadable, or when the
+        rollout is of another configuration than its own."""
         state = self.state
         return state.weight if state is not None and self._ours(state) else 0.0
 
@@ -344,7 +381,8 @@ class CanaryController:
             "rollout": self.config.rollout_id,
             "status": seen.status if seen is not None else None,
             "state_lost": seen is not None and seen.status == "lost",
-            "reason": seen.reason if seen is not None else "",
+            "state_unreadable": self._unreadable is not None,
+            "reason": self._unreadable or (seen.reason if seen is not None else ""),
             "serving_weight_here": self._serving_weight(),
         }
 

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
@@ -74,10 +74,18 @@ class RolloutState:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> RolloutState:
-        data = json.loads(raw)
-        data["steps"] = tuple(data["steps"])
-        data["approved"] = tuple(data.get("approved", ()))
-        return cls(**data)
+        """The state as stored; ``StateUnreadable`` when it is not one (corrupt, written by
+        hand or by another version): no weight can be read from it."""
+        try:
+            data = json.loads(raw)
+            data["steps"] = tuple(float(w) for w in data["steps"])
+            data["approved"] = tuple(data.get("approved", ()))
+            state = cls(**data)
+            if state.status not in get_args(Status) or not 0 <= state.step < len(state.steps):
+                raise ValueError(f"status {state.status!r} at step {state.step!r}")
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise StateUnreadable(f"the rollout's state in Redis is unreadable ({exc!r})") from exc
+        return state
 
     @property
     def identity(self) -> tuple[int, float]:
@@ -138,6 +146,10 @@ class Decision:
             "by": self.by,
             "gates": self.gates,
         }
+
+
+class StateUnreadable(StoreError):
+    """The rollout's state key holds something that is not a rollout state."""
 
 
 class EvidenceLost(StoreError):
@@ -257,13 +269,17 @@ class CanaryStore:
         return None if raw is None else RolloutState.from_json(raw)
 
     async def update(
-        self, change: Callable[[RolloutState | None], Change]
+        self, change: Callable[[RolloutState | None], Change], *, overwrite_unreadable: bool = False
     ) -> tuple[RolloutState | None, dict[str, Any] | None]:
-        """Check-and-set: (the state now, the decision recorded or None)."""
-        return await self._guard(self._update(change))  # type: ignore[no-any-return]
+        """Check-and-set: (the state now, the decision recorded or None).
+
+        An unreadable state raises ``StateUnreadable``, unless ``overwrite_unreadable`` (a
+        person's restart): then ``change`` sees None, as if the state were gone."""
+        coro = self._update(change, overwrite_unreadable)
+        return await self._guard(coro)  # type: ignore[no-any-return]
 
     async def _update(
-        self, change: Callable[[RolloutState | None], Change]
+        self, change: Callable[[RolloutState | None], Change], overwrite_unreadable: bool
     ) -> tuple[RolloutState | None, dict[str, Any] | None]:
         key = self._keys.canary(self.rollout)
         log_key = self._keys.canary_decisions(self.rollout)
@@ -272,7 +288,12 @@ class CanaryStore:
                 try:
                     await pipe.watch(key)
                     raw = await pipe.get(key)
-                    current = None if raw is None else RolloutState.from_json(raw)
+                    try:
+                        current = None if raw is None else RolloutState.from_json(raw)
+                    except StateUnreadable:
+                        if not overwrite_unreadable:
+                            raise
+                        current = None
                     result = change(current)
                     if result is None:
                         await pipe.unwatch()  # type: ignore[no-untyped-call]
@@ -307,8 +328,12 @@ class CanaryStore:
         self, action: str, settings: Settings, by: str, reason: str
     ) -> tuple[RolloutState | None, dict[str, Any] | None]:
         """A person's command, by check-and-set (what the admin API and the CLI both run)."""
-        floor = await self.last_attempt() if action == "restart" else 0
-        return await self.update(lambda cur: apply_action(cur, action, settings, by, reason, floor))
+        restart = action == "restart"
+        floor = await self.last_attempt() if restart else 0
+        return await self.update(
+            lambda cur: apply_action(cur, action, settings, by, reason, floor),
+            overwrite_unreadable=restart,  # the way out of an unreadable state
+        )
 
     async def evidence(self, attempt: int, step: int) -> dict[str, int]:
         key = self._keys.canary_evidence(self.rollout, attempt, step)

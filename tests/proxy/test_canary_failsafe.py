@@ -201,6 +201,50 @@ async def test_redis_out_of_reach_serves_the_reference_after_stale_after_s(
     assert state is not None and (state.status, state.attempt, state.weight) == ("running", 1, 100)
 
 
+async def test_an_unreadable_rollout_state_serves_the_reference_and_restart_mends_it(
+    fake: Callable[..., Any],
+    proxy_factory: Callable[..., Any],
+    redis_url: str,
+    redis_client: aioredis.Redis,
+) -> None:
+    """A corrupt state key (not JSON, or JSON that is no rollout) is no weight to serve: the
+    replica serves the reference at once (not after ``stale_after_s``), says why and counts it;
+    a proxy starting on it starts and serves; ``canary restart`` writes a good state over it."""
+    ref, cand = await fake(), await fake()
+    settings = _settings(ref.url, cand.url, redis_url, stale_after_s=3600)
+    proxy = await proxy_factory(settings)
+    key = proxy.store.keys.canary("cand")
+    await wait_until(lambda: _served_by_candidate(proxy), what="the candidate serving at 100%")
+
+    await redis_client.set(key, b"{")
+    await wait_until(lambda: _weight_here(proxy) is None, what="the unreadable state noticed")
+    assert {who for _, who in await _infer(proxy, 10, first=100)} == {"ref"}
+    assert await _serving_weights(proxy) == (0, 503)  # /api/canary: the rollout cannot be read
+    _, summary = await _admin(proxy, "GET", "/api/summary")
+    assert summary["canary"]["state_unreadable"] is True
+    metrics = await _metrics(proxy)
+    assert 'decisions_total{outcome="state_unreadable",rollout="cand"} 1' in metrics
+    assert await redis_client.get(key) == b"{"  # no controller writes over it
+
+    # JSON, but no rollout state: a proxy (re)started on it starts, and serves the reference.
+    await redis_client.set(key, b'{"rollout": "cand"}')
+    second = await proxy_factory(settings)
+    assert _weight_here(second) is None
+    assert {who for _, who in await _infer(second, 5, first=200)} == {"ref"}
+    assert (await _serving_weights(second))[0] == 0
+
+    code, body = await _admin(proxy, "POST", "/api/canary/pause")
+    assert code == 503 and "unreadable" in body["error"]
+    code, body = await _admin(proxy, "POST", "/api/canary/restart")
+    assert code == 200 and (body["state"]["status"], body["state"]["attempt"]) == ("running", 2)
+    for replica in (proxy, second):
+        replica.canary.poke()
+        await wait_until(lambda r=replica: _served_by_candidate(r), what="the candidate again")
+        assert await _serving_weights(replica) == (100, 100)
+    _, summary = await _admin(proxy, "GET", "/api/summary")
+    assert summary["canary"]["state_unreadable"] is False
+
+
 async def test_a_rollout_of_another_build_is_served_by_the_reference(
     fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
 ) -> None:
