@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import make_settings
+from tests.conftest import make_settings, wait_until
 from tests.fakes import v2_answer
 from tests.proxy.test_fast_lane import body, infer, read_answer
 
@@ -72,19 +72,56 @@ async def test_a_request_the_fast_lane_leaves_to_aiohttp_is_answered_and_so_is_t
     assert proxy.telemetry.tally[("c", "compared")] == infers  # mirrored on both sides of it
 
 
+def _tcp_queues(local_port: int, remote_port: int) -> tuple[int, int]:
+    """(bytes sent but not yet taken by the peer, bytes received but not yet read by the
+    application) of the loopback TCP connection from ``local_port`` to ``remote_port``, as the
+    kernel reports them (/proc/net/tcp)."""
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local, remote = (int(f.split(":")[1], 16) for f in fields[1:3])
+            if (local, remote) == (local_port, remote_port):
+                tx, rx = (int(q, 16) for q in fields[4].split(":"))
+                return tx, rx
+    return 0, 0
+
+
 async def test_a_client_pipelining_megabytes_ahead_gets_every_answer_in_order(
     fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
 ) -> None:
     """Beyond 2 MiB of unanswered requests the fast lane stops reading the client, and reads
     again once the answers are out: nothing is lost or reordered by the pause."""
     ref = await fake()
+    ref.behaviour.hold = asyncio.Event()  # the first answer waits: the pipeline backs up
     proxy = await proxy_factory(make_settings(ref.url, redis_url))
     pad = b" " * (256 * 1024)  # JSON allows trailing blanks: each request about 256 KiB
     requests = [body(i) + pad for i in range(16)]  # 4 MiB in all, twice the pipeline limit
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
+    client_port = writer.get_extra_info("sockname")[1]
+
+    def unread() -> int:
+        """What the client wrote that the proxy has not read: still in the client's buffer, in
+        its socket, or waiting in the proxy's socket."""
+        client_tx, _ = _tcp_queues(client_port, proxy.data_port)
+        _, proxy_rx = _tcp_queues(proxy.data_port, client_port)
+        return writer.transport.get_write_buffer_size() + client_tx + proxy_rx
+
+    seen: list[int] = []
+
+    def not_reading() -> bool:
+        """Over a MiB unread, and none of it read since the last look (a proxy that reads
+        takes it all into memory within a loop iteration or two)."""
+        seen.append(unread())
+        return len(seen) > 1 and seen[-1] == seen[-2] > 1024 * 1024
+
     try:
         writer.write(b"".join(infer(r) for r in requests))
         sent = asyncio.create_task(writer.drain())  # completes only as the proxy reads on
+        await wait_until(lambda: ref.behaviour.in_flight == 1, what="the first call held")
+        # About 2 MiB buffered (and one request at the reference): the proxy stops reading.
+        await wait_until(not_reading, what="the proxy no longer reading the client")
+        assert ref.behaviour.calls == 1
+        ref.behaviour.hold.set()
         answers = [await asyncio.wait_for(read_answer(reader), 20) for _ in requests]
         await asyncio.wait_for(sent, 10)
     finally:

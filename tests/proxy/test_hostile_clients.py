@@ -33,6 +33,7 @@ from proxy.settings import UpstreamSettings
 from proxy.shadow.analysis import Exchange
 from proxy.shadow.shadow_client import ShadowClient
 from tests.conftest import ADMIN_TOKEN, make_settings, repo_root, wait_http_ok, wait_until
+from tests.fakes import v2_answer
 from tests.proxy.test_fast_lane import body, infer, read_answer
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs /proc")
@@ -288,9 +289,17 @@ async def test_an_idle_keep_alive_connection_is_closed(
     ref = await fake()
     proxy = await proxy_factory(hostile_settings(ref.url, redis_url, idle_timeout_s=0.5))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.data_port)
-    writer.write(infer(body(1)))
-    assert (await asyncio.wait_for(read_answer(reader), 10)).status == 200
-    assert await closed_by_proxy(reader) == b""  # then nothing, and closed
+    loop = asyncio.get_running_loop()
+    # Kept alive after an answer: the next request on it is answered too.
+    for i in (1, 2):
+        writer.write(infer(body(i)))
+        answer = await asyncio.wait_for(read_answer(reader), 10)
+        assert answer.status == 200 and answer.body == v2_answer(body(i), "m", 0.0)
+    answered = loop.time()
+    assert await closed_by_proxy(reader) == b""  # then nothing, and closed...
+    # ...once it was idle: not right after the answer (0.5 s, less what a stalled host may have
+    # kept this side from reading the answer at once; the sweep runs every 0.125 s).
+    assert loop.time() - answered >= 0.3
     writer.close()
 
 
