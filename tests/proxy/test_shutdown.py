@@ -1,4 +1,5 @@
-"""SIGTERM under load: no live request lost, the mirror queue drained into Redis, exit 0."""
+"""SIGTERM under load: no live request lost, the mirror queue drained into Redis, exit 0; copies
+a candidate never answers end with the drain timeout, and every process with them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from loadtest.procs import free_port
+from loadtest.procs import descendants, free_port
 from tests.conftest import ADMIN_TOKEN, finish, serve_process, wait_until
 
 REQUESTS = 24
@@ -64,3 +65,66 @@ async def test_sigterm_finishes_live_requests_and_drains_copies(
 async def _chunks(body: bytes) -> Any:
     yield body[:10]
     yield body[10:]
+
+
+def _running(pids: list[int]) -> list[int]:
+    """The processes among ``pids`` that still run (a zombie has ended: it only awaits reaping)."""
+    out = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rfind(")") + 2] != "Z":
+            out.append(pid)
+    return out
+
+
+async def test_sigterm_with_copies_held_ends_every_process_long_before_the_hard_kill(
+    fake: Callable[..., Any], redis_url: str, tmp_path: Path
+) -> None:
+    """Copies a candidate never answers hold the mirror worker for the drain timeout at most:
+    then it cancels them and exits with its compare workers, so the live process's hard kill
+    (2 * drain_timeout_s + 10 s, proxy/shadow/mirror_link.py) is never what ends them."""
+    drain = 1
+    hard_kill = 2 * drain + 10
+    ref, cand = await fake(), await fake(drift=1.0)
+    cand.behaviour.hold = asyncio.Event()  # the copies reach the candidate, never answered
+    data_port = free_port()
+    config = {
+        "listen": {"host": "127.0.0.1", "port": data_port},
+        "admin": {"host": "127.0.0.1", "port": free_port(), "token": ADMIN_TOKEN},
+        "reference": {"name": "ref", "url": ref.url},
+        "candidates": [{"name": "c", "url": cand.url}],
+        "buffer": {"redis_url": redis_url},
+        "proxy": {"drain_timeout_s": drain, "shed_lag_ms": 0},
+    }
+    try:
+        async with serve_process(config, tmp_path / "c.yaml") as proc:
+            url = f"http://127.0.0.1:{data_port}/v2/models/m/infer"
+            async with aiohttp.ClientSession() as s:
+                for k in range(4):
+                    body = (
+                        f'{{"inputs":[{{"name":"x","datatype":"FP32","shape":[1],"data":[{k}]}}]}}'
+                    )
+                    async with s.post(url, data=body.encode()) as r:
+                        assert r.status == 200  # the reference answers; the copy goes on
+            await wait_until(lambda: cand.behaviour.in_flight == 4, what="four copies held")
+            tree = descendants(proc.pid)
+            assert len(tree) >= 2, "a mirror worker and its compare worker(s)"
+            loop = asyncio.get_running_loop()
+            signalled = loop.time()
+            stopping = asyncio.create_task(finish(proc))
+            await wait_until(
+                lambda: not _running([proc.pid, *tree]),
+                timeout_s=hard_kill + 5,
+                interval_s=0.05,
+                what="the proxy and every process it started ended",
+            )
+            ended = loop.time() - signalled
+            output = await stopping
+    finally:
+        cand.behaviour.hold.set()
+    assert proc.returncode == 0, output
+    # The drain timeout, then the exits: well before the hard kill at 12 s.
+    assert ended < hard_kill / 2, (ended, output)
