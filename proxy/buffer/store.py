@@ -175,7 +175,8 @@ class SampleStore:
 
         Fast on a large index: summaries never change once written, so each is read from Redis
         once and then served from a bounded in-process cache; labels (which do change) come from
-        one HMGET on the labels hash. Ids whose sample expired are pruned from the index.
+        one HMGET on the labels hash. Ids whose sample expired are pruned from the index (the
+        page's ids served from the cache are checked in the same round trip).
         """
         hi = until if until is not None else "+inf"
         lo = since if since is not None else "-inf"
@@ -199,14 +200,32 @@ class SampleStore:
         if expired:
             await self._guard(self._r.zrem(self.keys.flagged, *expired))
             await self._guard(self._r.hdel(self.keys.labels, *expired))
-        gone = set(expired)
-        chosen = [
-            sid
-            for sid in ids
-            if sid not in gone
-            and (candidate is None or self._summaries[sid].get("candidate") == candidate)
-        ][:limit]
-        labels = await self._guard(self._r.hmget(self.keys.labels, chosen)) if chosen else []
+        gone, fresh = set(expired), set(missing)
+        while True:
+            chosen = [
+                sid
+                for sid in ids
+                if sid not in gone
+                and (candidate is None or self._summaries[sid].get("candidate") == candidate)
+            ][:limit]
+            if not chosen:
+                return []
+            # A summary served from the cache may have outlived its sample: the page's cached
+            # ids are checked in the round trip that reads their labels.
+            cached = [sid for sid in chosen if sid not in fresh]
+            pipe = self._r.pipeline(transaction=False)
+            for sid in cached:
+                pipe.exists(self.keys.sample(sid))
+            pipe.hmget(self.keys.labels, chosen)
+            *alive, labels = await self._guard(pipe.execute())
+            lapsed = [sid for sid, there in zip(cached, alive, strict=True) if not there]
+            if not lapsed:
+                break
+            await self._guard(self._r.zrem(self.keys.flagged, *lapsed))
+            await self._guard(self._r.hdel(self.keys.labels, *lapsed))
+            gone.update(lapsed)
+            for sid in lapsed:
+                self._summaries.pop(sid, None)
         return [
             {**self._summaries[sid], "label": json.loads(label) if label else None}
             for sid, label in zip(chosen, labels, strict=True)

@@ -227,17 +227,7 @@ def _flagged_sample(i: int, now: float) -> tuple[dict[str, Any], dict[str, bytes
     return meta, {"request": b"{}", "reference_body": b"{}", "candidate_body": b"{}"}
 
 
-# A bug, not yet fixed (proxy/buffer/store.py ``_list_flagged``): ids whose summary is cached
-# are never looked up again, so a sample this store listed once stays listed (with its label)
-# after its hash expired, and the review page links to a 404. Strict: passes once fixed.
-CACHED_EXPIRY_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a cached summary hides the expiry of its sample (store._list_flagged)",
-)
-
-
-@pytest.mark.parametrize("listed_before", [False, pytest.param(True, marks=CACHED_EXPIRY_BUG)])
+@pytest.mark.parametrize("listed_before", [False, True])
 async def test_an_expired_sample_is_pruned_from_the_listing_the_index_and_the_labels(
     redis_url: str, listed_before: bool
 ) -> None:
