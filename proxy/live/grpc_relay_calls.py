@@ -176,7 +176,7 @@ class RelayCalls:
         """The upstream's headers for ``call``: the answer's first, or its trailers."""
         first = not call.headers_sent
         call.headers_sent = True
-        if call.reads and first:
+        if call.reads and first and not end_stream:  # (trailers-only: no initial metadata)
             text = _text(fields)
             call.initial = forwardable(text)
             encoding = next((value for name, value in text if name == "grpc-encoding"), None)

@@ -393,6 +393,7 @@ async def test_infer_hook_sees_each_unary_model_infer(
     try:
         await _call(port, MODEL_INFER, b"x", metadata=(("x-probe", "1"),))
         await _call(port, MODEL_INFER, b"bad")
+        await _call(port, MODEL_INFER, b"bare")
         await _call(port, "/inference.GRPCInferenceService/ServerReady", b"")
     finally:
         await server.stop(1)
@@ -413,6 +414,8 @@ async def test_the_relay_hands_each_unary_model_infer_to_the_hook(
     from proxy.live.grpc_server import GrpcExchange
 
     async def echo(request: bytes, context: Any) -> bytes:
+        if request == b"bare":  # a trailers-only answer: no initial metadata, no message
+            await context.abort(grpc.StatusCode.NOT_FOUND, "bare", (("x-why", "w"),))
         await context.send_initial_metadata((("x-initial", "i"),))
         if request == b"bad":
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such model: 100%")
@@ -435,6 +438,7 @@ async def test_the_relay_hands_each_unary_model_infer_to_the_hook(
         metadata = (("x-probe", "1"), ("x-data-bin", b"\x00\x01"))
         await _call(port, MODEL_INFER, b"x", metadata=metadata)
         await _call(port, MODEL_INFER, b"bad")
+        await _call(port, MODEL_INFER, b"bare")
         await _call(port, "/inference.GRPCInferenceService/ServerReady", b"")
         await _call(port, "/inference.GRPCInferenceService/RepositoryModelUnload", b"")
         big = await _call(port, MODEL_INFER, b"y" * (MiB + 1))
@@ -444,12 +448,16 @@ async def test_the_relay_hands_each_unary_model_infer_to_the_hook(
     assert [(e.request, e.response, e.code, e.details) for e in seen] == [
         (b"x", b"x!", grpc.StatusCode.OK, ""),
         (b"bad", None, grpc.StatusCode.NOT_FOUND, "no such model: 100%"),
+        (b"bare", None, grpc.StatusCode.NOT_FOUND, "bare"),
     ]
     first = seen[0]
     assert ("x-probe", "1") in first.metadata and ("x-data-bin", b"\x00\x01") in first.metadata
     assert first.initial_metadata == (("x-initial", "i"),)
     assert first.trailing_metadata == (("x-trailing", "t"),)
     assert first.latency_s > 0 and first.failure is None
+    assert seen[1].initial_metadata == (("x-initial", "i"),)
+    # A trailers-only answer: its metadata is trailing, not initial as well.
+    assert seen[2].initial_metadata == () and seen[2].trailing_metadata == (("x-why", "w"),)
     assert skipped == ["admin_method", "request_too_large"]
 
 
