@@ -34,6 +34,8 @@ _HOP_KEYS = frozenset(
 # gRPC (an HTTP/1 server, a proxy's error page, a broken HTTP/2 stream).
 _MALFORMED = ("Failed parsing HTTP/2", "http2 header with status", "RST_STREAM", "Bad message")
 _LOCAL_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+# ... and when the connection under a call dropped (by then the channel may be connected again).
+_DROPPED = ("Socket closed", "Stream removed", "Connection reset")
 
 
 def forwardable(metadata: Iterable[tuple[str, str | bytes]] | None) -> Metadata:
@@ -164,6 +166,8 @@ class GrpcUpstream:
             return None
         if code in _LOCAL_CODES and any(phrase in details for phrase in _MALFORMED):
             return UpstreamBadResponse(self.name, self.target, f"sent no valid gRPC ({details})")
+        if code == grpc.StatusCode.UNAVAILABLE and any(p in details for p in _DROPPED):
+            return UpstreamUnavailable(self.name, self.target, f"closed the connection ({details})")
         if code == grpc.StatusCode.UNAVAILABLE:
             state = self.channel.get_state(try_to_connect=False)
             if state != grpc.ChannelConnectivity.READY:
