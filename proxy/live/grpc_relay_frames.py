@@ -73,6 +73,15 @@ class _Side:
         self.max_frame = DEFAULT_MAX_FRAME
         """The largest frame the receiving end accepts (its SETTINGS_MAX_FRAME_SIZE)."""
 
+    def receiver_settings(self, payload: bytes) -> None:
+        """Take on what the receiving end's SETTINGS say about this direction: the HPACK table
+        its decoder allows the sender, and the largest frame it accepts."""
+        for ident, value in settings_of(payload):
+            if ident == SETTINGS_HEADER_TABLE_SIZE:
+                self.headers.decoder.max_allowed_table_size = value
+            elif ident == SETTINGS_MAX_FRAME_SIZE:
+                self.max_frame = value
+
 
 class FrameRelay:
     """The frame-level half of a relayed connection; its owner sets ``_client`` and
@@ -163,12 +172,7 @@ class FrameRelay:
         elif kind == RST_STREAM:
             self._calls.forget(stream)
         elif kind == SETTINGS and not flags & ACK:
-            for ident, value in settings_of(data[start:stop]):
-                # The client's settings bound what the upstream sends it.
-                if ident == SETTINGS_HEADER_TABLE_SIZE:
-                    self._down.headers.decoder.max_allowed_table_size = value
-                elif ident == SETTINGS_MAX_FRAME_SIZE:
-                    self._down.max_frame = value
+            self._down.receiver_settings(data[start:stop])  # they bound what the upstream sends
         return True
 
     def _upstream_frame(
@@ -204,12 +208,7 @@ class FrameRelay:
                 return False
             self._goaway_told = last
         elif kind == SETTINGS and not flags & ACK:
-            for ident, value in settings_of(data[start:stop]):
-                # The upstream's settings bound what the client sends it.
-                if ident == SETTINGS_HEADER_TABLE_SIZE:
-                    self._up.headers.decoder.max_allowed_table_size = value
-                elif ident == SETTINGS_MAX_FRAME_SIZE:
-                    self._up.max_frame = value
+            self._up.receiver_settings(data[start:stop])  # they bound what the client sends
         return True
 
     def _dead_frame(
