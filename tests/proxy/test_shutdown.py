@@ -17,6 +17,20 @@ from tests.conftest import ADMIN_TOKEN, finish, serve_process, wait_until
 REQUESTS = 24
 
 
+def _config(
+    data_port: int, ref_url: str, cand_url: str, redis_url: str, *, drain_s: float
+) -> dict[str, Any]:
+    """A proxy with one candidate, its live port ``data_port``, draining for ``drain_s``."""
+    return {
+        "listen": {"host": "127.0.0.1", "port": data_port},
+        "admin": {"host": "127.0.0.1", "port": free_port(), "token": ADMIN_TOKEN},
+        "reference": {"name": "ref", "url": ref_url},
+        "candidates": [{"name": "c", "url": cand_url}],
+        "buffer": {"redis_url": redis_url},
+        "proxy": {"drain_timeout_s": drain_s, "shed_lag_ms": 0},
+    }
+
+
 async def test_sigterm_finishes_live_requests_and_drains_copies(
     fake: Callable[..., Any], redis_url: str, tmp_path: Path
 ) -> None:
@@ -24,14 +38,7 @@ async def test_sigterm_finishes_live_requests_and_drains_copies(
     # diverges on every copy, so each drained copy leaves one flagged sample behind.
     ref, cand = await fake(delay_s=0.6), await fake(drift=1.0, delay_s=0.3)
     data_port = free_port()
-    config = {
-        "listen": {"host": "127.0.0.1", "port": data_port},
-        "admin": {"host": "127.0.0.1", "port": free_port(), "token": ADMIN_TOKEN},
-        "reference": {"name": "ref", "url": ref.url},
-        "candidates": [{"name": "c", "url": cand.url}],
-        "buffer": {"redis_url": redis_url},
-        "proxy": {"drain_timeout_s": 20, "shed_lag_ms": 0},
-    }
+    config = _config(data_port, ref.url, cand.url, redis_url, drain_s=20)
     async with serve_process(config, tmp_path / "c.yaml") as proc:
         url = f"http://127.0.0.1:{data_port}/v2/models/m/infer"
         async with aiohttp.ClientSession() as s:
@@ -91,14 +98,7 @@ async def test_sigterm_with_copies_held_ends_every_process_long_before_the_hard_
     ref, cand = await fake(), await fake(drift=1.0)
     cand.behaviour.hold = asyncio.Event()  # the copies reach the candidate, never answered
     data_port = free_port()
-    config = {
-        "listen": {"host": "127.0.0.1", "port": data_port},
-        "admin": {"host": "127.0.0.1", "port": free_port(), "token": ADMIN_TOKEN},
-        "reference": {"name": "ref", "url": ref.url},
-        "candidates": [{"name": "c", "url": cand.url}],
-        "buffer": {"redis_url": redis_url},
-        "proxy": {"drain_timeout_s": drain, "shed_lag_ms": 0},
-    }
+    config = _config(data_port, ref.url, cand.url, redis_url, drain_s=drain)
     try:
         async with serve_process(config, tmp_path / "c.yaml") as proc:
             url = f"http://127.0.0.1:{data_port}/v2/models/m/infer"
