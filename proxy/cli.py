@@ -1,4 +1,4 @@
-"""The ``shadowproxy`` command line: serve, demo, replay, canary, review
+"""The ``shadowproxy`` command line: serve, worker, demo, replay, canary, check-config, review
 list/show/label/export/delete."""
 
 from __future__ import annotations
@@ -89,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     canary_commands.add_parser(sub)
 
+    check = sub.add_parser(
+        "check-config", help="validate a config file; exit 1 with the error when it is wrong"
+    )
+    check.add_argument("file", type=Path, metavar="FILE")
+
+    worker = sub.add_parser(
+        "worker",
+        help="compare copies from the Redis stream (proxy.compare: redis): call the candidates, "
+        "compare, store",
+    )
+    worker.add_argument("--config", required=True, type=Path, metavar="FILE")
+
     review = sub.add_parser("review", help="read and label stored samples")
     rsub = review.add_subparsers(dest="review_command", required=True, metavar="ACTION")
     lst = rsub.add_parser("list", help="list samples, newest first")
@@ -153,6 +165,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_demo(args.requests, args.state_dir, args.keep_running))
         if args.command == "replay":
             return asyncio.run(_replay(args))
+        if args.command == "check-config":
+            from .check_config import check_config
+
+            return check_config(args.file)
+        if args.command == "worker":
+            from .shadow.stream_worker import run_worker
+
+            settings = load_settings(args.config)
+            logging.getLogger().setLevel(settings.log_level)
+            return asyncio.run(run_worker(settings))
         if args.command == "canary":
             return asyncio.run(_canary(args, load_settings(args.config)))
         return asyncio.run(_review(args, load_settings(args.config)))

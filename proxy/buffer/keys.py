@@ -54,6 +54,32 @@ Schema (``{ns}`` is the configurable namespace, default ``sp:v1``):
                                               Expires ``CANARY_EVIDENCE_TTL_S`` after the last
                                               write.
 
+``{ns}:pop:cells``           HASH    population cell id -> the cell's dimensions (JSON: model,
+                                     candidate, output, metric, headline, build), so readers
+                                     list cells without SCAN. Written once per new cell.
+``{ns}:pop:{cell}:m:{minute}``
+                             HASH    one cell's population statistics for one minute (minutes
+                                     since the epoch): counters (``n``, ``flagged``,
+                                     ``invalid``, ``pairs``, ``mc_b``, ``mc_c``) and log-bucket
+                                     sketch bins (``s:{i}`` severity, ``h:{i}`` headline score;
+                                     ``hn:{i}`` negative scores, ``s0``/``h0`` zeros), summed with
+                                     HINCRBY by every process, so buckets merge exactly.
+                                     Expires ``buffer.stats_retention_min`` after its minute.
+``{ns}:pop:{cell}:pairs``    LIST    the cell's reservoir of paired severity differences
+                                     (candidate minus the noise-floor twin, same request) for the
+                                     Wilcoxon test: ``{minute}:{diff}``, newest first, trimmed
+                                     to ``POPULATION_PAIRS_MAX``; expires with the retention.
+``{ns}:copies``              STREAM  sampled copies for the comparison workers
+                                     (``proxy.compare: redis``): one entry per copy (request,
+                                     redacted headers, the reference's answer and timing, canary
+                                     tag), bounded by ``buffer.copies_maxlen`` entries (approximate
+                                     trimming) and ``proxy.max_copy_bytes`` per entry. Consumer
+                                     group ``COPIES_GROUP``; a dead worker's pending entries are
+                                     claimed by the others (XAUTOCLAIM).
+
+The ``{cell}`` part is a hash tag (a short hash of the cell's dimensions): one cell's minutes
+and reservoir live in one Redis Cluster slot, different cells spread over the cluster.
+
 Readers use SCAN-free access paths (the stream and the index); nothing calls KEYS.
 """
 
@@ -67,6 +93,10 @@ CANARY_EVIDENCE_TTL_S = 30 * 24 * 3600
 # A replayed verdict's mark must outlive the longest a spooled segment may wait to be replayed
 # again after a crash between writing it and deleting it (the next start of any process).
 REPLAY_MARKER_TTL_S = 7 * 24 * 3600
+# Paired differences kept per population cell for the Wilcoxon test (the newest).
+POPULATION_PAIRS_MAX = 4096
+# The consumer group of the comparison workers on the copies stream.
+COPIES_GROUP = "compare"
 # Trimming an index looks at most this many labelled ids (kept) beyond the excess per write.
 TRIM_SCAN_MAX = 1000
 
@@ -107,6 +137,20 @@ class KeySchema:
     @property
     def stats(self) -> str:
         return f"{self.namespace}:stats"
+
+    @property
+    def population_cells(self) -> str:
+        return f"{self.namespace}:pop:cells"
+
+    def population_bucket(self, cell: str, minute: int) -> str:
+        return f"{self.namespace}:pop:{{{cell}}}:m:{minute}"
+
+    def population_pairs(self, cell: str) -> str:
+        return f"{self.namespace}:pop:{{{cell}}}:pairs"
+
+    @property
+    def copies(self) -> str:
+        return f"{self.namespace}:copies"
 
     def sample(self, sample_id: str) -> str:
         return f"{self.namespace}:sample:{sample_id}"
