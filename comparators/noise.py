@@ -1,7 +1,9 @@
 """The noise floor: how far two instances of the *same* reference diverge (A/A), per output.
 
 A second reference instance sees a share of the same traffic as the candidates. Its verdicts
-(A/A) form an empirical null distribution of severity for each (model, output). Each candidate
+(A/A) form an empirical null distribution of severity for each (model, output): a histogram with
+1% relative accuracy (``LogHistogram``), over the last ``noise.window_min`` minutes as every
+process wrote it to Redis, plus what this process saw since. Each candidate
 verdict (A/B) is then placed in that distribution: an empirical p-value
 ``(1 + #{A/A >= x}) / (1 + N)`` and the quantile it reaches. A verdict is *beyond noise* when its
 severity exceeds ``margin`` times the A/A ``quantile`` (a ratio rule: a candidate whose only
@@ -16,12 +18,11 @@ rule alone once a floor exists. Invalid verdicts (NaN, shape...) are always flag
 
 from __future__ import annotations
 
-import bisect
-from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from comparators.population import LogHistogram
 from comparators.types import OutputVerdict
 
 NoiseMode = Literal["threshold_and_noise", "threshold_only", "noise_only"]
@@ -36,16 +37,14 @@ class NoisePolicy:
     """Beyond noise means severity > margin x that quantile (and > 0)."""
     min_samples: int = 30
     """A/A verdicts needed before the floor is used."""
-    window: int = 4096
-    """A/A verdicts kept per (model, output): the most recent ones."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.quantile <= 1.0:
             raise ValueError(f"quantile must be in (0, 1], got {self.quantile}")
         if self.margin < 1.0:
             raise ValueError(f"margin must be >= 1, got {self.margin}")
-        if self.min_samples < 1 or self.window < self.min_samples:
-            raise ValueError("need 1 <= min_samples <= window")
+        if self.min_samples < 1:
+            raise ValueError(f"min_samples must be >= 1, got {self.min_samples}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,56 +58,73 @@ class NoiseAssessment:
     beyond: bool
 
 
-class _Window:
-    """The last ``size`` values, also kept sorted for O(log n) rank queries."""
-
-    def __init__(self, size: int) -> None:
-        self._fifo: deque[float] = deque()
-        self._sorted: list[float] = []
-        self._size = size
-
-    def add(self, x: float) -> None:
-        self._fifo.append(x)
-        bisect.insort(self._sorted, x)
-        if len(self._fifo) > self._size:
-            old = self._fifo.popleft()
-            del self._sorted[bisect.bisect_left(self._sorted, old)]
-
-    def __len__(self) -> int:
-        return len(self._sorted)
-
-    def at_least(self, x: float) -> int:
-        return len(self._sorted) - bisect.bisect_left(self._sorted, x)
-
-    def quantile(self, q: float) -> float:
-        # Nearest-rank: an actual observed severity, never an interpolation above the data.
-        idx = min(len(self._sorted) - 1, max(0, int(q * len(self._sorted) + 0.5) - 1))
-        return self._sorted[idx]
-
-
 class NoiseFloor:
-    """A/A severities per key (typically (model, output)); not thread-safe: one owner."""
+    """A/A severity histograms per key (typically (model, output)); one owner, not thread-safe.
+
+    Three parts: ``merged``, the window every process wrote (read back from the shared store);
+    what this process handed over to be stored since that read (``take_local``), and what it
+    observed since. Judging uses all three, so a floor builds up at once in one process, counts
+    each observation once, and is the same in every process once the store has it.
+    """
 
     def __init__(self, policy: NoisePolicy | None = None) -> None:
         self.policy = policy or NoisePolicy()
-        self._windows: dict[Hashable, _Window] = {}
+        self._merged: dict[Hashable, LogHistogram] = {}
+        self._handed: list[dict[Hashable, LogHistogram]] = []
+        self._local: dict[Hashable, LogHistogram] = {}
 
     def observe(self, key: Hashable, verdict: OutputVerdict) -> None:
         """Record an A/A verdict. Invalid ones are not noise (they are bugs) and are skipped."""
         if verdict.valid:
-            self._windows.setdefault(key, _Window(self.policy.window)).add(verdict.severity)
+            self._local.setdefault(key, LogHistogram()).add(max(0.0, verdict.severity))
+
+    def take_local(self) -> dict[Hashable, LogHistogram]:
+        """The observations made here since the last call, handed over to be stored (still
+        counted here until ``set_merged`` brings the store's view of them)."""
+        taken, self._local = self._local, {}
+        if taken:
+            self._handed.append(taken)
+        return taken
+
+    def put_back_local(self, taken: dict[Hashable, LogHistogram]) -> None:
+        """Observations that could not be stored: still this process's own."""
+        self._handed = [h for h in self._handed if h is not taken]
+        for key, h in taken.items():
+            self._local.setdefault(key, LogHistogram()).merge(h)
+
+    def set_merged(self, merged: Mapping[Hashable, LogHistogram]) -> None:
+        """The window as the store has it, read after everything handed over was stored."""
+        self._merged = dict(merged)
+        self._handed = []
+
+    def _histogram(self, key: Hashable) -> LogHistogram | None:
+        parts = [
+            h
+            for h in (
+                self._merged.get(key),
+                *(d.get(key) for d in self._handed),
+                self._local.get(key),
+            )
+            if h is not None
+        ]
+        if len(parts) <= 1:
+            return parts[0] if parts else None
+        both = LogHistogram()
+        for h in parts:
+            both.merge(h)
+        return both
 
     def samples(self, key: Hashable) -> int:
-        w = self._windows.get(key)
-        return len(w) if w is not None else 0
+        h = self._histogram(key)
+        return h.count if h is not None else 0
 
     def assess(self, key: Hashable, severity: float) -> NoiseAssessment:
-        w = self._windows.get(key)
-        n = len(w) if w is not None else 0
-        if w is None or n < self.policy.min_samples:
+        h = self._histogram(key)
+        n = h.count if h is not None else 0
+        if h is None or n < self.policy.min_samples:
             return NoiseAssessment(n, 1.0, 0.0, beyond=False)
-        floor = w.quantile(self.policy.quantile)
-        p = (1 + w.at_least(severity)) / (1 + n)
+        floor = h.quantile(self.policy.quantile) or 0.0
+        p = (1 + h.at_least(severity)) / (1 + n)
         return NoiseAssessment(
             n, p, floor, beyond=severity > 0 and severity > self.policy.margin * floor
         )

@@ -1,24 +1,29 @@
 """Population statistics a canary gate can use, per (model, candidate, output, metric).
 
-- Mergeable streaming quantiles of severity and of the headline score (DDSketch, 1% relative
-  accuracy), so replicas can merge their sketches;
+- Mergeable histograms of severity and of the headline score (DDSketch's log mapping, 1% relative
+  accuracy) kept as integer counters per (cell, minute), so every process's counts add up
+  in Redis and any window of minutes is merged exactly;
 - the flagged rate with a Wilson score interval;
 - paired tests on the *same requests* against the noise floor: McNemar on threshold flags
   (candidate flagged vs reference twin flagged) and a one-sided Wilcoxon signed-rank test on
   severities (does the candidate diverge more than the reference does from itself?).
 
-Pure and single-owner (not thread-safe); the proxy calls it from its event loop.
+Pure and single-owner (not thread-safe); the proxy calls it from its event loop and keeps the
+counters in Redis (``proxy/buffer/population.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from ddsketch.mapping import LogarithmicMapping
 
 from comparators.types import OutputVerdict
 
@@ -77,110 +82,307 @@ def wilcoxon_greater_p(diffs: Iterable[float]) -> tuple[float, int]:
     return 0.5 * math.erfc(z / math.sqrt(2)), n
 
 
-def _sketch() -> Any:
-    from ddsketch import DDSketch  # a well-kept, mergeable sketch; imported lazily (optional dep)
-
-    return DDSketch(relative_accuracy=0.01)
-
-
-def _quantiles(sketch: Any, qs: Iterable[float]) -> dict[str, float | None]:
-    if sketch.count == 0:
-        return {f"p{round(q * 100, 1):g}": None for q in qs}
-    return {f"p{round(q * 100, 1):g}": float(sketch.get_quantile_value(q)) for q in qs}
+# DDSketch's logarithmic mapping (1% relative accuracy): a value's bin is a pure function of the
+# value, so bins counted anywhere (each process, each minute) add up to the sketch of the whole.
+_MAPPING = LogarithmicMapping(0.01)
 
 
-@dataclass
-class _Cell:
+def _bin(x: float) -> int:
+    return int(_MAPPING.key(min(max(x, _MAPPING.min_possible), _MAPPING.max_possible)))
+
+
+class LogHistogram:
+    """Counts of values in log-spaced bins, plus zeros and negatives; merged by adding counts.
+
+    Its fields (``to_fields``) are plain integer counters, so Redis sums them with HINCRBY and a
+    window of per-minute buckets read back is the histogram of the whole window, exactly.
+    Quantiles are within 1% of a true order statistic (DDSketch's guarantee).
+    """
+
+    __slots__ = ("neg", "pos", "zeros")
+
+    def __init__(self) -> None:
+        self.pos: dict[int, int] = {}
+        self.neg: dict[int, int] = {}
+        self.zeros = 0
+
+    def add(self, x: float, n: int = 1) -> None:
+        if not math.isfinite(x):
+            return
+        if x > 0:
+            k = _bin(x)
+            self.pos[k] = self.pos.get(k, 0) + n
+        elif x < 0:
+            k = _bin(-x)
+            self.neg[k] = self.neg.get(k, 0) + n
+        else:
+            self.zeros += n
+
+    def merge(self, other: LogHistogram) -> None:
+        for k, n in other.pos.items():
+            self.pos[k] = self.pos.get(k, 0) + n
+        for k, n in other.neg.items():
+            self.neg[k] = self.neg.get(k, 0) + n
+        self.zeros += other.zeros
+
+    @property
+    def count(self) -> int:
+        return self.zeros + sum(self.pos.values()) + sum(self.neg.values())
+
+    def _ascending(self) -> Iterator[tuple[float, int]]:
+        for k in sorted(self.neg, reverse=True):
+            yield -float(_MAPPING.value(k)), self.neg[k]
+        if self.zeros:
+            yield 0.0, self.zeros
+        for k in sorted(self.pos):
+            yield float(_MAPPING.value(k)), self.pos[k]
+
+    def quantile(self, q: float) -> float | None:
+        """The value at rank ``q * (count - 1)`` (DDSketch's rule); None when empty."""
+        total = self.count
+        if total == 0:
+            return None
+        rank = q * (total - 1)
+        seen = 0
+        last = 0.0
+        for value, n in self._ascending():
+            seen += n
+            last = value
+            if seen > rank:
+                return value
+        return last
+
+    def max(self) -> float | None:
+        return self.quantile(1.0)
+
+    def at_least(self, x: float) -> int:
+        """How many values are >= ``x``, counting ``x``'s own bin as at least ``x``."""
+        if x > 0:
+            k = _bin(x)
+            return sum(n for key, n in self.pos.items() if key >= k)
+        above = sum(self.pos.values())
+        if x == 0:
+            return above + self.zeros
+        k = _bin(-x)
+        return above + self.zeros + sum(n for key, n in self.neg.items() if key <= k)
+
+    def to_fields(self, prefix: str) -> dict[str, int]:
+        fields = {f"{prefix}:{k}": n for k, n in self.pos.items()}
+        fields.update({f"{prefix}-:{k}": n for k, n in self.neg.items()})
+        if self.zeros:
+            fields[f"{prefix}0"] = self.zeros
+        return fields
+
+    def add_field(self, prefix: str, name: str, n: int) -> bool:
+        """Count one field written by ``to_fields``; False when ``name`` is not one of ours."""
+        if name == f"{prefix}0":
+            self.zeros += n
+        elif name.startswith(f"{prefix}-:"):
+            k = int(name[len(prefix) + 2 :])
+            self.neg[k] = self.neg.get(k, 0) + n
+        elif name.startswith(f"{prefix}:"):
+            k = int(name[len(prefix) + 1 :])
+            self.pos[k] = self.pos.get(k, 0) + n
+        else:
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """What one row of population statistics is about. ``build`` is the candidate's build (the
+    builds ledger); empty until builds are known."""
+
+    model: str
+    candidate: str
+    output: str
     metric: str
-    headline: str
-    severity: Any = field(default_factory=_sketch)
-    score: Any = field(default_factory=_sketch)
+    headline: str = ""
+    build: str = ""
+
+    @property
+    def id(self) -> str:
+        """A short stable id: the Redis hash tag of the cell's keys."""
+        raw = json.dumps([self.model, self.candidate, self.output, self.metric, self.build])
+        return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "model": self.model,
+                "candidate": self.candidate,
+                "output": self.output,
+                "metric": self.metric,
+                "headline": self.headline,
+                "build": self.build,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Cell:
+        d = json.loads(raw)
+        return cls(
+            str(d["model"]),
+            str(d["candidate"]),
+            str(d["output"]),
+            str(d["metric"]),
+            str(d.get("headline", "")),
+            str(d.get("build", "")),
+        )
+
+
+_COUNTERS = ("n", "flagged", "invalid", "pairs", "mc_b", "mc_c")
+
+
+@dataclass(slots=True)
+class CellStats:
+    """One cell's statistics over some span of time: counters and histograms that merge by
+    addition, and the paired severity differences (minute, candidate - twin) for Wilcoxon."""
+
     n: int = 0
     flagged: int = 0
     invalid: int = 0
-    max_severity: float = 0.0
-    pairs: deque[tuple[float, float, bool, bool]] = field(
-        default_factory=lambda: deque(maxlen=4096)
-    )
+    pairs: int = 0
+    mc_b: int = 0
+    """Pairs where the candidate was flagged and the noise-floor twin was not."""
+    mc_c: int = 0
+    """Pairs where the twin was flagged and the candidate was not."""
+    severity: LogHistogram = field(default_factory=LogHistogram)
+    score: LogHistogram = field(default_factory=LogHistogram)
+    diffs: list[tuple[int, float]] = field(default_factory=list)
+
+    def record(self, verdict: OutputVerdict) -> None:
+        self.n += 1
+        self.flagged += int(verdict.flagged)
+        if not verdict.valid:
+            self.invalid += 1
+            return
+        self.severity.add(max(0.0, verdict.severity))
+        if verdict.headline and verdict.headline in verdict.scores:
+            self.score.add(float(verdict.scores[verdict.headline]))
+
+    def record_pair(self, minute: int, ab: OutputVerdict, aa: OutputVerdict) -> None:
+        if not (ab.valid and aa.valid):
+            return
+        self.pairs += 1
+        self.mc_b += int(ab.flagged and not aa.flagged)
+        self.mc_c += int(aa.flagged and not ab.flagged)
+        diff = ab.severity - aa.severity
+        if math.isfinite(diff):
+            self.diffs.append((minute, diff))
+
+    def merge(self, other: CellStats) -> None:
+        for name in _COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.severity.merge(other.severity)
+        self.score.merge(other.score)
+        self.diffs.extend(other.diffs)
+
+    def counters(self) -> dict[str, int]:
+        """Everything but the differences, as integer fields to add (HINCRBY)."""
+        fields = {name: getattr(self, name) for name in _COUNTERS if getattr(self, name)}
+        fields.update(self.severity.to_fields("s"))
+        fields.update(self.score.to_fields("h"))
+        return fields
+
+    def add_counters(self, fields: Mapping[str, int]) -> None:
+        """Add fields written by ``counters`` (unknown fields are ignored: a newer writer)."""
+        for name, n in fields.items():
+            if name in _COUNTERS:
+                setattr(self, name, getattr(self, name) + n)
+            elif not self.severity.add_field("s", name, n):
+                self.score.add_field("h", name, n)
 
 
 class PopulationStats:
-    """Accumulates verdicts per (model, candidate, output); one metric per cell (the first seen)."""
-
-    QUANTILES = (0.5, 0.9, 0.99)
+    """Statistics gathered per (cell, minute) until they are taken to be stored (and merged with
+    every other process's). Pure and single-owner (not thread-safe)."""
 
     def __init__(self) -> None:
-        self._cells: dict[tuple[str, str, str], _Cell] = {}
+        self._buckets: dict[tuple[Cell, int], CellStats] = {}
 
-    def _cell(self, model: str, candidate: str, v: OutputVerdict) -> _Cell:
-        key = (model, candidate, v.output)
-        cell = self._cells.get(key)
-        if cell is None:
-            cell = self._cells[key] = _Cell(metric=v.metric, headline=v.headline)
-        return cell
+    def __len__(self) -> int:
+        return len(self._buckets)
 
-    def record(self, model: str, candidate: str, verdict: OutputVerdict) -> None:
-        cell = self._cell(model, candidate, verdict)
-        cell.n += 1
-        cell.flagged += int(verdict.flagged)
-        if not verdict.valid:
-            cell.invalid += 1
-            return
-        cell.severity.add(max(0.0, verdict.severity))
-        cell.max_severity = max(cell.max_severity, verdict.severity)
-        if verdict.headline and verdict.headline in verdict.scores:
-            value = float(verdict.scores[verdict.headline])
-            if math.isfinite(value):
-                cell.score.add(value)
+    def _stats(self, cell: Cell, minute: int) -> CellStats:
+        stats = self._buckets.get((cell, minute))
+        if stats is None:
+            stats = self._buckets[(cell, minute)] = CellStats()
+        return stats
 
-    def record_pair(self, model: str, candidate: str, ab: OutputVerdict, aa: OutputVerdict) -> None:
-        """The candidate's and the reference twin's verdicts on the same request and output."""
-        if ab.valid and aa.valid:
-            cell = self._cell(model, candidate, ab)
-            cell.pairs.append((ab.severity, aa.severity, ab.flagged, aa.flagged))
+    def record(self, cell: Cell, minute: int, verdict: OutputVerdict) -> None:
+        self._stats(cell, minute).record(verdict)
 
-    def merge(self, other: PopulationStats) -> None:
-        """Fold another replica's statistics into these (sketches merge exactly)."""
-        for key, theirs in other._cells.items():
-            mine = self._cells.setdefault(key, _Cell(theirs.metric, theirs.headline))
-            mine.severity.merge(theirs.severity)
-            mine.score.merge(theirs.score)
-            mine.n += theirs.n
-            mine.flagged += theirs.flagged
-            mine.invalid += theirs.invalid
-            mine.max_severity = max(mine.max_severity, theirs.max_severity)
-            mine.pairs.extend(theirs.pairs)
+    def record_pair(self, cell: Cell, minute: int, ab: OutputVerdict, aa: OutputVerdict) -> None:
+        self._stats(cell, minute).record_pair(minute, ab, aa)
 
-    def summary(self) -> list[dict[str, Any]]:
-        out = []
-        for (model, candidate, output), c in sorted(self._cells.items()):
-            lo, hi = wilson_interval(c.flagged, c.n)
-            b = sum(1 for _, _, fab, faa in c.pairs if fab and not faa)
-            cc = sum(1 for _, _, fab, faa in c.pairs if faa and not fab)
-            w_p, w_n = wilcoxon_greater_p(ab - aa for ab, aa, _, _ in c.pairs)
-            diffs = [ab - aa for ab, aa, _, _ in c.pairs]
-            out.append(
-                {
-                    "model": model,
-                    "candidate": candidate,
-                    "output": output,
-                    "metric": c.metric,
-                    "samples": c.n,
-                    "flagged": c.flagged,
-                    "invalid": c.invalid,
-                    "flagged_rate": c.flagged / c.n if c.n else None,
-                    "flagged_rate_ci95": [lo, hi],
-                    "severity": {**_quantiles(c.severity, self.QUANTILES), "max": c.max_severity},
-                    "headline": {"name": c.headline, **_quantiles(c.score, self.QUANTILES)},
-                    "paired_vs_noise_floor": {
-                        "pairs": len(c.pairs),
-                        "mcnemar": {"candidate_only": b, "twin_only": cc, "p": mcnemar_p(b, cc)},
-                        "wilcoxon_greater": {"p": w_p, "nonzero_pairs": w_n},
-                        "median_severity_diff": float(np.median(diffs)) if diffs else None,
-                    },
-                }
-            )
+    def take(self) -> dict[tuple[Cell, int], CellStats]:
+        """Everything gathered, handed over (and forgotten here)."""
+        taken, self._buckets = self._buckets, {}
+        return taken
+
+    def put_back(self, taken: Mapping[tuple[Cell, int], CellStats]) -> None:
+        """Statistics that could not be stored, kept to try again."""
+        for key, stats in taken.items():
+            self._stats(*key).merge(stats)
+
+    def drop_before(self, minute: int) -> int:
+        """Forget buckets older than ``minute`` (kept past their retention while Redis was
+        away); how many verdicts they held."""
+        old = [key for key in self._buckets if key[1] < minute]
+        return sum(self._buckets.pop(key).n for key in old)
+
+    def by_cell(self) -> dict[Cell, CellStats]:
+        """Each cell's statistics over every minute gathered."""
+        out: dict[Cell, CellStats] = {}
+        for (cell, _), stats in self._buckets.items():
+            out.setdefault(cell, CellStats()).merge(stats)
         return out
+
+
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+def _quantiles(h: LogHistogram) -> dict[str, float | None]:
+    return {f"p{round(q * 100, 1):g}": h.quantile(q) for q in QUANTILES}
+
+
+def summary_rows(cells: Mapping[Cell, CellStats]) -> list[dict[str, Any]]:
+    """One row per cell: counts, the flagged rate with its Wilson interval, severity and headline
+    quantiles, and the paired tests against the noise-floor twin."""
+    out = []
+    ordered = sorted(cells.items(), key=lambda kv: (kv[0].model, kv[0].candidate, kv[0].output))
+    for cell, c in ordered:
+        lo, hi = wilson_interval(c.flagged, c.n)
+        diffs = [d for _, d in c.diffs]
+        w_p, w_n = wilcoxon_greater_p(diffs)
+        out.append(
+            {
+                "model": cell.model,
+                "candidate": cell.candidate,
+                "output": cell.output,
+                "metric": cell.metric,
+                "build": cell.build,
+                "samples": c.n,
+                "flagged": c.flagged,
+                "invalid": c.invalid,
+                "flagged_rate": c.flagged / c.n if c.n else None,
+                "flagged_rate_ci95": [lo, hi],
+                "severity": {**_quantiles(c.severity), "max": c.severity.max() or 0.0},
+                "headline": {"name": cell.headline, **_quantiles(c.score)},
+                "paired_vs_noise_floor": {
+                    "pairs": c.pairs,
+                    "mcnemar": {
+                        "candidate_only": c.mc_b,
+                        "twin_only": c.mc_c,
+                        "p": mcnemar_p(c.mc_b, c.mc_c),
+                    },
+                    "wilcoxon_greater": {"p": w_p, "nonzero_pairs": w_n},
+                    "median_severity_diff": float(np.median(diffs)) if diffs else None,
+                },
+            }
+        )
+    return out
 
 
 class PairBuffer:

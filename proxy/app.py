@@ -27,9 +27,11 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from .buffer.embedded import start_embedded
+from .buffer.population import PopulationStore
 from .buffer.store import SampleStore
 from .canary.controller import CanaryController
 from .canary.evidence import EvidenceBuffer
+from .errors import StoreError
 from .keys import (
     CANARY,
     COMPARER,
@@ -69,6 +71,7 @@ from .review.admin_worker import ADMIN_WORKER, AdminWorker
 from .settings import Settings
 from .shadow.compare_link import CompareLink
 from .shadow.compare_stage import Comparer, LocalCompareSink
+from .shadow.copy_stream import CopyStream
 from .shadow.coverage import CoverageMonitor, Fates, fates_of
 from .shadow.judge import Judge, LatestPopulation
 from .shadow.mirror import MirrorScheduler
@@ -78,6 +81,9 @@ from .shadow.shadow_client import SKIP_AUTO_HEADERS, ShadowClient
 from .telemetry import Telemetry
 
 log = logging.getLogger("shadowproxy")
+
+# How often the population gauges are read again from Redis.
+POPULATION_GAUGES_S = 15.0
 
 STARVABLE = web.AppKey("starvable", bool)
 """The process runs at idle CPU priority: its Redis client must not time out on wall clock."""
@@ -137,7 +143,12 @@ def create_apps(
     data.cleanup_ctx.append(_store_ctx)
     data.cleanup_ctx.append(_evidence_ctx)
     data.cleanup_ctx.append(_canary_ctx)
-    if settings.proxy.mirror_process:
+    data.cleanup_ctx.append(_population_ctx)
+    if settings.proxy.compare == "redis":
+        # Copies go to the Redis stream; `shadowproxy worker` processes do the shadow's work.
+        data.cleanup_ctx.append(_live_session_ctx)
+        data.cleanup_ctx.append(_copy_stream_ctx)
+    elif settings.proxy.mirror_process:
         data.cleanup_ctx.append(_live_session_ctx)
         data.cleanup_ctx.append(_mirror_link_ctx)
     else:
@@ -301,19 +312,53 @@ async def _shadow_client_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _comparer_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    judge = Judge(settings.noise)
-    comparer = Comparer(
-        settings, app[STORE], app[EXECUTOR], app[TELEMETRY], judge, app.get(EVIDENCE)
-    )
+    store = app[STORE]
+    population = PopulationStore(store.redis, store.keys, settings.buffer.stats_retention_min)
+    judge = Judge(settings, population)
+    comparer = Comparer(settings, store, app[EXECUTOR], app[TELEMETRY], judge, app.get(EVIDENCE))
     app[COMPARER] = comparer
+    judge.start()
     yield
     await comparer.close()
+    await judge.close()  # the last statistics, once every comparison is done
+
+
+async def _population_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The population gauges of /metrics: every process's statistics as Redis has them, read
+    again every ``POPULATION_GAUGES_S`` (a scrape never waits for Redis)."""
+    settings = app[SETTINGS]
+    store = app[STORE]
+    latest = LatestPopulation(
+        PopulationStore(store.redis, store.keys, settings.buffer.stats_retention_min),
+        settings.noise.window_min,
+    )
+    app[POPULATION] = latest
+    app[TELEMETRY].gauge(
+        "shadowproxy_population",
+        "Population statistics per candidate, model and output over the noise window, merged "
+        "across replicas (label stat says which)",
+        latest.observe_gauges,
+    )
+
+    async def refresh() -> None:
+        while True:
+            try:
+                await latest.refresh()
+            except StoreError as exc:
+                log.debug("population gauges not refreshed: %s", exc)
+            except Exception:
+                log.exception("population gauges not refreshed")
+            await asyncio.sleep(POPULATION_GAUGES_S)
+
+    task = asyncio.get_running_loop().create_task(refresh())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _scheduler_ctx(*, in_process: bool) -> Callable[[web.Application], AsyncIterator[None]]:
     """The I/O stage; its compare stage is the app's comparer (in process) or compare worker
-    processes (the mirror process). Either way the population gauges are read where all the
-    verdicts meet."""
+    processes (the mirror process)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
@@ -321,21 +366,10 @@ def _scheduler_ctx(*, in_process: bool) -> Callable[[web.Application], AsyncIter
         sink: CompareSink
         if in_process:
             sink = LocalCompareSink(app[COMPARER])
-            tel.gauge(
-                "shadowproxy_population",
-                "Population statistics per candidate, model and output (label stat says which)",
-                app[COMPARER].judge.observe_gauges,
-            )
         else:
             link = CompareLink(settings, tel)
             await link.start()
             sink = link
-            app[POPULATION] = LatestPopulation()
-            tel.gauge(
-                "shadowproxy_population",
-                "Population statistics per candidate, model and output (label stat says which)",
-                app[POPULATION].observe_gauges,
-            )
         scheduler = MirrorScheduler(
             settings, app[SHADOW_CLIENT], tel, sink, app.get(EVIDENCE), live_process=in_process
         )
@@ -353,6 +387,15 @@ async def _mirror_link_ctx(app: web.Application) -> AsyncIterator[None]:
     app[MIRROR] = link
     yield
     await link.close()
+
+
+async def _copy_stream_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = app[STORE]
+    stream = CopyStream(app[SETTINGS], store.redis, store.keys, app[TELEMETRY])
+    stream.start()
+    app[MIRROR] = stream
+    yield
+    await stream.close()
 
 
 async def _coverage_ctx(app: web.Application) -> AsyncIterator[None]:

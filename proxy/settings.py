@@ -236,6 +236,15 @@ class BufferSettings(_Model):
     when it returns, and on the next start. Omitted: ``state_dir/spool``."""
     spool_max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
     """Disk the spool may use; what does not fit is counted as ``spool_full`` and lost."""
+    stats_retention_min: int = Field(24 * 60, ge=1, le=31 * 24 * 60)
+    """Minutes of population statistics (per-minute buckets in Redis) kept: the longest window
+    ``/api/summary`` and the noise floor can look back over."""
+    copies_maxlen: int = Field(10_000, ge=100)
+    """``proxy.compare: redis``: sampled copies the copies stream holds (approximate trim); a
+    copy trimmed before any worker read it is counted as lost by the workers."""
+    copies_max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
+    """And the bytes it may hold (Redis's own accounting of the stream): beyond it producers
+    drop new copies and count them (``dropped_stream_full``) until workers catch up."""
     spool_fsync: Literal["batch", "always", "never"] = "batch"
     """``batch``: fsync once per batch of records written (a crash loses at most the batch being
     written); ``always``: after every record; ``never``: leave it to the OS."""
@@ -303,7 +312,9 @@ class NoiseSettings(_Model):
     margin: float = Field(1.5, ge=1)
     """Beyond noise means severity > margin x the A/A quantile."""
     min_samples: int = Field(30, ge=1)
-    window: int = Field(4096, ge=1)
+    window_min: int = Field(60, ge=1, le=7 * 24 * 60)
+    """Minutes of A/A verdicts the floor is made of: every replica's and worker's, as kept in
+    Redis (``buffer.stats_retention_min`` must keep at least as many)."""
 
 
 class ProxySettings(_Model):
@@ -324,6 +335,14 @@ class ProxySettings(_Model):
     """CPU cores the compare workers may use together (shared among ``mirror_workers``); beyond
     it, copies wait in the mirror queue. Shadow work then cannot crowd the live path off a small
     host. 0 means no budget."""
+    compare: Literal["local", "redis"] = "local"
+    """``local``: this proxy calls the candidates and compares (its mirror process). ``redis``:
+    it only appends each sampled copy (request, the reference's answer and timing, canary tag;
+    redacted) to the copies stream, and ``shadowproxy worker`` processes, anywhere, call the
+    candidates, compare and store: their count is the knob for coverage."""
+    max_copy_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    """``compare: redis``: a copy larger than this (request and answer together) is not appended
+    and is counted as ``dropped_copy_too_large``."""
     mirror_workers: int = Field(1, ge=1, le=64)
     """Compare worker processes behind the mirror process (each at idle CPU priority): a host
     with spare cores compares more. Not ``serve --workers``, which runs live processes."""
@@ -499,6 +518,15 @@ class Settings(_Model):
             raise ValueError(
                 "listen.grpc_port: set, but reference.grpc_url is not: the gRPC listener "
                 "needs a reference to forward to"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _noise_window_kept(self) -> Settings:
+        if self.noise.window_min > self.buffer.stats_retention_min:
+            raise ValueError(
+                f"noise.window_min: {self.noise.window_min} minutes, but "
+                f"buffer.stats_retention_min keeps only {self.buffer.stats_retention_min}"
             )
         return self
 

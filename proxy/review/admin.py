@@ -27,6 +27,7 @@ from ..keys import (
     DATA_APP,
     LIVE_SESSION,
     MIRROR,
+    POPULATION,
     SETTINGS,
     STORE,
     TELEMETRY,
@@ -248,12 +249,34 @@ async def timeseries(request: web.Request) -> web.Response:
 
 
 async def summary(request: web.Request) -> web.Response:
+    """``GET /api/summary[?window_min=N]``: population statistics over the last N minutes (the
+    noise window by default; at most ``buffer.stats_retention_min``), as every replica and
+    worker wrote them to Redis, so every replica answers the same."""
     data = request.app[DATA_APP]
+    settings = data[CURRENT].settings
+    raw = request.query.get("window_min", "")
+    window_min = settings.noise.window_min
+    if raw:
+        if not raw.isdigit() or not 1 <= int(raw) <= settings.buffer.stats_retention_min:
+            return web.json_response(
+                {
+                    "error": "window_min must be a whole number of minutes from 1 to "
+                    f"buffer.stats_retention_min ({settings.buffer.stats_retention_min}), "
+                    f"got {raw!r}"
+                },
+                status=400,
+            )
+        window_min = int(raw)
     snap = await data[MIRROR].snapshot()
     try:
         stored: dict[str, int] | None = await data[STORE].stats()
     except StoreError:
         stored = None
+    population: list[dict[str, Any]] | None
+    try:
+        population = await data[POPULATION].summary(window_min)
+    except StoreError:
+        population = None
     return web.json_response(
         {
             "time": time.time(),
@@ -269,7 +292,9 @@ async def summary(request: web.Request) -> web.Response:
             # setting to change when recent coverage is below target.
             "coverage": await data[COVERAGE].report(),
             "stored_counters": stored,
-            "population": snap["population"],
+            # Per candidate, model and output over ``window_min``; null while Redis is away.
+            "window_min": window_min,
+            "population": population,
             # The rollout as this replica sees it; ``state_lost`` says it serves the reference
             # because the rollout's state vanished from Redis (until `canary restart`).
             "canary": data[CANARY].brief() if CANARY in data else None,

@@ -19,8 +19,6 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from comparators.population import PopulationStats
-
 from ..settings import Settings
 from ..telemetry import Telemetry, merge_prometheus_text
 from ..wire import exchange_to_wire, frame, out_of_band, read_frame, spawn_child, write_frame
@@ -242,19 +240,16 @@ class CompareLink:
                 await asyncio.sleep(_RESTART_DELAY_S * 5)
 
     async def snapshot(self) -> Mapping[str, Any]:
-        """Every worker's tallies, population statistics (merged) and metrics text."""
+        """Every worker's tallies and metrics text."""
         snaps = await asyncio.gather(*(self._query(w) for w in self._workers))
-        population = PopulationStats()
         tally: list[list[Any]] = []
         texts: list[str] = []
         for snap in snaps:
             if snap is None:
                 continue
-            population.merge(snap["population"])
             tally += snap["tally"]
             texts.append(snap["prometheus"])
         return {
-            "population": population,
             "tally": tally,
             "prometheus": merge_prometheus_text(texts),
         }

@@ -330,7 +330,7 @@ class LocalCompareSink:
                 callback()
 
     async def snapshot(self) -> Mapping[str, Any]:
-        return {"population": self.comparer.judge.population, "tally": [], "prometheus": ""}
+        return {"tally": [], "prometheus": ""}
 
     @property
     def unstored(self) -> int:

@@ -136,7 +136,6 @@ async def run(fd: int) -> None:
                 wake.set()
             elif msg[0] == "snap":
                 snap = {
-                    "population": comparer.judge.population,
                     "tally": [[c, w, n] for (c, w), n in app[TELEMETRY].tally.items()],
                     "prometheus": app[TELEMETRY].prometheus_text().decode(),
                 }

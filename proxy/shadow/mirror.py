@@ -28,8 +28,6 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind
 
-from comparators.population import PopulationStats
-
 from ..canary.evidence import EvidenceBuffer
 from ..canary.gates import UNCOMPARED
 from ..protocols.base import MalformedMessage, ProtocolAdapter, RequestFacts, TooLarge
@@ -283,16 +281,13 @@ class MirrorScheduler:
         return {"in_flight": self.in_flight(), "pending": 0, "fates": fates}
 
     async def snapshot(self, *, include_tally: bool = False) -> dict[str, Any]:
-        """In-flight counts and population statistics. In the live process the tallies are
-        already in its own telemetry (the same object), so they are left out unless asked."""
+        """In-flight counts and tallies. In the live process the tallies are already in its own
+        telemetry (the same object), so they are left out unless asked."""
         tally = [[c, w, n] for (c, w), n in self._tel.tally.items()] if include_tally else []
         sink = await self._sink.snapshot()
-        population: PopulationStats = sink["population"]
         return {
             "tally": tally + list(sink["tally"]),
             "in_flight": self.in_flight(),
-            "population": population.summary(),
-            "population_stats": population,
             "prometheus": sink["prometheus"],
             "worker": "in-process",
             "pending": 0,

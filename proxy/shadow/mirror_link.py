@@ -286,14 +286,13 @@ class MirrorLink:
         return await self._ask("progress")
 
     async def snapshot(self) -> dict[str, Any]:
-        """The worker's tallies, in-flight counts, population statistics and metrics text."""
+        """The worker's tallies, in-flight counts and metrics text."""
         return await self._ask("snap")
 
     async def _ask(self, what: str) -> dict[str, Any]:
         empty: dict[str, Any] = {
             "tally": [],
             "in_flight": {},
-            "population": [],
             "prometheus": "",
             "worker": "down",
             "pending": 0,

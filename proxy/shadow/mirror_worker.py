@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from ..keys import MIRROR, POPULATION, TELEMETRY
+from ..keys import MIRROR, TELEMETRY
 from ..serve import tune_gc
 from ..settings import Settings
 from ..telemetry import merge_prometheus_text
@@ -106,8 +106,6 @@ async def _snapshot(
     received: int,
 ) -> None:
     snap = await scheduler.snapshot(include_tally=True)
-    # The population gauges of /metrics: the compare workers' statistics, merged.
-    app[POPULATION].stats = snap.pop("population_stats")
     texts = [app[TELEMETRY].prometheus_text().decode(), snap["prometheus"]]
     snap["prometheus"] = merge_prometheus_text(texts)
     snap["received"] = received

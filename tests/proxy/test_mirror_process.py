@@ -35,6 +35,17 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+async def _population(port: int, done: Callable[[list[dict[str, Any]]], bool]) -> Any:
+    """``/api/summary`` once its population rows (read from Redis) satisfy ``done``."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        summary = await _admin(port, "/api/summary")
+        if done(summary["population"] or []):
+            return summary
+        assert asyncio.get_running_loop().time() < deadline, summary["population"]
+        await asyncio.sleep(0.2)
+
+
 async def _admin(port: int, path: str) -> Any:
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     async with (
@@ -84,6 +95,8 @@ async def test_worker_mirrors_compares_and_stores(
     assert summary["this_process"]["int8"]["compared"] == 4
     assert summary["this_process"]["slow"]["compared"] == 4
     assert summary["this_process"]["*"]["skipped:admin_route"] == 1
+    # Each compare worker adds its statistics to Redis every second.
+    summary = await _population(proxy.admin_port, lambda rows: len(rows) == 2)
     assert {p["candidate"] for p in summary["population"]} == {"int8", "slow"}
     text = await _admin(proxy.admin_port, "/metrics")
     assert 'shadowproxy_mirror_outcomes_total{candidate="int8",outcome="compared"} 4.0' in text
@@ -224,6 +237,9 @@ async def test_several_compare_workers_share_the_work_and_report_as_one(
     assert len(families) == len(set(families))
     summary = await _admin(proxy.admin_port, "/api/summary")
     assert summary["this_process"]["c"]["compared"] == 20
+    summary = await _population(
+        proxy.admin_port, lambda rows: sum(row["samples"] for row in rows) >= 20
+    )
     assert sum(row["samples"] for row in summary["population"]) == 20  # merged statistics
     # A compare worker that dies is replaced; copies after that are compared again.
     os.kill(workers[0], signal.SIGKILL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -19,14 +20,23 @@ async def _traffic(proxy: Any, start: int, count: int) -> None:
     await send_infers(proxy, ids, first=start, drain_each=True)
 
 
-async def _population(proxy: Any, candidate: str) -> dict[str, Any]:
+async def _population(proxy: Any, candidate: str, samples: int) -> dict[str, Any]:
+    """The candidate's row once Redis holds all ``samples`` verdicts (each process adds its
+    statistics every second)."""
     url = f"http://127.0.0.1:{proxy.admin_port}/api/summary"
-    async with (
-        aiohttp.ClientSession() as s,
-        s.get(url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r,
-    ):
-        summary = await r.json()
-    return next(p for p in summary["population"] if p["candidate"] == candidate)
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r,
+        ):
+            summary = await r.json()
+        rows = [p for p in summary["population"] or [] if p["candidate"] == candidate]
+        if rows and rows[0]["samples"] >= samples:
+            assert rows[0]["samples"] == samples
+            return rows[0]
+        assert asyncio.get_running_loop().time() < deadline, rows
+        await asyncio.sleep(0.2)
 
 
 def _settings(ref: str, twin: str, cand: str, redis_url: str) -> Any:
@@ -58,7 +68,7 @@ async def test_noise_at_the_floor_is_not_flagged(
     # ...but each lies within what the reference does to itself, so none is flagged.
     assert not any(v["flagged"] for v in measured)
     assert all(v["outputs"][0]["scores"]["noise_p"] > 0.01 for v in measured)
-    pop = await _population(proxy, "cand")
+    pop = await _population(proxy, "cand", WARMUP + MEASURED)
     assert pop["paired_vs_noise_floor"]["wilcoxon_greater"]["p"] > 0.01
 
 
@@ -74,7 +84,7 @@ async def test_the_same_magnitude_is_flagged_where_the_reference_is_deterministi
     late = [v for v in flagged if v["request_id"] >= f"r{WARMUP:03d}"]
     assert len(late) == 10
     assert all("beyond the noise floor" in v["reason"] for v in late)
-    pop = await _population(proxy, "cand")
+    pop = await _population(proxy, "cand", WARMUP + 10)
     assert pop["flagged_rate_ci95"][0] > 0.5
     assert pop["paired_vs_noise_floor"]["wilcoxon_greater"]["p"] < 0.001
     assert pop["paired_vs_noise_floor"]["mcnemar"]["candidate_only"] == WARMUP + 10
