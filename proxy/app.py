@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -77,7 +78,9 @@ from .shadow.judge import Judge, LatestPopulation
 from .shadow.mirror import MirrorScheduler
 from .shadow.mirror_api import CompareSink, Mirror
 from .shadow.mirror_link import MirrorLink
+from .shadow.shadow_calls import ShadowCalls
 from .shadow.shadow_client import SKIP_AUTO_HEADERS, ShadowClient
+from .shadow.stream_worker import WORKER, StreamWorker
 from .telemetry import Telemetry
 
 log = logging.getLogger("shadowproxy")
@@ -88,6 +91,8 @@ POPULATION_GAUGES_S = 15.0
 STARVABLE = web.AppKey("starvable", bool)
 """The process runs at idle CPU priority: its Redis client must not time out on wall clock."""
 STORES_VERDICTS = web.AppKey("stores_verdicts", bool)
+# Its verdicts may be compared again under the same sample ids (Redis-stream workers).
+IDEMPOTENT = web.AppKey("idempotent", bool)
 """The process writes verdicts (its store spools them while Redis is away); others only read."""
 
 
@@ -117,6 +122,65 @@ def build_compare_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_executor_ctx)
     app.cleanup_ctx.append(_comparer_ctx)
     return app
+
+
+def build_worker_app(settings: Settings) -> web.Application:
+    """A ``shadowproxy worker``: the copies stream's consumer with a compare stage of its own,
+    and ``/healthz``, ``/readyz`` and ``/metrics`` for its orchestrator and Prometheus."""
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[STORES_VERDICTS] = True
+    app[IDEMPOTENT] = True
+    app.cleanup_ctx.append(_telemetry_ctx(None))
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_evidence_ctx)
+    app.cleanup_ctx.append(_executor_ctx)
+    app.cleanup_ctx.append(_comparer_ctx)
+    app.cleanup_ctx.append(_shadow_client_ctx)
+    app.cleanup_ctx.append(_stream_worker_ctx)
+    app.router.add_get("/healthz", _worker_health)
+    app.router.add_get("/readyz", _worker_ready)
+    app.router.add_get("/metrics", _worker_metrics)
+    return app
+
+
+async def _stream_worker_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, store = app[SETTINGS], app[STORE]
+    client = app[SHADOW_CLIENT]
+    models = ModelConfigs(client.session(), settings.reference.url)
+    calls = ShadowCalls(settings, client, app[TELEMETRY], app.get(EVIDENCE))
+    worker = StreamWorker(
+        settings, store.redis, store.keys.copies, app[COMPARER], calls, models, app[TELEMETRY]
+    )
+    await worker.ensure_group()
+    app[WORKER] = worker
+    task = asyncio.get_running_loop().create_task(worker.run())
+    yield
+    # Teardown drains this first: the comparer, store and sessions it uses close after it.
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await worker.close(settings.proxy.drain_timeout_s)
+    await models.close()
+
+
+async def _worker_health(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def _worker_ready(request: web.Request) -> web.Response:
+    ok = await request.app[STORE].ping()
+    return web.json_response({"ready": ok, "redis": ok}, status=200 if ok else 503)
+
+
+async def _worker_metrics(request: web.Request) -> web.Response:
+    token = request.app[SETTINGS].admin.token
+    given = request.headers.get("Authorization", "")
+    if token is not None and not hmac.compare_digest(
+        given.encode(), f"Bearer {token.get_secret_value()}".encode()
+    ):
+        return web.json_response({"error": "a bearer token is required"}, status=401)
+    body = request.app[TELEMETRY].prometheus_text()
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
 def build_review_app(settings: Settings) -> web.Application:
@@ -315,7 +379,15 @@ async def _comparer_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     population = PopulationStore(store.redis, store.keys, settings.buffer.stats_retention_min)
     judge = Judge(settings, population)
-    comparer = Comparer(settings, store, app[EXECUTOR], app[TELEMETRY], judge, app.get(EVIDENCE))
+    comparer = Comparer(
+        settings,
+        store,
+        app[EXECUTOR],
+        app[TELEMETRY],
+        judge,
+        app.get(EVIDENCE),
+        idempotent=app.get(IDEMPOTENT, False),
+    )
     app[COMPARER] = comparer
     judge.start()
     yield

@@ -245,6 +245,9 @@ class BufferSettings(_Model):
     copies_max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
     """And the bytes it may hold (Redis's own accounting of the stream): beyond it producers
     drop new copies and count them (``dropped_stream_full``) until workers catch up."""
+    copies_claim_idle_s: float = Field(30.0, gt=0)
+    """A copy a worker took and has not acknowledged for this long is claimed by another
+    worker (the first presumably died) and compared there."""
     spool_fsync: Literal["batch", "always", "never"] = "batch"
     """``batch``: fsync once per batch of records written (a crash loses at most the batch being
     written); ``always``: after every record; ``never``: leave it to the OS."""

@@ -188,14 +188,14 @@ async def wait_http_ok(
 
 @contextlib.asynccontextmanager
 async def serve_process(
-    config: dict[str, Any], path: Path, *args: str
+    config: dict[str, Any], path: Path, *args: str, command: str = "serve"
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """``shadowproxy serve`` (plus ``args``) on ``config``, written to ``path``, as a real
     process, once its admin plane answers; killed on the way out if the test left it running.
     The process's output (stdout and stderr together) is what ``finish`` returns."""
     await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
     proc = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "proxy", "serve", *args, "--config", str(path)],
+        *[sys.executable, "-m", "proxy", command, *args, "--config", str(path)],
         cwd=repo_root(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

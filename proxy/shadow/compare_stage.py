@@ -67,6 +67,9 @@ class Pair:
     protocol: str = ""
     """The adapter of an LLM route (``triton_generate``, ``openai``); empty for V2 infer calls,
     whose adapter the answer's headers say."""
+    sample_id: str | None = None
+    """The sample's id when it must be stable (a Redis-stream copy compared again after its
+    worker died is then stored once); None: a new one."""
 
     @property
     def size(self) -> int:
@@ -76,10 +79,14 @@ class Pair:
 class StoreBatcher:
     """Verdicts and samples gathered for a moment, then written in one pipeline."""
 
-    def __init__(self, store: SampleStore | None, telemetry: Telemetry) -> None:
+    def __init__(
+        self, store: SampleStore | None, telemetry: Telemetry, *, idempotent: bool = False
+    ) -> None:
         self._store = store
         self._tel = telemetry
+        self._idempotent = idempotent
         self._batch: list[tuple[str, dict[str, Any], dict[str, bytes] | None]] = []
+        self._batch_done: asyncio.Future[None] | None = None
         self._flushing: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self.unstored = 0
@@ -91,6 +98,8 @@ class StoreBatcher:
         if self._store is None:
             return
         self._batch.append((candidate, meta, payloads))
+        if self._batch_done is None:
+            self._batch_done = asyncio.get_running_loop().create_future()
         self.unstored += 1
         if len(self._batch) >= _BATCH_MAX:
             self._flush()
@@ -104,18 +113,23 @@ class StoreBatcher:
         if not self._batch:
             return
         batch, self._batch = self._batch, []
-        task = asyncio.get_running_loop().create_task(self._write(batch))
+        done, self._batch_done = self._batch_done, None
+        task = asyncio.get_running_loop().create_task(self._write(batch, done))
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
     async def _write(
-        self, batch: list[tuple[str, dict[str, Any], dict[str, bytes] | None]]
+        self,
+        batch: list[tuple[str, dict[str, Any], dict[str, bytes] | None]],
+        done: asyncio.Future[None] | None,
     ) -> None:
         assert self._store is not None
         lost: Counter[str] = Counter(candidate for candidate, _, _ in batch)
         try:
             # With a spool, only what it could not hold is lost; without, the whole batch.
-            lost = await self._store.record_many([(meta, payloads) for _, meta, payloads in batch])
+            lost = await self._store.record_many(
+                [(meta, payloads) for _, meta, payloads in batch], idempotent=self._idempotent
+            )
         except StoreError as exc:
             log.warning("%d verdicts not stored: %s", len(batch), exc)
         finally:
@@ -125,8 +139,19 @@ class StoreBatcher:
                 if lost[candidate]:
                     self._tel.stored(candidate, ok=False, n=lost[candidate])
             self.unstored -= len(batch)
+            if done is not None and not done.done():
+                done.set_result(None)
             if self.on_written is not None:
                 self.on_written(self.unstored)
+
+    async def written(self) -> None:
+        """Wait until everything added so far is written, spooled or counted as lost (the
+        batch it is in goes out on its own schedule, with whatever else joins it)."""
+        waits: list[asyncio.Future[None]] = list(self._flushing)
+        if self._batch_done is not None:
+            waits.append(self._batch_done)
+        if waits:
+            await asyncio.gather(*(asyncio.shield(w) for w in waits), return_exceptions=True)
 
     async def close(self) -> None:
         """Write what is gathered and wait for every write in progress."""
@@ -146,6 +171,8 @@ class Comparer:
         telemetry: Telemetry,
         judge: Judge,
         evidence: EvidenceBuffer | None = None,
+        *,
+        idempotent: bool = False,
     ) -> None:
         self._settings = settings
         self._candidates = {c.name: c for c in settings.candidates}
@@ -154,7 +181,8 @@ class Comparer:
         self._tel = telemetry
         self.judge = judge
         self._evidence = evidence
-        self._batcher = StoreBatcher(store, telemetry)
+        # Idempotent: a pair compared again under the same sample id is stored once.
+        self._batcher = StoreBatcher(store, telemetry, idempotent=idempotent)
         self._redactor = Redactor(settings.redact, settings.proxy)
         self._rng = random.Random()
         self._embedder = Embedder(settings.semantic) if settings.semantic else None
@@ -165,6 +193,10 @@ class Comparer:
 
     def on_written(self, callback: Callable[[int], None]) -> None:
         self._batcher.on_written = callback
+
+    async def written(self) -> None:
+        """Until every verdict compared so far is written (or spooled, or counted lost)."""
+        await self._batcher.written()
 
     async def compare(self, pair: Pair) -> str:
         """Compare one pair and account for it; its outcome. Never raises (an error is counted,
@@ -278,6 +310,7 @@ class Comparer:
             a=a,
             stored=keep,
             protocol=pair.protocol,
+            sample_id=pair.sample_id,
         )
         payloads = None
         if keep:

@@ -20,7 +20,6 @@ import asyncio
 import itertools
 import logging
 import random
-import uuid
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -30,15 +29,12 @@ from opentelemetry.trace import Link, SpanKind
 
 from ..canary.evidence import EvidenceBuffer
 from ..canary.gates import UNCOMPARED
-from ..protocols.base import MalformedMessage, ProtocolAdapter, RequestFacts, TooLarge
 from ..protocols.model_config import ModelConfigs
-from ..protocols.registry import adapter_for, is_grpc, text_adapter
 from ..protocols.v2_rest.routes import RouteKind
-from ..redact import strip_headers
 from ..settings import CandidateSettings, Settings
 from ..telemetry import Telemetry
 from .analysis import Exchange
-from .compare_stage import Pair
+from .copy_checks import CopyChecks, make_pair, refusal
 from .coverage import is_fate
 from .guards import CpuBudget, LoopLag, stop_task
 from .mirror_api import CompareSink, MirrorRequest, sampled
@@ -89,6 +85,7 @@ class MirrorScheduler:
         self._pumping = False
         self._rng = random.Random()
         self._models = ModelConfigs(client.session(), settings.reference.url)
+        self._checks = CopyChecks(settings, self._models)
         # Only the live process's lag says the host is overloaded: in the mirror process a late
         # loop means only that it was made to wait, and its copies wait in the queue.
         self._lag = LoopLag(proxy.shed_lag_ms) if live_process and proxy.shed_lag_ms else None
@@ -119,7 +116,7 @@ class MirrorScheduler:
         if req.route.model is None and req.route.kind is RouteKind.OPENAI:
             # Its model is in the body: read here, off the live path, to choose candidates (the
             # one parse of the copy, which its jobs then need not repeat).
-            facts = self._inspect(copy)
+            facts = self._checks.inspect(copy)
             req.route = replace(req.route, model=(facts.model if facts else None) or "")
         model = req.route.model or ""
         req.seq = next(self._seq)
@@ -349,79 +346,20 @@ class MirrorScheduler:
         with trace.use_span(span, end_on_exit=True):
             await self._mirror_one(job)
 
-    def _inspect(self, copy: QueuedCopy) -> RequestFacts | None:
-        """Parse the copy once for all its candidates; note why it must not be mirrored (None:
-        it cannot be read)."""
-        copy.checked = True
-        req: MirrorRequest = copy.request
-        cap = self._settings.proxy.max_inflated_bytes
-        adapter: ProtocolAdapter = text_adapter(req.route.kind) or adapter_for(req.headers)
-        try:
-            facts = adapter.inspect_request(req.body, req.headers, max_inflated_bytes=cap)
-        except TooLarge:
-            copy.unsafe = "request_too_large"  # a gzip bomb, say: never inflated past the cap
-            return None
-        except MalformedMessage:
-            copy.unsafe = "unparseable_request"
-            return None
-        copy.unsafe, copy.request_id, copy.needs = facts.unsafe, facts.request_id, facts.needs
-        return facts
-
-    async def _check(self, copy: QueuedCopy) -> None:
-        """``_inspect``, then ask the reference's model config whether the model is stateful."""
-        req: MirrorRequest = copy.request
-        if self._inspect(copy) is None or req.route.kind is RouteKind.OPENAI:
-            return  # unreadable; or not a V2 model: there is no model config to ask
-        model = req.route.model or ""
-        if copy.unsafe is None and await self._models.is_stateful(model):
-            unsafe = self._models.why_unsafe(model)
-            # The generate adapter assembles every response of a decoupled model's stream;
-            # over V2 infer its many answers cannot be paired, so there it is never mirrored.
-            if not (req.route.kind is RouteKind.GENERATE and unsafe == "decoupled_model"):
-                copy.unsafe = unsafe
-
     async def _mirror_one(self, job: Job) -> None:
         copy, cand = job.copy, job.cand
         req: MirrorRequest = copy.request
         if not copy.checked:
-            await self._check(copy)
-        unsafe = copy.unsafe
-        if unsafe is None and cand.grpc_target is None and is_grpc(req.headers):
-            unsafe = "no_grpc_url"  # a gRPC copy for a candidate configured for HTTP only
-        if unsafe is None and copy.needs:
-            refused = sorted(copy.needs - set(cand.mirror_llm.allow))
-            if refused:
-                unsafe = f"llm_{refused[0]}"  # n, best_of, tools, store: opt-in per candidate
+            await self._checks.check(copy)
+        unsafe = refusal(copy, cand)
         if unsafe is not None:
             self._tel.skipped(unsafe, cand.name)
             self._ended += 1
             return
-        pair = await self._calls.both_answers(cand, req, job.reverse)
-        if pair is None:
+        answers = await self._calls.both_answers(cand, req, job.reverse)
+        if answers is None:
             self._ended += 1
             return
-        ref, answer = pair
-        request_id = (
-            req.headers.get(self._settings.proxy.request_id_header)
-            or copy.request_id
-            or uuid.uuid4().hex
-        )
-        span = req.live_span
-        self._sink.submit(
-            Pair(
-                seq=req.seq,
-                candidate=cand.name,
-                model=req.route.model or "",
-                request_id=request_id,
-                received_at=req.received_at,
-                # What crosses to the compare stage, and may rest, carries no credentials.
-                request_headers=strip_headers(req.headers.items(), self._settings.redact.headers),
-                request_body=req.body,
-                ref=ref,
-                cand=answer,
-                canary=req.canary,
-                live_span=(span.trace_id, span.span_id, int(span.trace_flags)) if span else None,
-                queued_at=job.enqueued,
-                protocol=adapter.name if (adapter := text_adapter(req.route.kind)) else "",
-            )
-        )
+        pair = make_pair(self._settings, copy, cand, *answers)
+        pair.queued_at = job.enqueued
+        self._sink.submit(pair)

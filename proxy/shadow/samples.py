@@ -55,6 +55,7 @@ def sample_meta(
     a: Analysis,
     stored: bool,
     protocol: str = "",
+    sample_id: str | None = None,
 ) -> dict[str, Any]:
     """The JSON record of one comparison: ids, both sides, every score, and why it was flagged.
 
@@ -68,7 +69,7 @@ def sample_meta(
     if a.verdicts:
         reason = "; ".join(f"{o['output']}: {o['reason']}" for o in outputs if o["flagged"])
     meta = {
-        "id": uuid.uuid4().hex,
+        "id": sample_id or uuid.uuid4().hex,
         "ts": received_at,
         "request_id": request_id[: caps.max_id_chars],
         "candidate": cand.name,
