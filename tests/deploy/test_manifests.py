@@ -802,3 +802,42 @@ def test_the_dashboard_is_importable_json_with_unique_panel_ids() -> None:
     configmap = named(render("grafana"), "ConfigMap", "shadowproxy-dashboard")
     assert json.loads(configmap["data"]["shadowproxy.json"]) == board
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the worker's /metrics accepts only admin.token, not a viewer of admin.users "
+    "(proxy/app.py _worker_metrics): the ServiceMonitor's viewer token gets 401 from workers",
+)
+async def test_the_workers_metrics_accept_the_service_monitors_viewer_token(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Prometheus scrapes the workers with the token the ServiceMonitor names, as it does the
+    proxies (whose admin plane gives a viewer /metrics)."""
+    from aiohttp import web
+
+    from proxy.app import build_worker_app
+
+    objects = overlay("worker")
+    settings, env = settings_of(
+        objects, named(objects, "Deployment", "shadowproxy-worker"), tmp_path
+    )
+    buffer = settings.buffer.model_copy(
+        update={"redis_url": type(settings.admin.token)(redis_url), "spool_dir": tmp_path / "spool"}
+    )
+    admin = settings.admin.model_copy(update={"host": "127.0.0.1", "port": 0})
+    settings = settings.model_copy(update={"buffer": buffer, "admin": admin})
+    runner = web.AppRunner(build_worker_app(settings))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        headers = {"Authorization": f"Bearer {env['SHADOWPROXY_METRICS_TOKEN']}"}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"http://127.0.0.1:{port}/metrics", headers=headers) as r,
+        ):
+            assert r.status == 200, f"{r.status}: {await r.text()}"
+    finally:
+        await runner.cleanup()
