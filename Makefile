@@ -98,6 +98,7 @@ bench-tools:
 
 bench: $(BENCH_STAMP) bench-tools
 	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+	$(BIN)/python -m loadtest.worker_scaling --rate 600
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -173,12 +173,15 @@ async def _worker_ready(request: web.Request) -> web.Response:
 
 
 async def _worker_metrics(request: web.Request) -> web.Response:
-    token = request.app[SETTINGS].admin.token
-    given = request.headers.get("Authorization", "")
-    if token is not None and not hmac.compare_digest(
-        given.encode(), f"Bearer {token.get_secret_value()}".encode()
+    """Any admin-plane token reads metrics (``admin.token`` or a user's of any role, as the
+    proxies' admin plane lets a viewer)."""
+    admin = request.app[SETTINGS].admin
+    tokens = [t for t in (admin.token, *(u.token for u in admin.users)) if t is not None]
+    given = request.headers.get("Authorization", "").encode()
+    if tokens and not any(
+        hmac.compare_digest(given, f"Bearer {t.get_secret_value()}".encode()) for t in tokens
     ):
-        return web.json_response({"error": "a bearer token is required"}, status=401)
+        return web.json_response({"error": "an admin-plane bearer token is required"}, status=401)
     body = request.app[TELEMETRY].prometheus_text()
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 

@@ -804,11 +804,6 @@ def test_the_dashboard_is_importable_json_with_unique_panel_ids() -> None:
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the worker's /metrics accepts only admin.token, not a viewer of admin.users "
-    "(proxy/app.py _worker_metrics): the ServiceMonitor's viewer token gets 401 from workers",
-)
 async def test_the_workers_metrics_accept_the_service_monitors_viewer_token(
     redis_url: str, tmp_path: Path
 ) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import aiohttp
 
+from loadtest.procs import free_port
 from tests.conftest import ADMIN_TOKEN, make_settings, send_infers
 from tests.fakes import refused_url
 
@@ -50,6 +51,16 @@ async def test_readyz_names_what_is_down(proxy_factory: Callable[..., Any], redi
     status, body = await _get(f"http://127.0.0.1:{proxy.admin_port}/readyz")
     assert status == 503 and body["checks"]["reference"].startswith("unreachable")
     assert body["checks"]["redis"] == "ok"
+
+
+async def test_readyz_stays_ready_while_redis_is_away(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any]
+) -> None:
+    """The live path does not need Redis: a Redis outage must not empty the Service."""
+    ref = await fake()
+    proxy = await proxy_factory(make_settings(ref.url, f"redis://127.0.0.1:{free_port()}/0"))
+    status, body = await _get(f"http://127.0.0.1:{proxy.admin_port}/readyz")
+    assert status == 200 and body["checks"] == {"reference": "ok", "redis": "unreachable"}
 
 
 async def test_flagged_samples_api_summary_label_and_metrics(
