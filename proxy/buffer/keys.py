@@ -1,11 +1,13 @@
 """Every Redis key and TTL the proxy uses, in one place.
 
-Schema (``{ns}`` is the configurable namespace, default ``sp:v1``):
+Schema (``<ns>`` is the namespace, default ``sp:v1``; ``<id>`` and the like are placeholders.
+Braces in key names are literal: Redis Cluster hash tags, see below; in field names and values
+they mark placeholders):
 
-``{ns}:verdicts``            STREAM  one entry per comparison (flagged or not), trimmed to
+``{<ns>}:verdicts``          STREAM  one entry per comparison (flagged or not), trimmed to
                                      ``buffer.stream_maxlen``. Fields: ``sample`` (the sample id),
                                      ``json`` (the verdict summary as JSON).
-``{ns}:sample:{id}``         HASH    a stored sample: ``meta`` (JSON: ids, models, versions,
+``<ns>:sample:{<id>}``       HASH    a stored sample: ``meta`` (JSON: ids, models, versions,
                                      latencies, every score, reason), ``summary`` (the same
                                      without tensor previews, for fast lists), ``request``,
                                      ``request_headers``, ``reference_body``, ``reference_headers``,
@@ -14,39 +16,40 @@ Schema (``{ns}`` is the configurable namespace, default ``sp:v1``):
                                      ``buffer.labelled_ttl_s`` instead (and an export gives a
                                      labelled sample ``sample_ttl_s`` back). Bodies and headers
                                      are stored redacted (``proxy/redact.py``).
-``{ns}:flagged``             ZSET    flagged sample ids scored by time; trimmed to
+``{<ns>}:flagged``           ZSET    flagged sample ids scored by time; trimmed to
                                      ``buffer.flagged_index_max``; ids whose hash expired are
                                      pruned on read.
-``{ns}:kept``                ZSET    the same for unflagged samples stored for context
+``{<ns>}:kept``              ZSET    the same for unflagged samples stored for context
                                      (``buffer.store_unflagged_rate``). Every stored sample is in
                                      exactly one of the two indexes, and trimming an index deletes
-                                     the trimmed samples with it (never an orphan); labelled ones
-                                     are never trimmed: they stay listed until their own TTL. The
-                                     verdict stream holds no samples: its trimming drops verdict
-                                     summaries only.
-``{ns}:labels``              HASH    sample id -> its label (JSON), read in one call for lists;
+                                     the trimmed samples with it (never an orphan; on a cluster
+                                     the writer deletes them right after, see ``records``);
+                                     labelled ones are never trimmed: they stay listed until their
+                                     own TTL. The verdict stream holds no samples: its trimming
+                                     drops verdict summaries only.
+``{<ns>}:labels``            HASH    sample id -> its label (JSON), read in one call for lists;
                                      pruned with the index.
-``{ns}:stats``               HASH    counters for ``/api/summary``: ``{candidate}|{outcome}``,
+``{<ns>}:stats``             HASH    counters for ``/api/summary``: ``{candidate}|{outcome}``,
                                      ``{candidate}|{model}|{output}|flagged``, and
                                      ``{candidate}|spool_full`` (verdicts lost because Redis was
                                      down and the on-disk spool was full; added once Redis is
                                      back).
-``{ns}:replayed:{id}``       STRING  marks a verdict without a sample (no payloads) written by a
+``{<ns>}:replayed:<id>``     STRING  marks a verdict without a sample (no payloads) written by a
                                      spool replay, so a replay repeated after a crash cannot add
                                      it twice (a sample's own hash is its mark). Expires after
                                      ``REPLAY_MARKER_TTL_S``.
 
-``{ns}:session:{sid}``       STRING  a browser login (JSON: user, role, csrf), expiring after
+``<ns>:session:{<sid>}``     STRING  a browser login (JSON: user, role, csrf), expiring after
                                      ``admin.session_ttl_s``.
 
-``{ns}:canary:{rollout}``              STRING  the rollout (JSON: status, step, weight, attempt,
+``<ns>:canary:{<rollout>}``            STRING  the rollout (JSON: status, step, weight, attempt,
                                               when the step began, approvals, why). Every change
                                               is a WATCH/MULTI check-and-set, so replicas and the
                                               CLI never overwrite each other. No TTL.
-``{ns}:canary:{rollout}:decisions``    LIST    decisions, newest first (JSON: step, weight,
+``<ns>:canary:{<rollout>}:decisions``  LIST    decisions, newest first (JSON: step, weight,
                                               outcome, every gate's value and threshold, who);
                                               trimmed to ``CANARY_DECISIONS_MAX``. No TTL.
-``{ns}:canary:{rollout}:ev:{attempt}:{step}``
+``<ns>:canary:{<rollout>}:ev:<attempt>:<step>``
                                       HASH    the evidence of one step: counters (compared,
                                               flagged, errors per side, paired discordances) and
                                               latency histograms (``lat_ref:{bucket}``,
@@ -54,10 +57,10 @@ Schema (``{ns}`` is the configurable namespace, default ``sp:v1``):
                                               Expires ``CANARY_EVIDENCE_TTL_S`` after the last
                                               write.
 
-``{ns}:pop:cells``           HASH    population cell id -> the cell's dimensions (JSON: model,
+``<ns>:pop:cells``           HASH    population cell id -> the cell's dimensions (JSON: model,
                                      candidate, output, metric, headline, build), so readers
                                      list cells without SCAN. Written once per new cell.
-``{ns}:pop:{cell}:m:{minute}``
+``<ns>:pop:{<cell>}:m:<minute>``
                              HASH    one cell's population statistics for one minute (minutes
                                      since the epoch): counters (``n``, ``flagged``,
                                      ``invalid``, ``pairs``, ``mc_b``, ``mc_c``) and log-bucket
@@ -65,11 +68,11 @@ Schema (``{ns}`` is the configurable namespace, default ``sp:v1``):
                                      ``hn:{i}`` negative scores, ``s0``/``h0`` zeros), summed with
                                      HINCRBY by every process, so buckets merge exactly.
                                      Expires ``buffer.stats_retention_min`` after its minute.
-``{ns}:pop:{cell}:pairs``    LIST    the cell's reservoir of paired severity differences
+``<ns>:pop:{<cell>}:pairs``  LIST    the cell's reservoir of paired severity differences
                                      (candidate minus the noise-floor twin, same request) for the
                                      Wilcoxon test: ``{minute}:{diff}``, newest first, trimmed
                                      to ``POPULATION_PAIRS_MAX``; expires with the retention.
-``{ns}:copies``              STREAM  sampled copies for the comparison workers
+``<ns>:copies``              STREAM  sampled copies for the comparison workers
                                      (``proxy.compare: redis``): one entry per copy (request,
                                      redacted headers, the reference's answer and timing, canary
                                      tag), bounded by ``buffer.copies_maxlen`` entries (approximate
@@ -77,8 +80,21 @@ Schema (``{ns}`` is the configurable namespace, default ``sp:v1``):
                                      group ``COPIES_GROUP``; a dead worker's pending entries are
                                      claimed by the others (XAUTOCLAIM).
 
-The ``{cell}`` part is a hash tag (a short hash of the cell's dimensions): one cell's minutes
-and reservoir live in one Redis Cluster slot, different cells spread over the cluster.
+Hash tags (Redis Cluster puts a key in the slot of the part in its first braces): every
+multi-key operation touches keys of one tag, and tags are per object, so load spreads.
+
+- Per object: a sample's hash (``{<id>}``), a session, a rollout's state, decisions and evidence
+  (``{<rollout>}``: its check-and-set watches the state and writes the log in one MULTI), a
+  population cell's minutes and reservoir (``{<cell>}``).
+- The sample index as one object (``{<ns>}``): the verdict stream, both indexes, the labels,
+  the counters and the replay marks. The record script adds a verdict's stream entry, index
+  entry and counters in one atomic call, deciding by the index (or the replay mark) whether the
+  record is new, so these must share a slot. A sample's hash cannot share it (every sample
+  would be on one node): on a cluster it is written first, by itself (``records``).
+- Single keys with no partner (``pop:cells``, ``copies``) carry no tag.
+
+These formats changed before the first release (hash tags added); data written under the old
+names is not read and needs no migration: it expires or can be flushed.
 
 Readers use SCAN-free access paths (the stream and the index); nothing calls KEYS.
 """
@@ -119,24 +135,29 @@ class KeySchema:
     namespace: str = DEFAULT_NAMESPACE
 
     @property
+    def index_tag(self) -> str:
+        """The hash tag of the sample index's keys (one slot: see the module docstring)."""
+        return f"{{{self.namespace}}}"
+
+    @property
     def verdicts(self) -> str:
-        return f"{self.namespace}:verdicts"
+        return f"{self.index_tag}:verdicts"
 
     @property
     def flagged(self) -> str:
-        return f"{self.namespace}:flagged"
+        return f"{self.index_tag}:flagged"
 
     @property
     def kept(self) -> str:
-        return f"{self.namespace}:kept"
+        return f"{self.index_tag}:kept"
 
     @property
     def labels(self) -> str:
-        return f"{self.namespace}:labels"
+        return f"{self.index_tag}:labels"
 
     @property
     def stats(self) -> str:
-        return f"{self.namespace}:stats"
+        return f"{self.index_tag}:stats"
 
     @property
     def population_cells(self) -> str:
@@ -153,22 +174,28 @@ class KeySchema:
         return f"{self.namespace}:copies"
 
     def sample(self, sample_id: str) -> str:
-        return f"{self.namespace}:sample:{sample_id}"
+        return f"{self.namespace}:sample:{{{sample_id}}}"
+
+    def sample_affixes(self) -> tuple[str, str]:
+        """What comes before and after the id in a sample's key (the record script builds
+        sample keys from ids)."""
+        before, _, after = self.sample("\0").partition("\0")
+        return before, after
 
     def replayed(self, sample_id: str) -> str:
-        return f"{self.namespace}:replayed:{sample_id}"
+        return f"{self.index_tag}:replayed:{sample_id}"
 
     def session(self, session_id: str) -> str:
-        return f"{self.namespace}:session:{session_id}"
+        return f"{self.namespace}:session:{{{session_id}}}"
 
     def canary(self, rollout: str) -> str:
-        return f"{self.namespace}:canary:{rollout}"
+        return f"{self.namespace}:canary:{{{rollout}}}"
 
     def canary_decisions(self, rollout: str) -> str:
-        return f"{self.namespace}:canary:{rollout}:decisions"
+        return f"{self.canary(rollout)}:decisions"
 
     def canary_evidence(self, rollout: str, attempt: int, step: int) -> str:
-        return f"{self.namespace}:canary:{rollout}:ev:{attempt}:{step}"
+        return f"{self.canary(rollout)}:ev:{attempt}:{step}"
 
 
 def outcome_stat(candidate: str, outcome: str) -> str:

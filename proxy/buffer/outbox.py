@@ -79,12 +79,13 @@ class Outbox:
         await self._on_disk(self.spool.close)
         self._disk.shutdown(wait=True)
 
-    async def send(self, batch: list[Encoded]) -> Counter[str]:
-        """To Redis, or to the spool; how many per candidate were lost (the spool was full)."""
+    async def send(self, batch: list[Encoded], *, idempotent: bool = False) -> Counter[str]:
+        """To Redis, or to the spool; how many per candidate were lost (the spool was full).
+        ``idempotent``: written as a replay is (a record already stored is not added again)."""
         self.start()
         if not self.down:
             try:
-                await self._write(batch, replay=False)
+                await self._write(batch, replay=idempotent)
                 return Counter()
             except StoreError as exc:
                 log.warning("redis refused %d verdicts (%s): spooling to disk", len(batch), exc)

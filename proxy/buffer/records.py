@@ -9,7 +9,7 @@ the first attempt would have.
 atomically. Per record, it first asks whether the record was written already:
 
 - a record with a sample (payloads): its sample hash exists;
-- a verdict alone, when replayed: ``SET {ns}:replayed:{id} NX`` (the marker expires after
+- a verdict alone, when replayed: ``SET {<ns>}:replayed:<id> NX`` (the marker expires after
   ``REPLAY_MARKER_TTL_S``).
 
 Only a new record adds its stream entry, sample, index entry and counters, so replaying a
@@ -22,8 +22,21 @@ every direct write would cost a key per verdict for as long as an outage may las
 
 After the records, each index written to is trimmed to ``buffer.flagged_index_max``: the oldest
 unlabelled ids leave it and their samples are deleted with them; labelled ids stay (at most
-``TRIM_SCAN_MAX`` looked at per write). The script needs one Redis (not a cluster): it derives
-its keys from the schema's names, which it is given.
+``TRIM_SCAN_MAX`` looked at per write).
+
+**On a Redis Cluster** a sample's hash lives in its own slot (``keys``), away from the stream,
+indexes, labels, counters and replay marks (which share one). A batch is then written in three
+steps: each new sample's hash (``_SAMPLE_SCRIPT``: only if it does not exist, so a label given
+since is never overwritten); then the same script on the index's slot, which for a record with
+a sample asks the index instead (``ZADD NX``) and writes no hash; then the deletion of the
+hashes of the samples trimmed from an index. What that changes:
+
+- A failure after the first step leaves samples that are stored but not yet listed, counted or
+  in the stream. The batch is spooled as any failed one, and its replay completes them exactly
+  once: the first step finds their hashes, the second does not find them in the index. Without
+  a spool (or with it full) they stay unlisted until their TTL, reachable by id.
+- A failure in the third step leaves trimmed samples' hashes behind (unlisted) until their TTL.
+- Verdicts alone and replay marks are in the index's slot: unchanged.
 """
 
 from __future__ import annotations
@@ -36,9 +49,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from ..settings import BufferSettings
+from .connect import RedisClient
 from .keys import (
     FIELD_META,
     FIELD_SUMMARY,
@@ -171,13 +185,14 @@ def dumps(record: Mapping[str, Any]) -> bytes:
 
 
 _SCRIPT = """
-local stream, stats, labels = ARGV[1], ARGV[2], ARGV[3]
-local sample_prefix, marker_prefix = ARGV[4], ARGV[5]
-local maxlen, ttl, index_max = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
-local replay, marker_ttl, scan = ARGV[9] == '1', ARGV[10], tonumber(ARGV[11])
-local counts, touched, written = {}, {}, 0
-local i = 13
-for _ = 1, tonumber(ARGV[12]) do
+local stream, stats, labels = KEYS[1], KEYS[2], KEYS[3]
+local sample_prefix, sample_suffix, marker_prefix = ARGV[1], ARGV[2], ARGV[3]
+local maxlen, ttl, index_max = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local replay, marker_ttl, scan = ARGV[7] == '1', ARGV[8], tonumber(ARGV[9])
+local split = ARGV[10] == '1'
+local counts, touched, trimmed = {}, {}, {}
+local i = 12
+for _ = 1, tonumber(ARGV[11]) do
   counts[ARGV[i]] = (counts[ARGV[i]] or 0) + tonumber(ARGV[i + 1])
   i = i + 2
 end
@@ -189,9 +204,11 @@ while i <= #ARGV do
   local nstats = tonumber(ARGV[i])
   local first_stat = i + 1
   i = first_stat + nstats
-  local key = sample_prefix .. id
+  local key = sample_prefix .. id .. sample_suffix
   local new
-  if meta ~= '' then
+  if index ~= '' and split then
+    new = redis.call('ZADD', index, 'NX', ts, id) == 1
+  elseif index ~= '' then
     new = redis.call('EXISTS', key) == 0
   elseif replay then
     new = redis.call('SET', marker_prefix .. id, '1', 'NX', 'EX', marker_ttl) ~= false
@@ -199,7 +216,6 @@ while i <= #ARGV do
     new = true
   end
   if new then
-    written = written + 1
     redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'sample', id, 'json', summary)
     if meta ~= '' then
       local h = {'meta', meta, 'summary', summary}
@@ -224,52 +240,99 @@ for index, _ in pairs(touched) do
       if excess <= 0 then break end
       if redis.call('HEXISTS', labels, sid) == 0 then
         redis.call('ZREM', index, sid)
-        redis.call('DEL', sample_prefix .. sid)
+        if split then
+          trimmed[#trimmed + 1] = sid
+        else
+          redis.call('DEL', sample_prefix .. sid .. sample_suffix)
+        end
         excess = excess - 1
       end
     end
   end
 end
-return written
+return trimmed
+"""
+
+# A cluster's first step: a sample's hash, alone in its slot, written unless it exists already
+# (a replay, or a label given since, must not be overwritten). ARGV: ttl, then field, value...
+_SAMPLE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
 """
 
 
 class RecordWriter:
-    """Writes batches of records through the script (loaded once per client, by SHA)."""
+    """Writes batches of records through the script (loaded once per client, by SHA).
 
-    def __init__(self, client: aioredis.Redis, settings: BufferSettings, keys: KeySchema) -> None:
-        self._script = client.register_script(_SCRIPT)
+    One server: one atomic script call per batch. A cluster: the samples' hashes first (one
+    small script each, pipelined; redis-py sends each node its own), then the script on the
+    index's slot, then the deletion of the samples its trimming dropped."""
+
+    def __init__(self, client: RedisClient, settings: BufferSettings, keys: KeySchema) -> None:
+        self._r = client
+        self._split = isinstance(client, RedisCluster)
+        self._keys = keys
+        self._ttl = settings.sample_ttl_s
+        # Typed for Redis alone in redis-py; RedisCluster has it too (its SCRIPT LOAD goes to
+        # every primary, its EVALSHA to the slot of the keys).
+        self._script = client.register_script(_SCRIPT)  # type: ignore[misc]
+        self._index_keys = [keys.verdicts, keys.stats, keys.labels, keys.flagged, keys.kept]
+        sample_prefix, sample_suffix = keys.sample_affixes()
         self._fixed: list[str | int] = [
-            keys.verdicts,
-            keys.stats,
-            keys.labels,
-            keys.sample(""),
+            sample_prefix,
+            sample_suffix,
             keys.replayed(""),
             settings.stream_maxlen,
             settings.sample_ttl_s,
             settings.flagged_index_max,
         ]
 
+    async def write(self, records: Sequence[Encoded], *, replay: bool, extra: Counter[str]) -> None:
+        """Write a batch; redis-py's errors propagate, for the caller to bound and translate."""
+        if self._split:
+            await self.write_samples([r for r in records if r.meta is not None])
+        trimmed = await self._script(keys=self._index_keys, args=self.args(records, replay, extra))
+        if trimmed:
+            pipe = self._r.pipeline(transaction=False)
+            for sid in trimmed:
+                pipe.delete(self._keys.sample(sid.decode()))
+            await pipe.execute()
+
+    async def write_samples(self, records: Sequence[Encoded]) -> None:
+        """A cluster's first step: each new sample's hash, in its own slot."""
+        if not records:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for r in records:
+            assert r.meta is not None
+            fields: list[bytes | str | int] = [FIELD_META, r.meta, FIELD_SUMMARY, r.summary]
+            for name, value in r.fields:
+                fields += [name, value]
+            pipe.eval(_SAMPLE_SCRIPT, 1, self._keys.sample(r.id), self._ttl, *fields)
+        await pipe.execute()
+
     def args(
-        self, records: Sequence[Encoded], *, replay: bool, extra: Counter[str]
+        self, records: Sequence[Encoded], replay: bool, extra: Counter[str]
     ) -> list[bytes | str | int | float]:
         args: list[bytes | str | int | float] = [
             *self._fixed,
             "1" if replay else "0",
             REPLAY_MARKER_TTL_S,
             TRIM_SCAN_MAX,
+            "1" if self._split else "0",
             len(extra),
         ]
         for stat, n in extra.items():
             args += [stat, n]
         for r in records:
-            args += [r.id, repr(r.ts), r.index, r.summary, r.meta or b"", len(r.fields)]
-            for name, value in r.fields:
-                args += [name, value]
+            if self._split:  # the sample's hash is written already: its index entry only
+                args += [r.id, repr(r.ts), r.index, r.summary, b"", 0]
+            else:
+                args += [r.id, repr(r.ts), r.index, r.summary, r.meta or b"", len(r.fields)]
+                for name, value in r.fields:
+                    args += [name, value]
             args.append(len(r.stats))
             args.extend(r.stats)
         return args
-
-    def call(self, args: list[bytes | str | int | float]) -> Any:
-        """The script's call (an awaitable), for the caller to bound."""
-        return self._script(keys=[], args=args)

@@ -1,8 +1,8 @@
 """The sample buffer: verdicts, flagged samples and their payloads in Redis.
 
-One ``SampleStore`` owns one ``redis.asyncio`` client (its connection pool). Writes come from the
-compare stage only, never from the live path; each batch is one idempotent script call under
-``buffer.write_timeout_s`` (``records``).
+One ``SampleStore`` owns one Redis client (``connect``: one server, Sentinel or Cluster). Writes
+come from the compare stage only, never from the live path; each batch is one idempotent script
+call (three steps on a cluster) under ``buffer.write_timeout_s`` (``records``).
 
 With a spool (``buffer.spool_path()``, the default for a store built by ``from_url``), what
 Redis does not take waits on disk and is replayed when it returns, and on the next start
@@ -20,11 +20,12 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from ..errors import StoreError
+from ..errors import ConfigError, StoreError
 from ..settings import BufferSettings
+from .connect import RedisClient, redacted, redis_client
 from .keys import FIELD_LABEL, FIELD_META, FIELD_SUMMARY, KeySchema
 from .outbox import Outbox
 from .records import Encoded, RecordWriter, encode
@@ -38,13 +39,14 @@ Records = list[tuple[Mapping[str, Any], Mapping[str, bytes] | None]]
 class SampleStore:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         settings: BufferSettings,
         keys: KeySchema,
         *,
         spool: Spool | None = None,
     ) -> None:
         self._r = client
+        self._cluster = isinstance(client, RedisCluster)
         self._settings = settings
         self.keys = keys
         self._summaries: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -66,14 +68,18 @@ class SampleStore:
         inside redis-py) would fire whenever the host keeps it off the CPU for a while, so it
         has none, and every call is bounded by ``wait_running`` alone. ``spool``: keep what Redis
         does not take on disk under ``buffer.spool_path()`` (nothing is created there until a
-        write fails); off for stores that only read (the CLI)."""
-        client = aioredis.Redis.from_url(
-            url,
-            decode_responses=False,
-            socket_timeout=None if starvable else settings.write_timeout_s * 2,
-            socket_connect_timeout=None if starvable else settings.write_timeout_s,
-            health_check_interval=30,
-        )
+        write fails); off for stores that only read (the CLI). ``url``: any URL ``connect``
+        takes (one server, Sentinel, Cluster); a malformed one raises ``ConfigError``."""
+        try:
+            client = redis_client(
+                url,
+                decode_responses=False,
+                socket_timeout=None if starvable else settings.write_timeout_s * 2,
+                socket_connect_timeout=None if starvable else settings.write_timeout_s,
+                health_check_interval=30,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"buffer.redis_url: {exc}") from None
         keys = keys or KeySchema()
         disk = None
         if spool:
@@ -86,8 +92,10 @@ class SampleStore:
         return cls(client, settings, keys, spool=disk)
 
     @property
-    def redis(self) -> aioredis.Redis:
-        """The client (one pool), for the admin plane's sessions."""
+    def redis(self) -> RedisClient:
+        """The client (one pool, or one per cluster node), for the admin plane's sessions, the
+        canary and the population statistics. On a cluster, a transaction or a script must
+        keep to one hash tag (``keys``)."""
         return self._r
 
     async def start(self) -> None:
@@ -121,19 +129,19 @@ class SampleStore:
         """Append the verdict to the stream; with payloads, store the whole sample under a TTL."""
         await self.record_many([(meta, payloads)])
 
-    async def record_many(self, records: Records) -> Counter[str]:
+    async def record_many(self, records: Records, *, idempotent: bool = False) -> Counter[str]:
         """Several verdicts (and samples) in one script call: at hundreds of verdicts a second,
         a round trip each cost more CPU than the comparisons. What Redis does not take goes to
         the spool; returns how many per candidate were lost (the spool was full). Without a
         spool, a failure raises ``StoreError``."""
         batch = [encode(meta, payloads, self._settings, self.keys) for meta, payloads in records]
         if self.outbox is None:
-            await self._write(batch, False, Counter())
+            await self._write(batch, idempotent, Counter())
             return Counter()
-        return await self.outbox.send(batch)
+        return await self.outbox.send(batch, idempotent=idempotent)
 
     async def _write(self, batch: list[Encoded], replay: bool, extra: Counter[str]) -> None:
-        await self._guard(self._writer.call(self._writer.args(batch, replay=replay, extra=extra)))
+        await self._guard(self._writer.write(batch, replay=replay, extra=extra))
 
     async def flush(self) -> bool:
         """Replay what is spooled now (on shutdown); whether nothing is left waiting."""
@@ -257,9 +265,15 @@ class SampleStore:
         label = {"verdict": verdict, "note": note, "by": who, "at": time.time()}
         if not await self._guard(self._r.exists(key)):
             raise KeyError(sample_id)
+        if self._cluster:
+            # The sample and the labels hash are in different slots: the labels hash first, so
+            # that a failure between the two leaves a sample that lists as labelled and is
+            # spared by trimming (its own hash gets the label when the caller retries).
+            await self._guard(self._r.hset(self.keys.labels, sample_id, json.dumps(label)))
         pipe = self._r.pipeline(transaction=True)
         pipe.hset(key, FIELD_LABEL, json.dumps(label))
-        pipe.hset(self.keys.labels, sample_id, json.dumps(label))
+        if not self._cluster:
+            pipe.hset(self.keys.labels, sample_id, json.dumps(label))
         pipe.expire(key, self._settings.labelled_ttl_s)
         await self._guard(pipe.execute())
         return label
@@ -267,14 +281,20 @@ class SampleStore:
     async def delete(self, sample_id: str) -> bool:
         """Remove a sample, its label and its index entry; whether it existed. Its verdict (the
         scores, no payloads) stays in the stream until the stream is trimmed."""
+        key = self.keys.sample(sample_id)
+        # On a cluster the sample's hash goes first, by itself (its own slot), then the index's
+        # keys (theirs): a failure between the two leaves an id whose hash is gone, which
+        # listing prunes.
+        existed = await self._guard(self._r.delete(key)) if self._cluster else None
         pipe = self._r.pipeline(transaction=True)
-        pipe.delete(self.keys.sample(sample_id))
+        if not self._cluster:
+            pipe.delete(key)
         pipe.hdel(self.keys.labels, sample_id)
         pipe.zrem(self.keys.flagged, sample_id)
         pipe.zrem(self.keys.kept, sample_id)
-        existed, *_ = await self._guard(pipe.execute())
+        replies = await self._guard(pipe.execute())
         self._summaries.pop(sample_id, None)
-        return bool(existed)
+        return bool(replies[0] if existed is None else existed)
 
     async def mark_exported(self, sample_ids: list[str]) -> None:
         """Exported labelled samples live in the golden set now: give them their TTL back."""
@@ -294,8 +314,11 @@ class SampleStore:
 
 def spool_target(url: str, keys: KeySchema) -> str:
     """A short name for the Redis and namespace a spool's records are for (the URL without its
-    credentials, hashed): it goes into segment file names."""
+    credentials, hashed): it goes into segment file names, and a new password must not orphan
+    what waits there."""
     where = re.sub(r"//[^@/]*@", "//", url)
+    if "sentinel_password=" in where:
+        where = redacted(where)
     return hashlib.sha256(f"{where}|{keys.namespace}".encode()).hexdigest()[:12]
 
 
