@@ -3,6 +3,8 @@
 The live path and the mirror tasks only bump a dict (no await, no I/O). A task owned by the app
 flushes the batch to each step's evidence hash; a failed flush keeps the counters for the next
 try (bounded: steps are few), counts the failure, and loses nothing unless the process dies.
+Each rollout's steps go in one transaction (its keys share a hash tag: one Redis Cluster slot);
+a process has one rollout, so that is one transaction per flush.
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 
-import redis.asyncio as aioredis
-
 from comparators import OutputVerdict
 
+from ..buffer.connect import RedisClient
 from ..buffer.keys import KeySchema
 from ..errors import StoreError
 from ..shadow.analysis import Analysis, Exchange
@@ -69,7 +70,7 @@ def pair_counters(pairs: Iterable[tuple[OutputVerdict, OutputVerdict]]) -> dict[
 class EvidenceBuffer:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         keys: KeySchema,
         telemetry: Telemetry,
         *,
@@ -103,24 +104,38 @@ class EvidenceBuffer:
         if not self._pending:
             return True
         batch, self._pending = self._pending, defaultdict(Counter)
-        try:
-            await add_evidence(self._r, self._keys, batch, self._timeout)
-        except EvidenceLost as exc:
-            lost = sum(sum(c.values()) for c in batch.values())
-            self._tel.canary_evidence_unflushed(lost)
-            log.warning("canary evidence dropped, %d counts (not retried): %s", lost, exc)
-            return False
-        except StoreError as exc:
-            for tag, counters in batch.items():
-                self._pending[tag].update(counters)
-            self._tel.canary_evidence_unflushed(sum(sum(c.values()) for c in batch.values()))
-            log.warning("canary evidence not written yet (kept for the next try): %s", exc)
-            return False
+        rollouts: defaultdict[str, dict[CanaryTag, Counter[str]]] = defaultdict(dict)
+        for tag, counters in batch.items():
+            rollouts[tag[0]][tag] = counters
+        parts = list(rollouts.values())
+        for n, part in enumerate(parts):
+            try:
+                await add_evidence(self._r, self._keys, part, self._timeout)
+            except EvidenceLost as exc:
+                lost = _total(part)
+                self._tel.canary_evidence_unflushed(lost + self._keep(parts[n + 1 :]))
+                log.warning("canary evidence dropped, %d counts (not retried): %s", lost, exc)
+                return False
+            except StoreError as exc:
+                self._tel.canary_evidence_unflushed(self._keep(parts[n:]))
+                log.warning("canary evidence not written yet (kept for the next try): %s", exc)
+                return False
         return True
+
+    def _keep(self, parts: list[dict[CanaryTag, Counter[str]]]) -> int:
+        """Put unwritten parts back for the next flush; how many counts they hold."""
+        for part in parts:
+            for tag, counters in part.items():
+                self._pending[tag].update(counters)
+        return sum(_total(part) for part in parts)
 
     async def close(self) -> None:
         self._closing = True
         await stop_task(self._task)
         if not await self.flush():
-            lost = sum(sum(c.values()) for c in self._pending.values())
+            lost = _total(self._pending)
             log.error("canary evidence lost on shutdown: %d counts could not be written", lost)
+
+
+def _total(part: Mapping[CanaryTag, Counter[str]]) -> int:
+    return sum(sum(c.values()) for c in part.values())

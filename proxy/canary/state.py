@@ -4,6 +4,9 @@ Several proxy processes (and the CLI) act on one rollout, so every change is a c
 ``CanaryStore.update`` WATCHes the state key, computes the next state from what it read, and
 writes it in a MULTI with the decision that explains it; a concurrent writer makes it retry on
 the new state. Nothing here runs on the live path.
+
+A rollout's keys (state, decisions, evidence) share its hash tag (``keys``), so on a Redis
+Cluster the check-and-set and an evidence batch each stay in one slot.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
+from ..buffer.connect import RedisClient
 from ..buffer.keys import CANARY_DECISIONS_MAX, CANARY_EVIDENCE_TTL_S, KeySchema
 from ..buffer.store import wait_running
 from ..errors import CanaryError, StoreError
@@ -248,7 +251,7 @@ class CanaryStore:
     """One rollout's keys, over a client someone else owns (the sample store's pool)."""
 
     def __init__(
-        self, client: aioredis.Redis, keys: KeySchema, rollout: str, timeout_s: float = 2.0
+        self, client: RedisClient, keys: KeySchema, rollout: str, timeout_s: float = 2.0
     ) -> None:
         self._r = client
         self._keys = keys
@@ -342,12 +345,13 @@ class CanaryStore:
 
 
 async def add_evidence(
-    client: aioredis.Redis,
+    client: RedisClient,
     keys: KeySchema,
     batch: Mapping[tuple[str, int, int], Mapping[str, int]],
     timeout_s: float,
 ) -> None:
     """Add counters to steps' evidence hashes in one round trip, all or nothing (MULTI/EXEC).
+    On a Redis Cluster the batch must hold one rollout's steps (one hash tag).
 
     Raises ``EvidenceLost`` when Redis may have applied the batch but did not say so (a timeout:
     retrying could count it twice), ``StoreError`` when it certainly did not (try again)."""

@@ -34,11 +34,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from pydantic import SecretStr
 from redis.exceptions import RedisError
 
+from ..buffer.connect import RedisClient
 from ..buffer.keys import KeySchema
 from ..settings import AdminSettings
 
@@ -145,7 +145,7 @@ class Authenticator:
     removed user, a changed token or a changed role takes effect on the next request."""
 
     def __init__(
-        self, settings: Callable[[], AdminSettings], redis: aioredis.Redis, keys: KeySchema
+        self, settings: Callable[[], AdminSettings], redis: RedisClient, keys: KeySchema
     ) -> None:
         self._settings = settings
         self._redis = redis
