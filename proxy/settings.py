@@ -47,6 +47,8 @@ def _check_token(value: SecretStr | None) -> SecretStr | None:
     return value
 
 
+# RFC 9110 token characters: what a header name may be made of.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _GRPC_URL = re.compile(r"^(grpcs?://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$")
 """``host:port``, ``[v6]:port``, optionally ``grpc://`` or ``grpcs://`` in front."""
 
@@ -202,6 +204,22 @@ class CandidateSettings(UpstreamSettings):
     """How long the circuit stays open before one copy probes the candidate again."""
     forward_credentials: bool = False
     """Send the client's Authorization and Cookie headers to this candidate too."""
+    headers: dict[str, SecretStr] = {}
+    """Headers sent with every copy to this candidate, replacing the client's of the same name:
+    its own credentials (``Authorization: Bearer ${CANDIDATE_TOKEN}`` from a Secret). The only
+    way a Redis-stream worker's copies carry credentials (the stream never holds the client's);
+    never stored, logged or shown."""
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not an HTTP header name")
+            if any(c in secret.get_secret_value() for c in "\r\n\0"):
+                raise ValueError(f"the value of {name!r} holds a line break or NUL")
+        return value
+
     llm_timeout_s: float = Field(120.0, gt=0)
     """The time limit of a copy of a generated-text call (Triton generate, OpenAI-compatible):
     a generation takes seconds to minutes where a tensor model takes milliseconds."""

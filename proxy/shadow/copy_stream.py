@@ -18,12 +18,13 @@ anyone with write access to Redis could have put there.
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import logging
 import random
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
@@ -72,7 +73,7 @@ def entry_fields(
             "complete": ref.complete,
         },
     }
-    return {"v": ENTRY_VERSION, "meta": json.dumps(meta), "body": req.body, "ref_body": ref.body}
+    return {"v": ENTRY_VERSION, "meta": orjson.dumps(meta), "body": req.body, "ref_body": ref.body}
 
 
 class CopyStream:
@@ -118,16 +119,15 @@ class CopyStream:
             else:
                 names.append(cand.name)
         if names:
+            # No task per copy: the live answer's own future says when to append.
             self._waiting += 1
-            task = asyncio.get_running_loop().create_task(self._append(req, names))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            req.reference.add_done_callback(functools.partial(self._answered, req, names))
 
-    async def _append(self, req: MirrorRequest, names: list[str]) -> None:
-        try:
-            ref = await req.reference
-        finally:
-            self._waiting -= 1
+    def _answered(
+        self, req: MirrorRequest, names: list[str], done: asyncio.Future[Exchange | None]
+    ) -> None:
+        self._waiting -= 1
+        ref = None if done.cancelled() or done.exception() is not None else done.result()
         if ref is None:
             self._count(names, "live_failed")
             return
@@ -203,9 +203,12 @@ class CopyStream:
         """Append what the live calls still in flight will answer (bounded by the drain time)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.proxy.drain_timeout_s
-        while self._tasks and loop.time() < deadline:
+        while (self._waiting or self._batch or self._tasks) and loop.time() < deadline:
             self._flush()
-            await asyncio.wait(set(self._tasks), timeout=max(0.01, deadline - loop.time()))
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=max(0.01, deadline - loop.time()))
+            else:
+                await asyncio.sleep(0.01)
         self._flush()
         for task in list(self._tasks):
             task.cancel()

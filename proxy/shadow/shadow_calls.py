@@ -94,6 +94,8 @@ class ShadowCalls:
         if not cand.forward_credentials:
             for name in CREDENTIAL_HEADERS:
                 headers.popall(name, None)
+        for name, value in cand.headers.items():
+            headers[name] = value.get_secret_value()
         upstream: UpstreamSettings = cand
         timeout = cand.timeout_s
         if req.canary is not None and self._is_canary(cand):

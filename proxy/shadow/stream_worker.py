@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -28,6 +27,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry.trace import SpanContext, TraceFlags
@@ -70,7 +70,7 @@ def copy_of(fields: Mapping[Any, Any], seq: int) -> tuple[MirrorRequest, list[st
     if f.get("v") != ENTRY_VERSION:
         raise BadEntry(f"unknown entry version {f.get('v')!r}")
     try:
-        meta = json.loads(f["meta"])
+        meta = orjson.loads(f["meta"])
         kind, model, version, suffix = meta["route"]
         r = meta["ref"]
         ref = Exchange(
