@@ -27,6 +27,7 @@ from pydantic import (
 
 from comparators import MetricSpec, validate_spec
 
+from .buffer.connect import check_url
 from .errors import ConfigError
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -234,7 +235,23 @@ class CandidateSettings(UpstreamSettings):
 
 class BufferSettings(_Model):
     redis_url: SecretStr | None = None
-    """Omitted: the proxy runs an embedded Redis with its data under ``state_dir``."""
+    """Omitted: the proxy runs an embedded Redis with its data under ``state_dir``. Else
+    ``redis://``, ``rediss://``, ``unix://``, Sentinel
+    (``redis+sentinel://[user:password@]host:port,host:port/service_name[/db]``, the sentinels'
+    own password in ``?sentinel_password=``) or Cluster
+    (``redis+cluster://[user:password@]host:port,host:port``); checked when loaded, without
+    connecting (``proxy/buffer/connect.py``)."""
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                check_url(value.get_secret_value())
+            except ConfigError as exc:
+                raise ValueError(str(exc).removeprefix("buffer.redis_url: ")) from None
+        return value
+
     state_dir: Path = Path(".state")
     stream_maxlen: int = Field(100_000, ge=100)
     """Verdicts kept in the stream (approximate trim)."""

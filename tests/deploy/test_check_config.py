@@ -140,3 +140,18 @@ def test_unreadable_files_exit_1_and_say_why(
     assert check_config(path) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"shadowproxy: check-config: {path}: ") and expected in err, err
+
+
+def test_a_malformed_redis_url_is_named_without_its_password(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""
+        admin: {{token: {TOKEN}}}
+        reference: {{name: fp32, url: "http://127.0.0.1:1"}}
+        buffer: {{redis_url: "redis+sentinel://:hunter2-secret@10.0.0.1:26379"}}
+        """,
+    )
+    done = run_cli(path)
+    assert done.returncode == 1
+    assert "buffer.redis_url" in done.stderr and "service name" in done.stderr
+    assert "hunter2" not in done.stderr + done.stdout
