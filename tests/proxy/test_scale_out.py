@@ -91,11 +91,13 @@ async def test_two_proxies_three_workers_one_killed(
                 )
 
             pending = 0
+            sent = REQUESTS // 2
             for _ in range(100):
                 pending = await held_by_w0()
                 if pending:
                     break
                 await _post(s, proxies[0]["listen"]["port"], REQUESTS // 2)
+                sent += 1
                 await asyncio.sleep(0.01)
             w0.send_signal(signal.SIGKILL)
             await w0.wait()
@@ -106,12 +108,14 @@ async def test_two_proxies_three_workers_one_killed(
                     for k in range(REQUESTS // 2 + 1, REQUESTS)
                 )
             )
-        streamed = await client.xlen(keys.copies)
+            sent += REQUESTS // 2 - 1
+        streamed = sent  # every request sampled (sample_rate 1), one entry each
 
         async def all_compared() -> bool:
+            appended = await client.xlen(keys.copies)
             info = await client.xpending(keys.copies, COPIES_GROUP)
             stored = await client.zcard(keys.flagged)
-            return bool(info["pending"] == 0 and stored >= streamed)
+            return bool(appended == streamed and info["pending"] == 0 and stored >= streamed)
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
