@@ -54,6 +54,18 @@ def mcnemar_p(b: int, c: int) -> float:
     return math.erfc(math.sqrt(stat / 2))
 
 
+def two_proportion_p(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided p-value that two binomial rates differ (pooled z-test); 1.0 without data."""
+    if n1 <= 0 or n2 <= 0:
+        return 1.0
+    pooled = (k1 + k2) / (n1 + n2)
+    var = pooled * (1 - pooled) * (1 / n1 + 1 / n2)
+    if var <= 0:
+        return 1.0
+    z = (k1 / n1 - k2 / n2) / math.sqrt(var)
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
 def wilcoxon_greater_p(diffs: Iterable[float]) -> tuple[float, int]:
     """One-sided Wilcoxon signed-rank p-value that the median difference is > 0.
 
@@ -129,7 +141,7 @@ class LogHistogram:
     def count(self) -> int:
         return self.zeros + sum(self.pos.values()) + sum(self.neg.values())
 
-    def _ascending(self) -> Iterator[tuple[float, int]]:
+    def ascending(self) -> Iterator[tuple[float, int]]:
         for k in sorted(self.neg, reverse=True):
             yield -float(_MAPPING.value(k)), self.neg[k]
         if self.zeros:
@@ -145,7 +157,7 @@ class LogHistogram:
         rank = q * (total - 1)
         seen = 0
         last = 0.0
-        for value, n in self._ascending():
+        for value, n in self.ascending():
             seen += n
             last = value
             if seen > rank:
@@ -186,6 +198,35 @@ class LogHistogram:
         else:
             return False
         return True
+
+
+def rank_test(a: LogHistogram, b: LogHistogram) -> dict[str, float | None]:
+    """Mann-Whitney U on two histograms (values in one bin are ties), normal approximation with
+    the tie correction: ``p`` two-sided, and ``prob_b_greater``, the chance that a value of
+    ``b`` exceeds one of ``a`` (ties count half). None values without data on both sides."""
+    n1, n2 = a.count, b.count
+    if n1 == 0 or n2 == 0:
+        return {"u": None, "p": None, "prob_b_greater": None}
+    # Both histograms' bins in ascending order of value, walked together.
+    bins: dict[float, list[int]] = {}
+    for value, n in a.ascending():
+        bins.setdefault(value, [0, 0])[0] += n
+    for value, n in b.ascending():
+        bins.setdefault(value, [0, 0])[1] += n
+    below_a = 0
+    u_b = 0.0  # pairs (a, b) with b > a, ties half
+    ties = 0.0
+    for value in sorted(bins):
+        ca, cb = bins[value]
+        u_b += cb * (below_a + 0.5 * ca)
+        below_a += ca
+        t = ca + cb
+        ties += t**3 - t
+    n = n1 + n2
+    mean = n1 * n2 / 2
+    var = n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else 0.0
+    p = 1.0 if var <= 0 else math.erfc(abs(u_b - mean) / math.sqrt(2 * var))
+    return {"u": u_b, "p": min(1.0, p), "prob_b_greater": u_b / (n1 * n2)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +273,10 @@ class Cell:
 
 
 _COUNTERS = ("n", "flagged", "invalid", "pairs", "mc_b", "mc_c")
+# The cell of whole copies (flagged when any output is, at its worst output's severity): per-copy
+# rates for the builds ledger, left out of the per-output summary rows.
+COPY_OUTPUT = "*"
+COPY_METRIC = "copy"
 
 
 @dataclass(slots=True)
@@ -347,12 +392,15 @@ def _quantiles(h: LogHistogram) -> dict[str, float | None]:
     return {f"p{round(q * 100, 1):g}": h.quantile(q) for q in QUANTILES}
 
 
-def summary_rows(cells: Mapping[Cell, CellStats]) -> list[dict[str, Any]]:
+def summary_rows(cells: Mapping[Cell, CellStats], *, copies: bool = False) -> list[dict[str, Any]]:
     """One row per cell: counts, the flagged rate with its Wilson interval, severity and headline
-    quantiles, and the paired tests against the noise-floor twin."""
+    quantiles, and the paired tests against the noise-floor twin. ``copies``: the whole-copy
+    cells too (``COPY_OUTPUT``)."""
     out = []
     ordered = sorted(cells.items(), key=lambda kv: (kv[0].model, kv[0].candidate, kv[0].output))
     for cell, c in ordered:
+        if cell.output == COPY_OUTPUT and not copies:
+            continue
         lo, hi = wilson_interval(c.flagged, c.n)
         diffs = [d for _, d in c.diffs]
         w_p, w_n = wilcoxon_greater_p(diffs)

@@ -30,6 +30,8 @@ from pydantic import SecretStr
 from .buffer.embedded import start_embedded
 from .buffer.population import PopulationStore
 from .buffer.store import SampleStore
+from .builds.ledger import BuildLedger
+from .builds.tracker import BuildTracker
 from .canary.controller import CanaryController
 from .canary.evidence import EvidenceBuffer
 from .errors import StoreError
@@ -382,6 +384,9 @@ async def _comparer_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     population = PopulationStore(store.redis, store.keys, settings.buffer.stats_retention_min)
     judge = Judge(settings, population)
+    # Its own small pool for the builds' metadata probes (never the live or shadow pools).
+    probes = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+    builds = BuildTracker(probes, BuildLedger(store.redis, store.keys))
     comparer = Comparer(
         settings,
         store,
@@ -390,12 +395,15 @@ async def _comparer_ctx(app: web.Application) -> AsyncIterator[None]:
         judge,
         app.get(EVIDENCE),
         idempotent=app.get(IDEMPOTENT, False),
+        builds=builds,
     )
     app[COMPARER] = comparer
     judge.start()
     yield
     await comparer.close()
     await judge.close()  # the last statistics, once every comparison is done
+    await builds.close()
+    await probes.close()
 
 
 async def _population_ctx(app: web.Application) -> AsyncIterator[None]:

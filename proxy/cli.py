@@ -16,6 +16,7 @@ from typing import Any
 
 from .buffer.embedded import EmbeddedRedis, running_url
 from .buffer.store import LABELS, SampleStore
+from .builds import commands as builds_commands
 from .canary import commands as canary_commands
 from .errors import ConfigError, ShadowProxyError, StoreError
 from .review.admin import render_payloads
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     canary_commands.add_parser(sub)
+    builds_commands.add_parser(sub)
 
     check = sub.add_parser(
         "check-config", help="validate a config file; exit 1 with the error when it is wrong"
@@ -177,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_worker(settings))
         if args.command == "canary":
             return asyncio.run(_canary(args, load_settings(args.config)))
+        if args.command == "builds":
+            return asyncio.run(_builds(args, load_settings(args.config)))
         return asyncio.run(_review(args, load_settings(args.config)))
     except ShadowProxyError as exc:
         print(f"shadowproxy: error: {exc}", file=sys.stderr)
@@ -237,6 +241,11 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 async def _canary(args: argparse.Namespace, settings: Settings) -> int:
     async with open_store(settings) as store:
         return await canary_commands.run(args, settings, store)
+
+
+async def _builds(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_store(settings) as store:
+        return await builds_commands.run(args, settings, store)
 
 
 async def _review(args: argparse.Namespace, settings: Settings) -> int:

@@ -133,8 +133,19 @@ class UpstreamSettings(_Model):
     grpc_cert: Path | None = None
     """PEM client certificate chain for mutual TLS (with ``grpc_key``)."""
     grpc_key: Path | None = None
+    hardware: str | None = Field(None, max_length=200)
+    """What this server runs on, as you name it (``"L4 x1, fp8"``): part of its build's
+    fingerprint, so the same model version on two hardware pools is two builds."""
+    metrics_url: str | None = None
+    """The server's Prometheus metrics (Triton's ``http://host:8002/metrics``): the GPUs its
+    ``nv_gpu_*`` series name become part of the build's fingerprint."""
 
     _url = field_validator("url")(_check_url)
+
+    @field_validator("metrics_url")
+    @classmethod
+    def _metrics_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value)
 
     @field_validator("grpc_url")
     @classmethod

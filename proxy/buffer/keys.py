@@ -80,6 +80,24 @@ they mark placeholders):
                                      group ``COPIES_GROUP``; a dead worker's pending entries are
                                      claimed by the others (XAUTOCLAIM).
 
+``<ns>:builds:{ledger}``     ZSET    every build id, scored by when it was first seen.
+``<ns>:builds:{ledger}:current``
+                             HASH    ``<upstream>|<model>`` -> the build id it serves now.
+``<ns>:builds:{ledger}:events``
+                             LIST    the timeline, newest first (JSON: ts, upstream, model,
+                                     build, previous): a build recorded the first time it
+                                     answers and again whenever the fingerprint changes (a new
+                                     version loaded, a config change); trimmed to
+                                     ``BUILD_EVENTS_MAX``. No TTL.
+``<ns>:builds:{ledger}:b:<id>``
+                             HASH    one build: ``facts`` (JSON: the fingerprint), ``upstream``,
+                                     ``model``, ``role`` (reference or candidate),
+                                     ``first_seen``, ``last_seen``. No TTL.
+``<ns>:builds:{ledger}:replays:<id>``
+                             LIST    golden-set replay runs against the build (JSON: when, the
+                                     golden set's id and size, per label which samples still
+                                     diverge), newest first; trimmed to ``BUILD_REPLAYS_MAX``.
+
 Hash tags (Redis Cluster puts a key in the slot of the part in its first braces): every
 multi-key operation touches keys of one tag, and tags are per object, so load spreads.
 
@@ -91,6 +109,9 @@ multi-key operation touches keys of one tag, and tags are per object, so load sp
   entry and counters in one atomic call, deciding by the index (or the replay mark) whether the
   record is new, so these must share a slot. A sample's hash cannot share it (every sample
   would be on one node): on a cluster it is written first, by itself (``records``).
+- The builds ledger as one object (``{ledger}``): a fingerprint change updates ``current``,
+  the events and the build in one script. Builds are few (one per model version, hardware and
+  config), so one slot holds them all.
 - Single keys with no partner (``pop:cells``, ``copies``) carry no tag.
 
 These formats changed before the first release (hash tags added); data written under the old
@@ -113,6 +134,9 @@ REPLAY_MARKER_TTL_S = 7 * 24 * 3600
 POPULATION_PAIRS_MAX = 4096
 # The consumer group of the comparison workers on the copies stream.
 COPIES_GROUP = "compare"
+# Build timeline events and replay runs kept per build (the newest).
+BUILD_EVENTS_MAX = 10_000
+BUILD_REPLAYS_MAX = 200
 # Trimming an index looks at most this many labelled ids (kept) beyond the excess per write.
 TRIM_SCAN_MAX = 1000
 
@@ -172,6 +196,24 @@ class KeySchema:
     @property
     def copies(self) -> str:
         return f"{self.namespace}:copies"
+
+    @property
+    def builds(self) -> str:
+        return f"{self.namespace}:builds:{{ledger}}"
+
+    @property
+    def builds_current(self) -> str:
+        return f"{self.builds}:current"
+
+    @property
+    def builds_events(self) -> str:
+        return f"{self.builds}:events"
+
+    def build(self, build_id: str) -> str:
+        return f"{self.builds}:b:{build_id}"
+
+    def build_replays(self, build_id: str) -> str:
+        return f"{self.builds}:replays:{build_id}"
 
     def sample(self, sample_id: str) -> str:
         return f"{self.namespace}:sample:{{{sample_id}}}"

@@ -37,6 +37,7 @@ from ..settings import Settings
 from ..shadow.mirror_link import merge_tally
 from ..telemetry import merge_prometheus_text
 from . import api as review_api
+from . import builds_api
 from .auth import (
     PRINCIPAL,
     Authenticator,
@@ -70,6 +71,9 @@ def create_admin_app(settings: Settings) -> web.Application:
     app.router.add_delete("/api/samples/{id}", delete_sample)
     app.router.add_get("/api/summary", summary)
     app.router.add_get("/api/timeseries", timeseries)
+    app.router.add_get("/api/builds", builds_api.list_builds)
+    app.router.add_get("/api/builds/diff", builds_api.diff_builds)
+    app.router.add_get("/api/builds/{id}", builds_api.get_build)
     canary_api.add_routes(app, AUTH)
     app.router.add_get("/review", review_page)
     app.router.add_static("/static/", str(resources.files("proxy.review").joinpath("static")))

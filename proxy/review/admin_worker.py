@@ -31,7 +31,7 @@ from multidict import CIMultiDict
 from ..keys import DATA_APP
 from ..settings import Settings
 from ..wire import child_main, read_frame, spawn_child, write_frame
-from . import admin
+from . import admin, builds_api
 
 log = logging.getLogger("shadowproxy.admin_worker")
 
@@ -48,6 +48,9 @@ def offloaded_routes() -> list[tuple[str, Handler]]:
         ("/api/samples/{id}", admin.get_sample),
         ("/api/samples/{id}/tensors", admin.get_tensors),
         ("/api/timeseries", admin.timeseries),
+        ("/api/builds", builds_api.list_builds),
+        ("/api/builds/diff", builds_api.diff_builds),
+        ("/api/builds/{id}", builds_api.get_build),
     ]
 
 

@@ -25,6 +25,7 @@ from opentelemetry.trace import Link, SpanContext, TraceFlags
 from comparators import compare_semantic, resolve_spec
 
 from ..buffer.store import SampleStore
+from ..builds.tracker import BuildTracker
 from ..canary.evidence import CanaryTag, EvidenceBuffer, comparison_counters, pair_counters
 from ..errors import StoreError
 from ..redact import Redactor
@@ -173,8 +174,10 @@ class Comparer:
         evidence: EvidenceBuffer | None = None,
         *,
         idempotent: bool = False,
+        builds: BuildTracker | None = None,
     ) -> None:
         self._settings = settings
+        self._builds = builds
         self._candidates = {c.name: c for c in settings.candidates}
         self._canary_name = settings.canary.candidate if settings.canary else None
         self._executor = executor
@@ -248,15 +251,16 @@ class Comparer:
             analysis = await asyncio.get_running_loop().run_in_executor(self._executor, run)
         if self._embedder is not None and analysis.outcome == "compared":
             await self._semantic(self._embedder, cand, pair, analysis)
+        ref_build, cand_build = await self._build_ids(cand, pair, analysis)
         if analysis.verdicts:
-            self._apply_judgement(cand, pair, analysis)
+            self._apply_judgement(cand, pair, analysis, cand_build)
         noise_floor = "true" if cand.noise_floor else "false"
         for v in analysis.verdicts:
             attrs = (cand.name, pair.model, v.output, v.metric, noise_floor)
             self._tel.divergence(attrs, v.severity, v.flagged)
         if self._evidence is not None and pair.canary is not None and self._is_canary(cand):
             self._evidence.add(pair.canary, comparison_counters(analysis, pair.ref, pair.cand))
-        self._store(cand, pair, analysis)
+        self._store(cand, pair, analysis, ref_build, cand_build)
         self._tel.mirror(cand.name, analysis.outcome)  # after: one fate, even if storing broke
         return analysis
 
@@ -282,11 +286,32 @@ class Comparer:
             a.flagged = True
             a.reason = "; ".join(x for x in (a.reason, f"semantic: {verdict.reason}") if x)
 
+    async def _build_ids(self, cand: CandidateSettings, pair: Pair, a: Analysis) -> tuple[str, str]:
+        """The builds that answered (reference, candidate); empty when unknown."""
+        if self._builds is None:
+            return "", ""
+        openai = pair.protocol == "openai"
+        ref_v = a.reference.model_version if a.reference else None
+        cand_v = a.candidate.model_version if a.candidate else None
+        try:
+            ref, answer = await asyncio.gather(
+                self._builds.build_of(
+                    self._settings.reference, "reference", pair.model, ref_v, openai=openai
+                ),
+                self._builds.build_of(cand, "candidate", pair.model, cand_v, openai=openai),
+            )
+        except Exception:
+            log.exception("the builds of a copy to %s are unknown", cand.name)
+            return "", ""
+        return ref, answer
+
     def _is_canary(self, cand: CandidateSettings) -> bool:
         return cand.name == self._canary_name
 
-    def _apply_judgement(self, cand: CandidateSettings, pair: Pair, a: Analysis) -> None:
-        judged, pairs = self.judge.judge(cand, pair.model, pair.seq, a.verdicts)
+    def _apply_judgement(
+        self, cand: CandidateSettings, pair: Pair, a: Analysis, build: str
+    ) -> None:
+        judged, pairs = self.judge.judge(cand, pair.model, pair.seq, a.verdicts, build)
         if self._evidence is not None and pair.canary is not None:
             mine = [(ab, aa) for name, ab, aa in pairs if name == self._canary_name]
             if mine:
@@ -296,7 +321,9 @@ class Comparer:
         a.flagged = bool(flagged)
         a.reason = "; ".join(f"{v.output}: {v.reason}" for v in flagged)
 
-    def _store(self, cand: CandidateSettings, pair: Pair, a: Analysis) -> None:
+    def _store(
+        self, cand: CandidateSettings, pair: Pair, a: Analysis, ref_build: str, cand_build: str
+    ) -> None:
         keep = a.flagged or self._rng.random() < self._settings.buffer.store_unflagged_rate
         meta = sample_meta(
             self._redactor,
@@ -312,6 +339,10 @@ class Comparer:
             protocol=pair.protocol,
             sample_id=pair.sample_id,
         )
+        if cand_build:
+            meta["build"] = cand_build
+            meta["reference"]["build"] = ref_build
+            meta["candidate_side"]["build"] = cand_build
         payloads = None
         if keep:
             payloads = sample_payloads(

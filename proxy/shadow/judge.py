@@ -14,14 +14,22 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from comparators import OutputVerdict
+from comparators import OutputVerdict, Validity
 from comparators.noise import NoiseFloor, NoisePolicy
-from comparators.population import Cell, LogHistogram, PairBuffer, PopulationStats
+from comparators.population import (
+    COPY_METRIC,
+    COPY_OUTPUT,
+    Cell,
+    LogHistogram,
+    PairBuffer,
+    PopulationStats,
+)
 
 from ..buffer.population import PopulationStore, minute_of
 from ..errors import StoreError
@@ -35,6 +43,8 @@ Pair = tuple[str, OutputVerdict, OutputVerdict]
 # (a window of buckets per twin cell: not every second).
 FLUSH_INTERVAL_S = 1.0
 NOISE_REFRESH_S = 5.0
+# Requests whose candidates' builds are remembered until their twin's verdict pairs them.
+PAIR_BUILDS_MAX = 8192
 
 
 class Judge:
@@ -61,18 +71,20 @@ class Judge:
         self._store = store
         self._clock = clock
         self._pairs = PairBuffer()
-        self._cells: dict[tuple[str, str, str, str, str], Cell] = {}
+        self._cells: dict[tuple[str, str, str, str, str, str], Cell] = {}
+        # (request, candidate) -> the candidate's build on it, for pairs the twin completes later.
+        self._builds: OrderedDict[tuple[Hashable, str], str] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._noise_read_at = -NOISE_REFRESH_S
         self.dropped = 0
         """Verdicts whose statistics were kept past the retention because Redis was away, and
         forgotten."""
 
-    def _cell(self, model: str, candidate: str, v: OutputVerdict) -> Cell:
-        key = (model, candidate, v.output, v.metric, v.headline)
+    def _cell(self, model: str, candidate: str, v: OutputVerdict, build: str) -> Cell:
+        key = (model, candidate, v.output, v.metric, v.headline, build)
         cell = self._cells.get(key)
         if cell is None:
-            cell = self._cells[key] = Cell(model, candidate, v.output, v.metric, v.headline)
+            cell = self._cells[key] = Cell(model, candidate, v.output, v.metric, v.headline, build)
         return cell
 
     def judge(
@@ -81,9 +93,12 @@ class Judge:
         model: str,
         request_seq: Hashable,
         verdicts: Sequence[OutputVerdict],
+        build: str = "",
     ) -> tuple[list[OutputVerdict], list[Pair]]:
         """The verdicts to act on (twin verdicts unchanged, candidate verdicts noise-judged), and
-        the (candidate, candidate verdict, twin verdict) pairs this request completed."""
+        the (candidate, candidate verdict, twin verdict) pairs this request completed. ``build``:
+        the candidate's build (the statistics are kept per build); a pair is counted under the
+        candidate's build of the same request."""
         if cand.noise_floor:
             for v in verdicts:
                 self.noise.observe((model, v.output), v)
@@ -94,9 +109,26 @@ class Judge:
             pairs = self._pairs.add_candidate(request_seq, cand.name, verdicts)
         minute = minute_of(self._clock())
         for v in judged:
-            self.population.record(self._cell(model, cand.name, v), minute, v)
+            self.population.record(self._cell(model, cand.name, v, build), minute, v)
+        if judged:
+            # The whole copy as one verdict (flagged if any output is, its worst severity): the
+            # per-copy rates and the rank test of the builds ledger.
+            copy = OutputVerdict(
+                COPY_OUTPUT,
+                COPY_METRIC,
+                next((v.validity for v in judged if not v.valid), Validity.OK),
+                severity=max(v.severity for v in judged),
+                flagged=any(v.flagged for v in judged),
+            )
+            self.population.record(self._cell(model, cand.name, copy, build), minute, copy)
+        if not cand.noise_floor:
+            self._builds[(request_seq, cand.name)] = build
+            while len(self._builds) > PAIR_BUILDS_MAX:
+                self._builds.popitem(last=False)
         for candidate, ab, aa in pairs:
-            self.population.record_pair(self._cell(model, candidate, ab), minute, ab, aa)
+            pair_build = self._builds.get((request_seq, candidate), "")
+            cell = self._cell(model, candidate, ab, pair_build)
+            self.population.record_pair(cell, minute, ab, aa)
         return judged, pairs
 
     def start(self) -> None:

@@ -162,7 +162,7 @@ class StreamWorker:
     async def _read(self) -> None:
         await self._slots.acquire()  # at least one free slot before asking for entries
         self._slots.release()
-        free = self._slots._value
+        free = MAX_IN_FLIGHT - len(self._tasks)
         reply = await self._r.xreadgroup(
             COPIES_GROUP, self.consumer, {self._stream: ">"}, count=max(1, free), block=_BLOCK_MS
         )
