@@ -84,6 +84,7 @@ SUMMARY_KEYS = (
     "candidate_side",
     "outputs",
     "stored",
+    "build",
 )
 
 

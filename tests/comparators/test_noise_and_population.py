@@ -16,7 +16,9 @@ from comparators.population import (
     PairBuffer,
     PopulationStats,
     mcnemar_p,
+    rank_test,
     summary_rows,
+    two_proportion_p,
     wilcoxon_greater_p,
     wilson_interval,
 )
@@ -173,3 +175,29 @@ def test_cosine_verdicts_feed_the_floor_end_to_end() -> None:
         noisy += floor.judge("e", same)[0].flagged
         real += floor.judge("e", worse)[0].flagged
     assert noisy == 0 and real == 100
+
+
+def test_two_proportion_and_rank_tests_by_hand() -> None:
+    # 10/100 against 25/100: pooled 0.175, z = -0.15 / sqrt(0.175 * 0.825 * 0.02) = -2.7915.
+    assert two_proportion_p(10, 100, 25, 100) == pytest.approx(
+        math.erfc(2.7914526 / math.sqrt(2)), rel=1e-6
+    )
+    assert two_proportion_p(0, 0, 3, 10) == 1.0
+    # Values far apart fall in distinct 1% bins, so the binned U is the exact Mann-Whitney U:
+    # b > a in 26 of the 30 pairs; normal approximation without continuity correction
+    # (scipy.stats.mannwhitneyu(b, a, method="asymptotic", use_continuity=False): U 26,
+    # p 0.044610).
+    a, b = LogHistogram(), LogHistogram()
+    for x in (0.1, 0.2, 0.3, 0.5, 0.9):
+        a.add(x)
+    for x in (0.4, 0.6, 0.7, 1.2, 2.0, 3.0):
+        b.add(x)
+    r = rank_test(a, b)
+    assert r["u"] == 26 and r["p"] == pytest.approx(0.044610, rel=1e-4)
+    assert r["prob_b_greater"] == pytest.approx(26 / 30)
+    # Ties (equal values share a bin) count half, and the tie correction narrows the variance.
+    same = LogHistogram()
+    same.add(0.5, 4)
+    tied = rank_test(same, same)
+    assert tied["prob_b_greater"] == 0.5 and tied["p"] == 1.0
+    assert rank_test(LogHistogram(), b)["p"] is None
