@@ -9,11 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..buffer.population import PopulationStore
 from ..buffer.store import SampleStore
 from ..settings import Settings
-from .evidence import BuildsView
-from .ledger import BuildLedger
+from .evidence import builds_view
 
 
 def add_parser(sub: Any) -> None:
@@ -31,14 +29,10 @@ def add_parser(sub: Any) -> None:
 
 
 async def run(args: argparse.Namespace, settings: Settings, store: SampleStore) -> int:
-    ledger = BuildLedger(store.redis, store.keys)
-    view = BuildsView(
-        ledger,
-        PopulationStore(store.redis, store.keys, settings.buffer.stats_retention_min),
-        store,
-    )
+    view = builds_view(settings, store)
+    ledger = view.ledger
     if args.builds_command == "list":
-        rows = await view.list()
+        rows = await view.list_builds()
         print(json.dumps(rows, indent=2) if args.json else render_list(rows))
         return 0
     if args.builds_command == "show":

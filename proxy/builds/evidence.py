@@ -30,6 +30,8 @@ from comparators.population import (
 
 from ..buffer.population import PopulationStore
 from ..buffer.store import SampleStore
+from ..canary.state import CanaryStore
+from ..settings import Settings
 from .ledger import BuildLedger
 
 _QUANTILES = (0.5, 0.9, 0.99)
@@ -74,16 +76,22 @@ class BuildsView:
     """Reads builds and their evidence (the admin API and the CLI)."""
 
     def __init__(
-        self, ledger: BuildLedger, population: PopulationStore, store: SampleStore | None
+        self,
+        ledger: BuildLedger,
+        population: PopulationStore,
+        store: SampleStore | None,
+        canary: tuple[str, CanaryStore] | None = None,
     ) -> None:
         self.ledger = ledger
         self._population = population
         self._store = store
+        self._canary = canary
+        """(the canary candidate's name, its rollout's store), when a canary is configured."""
 
     async def _cells(self) -> dict[Cell, CellStats]:
         return await self._population.read(self._population.retention_min)
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list_builds(self) -> list[dict[str, Any]]:
         """Every build, by model then first seen, each with its evidence (candidates) and the
         number of comparisons it answered as the reference."""
         builds, current, cells = (
@@ -116,7 +124,29 @@ class BuildsView:
             for e in await self.ledger.events()
             if e["upstream"] == build["upstream"] and e["model"] == build["model"]
         ]
+        row["canary"] = await self._canary_attempts(build_id, build["upstream"], row["timeline"])
         return row
+
+    async def _canary_attempts(
+        self, build_id: str, upstream: str, timeline: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """The canary attempts decided while this build served (its stretches of the timeline,
+        newest event first): per attempt, the decisions and the last outcome."""
+        if self._canary is None or self._canary[0] != upstream:
+            return []
+        spans, end = [], float("inf")
+        for event in timeline:  # newest first: each event's build served until the next one
+            if event["build"] == build_id:
+                spans.append((float(event["ts"]), end))
+            end = float(event["ts"])
+        attempts: dict[int, dict[str, Any]] = {}
+        for d in await self._canary[1].decisions(1000):
+            if any(start <= float(d.get("ts", 0)) < stop for start, stop in spans):
+                a = attempts.setdefault(int(d.get("attempt", 0)), {"decisions": 0})
+                a.update(attempt=int(d.get("attempt", 0)), outcome=d.get("outcome"))
+                a.update(status=d.get("status"), weight=d.get("weight"))
+                a["decisions"] += 1
+        return [attempts[k] for k in sorted(attempts)]
 
     async def _labels(self, build_id: str) -> dict[str, int]:
         if self._store is None:
@@ -193,3 +223,17 @@ def golden_changes(
                 }
             )
     return changes
+
+
+def builds_view(settings: Settings, store: SampleStore) -> BuildsView:
+    """The builds of the Redis ``store`` uses, read as ``settings`` configure them."""
+    canary = None
+    if settings.canary is not None:
+        rollout = CanaryStore(store.redis, store.keys, settings.canary.rollout_id)
+        canary = (settings.canary.candidate, rollout)
+    return BuildsView(
+        BuildLedger(store.redis, store.keys),
+        PopulationStore(store.redis, store.keys, settings.buffer.stats_retention_min),
+        store,
+        canary,
+    )

@@ -8,22 +8,14 @@ import json
 
 from aiohttp import web
 
-from ..buffer.population import PopulationStore
-from ..builds.evidence import BuildsView
-from ..builds.ledger import BuildLedger
+from ..builds.evidence import BuildsView, builds_view
 from ..errors import StoreError
 from ..keys import CURRENT, DATA_APP, STORE
 
 
 def _view(request: web.Request) -> BuildsView:
     data = request.app[DATA_APP]
-    store = data[STORE]
-    retention = data[CURRENT].settings.buffer.stats_retention_min
-    return BuildsView(
-        BuildLedger(store.redis, store.keys),
-        PopulationStore(store.redis, store.keys, retention),
-        store,
-    )
+    return builds_view(data[CURRENT].settings, data[STORE])
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -32,7 +24,7 @@ def _error(status: int, message: str) -> web.Response:
 
 async def list_builds(request: web.Request) -> web.Response:
     try:
-        return web.json_response(await _view(request).list())
+        return web.json_response(await _view(request).list_builds())
     except StoreError as exc:
         return _error(503, f"builds unavailable: {exc}")
 
