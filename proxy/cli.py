@@ -85,7 +85,38 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--fail-on-regression",
         action="store_true",
-        help="exit 1 when a sample labelled regression still diverges",
+        help="exit 1 when a sample labelled regression still diverges, or got no answer "
+        "(with or without --junit and --config)",
+    )
+    replay.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="record the run in the builds ledger of this config's Redis, against the build "
+        "the server at --url serves (one per model replayed); `builds show ID` lists it. "
+        "Without --config nothing is recorded",
+    )
+    replay.add_argument(
+        "--upstream",
+        default="replay",
+        metavar="NAME",
+        help="the upstream name the build is recorded under (default: replay); a candidate's "
+        "own name, with its URL, model map and --hardware, records the run against that "
+        "candidate's build",
+    )
+    replay.add_argument(
+        "--hardware", metavar="TEXT", help="with --config: the server's hardware, e.g. 'L4 x1'"
+    )
+    replay.add_argument(
+        "--metrics-url", metavar="URL", help="with --config: the server's Prometheus metrics"
+    )
+    replay.add_argument(
+        "--junit",
+        type=Path,
+        metavar="FILE",
+        help="also write JUnit XML, one suite per label: a regression that still diverges is "
+        "a <failure>; a needs-look or unlabelled sample that diverges is <skipped>; an "
+        "acceptable sample passes either way; no answer from the server is an <error>",
     )
 
     canary_commands.add_parser(sub)
@@ -344,16 +375,58 @@ def _parse_map(pairs: list[str]) -> dict[str, str]:
 
 
 async def _replay(args: argparse.Namespace) -> int:
+    from .review.golden import golden_id, record_replay
+    from .review.junit import check_writable, junit_xml, write_junit
+
     records = load_golden(args.file)
     if args.candidate:
         records = [r for r in records if r["candidate"] == args.candidate]
     if args.label:
         records = [r for r in records if (r.get("label") or "unlabelled") == args.label]
-    results = await replay_golden(records, args.url, model_map=_parse_map(args.model_map))
-    report = replay_report(results)
+    model_map = _parse_map(args.model_map)
+    url = args.url.rstrip("/")
+    # Everything that can be wrong is found before the replay, not after it.
+    settings = load_settings(args.config) if args.config else None
+    if settings is None and (args.hardware or args.metrics_url):
+        raise ConfigError("--hardware and --metrics-url describe the build: they need --config")
+    if args.junit:
+        check_writable(args.junit)
+    golden, started = golden_id(records), time.time()
+    async with contextlib.AsyncExitStack() as stack:
+        store = await stack.enter_async_context(open_store(settings)) if settings else None
+        results = await replay_golden(records, url, model_map=model_map)
+        report = replay_report(results)
+        report["golden"] = {"id": golden, "size": len(records)}
+        if store is not None:
+            report["builds"] = await record_replay(
+                store,
+                results,
+                url=url,
+                upstream=args.upstream,
+                hardware=args.hardware,
+                metrics_url=args.metrics_url,
+                model_map=model_map,
+                golden=golden,
+                golden_size=len(records),
+                ts=started,
+            )
+    if args.junit:
+        tree = junit_xml(
+            results,
+            url=url,
+            golden=golden,
+            golden_size=len(records),
+            builds=report.get("builds", {}),
+            started=started,
+            duration_s=time.time() - started,
+        )
+        write_junit(args.junit, tree)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print_replay_report(report)
-    regressions = report["by_label"].get("regression", {}).get("still_diverges", 0)
-    return 1 if args.fail_on_regression and regressions else 0
+    # A regression the server did not answer for is not shown gone: a gate that passed while
+    # the server was down would wave the build through.
+    regression = report["by_label"].get("regression", {})
+    unsure = regression.get("still_diverges", 0) + regression.get("no_answer", 0)
+    return 1 if args.fail_on_regression and unsure else 0

@@ -6,15 +6,21 @@ every score, and the comparator spec each output was judged by. ``replay`` re-se
 to a new server, compares its answer with the recorded *reference* answer under the same spec,
 and reports per label which samples still diverge: a regression found once is checked on every
 later model.
+
+Runs are history: with a store (``replay --config``) each run is kept in the builds ledger under
+the build that answered it (``record_replay``), with the golden set's own id and size, so
+``builds show`` lists a build's runs and ``builds diff`` finds the samples whose outcome changed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import sys
+import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +31,8 @@ import aiohttp
 from comparators import resolve_spec
 
 from ..buffer.store import SampleStore
+from ..builds.fingerprint import build_id, probe
+from ..builds.ledger import BuildLedger
 from ..errors import ConfigError
 from ..shadow.analysis import Exchange, analyze
 from .admin import render_payloads
@@ -148,23 +156,38 @@ async def replay_golden(
             0.0,
         )
         async with gate:
+            started = time.perf_counter()
             try:
                 async with session.post(
                     f"{url.rstrip('/')}/v2/models/{model}/infer", data=body, headers=headers
                 ) as r:
                     new = Exchange(url, r.status, dict(r.headers), await r.read(), 0.0)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                results.append({"record": rec, "diverges": None, "reason": f"no answer: {exc}"})
+                results.append(
+                    {
+                        "record": rec,
+                        "served": model,
+                        "diverges": None,
+                        "reason": f"no answer: {str(exc) or type(exc).__name__}",
+                        "latency_s": time.perf_counter() - started,
+                    }
+                )
                 _progress(len(results), len(records))
                 return
+            latency_s = time.perf_counter() - started
         table = {rec["model"]: rec.get("comparisons") or {}, "*": {"*": {"metric": "auto"}}}
         analysis = await asyncio.to_thread(analyze, ref, new, rec["model"], table)
         results.append(
             {
                 "record": rec,
+                "served": model,
+                # The version that answered: the build a run is recorded against.
+                "version": analysis.candidate.model_version if analysis.candidate else None,
+                "outcome": analysis.outcome,
                 "diverges": analysis.flagged,
                 "reason": analysis.reason,
                 "severity": analysis.severity,
+                "latency_s": latency_s,
             }
         )
         _progress(len(results), len(records))
@@ -191,8 +214,109 @@ def replay_report(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def golden_id(records: list[dict[str, Any]]) -> str:
+    """The golden set's own id: 12 hex digits of its sample ids and their labels, in any order.
+    The same export is the same set wherever it is replayed; a relabelled sample makes a new
+    set (what counts as a regression changed), so runs compare only like with like."""
+    pairs = sorted((str(r["id"]), str(r.get("label") or "unlabelled")) for r in records)
+    raw = json.dumps(pairs, separators=(",", ":"))
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def replay_run(
+    results: list[dict[str, Any]],
+    *,
+    url: str,
+    build: str,
+    golden: str,
+    golden_size: int,
+    ts: float,
+) -> dict[str, Any]:
+    """One run as the ledger keeps it (``builds show`` and ``builds diff`` read it): per label,
+    which samples still diverge. Samples the server did not answer are listed apart: they say
+    nothing about the build, and a diff must not read them as "now matches"."""
+    report = replay_report(results)
+    models = sorted({str(r["record"]["model"]) for r in results})
+    return {
+        "ts": ts,
+        "url": url,
+        "build": build,
+        "golden_id": golden,
+        "golden_size": golden_size,
+        "models": models,
+        "replayed": len(results),
+        "by_label": report["by_label"],
+        "still_diverging": report["by_label"].get("regression", {}).get("still_diverges", 0),
+        "samples": [
+            {
+                "sample": r["record"]["id"],
+                "request_id": r["record"].get("request_id"),
+                "label": r["record"].get("label") or "unlabelled",
+                "diverges": bool(r["diverges"]),
+                "severity": r.get("severity", 0.0),
+                "reason": r["reason"],
+            }
+            for r in results
+            if r["diverges"] is not None
+        ],
+        "no_answer": [r["record"]["id"] for r in results if r["diverges"] is None],
+    }
+
+
+async def record_replay(
+    store: SampleStore,
+    results: list[dict[str, Any]],
+    *,
+    url: str,
+    upstream: str,
+    hardware: str | None,
+    metrics_url: str | None,
+    model_map: Mapping[str, str],
+    golden: str,
+    golden_size: int,
+    ts: float,
+) -> dict[str, str]:
+    """Record the run against the build(s) it talked to, in the store's ledger; model -> build.
+
+    One build per model replayed: the facts ``probe`` reads from ``url`` for the model as it
+    was served, with the version the answers named (the one that really answered; the
+    server's newest otherwise). The same upstream name, URL, ``model_map`` and hardware as a
+    candidate's config give that candidate's own build id, so the run joins its evidence."""
+    ledger = BuildLedger(store.redis, store.keys)
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for res in results:
+        groups[str(res["record"]["model"])].append(res)
+    builds: dict[str, str] = {}
+    async with aiohttp.ClientSession() as session:
+        for model, group in sorted(groups.items()):
+            versions = Counter(str(r["version"]) for r in group if r.get("version"))
+            facts = await probe(
+                session,
+                upstream=upstream,
+                url=url,
+                model=model,
+                served=str(group[0]["served"]),
+                version=versions.most_common(1)[0][0] if versions else None,
+                hardware=hardware,
+                metrics_url=metrics_url,
+                model_map=model_map,
+            )
+            bid = build_id(facts)
+            await ledger.record(bid, facts, "candidate")
+            run = replay_run(
+                group, url=url, build=bid, golden=golden, golden_size=golden_size, ts=ts
+            )
+            await ledger.add_replay(bid, run)
+            builds[model] = bid
+    return builds
+
+
 def print_replay_report(report: Mapping[str, Any]) -> None:
-    print(f"replayed {report['samples']} golden samples")
+    golden = report.get("golden")
+    size = f" of golden set {golden['id']} ({golden['size']} samples)" if golden else ""
+    print(f"replayed {report['samples']} golden samples{size}")
+    for model, bid in (report.get("builds") or {}).items():
+        print(f"  recorded against build {bid} ({model})")
     for label, counts in report["by_label"].items():
         total = sum(counts.values())
         print(
