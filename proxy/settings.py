@@ -439,13 +439,16 @@ class CanaryGates(_Model):
     """What each canary step must show before it advances; any failure rolls back at once."""
 
     max_flagged_rate: float = Field(0.05, ge=0, le=1)
-    """The step passes only if the upper confidence bound of the flagged rate (share of compared
-    requests flagged as divergent) is at most this; it fails early once the lower bound is above."""
+    """The flagged rate (share of compared requests flagged as divergent) this step may have: a
+    sequential test fails it as soon as the evidence says the rate is above, and passes it (from
+    ``min_samples`` on) once the evidence says it is below (``proxy/canary/gates.py``)."""
     max_error_rate_increase: float = Field(0.02, ge=0, le=1)
     """The candidate's error rate (transport failures and 5xx) may exceed the reference's by at
-    most this, judged on its upper confidence bound; fails early on the lower bound."""
+    most this, judged by the same sequential test."""
     confidence: float = Field(0.95, gt=0.5, lt=1)
-    """One-sided confidence of those bounds."""
+    """One-sided confidence of each rate gate's verdicts, whatever the number of evaluations: a
+    sound candidate is rolled back, and an unsound one passed, each with probability at most
+    ``1 - confidence``."""
     max_latency_p99_ratio: float = Field(1.5, gt=0)
     """Candidate p99 <= ratio x reference p99 + ``latency_slack_ms`` on the same requests."""
     latency_slack_ms: float = Field(5.0, ge=0)

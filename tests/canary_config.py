@@ -17,8 +17,12 @@ def fast_canary(**overrides: Any) -> dict[str, Any]:
         # Latency is not what most canary tests are about: two fakes on a busy test machine
         # differ by milliseconds; a latency test sets its own limit.
         "gates": {
-            "max_flagged_rate": 0.3,
-            "max_error_rate_increase": 0.3,
+            # A clean step passes from 9 compared requests (min_samples 10 governs), an always
+            # flagged candidate fails at 9 (the sequential gate at 95%: gates.py); a candidate
+            # without errors passes the error gate from 5 of its answers (at 50% a step of ten
+            # requests has about five), one that always errs fails it at 17.
+            "max_flagged_rate": 0.5,
+            "max_error_rate_increase": 0.7,
             "latency_slack_ms": 1000,
             "ttft_slack_ms": 1000,
         },

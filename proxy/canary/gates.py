@@ -3,10 +3,16 @@
 Evidence is a flat map of counters (what every replica adds to the step's Redis hash), so it merges
 by addition. Each gate reports the measured value next to its threshold, and the rule it applied:
 
-- a rate gate (flagged rate, candidate error rate) **fails as soon as** the lower confidence bound
-  is above its limit (the evidence already says the candidate is worse), **passes** once the step
-  has ``min_samples`` and the upper bound is within the limit, and otherwise **waits**: too few
-  samples is not a verdict;
+- a rate gate (flagged rate, candidate error rate) is a **sequential test** whose error rates hold
+  however often it is evaluated (the gates look every ``interval_s``, as many times as a step
+  takes): two mixture likelihood ratios against the limit ``L`` (``sequential_evidence``), each
+  a nonnegative martingale under its null, so by Ville's inequality it ever reaches
+  ``1 / (1 - confidence)`` with probability at most ``1 - confidence``. The gate **fails** when
+  the evidence that the rate is above ``L`` reaches that bound, **passes** once the step has
+  ``min_samples`` and the evidence that it is below ``L`` reaches it, and otherwise **waits**.
+  With the true rate at twice the limit it fails after about
+  ``(ln(1/(1-confidence)) + ln(RATE_GRID)) / KL(2L || L)`` compared requests on average (about
+  300 at a 5% limit and 95% confidence; ``loadtest/canary_sim.py`` measures it);
 - the latency gate compares p99s of the same requests once there are ``min_samples`` of them;
 - the paired gate (where a noise-floor twin answered the same requests) runs a one-sided McNemar
   test: is the candidate flagged more often than the reference is against itself?
@@ -20,8 +26,6 @@ from dataclasses import asdict, dataclass
 from statistics import NormalDist
 from typing import Any, Literal
 
-from comparators.population import wilson_interval
-
 from ..settings import CanaryGates
 
 Status = Literal["pass", "fail", "wait", "skip"]
@@ -31,7 +35,8 @@ Status = Literal["pass", "fail", "wait", "skip"]
 _LAT_BASE_MS = 0.001
 _LAT_GAMMA = 1.02
 _LOG_GAMMA = math.log(_LAT_GAMMA)
-_EARLY_FAIL_EVENTS = 3
+# Alternatives the rate gates' mixtures spread their weight over, on each side of the limit.
+RATE_GRID = 24
 # A tail quantile needs this many samples beyond it to be more than the largest few values.
 _TAIL_SAMPLES = 10
 
@@ -145,28 +150,63 @@ class Evaluation:
         return {"status": self.status, "gates": [g.to_dict() for g in self.gates]}
 
 
-def _one_sided_z(confidence: float) -> float:
-    # The z whose upper tail is 1 - c: each Wilson bound is then one-sided at confidence c.
-    return NormalDist().inv_cdf(confidence)
+def _grid(limit: float, above: bool) -> list[float]:
+    """The alternatives: geometric steps away from the limit, from 1% of the way to 99%."""
+    steps = [10 ** (-2 + 2 * (j + 0.5) / RATE_GRID) * 0.99 for j in range(RATE_GRID)]
+    if above:
+        return [limit + (1 - limit) * s for s in steps]
+    return [limit * (1 - s) for s in steps]
+
+
+def _log_mixture(k: int, n: int, limit: float, thetas: list[float]) -> float:
+    # log of the mean over the alternatives of theta^k (1-theta)^(n-k) / (L^k (1-L)^(n-k)).
+    terms = [k * math.log(t / limit) + (n - k) * math.log((1 - t) / (1 - limit)) for t in thetas]
+    top = max(terms)
+    return top + math.log(sum(math.exp(t - top) for t in terms) / len(terms))
+
+
+def sequential_evidence(k: int, n: int, limit: float) -> tuple[float, float]:
+    """(evidence the rate is above ``limit``, evidence it is below), as likelihood ratios of a
+    uniform mixture of ``RATE_GRID`` alternatives on that side against the limit itself.
+
+    Each is a nonnegative supermartingale while the true rate is on the other side of the limit
+    (or at it), whatever the number of looks: one mixture component's expected factor per
+    sample is ``p t/L + (1-p)(1-t)/(1-L) <= 1`` for ``p`` on the null side. So the chance that
+    it ever reaches ``1/alpha`` is at most ``alpha`` (Ville's inequality)."""
+    if n <= 0:
+        return 1.0, 1.0
+    if limit <= 0.0:  # nothing may fail: one event is proof
+        return (math.inf if k else 1.0), 1.0
+    if limit >= 1.0:  # everything may fail: nothing is ever above
+        return 1.0, math.inf
+    up = _log_mixture(k, n, limit, _grid(limit, above=True))
+    down = _log_mixture(k, n, limit, _grid(limit, above=False))
+    return math.exp(min(up, 700.0)), math.exp(min(down, 700.0))
 
 
 def _rate_gate(
-    gate: str, k: int, n: int, limit: float, min_samples: int, z: float, what: str
+    gate: str, k: int, n: int, limit: float, min_samples: int, confidence: float, what: str
 ) -> GateResult:
     if n == 0:
         return GateResult(gate, "wait", None, limit, f"no {what} yet (0/{min_samples})")
-    low, high = wilson_interval(k, n, z)
+    bound = 1.0 / (1.0 - confidence)
+    above, below = sequential_evidence(k, n, limit)
     rate = k / n
-    shown = f"{k}/{n} = {rate:.2%} (bounds {low:.2%}..{high:.2%}), limit {limit:.2%}"
-    # Failing early is a look at the data before min_samples, and the gates look every interval:
-    # three events at least, so one unlucky early sample cannot roll a sound candidate back.
-    if low > limit and (k >= _EARLY_FAIL_EVENTS or n >= min_samples):
+    shown = (
+        f"{k}/{n} = {rate:.2%}, limit {limit:.2%}; sequential evidence above {_fmt(above)}, "
+        f"below {_fmt(below)} (decides at {bound:.3g})"
+    )
+    if above >= bound:
         return GateResult(gate, "fail", rate, limit, f"{shown}: above the limit")
     if n < min_samples:
         return GateResult(gate, "wait", rate, limit, f"{shown}: {n}/{min_samples} {what}")
-    if high <= limit:
+    if below >= bound:
         return GateResult(gate, "pass", rate, limit, shown)
     return GateResult(gate, "wait", rate, limit, f"{shown}: inconclusive, needs more {what}")
+
+
+def _fmt(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.3g}"
 
 
 def mcnemar_greater_p(b: int, c: int) -> float:
@@ -191,7 +231,6 @@ def evaluate(
     weight: float = 0.0,
 ) -> Evaluation:
     """Judge one step's evidence. Fail beats wait beats pass."""
-    z = _one_sided_z(gates.confidence)
     n = evidence.get(COMPARED, 0)
     results = [
         GateResult(
@@ -214,7 +253,7 @@ def evaluate(
             n,
             gates.max_flagged_rate,
             min_samples,
-            z,
+            gates.confidence,
             "compared requests",
         ),
     ]
@@ -227,7 +266,7 @@ def evaluate(
             evidence.get(CAND_CALLS, 0),
             min(1.0, ref_rate + gates.max_error_rate_increase),
             min_samples,
-            z,
+            gates.confidence,
             "candidate answers",
         )
     )

@@ -162,7 +162,7 @@ async def test_faithful_candidate_promotes_and_a_step_without_traffic_waits(
     assert "advanced" in outcomes and "rolled_back" not in outcomes
     advanced = next(d for d in await proxy.canary.store.decisions() if d["outcome"] == "advanced")
     flagged_gate = next(g for g in advanced["gates"] if g["gate"] == "flagged_rate")
-    assert flagged_gate["status"] == "pass" and flagged_gate["threshold"] == 0.3
+    assert flagged_gate["status"] == "pass" and flagged_gate["threshold"] == 0.5
     # promoted: every request is the candidate's, and no longer copied back to the reference
     assert await proxy.drained(10)
     before = ref.behaviour.calls
@@ -186,7 +186,7 @@ async def test_divergent_candidate_rolls_back_at_once_and_says_why(
     last = (await proxy.canary.store.decisions())[-1]
     assert last["outcome"] == "rolled_back"
     gate = next(g for g in last["gates"] if g["gate"] == "flagged_rate")
-    assert gate["status"] == "fail" and gate["value"] == 1.0 and gate["threshold"] == 0.3
+    assert gate["status"] == "fail" and gate["value"] == 1.0 and gate["threshold"] == 0.5
     # well before min_samples: the evidence already said enough
     samples = next(g for g in last["gates"] if g["gate"] == "samples")
     assert samples["status"] == "wait" and samples["value"] < 50
@@ -233,16 +233,17 @@ async def test_refusing_candidate_falls_back_to_the_reference_and_rolls_back(
     ref = await fake()
     dead = refused_url()  # nothing listens there
     proxy = await proxy_factory(_canary_settings(ref.url, dead, redis_url, steps=[100]))
-    results = await _infer(proxy, 10)
+    # Twenty: the error gate (limit 70% in these tests) fails at 17 errors in 17 answers.
+    results = await _infer(proxy, 20)
     # The client never sees the candidate's absence: the reference answered.
-    assert [status for status, _ in results] == [200] * 10
+    assert [status for status, _ in results] == [200] * 20
     assert {who for _, who in results} == {"ref"}
     state = await wait_rollout(proxy, {"rolled_back"})
     assert "error_rate" in state.reason
     evidence = await proxy.canary.store.evidence(state.attempt, 0)
-    assert evidence["fallbacks"] >= 3
+    assert evidence["fallbacks"] >= 17
     assert await proxy.drained(10)
-    assert ref.behaviour.calls == 10  # one reference call per request: no reverse copy as well
+    assert ref.behaviour.calls == 20  # one reference call per request: no reverse copy as well
     # Each fallback's copy had no canary answer to compare: counted as live_failed, once. The
     # count is the served-by-fallback metric's, not the step's evidence: requests that raced the
     # rollback still fell back, and their evidence may be flushed after the decision was read.

@@ -1,6 +1,7 @@
-"""The canary's evidence at its edges: the early-fail guard's boundary (on the gates and on a live
-rollout), McNemar's normal approximation past 1,000 discordant pairs, a failed flush (kept when
-Redis refused it, dropped when Redis may have applied it), and the ``uncompared`` counter."""
+"""The canary's evidence at its edges: the sequential rate gate's first decisive look (on the
+gates and on a live rollout), McNemar's normal approximation past 1,000 discordant pairs, a failed
+flush (kept when Redis refused it, dropped when Redis may have applied it), and the
+``uncompared`` counter."""
 
 from __future__ import annotations
 
@@ -43,28 +44,28 @@ def _flagged_gate(k: int, n: int, min_samples: int, field: str = "flagged") -> g
     return next(r for r in result.gates if r.gate == name)
 
 
-@pytest.mark.parametrize("field", ["flagged", "errors"])
-def test_the_early_fail_guard_waits_for_three_events_before_min_samples(field: str) -> None:
-    """gates.py ``_rate_gate``: before ``min_samples`` a rate gate fails only once its lower
-    bound is over the limit *and* it has seen ``_EARLY_FAIL_EVENTS`` (3) events."""
-    assert g._EARLY_FAIL_EVENTS == 3
-    # 2 of 2: the lower bound (42%) is far over 5%, but two events are not enough to fail.
-    r = _flagged_gate(2, 2, 200, field)
+@pytest.mark.parametrize(("field", "limit"), [("flagged", 0.05), ("errors", 0.02)])
+def test_an_early_look_fails_only_on_evidence_one_over_alpha(field: str, limit: float) -> None:
+    """gates.py ``_rate_gate``: at any look, before ``min_samples`` or after, a rate gate fails
+    once the evidence that the rate is above its limit reaches 1 / (1 - confidence) = 20."""
+    first, _ = g.sequential_evidence(1, 1, limit)
+    second, _ = g.sequential_evidence(2, 2, limit)
+    assert first < 20 <= second
+    # One event of one is not enough (5.04 at a 5% limit, 11.4 at 2%): it waits.
+    r = _flagged_gate(1, 1, 200, field)
     assert r.status == "wait" and "above the limit" not in r.detail, r
-    assert "2/200" in r.detail
-    # The third event fails it, still long before min_samples.
-    assert _flagged_gate(3, 3, 200, field).status == "fail"
-    # Two events are enough once the step has min_samples: the guard is for early looks only.
-    assert _flagged_gate(2, 2, 2, field).status == "fail"
-    # And the guard never turns a sound rate into a failure: 3 of 200 is within the bounds.
+    assert "1/200" in r.detail
+    # The second fails it, long before min_samples.
+    assert _flagged_gate(2, 2, 200, field).status == "fail"
+    # And a sound rate never fails: 3 of 200 is evidence of a rate below the limit, not above.
     assert _flagged_gate(3, 200, 200, field).status != "fail"
 
 
-async def test_two_flagged_answers_hold_a_live_rollout_and_the_third_rolls_it_back(
+async def test_one_flagged_answer_holds_a_live_rollout_and_the_second_rolls_it_back(
     fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
 ) -> None:
-    """The same boundary on a running rollout: every compared request is flagged; after two the
-    controller evaluates again and again without moving, the third rolls it back."""
+    """The same boundary on a running rollout: every compared request is flagged; after one the
+    controller evaluates again and again without moving, the second rolls it back."""
     ref, cand = await fake(), await fake(drift=1.0)
     settings = make_settings(
         ref.url,
@@ -91,18 +92,18 @@ async def test_two_flagged_answers_hold_a_live_rollout_and_the_third_rolls_it_ba
                     assert r.status == 200
         assert await proxy.drained(10)
 
-    await send(2, 0)
+    await send(1, 0)
     for _ in range(5):
         await controller.tick()
     state = await controller.store.read()
     assert state is not None and state.status == "running", state
     evidence = await controller.store.evidence(state.attempt, state.step)
-    assert (evidence["compared"], evidence["flagged"]) == (2, 2)
-    await send(1, 2)
+    assert (evidence["compared"], evidence["flagged"]) == (1, 1)
+    await send(1, 1)
     await controller.tick()
     state = await controller.store.read()
     assert state is not None and state.status == "rolled_back", state
-    assert "flagged_rate: 3/3" in state.reason
+    assert "flagged_rate: 2/2" in state.reason
 
 
 def _normal_sf(z: float) -> float:

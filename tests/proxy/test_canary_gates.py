@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from proxy.canary import gates as g
@@ -20,30 +22,55 @@ def _evaluate(evidence: dict[str, int], **kw: object) -> dict[str, g.GateResult]
     return {r.gate: r for r in result.gates}
 
 
-def test_rate_gate_passes_on_the_upper_bound_fails_on_the_lower_and_otherwise_waits() -> None:
-    # 0 of 60 flagged: one-sided 95% Wilson upper bound z^2 / (n + z^2) = 4.31% <= 5%
-    r = _evaluate({"compared": 60, "flagged": 0})["flagged_rate"]
-    assert r.status == "pass" and r.value == 0.0 and r.threshold == 0.05
-    assert "4.31%" in r.detail
-    # 0 of 30: the bound is 8.27%, not yet a pass, and not a failure either
-    r = _evaluate({"compared": 30, "flagged": 0})["flagged_rate"]
-    assert r.status == "wait" and "8.27%" in r.detail
-    # 3 of 60 (5%) at min_samples: inconclusive, needs more samples
-    r = _evaluate({"compared": 60, "flagged": 3})["flagged_rate"]
+def _mixture(k: int, n: int, limit: float, above: bool) -> float:
+    """The gate's evidence written out independently: the mean over 24 alternatives, 1% to 99%
+    of the way from the limit to 1 (above) or to 0 (below) in geometric steps, of the
+    likelihood ratio theta^k (1 - theta)^(n - k) / (L^k (1 - L)^(n - k))."""
+    steps = [0.99 * 10 ** (-2 + 2 * (j + 0.5) / 24) for j in range(24)]
+    thetas = [limit + (1 - limit) * s if above else limit * (1 - s) for s in steps]
+    return sum((t / limit) ** k * ((1 - t) / (1 - limit)) ** (n - k) for t in thetas) / 24
+
+
+def test_sequential_evidence_is_the_mixture_likelihood_ratio() -> None:
+    for k, n, limit in (
+        (0, 60, 0.05),
+        (3, 60, 0.05),
+        (2, 2, 0.05),
+        (10, 100, 0.05),
+        (5, 100, 0.02),
+    ):
+        above, below = g.sequential_evidence(k, n, limit)
+        assert above == pytest.approx(_mixture(k, n, limit, True), rel=1e-9)
+        assert below == pytest.approx(_mixture(k, n, limit, False), rel=1e-9)
+    assert g.sequential_evidence(1, 5, 0.0) == (math.inf, 1.0)  # a zero limit: one event fails
+    assert g.sequential_evidence(5, 5, 1.0) == (1.0, math.inf)
+
+
+def test_rate_gate_decides_when_the_evidence_reaches_one_over_alpha() -> None:
+    # At 95% confidence a verdict needs evidence 20. No flagged answer in 119: 19.6 (wait);
+    # in 120: 20.4, and min_samples (60) is met: pass.
+    r = _evaluate({"compared": 119, "flagged": 0})["flagged_rate"]
     assert r.status == "wait" and "inconclusive" in r.detail
-    # 3 of 3 flagged: the lower bound (52.6%) is already above 5%, long before min_samples
-    r = _evaluate({"compared": 3, "flagged": 3})["flagged_rate"]
-    assert r.status == "fail" and "52.58%" in r.detail
+    r = _evaluate({"compared": 120, "flagged": 0})["flagged_rate"]
+    assert r.status == "pass" and r.value == 0.0 and r.threshold == 0.05
+    assert "decides at 20" in r.detail
+    # 0 of 60 is not yet evidence (2.86), though a fixed 95% Wilson bound (4.31%) would pass it:
+    # looking again and again is what the sequential test pays for.
+    assert _evaluate({"compared": 60, "flagged": 0})["flagged_rate"].status == "wait"
+    # 10 of 100 (10%): evidence above 2.77, below 0.49: inconclusive, needs more samples.
+    r = _evaluate({"compared": 100, "flagged": 10})["flagged_rate"]
+    assert r.status == "wait" and "above 2.77" in r.detail
+    # 2 of 2 flagged: 47.3 already, long before min_samples.
+    r = _evaluate({"compared": 2, "flagged": 2})["flagged_rate"]
+    assert r.status == "fail" and "above 47.3" in r.detail
 
 
 def test_error_rate_is_judged_against_the_references() -> None:
-    evidence = {"compared": 100, "cand_calls": 100, "cand_errors": 5}
-    assert _evaluate(evidence)["error_rate"].status == "fail"  # lower bound 2.5% > 0% + 2%
-    evidence.update({"ref_calls": 100, "ref_errors": 5})  # the reference errs as often
+    evidence = {"compared": 100, "cand_calls": 100, "cand_errors": 10}
+    assert _evaluate(evidence)["error_rate"].status == "fail"  # 10% against 0% + 2%
+    evidence.update({"ref_calls": 100, "ref_errors": 8})  # the reference errs nearly as often
     r = _evaluate(evidence)["error_rate"]
-    # 5% against a 7% limit: neither bound is past it (2.45%..9.92%), so not yet a verdict.
-    assert r.status == "wait" and r.threshold == pytest.approx(0.07)
-    assert "bounds 2.45%..9.92%" in r.detail
+    assert r.status == "wait" and r.threshold == pytest.approx(0.10)
 
 
 def test_latency_prefers_live_answers_and_falls_back_to_timed_pairs() -> None:
