@@ -165,6 +165,7 @@ async def test_review_page_and_assets_send_csp_and_nosniff(
         ("/review", {}, 401),  # the login page, in place of the review page
         ("/login", {}, 200),
         ("/static/review.js", {}, 200),
+        ("/static/builds.js", {}, 200),
         ("/static/review.css", {}, 200),
         ("/api/samples", AUTH, 200),
     ):

@@ -1,4 +1,5 @@
-/* shadowproxy review page: list, sample, labels, summary. Plain JS, no dependencies, offline.
+/* shadowproxy review page: list, sample, labels, summary; the Builds view's routing (its views
+ * are builds.js's). Plain JS, no dependencies, offline.
  *
  * Rules kept throughout: data is only ever written with textContent / attributes (never
  * innerHTML), every call rides on the session cookie (credentials: "same-origin"), every POST
@@ -241,6 +242,7 @@
     labelling: false,
     cache: new Map(), // id -> Promise<{sample, tensors}>
     summaryLoaded: false,
+    buildsPath: "", // the Builds view's place: "" (every build), an id, or "diff/A/B"
   };
 
   function filtersToParams(f) {
@@ -256,7 +258,8 @@
 
   function hashFor(view, id) {
     const q = filtersToParams(state.filters).toString();
-    const path = view === "sample" ? "/sample/" + encodeURIComponent(id) : "/" + view;
+    const path = view === "sample" ? "/sample/" + encodeURIComponent(id)
+      : view === "builds" && state.buildsPath ? "/builds/" + state.buildsPath : "/" + view;
     return "#" + path + (q ? "?" + q : "");
   }
 
@@ -270,6 +273,9 @@
     const m = /^\/sample\/(.+)$/.exec(path || "");
     if (m) return { view: "sample", id: decodeURIComponent(m[1]), filters };
     if (path === "/summary") return { view: "summary", filters };
+    // ids and "diff/A/B" stay URL-encoded here: builds.js decodes each part itself
+    const b = /^\/builds(?:\/(.+))?$/.exec(path || "");
+    if (b) return { view: "builds", sub: b[1] || "", filters };
     return { view: "list", filters };
   }
 
@@ -282,9 +288,10 @@
 
   function showView(view) {
     state.view = view;
-    for (const v of ["list", "sample", "summary"]) $(v + "-view").hidden = v !== view;
-    $("tab-list").classList.toggle("active", view !== "summary");
+    for (const v of ["list", "sample", "summary", "builds"]) $(v + "-view").hidden = v !== view;
+    $("tab-list").classList.toggle("active", view === "list" || view === "sample");
     $("tab-summary").classList.toggle("active", view === "summary");
+    $("tab-builds").classList.toggle("active", view === "builds");
     document.body.dataset.view = view;
   }
 
@@ -299,6 +306,8 @@
     } else if (route.view === "summary") {
       showView("summary");
       loadSummary(false);
+    } else if (route.view === "builds" && Builds) {
+      showBuilds(route.sub, null);
     } else {
       showView("list");
       highlightSelected(true);
@@ -1387,6 +1396,22 @@
       h("span", { class: "mono small" }, ` ${fmtNum(sev.p50)} / ${fmtNum(sev.p90)} / ${fmtNum(sev.p99)} / ${fmtNum(sev.max)}`));
   }
 
+  // ---------------------------------------------------------------- builds view
+
+  // The Builds view (builds.js, loaded first): built on this file's helpers; the routing stays
+  // here, so #/builds, #/builds/ID and #/builds/diff/A/B work as the other views' hashes do.
+  let Builds = null;
+
+  /** push: true adds a history entry, false replaces it, null leaves the hash (it is the route). */
+  function showBuilds(sub, push) {
+    state.buildsPath = sub || "";
+    state.view = "builds";
+    state.sampleGen += 1; // a sample still loading must not pull the view away
+    if (push !== null) writeHash(push);
+    showView("builds");
+    return Builds.show(state.buildsPath);
+  }
+
   // ---------------------------------------------------------------- keyboard
 
   function isTyping(el) {
@@ -1424,13 +1449,18 @@
       if (inList && state.items.length) openIndex(state.selected, true);
       else return;
     } else if (key === "Escape") {
-      if (inSample || state.view === "summary") backToList();
+      // in the Builds view: from a build or a comparison to every build, from there to the list
+      if (state.view === "builds") { if (!Builds.back()) backToList(); }
+      else if (inSample || state.view === "summary") backToList();
       else return;
     } else if (KEY_VERDICT[key] && (inList || inSample)) {
       labelCurrent(KEY_VERDICT[key]);
     } else if (key === "s") {
       if (state.view === "summary") backToList();
       else { state.view = "summary"; writeHash(true); showView("summary"); loadSummary(false); }
+    } else if (key === "b" && Builds) {
+      if (state.view === "builds") backToList();
+      else showBuilds(state.buildsPath, true);
     } else {
       return;
     }
@@ -1508,6 +1538,17 @@
     });
     $("bucket").addEventListener("change", () => loadSummary(true));
     $("summary-refresh").addEventListener("click", () => loadSummary(true));
+    if (typeof window.ShadowReviewBuilds === "function") {
+      Builds = window.ShadowReviewBuilds({ h, s, clear, fmtNum, fmtTime, pct, api, rateBar,
+        populationTable, navigate: (sub) => showBuilds(sub, true),
+        refresh: () => showBuilds(state.buildsPath, null) });
+      $("tab-builds").addEventListener("click", () => {
+        // from another view: back where the Builds view was left; within it: every build
+        showBuilds(state.view === "builds" ? "" : state.buildsPath, true);
+      });
+    } else {
+      $("tab-builds").hidden = true;
+    }
     $("help-button").addEventListener("click", () => $("help").showModal());
     $("logout").addEventListener("click", async () => {
       try { await api("/logout", { method: "POST", allow401: true }); } catch (e) { /* gone anyway */ }
