@@ -49,6 +49,10 @@ they mark placeholders):
 ``<ns>:canary:{<rollout>}:decisions``  LIST    decisions, newest first (JSON: step, weight,
                                               outcome, every gate's value and threshold, who);
                                               trimmed to ``CANARY_DECISIONS_MAX``. No TTL.
+``<ns>:canary:{<rollout>}:changes``    CHANNEL every state written (JSON, as the state key
+                                              holds it) is published here right after its
+                                              write, so every replica applies a rollback within
+                                              a moment instead of at its next evaluation.
 ``<ns>:canary:{<rollout>}:ev:<attempt>:<step>``
                                       HASH    the evidence of one step: counters (compared,
                                               flagged, errors per side, paired discordances) and
@@ -232,6 +236,10 @@ class KeySchema:
 
     def canary(self, rollout: str) -> str:
         return f"{self.namespace}:canary:{{{rollout}}}"
+
+    def canary_channel(self, rollout: str) -> str:
+        """The pub/sub channel a rollout's changes are announced on (a channel, not a key)."""
+        return f"{self.namespace}:canary:{{{rollout}}}:changes"
 
     def canary_decisions(self, rollout: str) -> str:
         return f"{self.canary(rollout)}:decisions"

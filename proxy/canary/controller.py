@@ -142,6 +142,7 @@ class CanaryController:
         self._last_eval: g.Evaluation | None = None
         self._rng = random.Random()
         self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
         self._fingerprint = fingerprint(settings)
@@ -239,11 +240,28 @@ class CanaryController:
             log.warning("canary: cannot read the rollout yet (%s); serving the reference", exc)
         except Exception:
             log.exception("canary: the first evaluation failed; serving the reference")
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._loop())
+        self._listener = loop.create_task(self._listen())
 
     async def close(self) -> None:
         self._closing = True
+        await stop_task(self._listener)
         await stop_task(self._task)
+
+    async def _listen(self) -> None:
+        """Apply every change another replica (or a person) writes the moment it is announced,
+        then evaluate at once: a rollback reaches this replica in milliseconds, not at its next
+        interval. Without the subscription it still converges at its next read."""
+        while not self._closing:
+            try:
+                async for state in self.store.changes():
+                    if state.rollout == self.config.rollout_id:
+                        self._adopt(state, None)
+                        self.poke()
+            except StoreError as exc:
+                log.debug("canary: change announcements unavailable: %s", exc)
+            await asyncio.sleep(1.0)
 
     def poke(self) -> None:
         """Evaluate now rather than at the next interval (after a command)."""

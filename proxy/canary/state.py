@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
 from ..buffer.connect import RedisClient
@@ -26,6 +28,8 @@ from ..buffer.keys import CANARY_DECISIONS_MAX, CANARY_EVIDENCE_TTL_S, KeySchema
 from ..buffer.store import wait_running
 from ..errors import CanaryError, StoreError
 from ..settings import Settings
+
+log = logging.getLogger("shadowproxy.canary")
 
 Status = Literal[
     "running", "paused", "awaiting_approval", "promoted", "rolled_back", "aborted", "lost"
@@ -308,10 +312,45 @@ class CanaryStore:
                     pipe.lpush(log_key, json.dumps(record))
                     pipe.ltrim(log_key, 0, CANARY_DECISIONS_MAX - 1)
                     await pipe.execute()
+                    await self._announce(new)
                     return new, record
                 except WatchError:
                     continue
         raise StoreError(f"rollout {self.rollout!r} kept changing under us; try again")
+
+    async def _announce(self, state: RolloutState) -> None:
+        """Tell every replica now (they apply it within a moment). A replica that misses it
+        still converges at its next read, so a failed publish is only logged."""
+        channel = self._keys.canary_channel(self.rollout)
+        try:
+            # PUBLISH by name: a cluster forwards it to every node's subscribers.
+            await self._r.execute_command("PUBLISH", channel, state.to_json())
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "canary %s: change not announced (replicas read it at their next evaluation): %s",
+                self.rollout,
+                exc,
+            )
+
+    async def changes(self) -> AsyncIterator[RolloutState]:
+        """The states other writers announce, as they come (until cancelled); raises
+        ``StoreError`` when the subscription breaks."""
+        if not isinstance(self._r, aioredis.Redis):
+            # redis-py's asyncio Cluster client has no pub/sub: replicas read at each interval.
+            raise StoreError("canary changes are not announced to a Redis Cluster client")
+        try:
+            pubsub = self._r.pubsub()
+            async with pubsub:
+                await pubsub.subscribe(self._keys.canary_channel(self.rollout))
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    try:
+                        yield RolloutState.from_json(message["data"])
+                    except StateUnreadable:
+                        continue  # not a state: the next read decides
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"canary changes not received: {exc}") from exc
 
     async def decisions(self, limit: int = 100) -> list[dict[str, Any]]:
         """The decision log, oldest first (the newest ``limit``)."""
