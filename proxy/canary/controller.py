@@ -256,9 +256,14 @@ class CanaryController:
         while not self._closing:
             try:
                 async for state in self.store.changes():
-                    if state.rollout == self.config.rollout_id:
+                    if state.rollout != self.config.rollout_id:
+                        continue
+                    known = self._seen
+                    if known is not None and state.identity == known.identity:
+                        # The attempt this replica knows, moved on: apply it now. Anything else
+                        # (a new or re-created attempt) goes through the evaluation's checks.
                         self._adopt(state, None)
-                        self.poke()
+                    self.poke()
             except StoreError as exc:
                 log.debug("canary: change announcements unavailable: %s", exc)
             await asyncio.sleep(1.0)
