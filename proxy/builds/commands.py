@@ -80,7 +80,7 @@ def render_show(b: dict[str, Any]) -> str:
         f"  hardware: {b['hardware'] or '-'}  gpus: {b['gpus'] or '-'}",
         f"  first seen {_when(b['first_seen'])}, last {_when(b['last_seen'])}"
         + ("  (serves now)" if b["current"] else ""),
-        f"  flagged: {_rate(b['evidence'])}  severity {b['evidence']['severity']}",
+        f"  flagged: {_rate(b['evidence'])}  severity {_severity(b['evidence'])}",
     ]
     for o in b["outputs"]:
         if o["output"] != "*":
@@ -116,7 +116,7 @@ def render_diff(d: dict[str, Any]) -> str:
     lines.append(f"flagged: a {_rate(ev['a'])}; b {_rate(ev['b'])}; p = {_p(test['p'])}")
     sev = d["severity_test"]
     lines.append(
-        f"severity: a {ev['a']['severity']}; b {ev['b']['severity']}; rank test p = {_p(sev['p'])}"
+        f"severity: a {_severity(ev['a'])}; b {_severity(ev['b'])}; rank test p = {_p(sev['p'])}"
         + (f", P(b > a) = {sev['prob_b_greater']:.2f}" if sev["prob_b_greater"] is not None else "")
     )
     verdict = [
@@ -132,6 +132,18 @@ def render_diff(d: dict[str, Any]) -> str:
         now = "now diverges" if c["b_diverges"] else "no longer diverges"
         lines.append(f"golden {c['sample']} [{c['label']}]: {now}")
     return "\n".join(lines)
+
+
+def _severity(e: dict[str, Any] | None) -> str:
+    """Severity quantiles, or why there are none (the reference is compared against, not
+    judged)."""
+    if e is None:
+        return "- (the reference)"
+    return ", ".join(f"{q} {_num(v)}" for q, v in e["severity"].items())
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
 
 
 def _p(p: float | None) -> str:

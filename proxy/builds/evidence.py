@@ -64,6 +64,9 @@ def _brief(build: Mapping[str, Any], current: Mapping[str, str]) -> dict[str, An
         "model": build["model"],
         "role": build["role"],
         "version": facts.get("version") or (facts.get("openai_model") or {}).get("id"),
+        # What the server ran (after model_map): builds of one model name on different
+        # upstreams are siblings only when they serve the same thing.
+        "served": facts.get("served"),
         "hardware": facts.get("hardware"),
         "gpus": facts.get("gpus"),
         "first_seen": build["first_seen"],
@@ -115,7 +118,8 @@ class BuildsView:
         cells = await self._cells()
         row = _brief(build, await self.ledger.current())
         row["facts"] = build["facts"]
-        row["evidence"] = _evidence(_copies(cells, build_id))
+        is_candidate = build["role"] == "candidate"
+        row["evidence"] = _evidence(_copies(cells, build_id)) if is_candidate else None
         row["outputs"] = summary_rows({c: s for c, s in cells.items() if c.build == build_id})
         row["labels"] = await self._labels(build_id)
         row["replays"] = await self.ledger.replays(build_id)
