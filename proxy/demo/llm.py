@@ -18,17 +18,19 @@ from typing import Any
 import aiohttp
 
 from .corpus import sentences
+from .hardware import cpu
 
 LM = "lm_fp32"
 
 LM_CANDIDATES: list[dict[str, Any]] = [
-    {"name": "lm-int8", "model_map": {LM: "lm_int8"}, "models": [LM]},
-    {"name": "lm-bf16", "model_map": {LM: "lm_bf16"}, "models": [LM]},
+    {"name": "lm-int8", "model_map": {LM: "lm_int8"}, "models": [LM], "hardware": cpu("int8")},
+    {"name": "lm-bf16", "model_map": {LM: "lm_bf16"}, "models": [LM], "hardware": cpu("bf16")},
     {
         "name": "lm-noise-floor",
         "model_map": {LM: "lm_fp32_twin"},
         "models": [LM],
         "noise_floor": True,
+        "hardware": cpu("fp32"),
     },
 ]
 LM_MODELS = (LM, *(m for c in LM_CANDIDATES for m in c["model_map"].values()))

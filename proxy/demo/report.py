@@ -1,5 +1,6 @@
-"""The demo's report: the traffic sent, and per candidate what was compared (over which
-protocol), what diverged, and by how much."""
+"""The demo's report: the traffic sent, per candidate what was compared (over which protocol),
+what diverged and by how much, and the builds: every build this run recorded with its evidence,
+the golden-set replays of the rolled-out model's versions, and ``builds diff`` of the two."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..builds.commands import render_diff, render_list
 from ..settings import Settings
 from .llm import llm_lines
 
@@ -127,3 +129,37 @@ def _worst(headline: str, vals: list[float]) -> float:
         w in headline for w in ("cosine", "agreement", "similarity", "sqnr", "overlap", "exact")
     )
     return min(vals) if low_is_bad else max(vals)
+
+
+def replay_line(version: str, run: Mapping[str, Any]) -> str:
+    """``v1 (build 0123abcd4567): 0 of 40 diverge; regressions still diverging 0 of 9``."""
+    samples = run["samples"]
+    regressions = sum(1 for s in samples if s["label"] == "regression")
+    diverging = sum(1 for s in samples if s["diverges"])
+    return (
+        f"  v{version} (build {run['build']}): {diverging} of {len(samples)} diverge; "
+        f"regressions still diverging {run['still_diverging']} of {regressions}"
+    )
+
+
+def print_builds(
+    rows: list[dict[str, Any]],
+    diff: Mapping[str, Any] | None,
+    runs: Mapping[str, Mapping[str, Any]],
+    rollout: str,
+) -> None:
+    """The builds section: ``builds list`` of this run, the replays, ``builds diff`` v1 v2."""
+    print("\n=== builds (shadowproxy builds list) ===")
+    print(render_list(rows))
+    print(f"\n{rollout}")
+    if runs:
+        first = next(iter(runs.values()))
+        labels = Counter(s["label"] for s in first["samples"])
+        split = ", ".join(f"{n} {label}" for label, n in sorted(labels.items()))
+        size = f"{first['golden_size']} samples: {split}"
+        print(f"golden set {first['golden_id']} ({size}) replayed:")
+        for version, run in runs.items():
+            print(replay_line(version, run))
+    if diff is not None:
+        print(f"\n=== shadowproxy builds diff {diff['a']['id']} {diff['b']['id']} ===")
+        print(render_diff(dict(diff)))

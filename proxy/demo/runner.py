@@ -6,6 +6,11 @@ and the proxy on free loopback ports (HTTP and gRPC). Traffic is sent through th
 tritonclient: every fourth request over gRPC (ModelInfer, mirrored to the candidates over their
 gRPC endpoint), the rest over REST, half JSON and half binary tensors. The report is read back
 from Redis like any reviewer would.
+
+Halfway through the traffic the traced candidate's model gets its second version (``rollout``):
+from then on Triton answers it with version 2, and the proxy records a new build. After the
+traffic a golden set is replayed against both versions (``builds``) and the report ends with the
+builds ledger and the diff of the two versions.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import random
 import secrets
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +32,35 @@ from ..app import ProxyRunner
 from ..keys import COVERAGE
 from ..settings import Settings, settings_from_mapping
 from ..tritonserver import TritonServer
+from .builds import (
+    ROLLOUT_CANDIDATE,
+    ROLLOUT_MODEL,
+    builds_evidence,
+    export_golden_set,
+    label_golden_set,
+    replay_versions,
+    version_builds,
+)
 from .corpus import sentences
+from .hardware import cpu
 from .llm import LM_CANDIDATES, LM_COMPARISONS, LM_MODELS, send_llm_traffic
-from .report import print_report
+from .report import print_builds, print_report
+from .rollout import load_versions
 
 EMBEDDER = "minilm_fp32"
 # Where `make review` serves the demo's samples once the demo itself has exited.
 REVIEW_DATA_PORT, REVIEW_ADMIN_PORT = 8000, 8001
 CLASSIFIER = "topic_teacher"
 
+
 # One candidate per optimization the project exists for, all served by the same Triton.
 DEMO_CANDIDATES: list[dict[str, Any]] = [
-    {"name": "int8", "model_map": {EMBEDDER: "minilm_int8"}, "models": [EMBEDDER]},
+    {
+        "name": "int8",
+        "model_map": {EMBEDDER: "minilm_int8"},
+        "models": [EMBEDDER],
+        "hardware": cpu("int8 dynamic"),
+    },
     # bf16 is emulated on CPUs without bf16 instructions (~5x slower): sample half the traffic
     # and bound it tightly, so it cannot starve the others; what does not fit is dropped, counted.
     {
@@ -46,15 +69,27 @@ DEMO_CANDIDATES: list[dict[str, Any]] = [
         "models": [EMBEDDER],
         "sample_rate": 0.5,
         "max_in_flight": 4,
+        "hardware": cpu("bf16 (emulated)"),
     },
-    {"name": "traced", "model_map": {EMBEDDER: "minilm_traced"}, "models": [EMBEDDER]},
+    {
+        "name": ROLLOUT_CANDIDATE,
+        "model_map": {EMBEDDER: ROLLOUT_MODEL},
+        "models": [EMBEDDER],
+        "hardware": cpu("fp32 TorchScript"),
+    },
     {
         "name": "noise-floor",
         "model_map": {EMBEDDER: "minilm_fp32_twin"},
         "models": [EMBEDDER],
         "noise_floor": True,
+        "hardware": cpu("fp32"),
     },
-    {"name": "distilled", "model_map": {CLASSIFIER: "topic_student"}, "models": [CLASSIFIER]},
+    {
+        "name": "distilled",
+        "model_map": {CLASSIFIER: "topic_student"},
+        "models": [CLASSIFIER],
+        "hardware": cpu("fp32 bag of words"),
+    },
 ]
 
 DEMO_COMPARISONS: dict[str, Any] = {
@@ -81,28 +116,40 @@ def model_repository() -> Path:
     return path
 
 
-def demo_config(triton_url: str, grpc_url: str, token: str) -> dict[str, Any]:
+def demo_config(
+    triton_url: str, grpc_url: str, token: str, metrics_url: str | None = None
+) -> dict[str, Any]:
     """The demo proxy's configuration less its buffer: free loopback ports for HTTP and gRPC,
-    and the reference and every candidate on the same Triton (``grpc_url``: its ``host:port``)."""
+    and the reference and every candidate on the same Triton (``grpc_url``: its ``host:port``;
+    ``metrics_url``: its Prometheus page, read for GPUs, of which a CPU server names none)."""
+    same = {"url": triton_url, "metrics_url": metrics_url}
     return {
         "listen": {"host": "127.0.0.1", "port": 0, "grpc_port": 0},
         "admin": {"host": "127.0.0.1", "port": 0, "token": token},
-        "reference": {"name": "fp32", "url": triton_url, "grpc_url": grpc_url, "timeout_s": 60},
+        "reference": {
+            "name": "fp32",
+            "grpc_url": grpc_url,
+            "timeout_s": 60,
+            "hardware": cpu("fp32"),
+            **same,
+        },
         "candidates": [
-            {"url": triton_url, "grpc_url": grpc_url, "timeout_s": 60, "max_in_flight": 32, **c}
+            {"grpc_url": grpc_url, "timeout_s": 60, "max_in_flight": 32, **same, **c}
             for c in DEMO_CANDIDATES
         ]
-        + [{"url": triton_url, **c} for c in LM_CANDIDATES],
+        + [{**same, **c} for c in LM_CANDIDATES],
         "comparisons": {**DEMO_COMPARISONS, **LM_COMPARISONS},
         # Generated answers are also compared by meaning: both embedded by the demo's MiniLM.
         "semantic": {"embedding_url": triton_url, "embedding_model": EMBEDDER},
     }
 
 
-def demo_settings(triton_url: str, grpc_url: str, state_dir: Path, token: str) -> Settings:
+def demo_settings(
+    triton_url: str, grpc_url: str, state_dir: Path, token: str, metrics_url: str | None = None
+) -> Settings:
     return settings_from_mapping(
         {
-            **demo_config(triton_url, grpc_url, token),
+            **demo_config(triton_url, grpc_url, token, metrics_url),
             "buffer": {"state_dir": str(state_dir / "redis")},
         },
         "<demo defaults>",
@@ -135,6 +182,38 @@ GRPC_EVERY = 4
 """Every fourth request goes over gRPC (when the proxy listens for it); the rest over REST."""
 
 
+class _Halfway:
+    """Holds the second half of the requests until ``midway`` has run, which starts once the
+    first half has been answered. Its error is kept for after the traffic: raised at once, it
+    would leave the second half waiting."""
+
+    def __init__(self, n: int, midway: Callable[[], Awaitable[None]] | None) -> None:
+        self._midway = midway
+        self.half = n // 2 if midway is not None else 0
+        self._left = self.half
+        self._released = asyncio.Event()
+        self.error: Exception | None = None
+        if not self.half:
+            self._released.set()
+
+    async def before(self, i: int) -> None:
+        if i >= self.half:
+            await self._released.wait()
+
+    async def after(self, i: int) -> None:
+        if i >= self.half:
+            return
+        self._left -= 1
+        if self._left or self._midway is None:
+            return
+        try:
+            await self._midway()
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self._released.set()
+
+
 async def send_traffic(
     port: int,
     n: int,
@@ -143,11 +222,14 @@ async def send_traffic(
     *,
     grpc_port: int | None = None,
     grpc_every: int = GRPC_EVERY,
+    midway: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, int]:
     """``n`` requests through the proxy: 2/3 embeddings, 1/3 topics. With ``grpc_port``, every
     ``grpc_every``-th one goes there (tritonclient.grpc) instead; over REST, JSON and binary
     alternate. The same corpus draws and request ids (``demo-{i}``, X-Request-Id ``demo-{i:04d}``)
-    whichever the protocol. Counts: ok/failed, rest (json/binary) and grpc."""
+    whichever the protocol. ``midway`` is awaited once the first half has been answered, and the
+    second half is sent after it (its error is raised once every request is done). Counts:
+    ok/failed, rest (json/binary) and grpc."""
     import tritonclient.grpc.aio as grpcclient
     import tritonclient.http.aio as httpclient
 
@@ -162,6 +244,7 @@ async def send_traffic(
     grpc_on = gclient is not None and grpc_every > 0
     gate = asyncio.Semaphore(concurrency)
     counts = {"ok": 0, "failed": 0, "rest": 0, "json": 0, "binary": 0, "grpc": 0}
+    halfway = _Halfway(n, midway)
 
     def names(model: str) -> list[str]:
         if model == EMBEDDER:
@@ -201,6 +284,7 @@ async def send_traffic(
         use_grpc = grpc_on and i % grpc_every == grpc_every - 1
         # JSON and binary alternate among the REST requests: i less the gRPC ones before it.
         binary = (i - (i // grpc_every if grpc_on else 0)) % 2 == 0
+        await halfway.before(i)
         async with gate:
             try:
                 if use_grpc:
@@ -216,6 +300,7 @@ async def send_traffic(
         else:
             counts["rest"] += 1
             counts["binary" if binary else "json"] += 1
+        await halfway.after(i)
 
     try:
         await asyncio.gather(*(one(i) for i in range(n)))
@@ -223,6 +308,8 @@ async def send_traffic(
         await client.close()
         if gclient is not None:
             await gclient.close()
+    if halfway.error is not None:
+        raise halfway.error
     return counts
 
 
@@ -237,6 +324,33 @@ async def collect_results(
     for candidate, what, n in (await runner.mirror.snapshot())["tally"]:
         tally[(candidate, what)] += n
     return verdicts, tally, await runner.data[COVERAGE].report()
+
+
+async def report_builds(
+    runner: ProxyRunner,
+    settings: Settings,
+    state_dir: Path,
+    triton_url: str,
+    since: float,
+    n_requests: int,
+    compared: Counter[str],
+) -> None:
+    """Label and export a golden set, replay it against both versions of the rolled-out model
+    (each run recorded under its build), and print the builds and their diff."""
+    store = runner.store
+    ids = await label_golden_set(store, EMBEDDER, since)
+    golden = await export_golden_set(
+        store, state_dir / "golden.jsonl", ids, {**DEMO_COMPARISONS, **LM_COMPARISONS}
+    )
+    builds = await version_builds(store, triton_url, since)
+    runs = await replay_versions(store, golden, triton_url, EMBEDDER, builds) if golden else {}
+    rows, diff = await builds_evidence(settings, store, since, builds, compared)
+    rollout = (
+        f"{ROLLOUT_CANDIDATE} [{EMBEDDER} -> {ROLLOUT_MODEL}]: version 2 loaded after "
+        f"{n_requests // 2} of {n_requests} requests; builds by version: "
+        + ", ".join(f"v{v} {b}" for v, b in sorted(builds.items()))
+    )
+    print_builds(rows, diff, runs, rollout)
 
 
 async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
@@ -258,7 +372,8 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
         print(f"[demo] Triton ready at {triton.url} ({time.monotonic() - started:.0f}s)")
         token = secrets.token_urlsafe(16)
         grpc_url = f"127.0.0.1:{triton.grpc_port}"
-        settings = demo_settings(triton.url, grpc_url, state_dir, token)
+        metrics_url = f"http://127.0.0.1:{triton.metrics_port}/metrics"
+        settings = demo_settings(triton.url, grpc_url, state_dir, token, metrics_url)
         runner = ProxyRunner(settings)
         await runner.start()
         try:
@@ -269,7 +384,22 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
             )
             t0 = time.monotonic()
             run_started = time.time()
-            counts = await send_traffic(runner.data_port, n_requests, grpc_port=runner.grpc_port)
+
+            async def rollout() -> None:
+                began = time.monotonic()
+                print(
+                    f"[demo] {n_requests // 2} requests answered: loading {ROLLOUT_MODEL} "
+                    "version 2 beside version 1 (Triton's repository API) ..."
+                )
+                await load_versions(triton.url, ROLLOUT_MODEL, (1, 2))
+                print(
+                    f"[demo] {ROLLOUT_MODEL} serves versions 1 and 2 "
+                    f"({time.monotonic() - began:.0f}s); un-versioned requests now reach 2"
+                )
+
+            counts = await send_traffic(
+                runner.data_port, n_requests, grpc_port=runner.grpc_port, midway=rollout
+            )
             llm = await send_llm_traffic(runner.data_port, LLM_REQUESTS)
             counts["failed"] += llm["failed"]
             counts.update({f"llm_{k}": v for k, v in llm.items()})
@@ -283,6 +413,10 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
             await runner.drained(180.0)
             verdicts, tally, coverage = await collect_results(runner, run_started)
             print_report(settings, verdicts, tally, coverage, traffic=counts)
+            compared = Counter(v["candidate"] for v in verdicts if v["outcome"] == "compared")
+            await report_builds(
+                runner, settings, state_dir, triton.url, run_started, n_requests, compared
+            )
             config = write_demo_config(state_dir, triton.url, token)
             admin = f"http://127.0.0.1:{runner.admin_port}"
             if keep_running:
@@ -296,6 +430,7 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
             print(f"From the command line (the config is {config}):")
             print(f"  shadowproxy review list --flagged --config {config}")
             print(f"  shadowproxy review export --out golden.jsonl --config {config}")
+            print(f"  shadowproxy builds list --config {config}")
             if keep_running:
                 print(
                     f"  shadowproxy replay golden.jsonl --url {triton.url} "

@@ -339,3 +339,16 @@ def _cmdline(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_traced_version_2_is_staged_not_served(triton_server: TritonServer) -> None:
+    """``minilm_traced/2`` waits in the repository: its config serves version 1 until a rollout
+    (the demo's) loads both; the suite's server answers with version 1."""
+    client = httpclient.InferenceServerClient(triton_server.url.removeprefix("http://"))
+    try:
+        assert client.get_model_metadata("minilm_traced")["versions"] == ["1"]
+        assert not client.is_model_ready("minilm_traced", "2")
+        config = client.get_model_config("minilm_traced")
+        assert config["version_policy"] == {"specific": {"versions": [1]}}
+    finally:
+        client.close()

@@ -1,5 +1,6 @@
 """The demo's traffic and report on the real Triton demo models: every fourth request goes over
-gRPC, is mirrored to every candidate over its grpc_url and compared, and the report says so.
+gRPC, is mirrored to every candidate over its grpc_url and compared, and the report says so;
+every upstream is recorded as a build with the hardware the demo declares.
 
 It runs ``proxy.demo.runner``'s own pieces (its config, ``send_traffic``, ``collect_results``,
 ``print_report``), with a test Redis and the overload guards off, so the counts are exact."""
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from proxy.builds.ledger import BuildLedger
 from proxy.demo.report import compared_by_protocol, print_report
 from proxy.demo.runner import CLASSIFIER, EMBEDDER, collect_results, demo_config, send_traffic
 from proxy.settings import settings_from_mapping
@@ -29,9 +31,10 @@ async def test_demo_sends_a_share_over_grpc_and_compares_it_like_rest(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     grpc_url = f"127.0.0.1:{triton_server.grpc_port}"
+    metrics_url = f"http://127.0.0.1:{triton_server.metrics_port}/metrics"
     settings = settings_from_mapping(
         {
-            **demo_config(triton_server.url, grpc_url, ADMIN_TOKEN),
+            **demo_config(triton_server.url, grpc_url, ADMIN_TOKEN, metrics_url),
             "buffer": {
                 "redis_url": redis_url,
                 "spool_dir": tempfile.mkdtemp(prefix="shadowproxy-test-spool-"),
@@ -82,6 +85,23 @@ async def test_demo_sends_a_share_over_grpc_and_compares_it_like_rest(
     assert not any(
         flagged[(c, p)] for c in ("traced", "noise-floor") for p in ("v2_grpc", "v2_rest")
     )
+
+    # Each upstream that answered is a build with the hardware the demo declares for it, read
+    # with the server's metrics page (a CPU server: it names no GPU).
+    declared = {c.name: c.hardware for c in (settings.reference, *settings.candidates)}
+    builds = await BuildLedger(proxy.store.redis, proxy.store.keys).builds()
+    assert {(b["upstream"], b["model"]) for b in builds} == {
+        ("fp32", EMBEDDER),
+        ("fp32", CLASSIFIER),
+        *((name, EMBEDDER) for name in ("int8", "bf16", "traced", "noise-floor")),
+        ("distilled", CLASSIFIER),
+    }
+    for b in builds:
+        hardware = b["facts"]["hardware"]
+        assert hardware == declared[b["upstream"]] and hardware.startswith("CPU x")
+        assert b["facts"]["gpus"] == {"count": 0, "names": [], "memory_bytes": []}
+        assert b["facts"]["version"] == "1"
+    assert {v["build"] for v in verdicts} == {b["id"] for b in builds if b["role"] == "candidate"}
 
     print_report(settings, verdicts, tally, coverage, traffic=counts)
     report = capsys.readouterr().out
