@@ -60,6 +60,9 @@ class OutputVerdict:
     severity: float = 0.0
     flagged: bool = False
     reason: str = ""
+    severity_norm: float = 0.0
+    """``severity`` over this verdict's own threshold on the same axis (``normalize.py``): one
+    scale for every metric. Set by whoever knows the params (``with_normalized``)."""
 
     @property
     def valid(self) -> bool:
@@ -73,6 +76,7 @@ class OutputVerdict:
             "scores": dict(self.scores),
             "headline": self.headline,
             "severity": self.severity,
+            "severity_norm": self.severity_norm,
             "flagged": self.flagged,
             "reason": self.reason,
         }

@@ -79,6 +79,8 @@ SUMMARY_KEYS = (
     "outcome",
     "flagged",
     "severity",
+    "severity_norm",
+    "noise_p",
     "reason",
     "reference",
     "candidate_side",

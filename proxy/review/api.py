@@ -31,6 +31,16 @@ PLOT_KIND = {
 }
 MAX_PLOT_VALUES = 4096
 _SORTS = ("severity", "time")
+# ``scale=normalized`` (the default): severity over each verdict's own threshold, one axis for
+# every metric (comparators/normalize.py); ``raw``: each comparator's own number.
+_SCALES = ("normalized", "raw")
+
+
+def severity_of(item: Mapping[str, Any], scale: str) -> float:
+    """A sample's severity on ``scale`` (a sample stored before normalization: its raw one)."""
+    if scale == "normalized" and item.get("severity_norm") is not None:
+        return float(item["severity_norm"])
+    return float(item.get("severity", 0.0))
 
 
 def _bad(message: str) -> web.HTTPBadRequest:
@@ -51,7 +61,7 @@ def _num(query: Mapping[str, str], name: str, default: float | None = None) -> f
 
 
 def _matches(
-    item: Mapping[str, Any], q: Mapping[str, str], lo: float | None, hi: float | None
+    item: Mapping[str, Any], q: Mapping[str, str], lo: float | None, hi: float | None, scale: str
 ) -> bool:
     for field in ("candidate", "model"):
         if q.get(field) and item.get(field) != q[field]:
@@ -61,7 +71,7 @@ def _matches(
         return False
     if q.get("metric") and not any(o["metric"] == q["metric"] for o in outputs):
         return False
-    severity = float(item.get("severity", 0.0))
+    severity = severity_of(item, scale)
     if (lo is not None and severity < lo) or (hi is not None and severity > hi):
         return False
     label = q.get("label")
@@ -82,6 +92,12 @@ async def list_samples(request: web.Request, store: SampleStore) -> web.Response
     sort = q.get("sort", "time")
     if sort not in _SORTS:
         raise _bad(f"sort must be one of {', '.join(_SORTS)}")
+    scale = q.get("scale", "normalized")
+    if scale not in _SCALES:
+        raise _bad(
+            f"scale must be one of {', '.join(_SCALES)} (what sort=severity, "
+            "min_severity and max_severity use)"
+        )
     label = q.get("label")
     if label and label not in (*LABELS, "none"):
         raise _bad(f"label must be one of {', '.join(LABELS)}, none")
@@ -99,12 +115,21 @@ async def list_samples(request: web.Request, store: SampleStore) -> web.Response
         )
     except StoreError as exc:
         return web.json_response({"error": f"sample store unavailable: {exc}"}, status=503)
-    chosen = [i for i in items if _matches(i, q, lo, hi)]
+    chosen = [i for i in items if _matches(i, q, lo, hi, scale)]
     if sort == "severity":
-        chosen.sort(key=lambda i: (-float(i.get("severity", 0.0)), -float(i["ts"])))
+        # Worst first on the chosen scale; then the least like the reference's own noise
+        # (the A/A p-value, when a twin gives one); then the newest.
+        chosen.sort(
+            key=lambda i: (
+                -severity_of(i, scale),
+                float(i.get("noise_p", 1.0)),
+                -float(i["ts"]),
+            )
+        )
     page = chosen[offset : offset + limit]
     resp = web.json_response(page)
     resp.headers["X-Total-Count"] = str(len(chosen))
+    resp.headers["X-Severity-Scale"] = scale
     return resp
 
 
@@ -168,6 +193,10 @@ async def timeseries(
     bucket = _num(request.query, "bucket_s", 60.0) or 60.0
     if bucket < 1:
         raise _bad("bucket_s must be >= 1")
+    # Several candidates and metrics on one chart: one scale (normalized unless asked).
+    scale = request.query.get("scale", "normalized")
+    if scale not in _SCALES:
+        raise _bad(f"scale must be one of {', '.join(_SCALES)}")
     try:
         verdicts = await store.recent_verdicts(50_000)
     except StoreError as exc:
@@ -177,7 +206,7 @@ async def timeseries(
         if v.get("outcome") != "compared":
             continue
         t = math.floor(float(v["ts"]) / bucket) * bucket
-        cells[v["candidate"]][t].append((float(v["severity"]), bool(v["flagged"])))
+        cells[v["candidate"]][t].append((severity_of(v, scale), bool(v["flagged"])))
     series = []
     for candidate, buckets in sorted(cells.items()):
         points = []
@@ -200,7 +229,7 @@ async def timeseries(
                 "points": points,
             }
         )
-    return web.json_response({"bucket_s": bucket, "series": series})
+    return web.json_response({"bucket_s": bucket, "scale": scale, "series": series})
 
 
 async def delete_sample(request: web.Request, store: SampleStore) -> web.Response:

@@ -20,6 +20,7 @@ from comparators import (
     resolve_spec,
 )
 from comparators.llm_types import TextAnswer
+from comparators.normalize import spec_key, with_normalized
 
 from ..protocols.base import (
     MAX_INFLATED_BYTES,
@@ -54,6 +55,9 @@ class Analysis:
     flagged: bool
     reason: str = ""
     severity: float = 0.0
+    severity_norm: float | None = None
+    """The worst verdict's normalized severity; None: the raw one (the outcomes without
+    verdicts: ``SEVERITY_CAP`` or 0 on either scale)."""
     verdicts: list[OutputVerdict] = field(default_factory=list)
     reference: DecodedResponse | None = None
     candidate: DecodedResponse | None = None
@@ -228,12 +232,15 @@ def analyze(
                 "reference": _text_preview(decoded_ref.texts.get(key)),
                 "candidate": _text_preview(decoded_cand.texts.get(key)),
             }
+    # One severity scale: each verdict over its own threshold (comparators/normalize.py).
+    verdicts = [with_normalized(v, spec_for(spec_key(v)).params) for v in verdicts]
     flagged = [v for v in verdicts if v.flagged]
     return Analysis(
         "compared",
         flagged=bool(flagged),
         reason="; ".join(f"{v.output}: {v.reason}" for v in flagged),
         severity=max((v.severity for v in verdicts), default=0.0),
+        severity_norm=max((v.severity_norm for v in verdicts), default=0.0),
         verdicts=verdicts,
         reference=decoded_ref,
         candidate=decoded_cand,

@@ -23,6 +23,7 @@ from typing import Any
 from opentelemetry.trace import Link, SpanContext, TraceFlags
 
 from comparators import compare_semantic, resolve_spec
+from comparators.normalize import with_normalized
 
 from ..buffer.store import SampleStore
 from ..builds.tracker import BuildTracker
@@ -279,9 +280,10 @@ class Comparer:
             self._tel.skipped("semantic_failed", cand.name)
             return
         spec = resolve_spec(self._settings.comparisons, pair.model, "semantic")
-        verdict = compare_semantic(vectors[0], vectors[1], spec)
+        verdict = with_normalized(compare_semantic(vectors[0], vectors[1], spec), spec.params)
         a.verdicts.append(verdict)
         a.severity = max(a.severity, verdict.severity)
+        a.severity_norm = max(a.severity_norm or 0.0, verdict.severity_norm)
         if verdict.flagged:
             a.flagged = True
             a.reason = "; ".join(x for x in (a.reason, f"semantic: {verdict.reason}") if x)

@@ -79,6 +79,8 @@ def sample_meta(
         "outcome": a.outcome,
         "flagged": a.flagged,
         "severity": a.severity,
+        # The same on one scale for every metric: the worst output over its own threshold.
+        "severity_norm": a.severity if a.severity_norm is None else a.severity_norm,
         "reason": redactor.reason(a.outcome, reason),
         "stored": stored,
         "reference": side_record(ref, a.reference, model),
@@ -86,6 +88,10 @@ def sample_meta(
         "outputs": outputs,
         "previews": previews,
     }
+    noise = [v.scores["noise_p"] for v in verdicts if v.flagged and "noise_p" in v.scores]
+    if noise:
+        # How unlike the reference's own noise the worst output is: breaks ties in review.
+        meta["noise_p"] = min(noise)
     if len(a.verdicts) > caps.max_outputs:
         meta["outputs_dropped"] = len(a.verdicts) - caps.max_outputs
     snippet = text_snippet(previews)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -156,3 +157,51 @@ async def test_labelled_samples_outlive_the_sample_ttl_until_exported(
         assert await client.ttl(key) > 0
     finally:
         await client.aclose()
+
+
+async def test_most_severe_first_is_on_one_scale_across_metrics(
+    fake: Callable[..., Any], proxy_factory: Callable[..., Any], redis_url: str
+) -> None:
+    """A tolerance verdict twenty times its tolerance no longer outranks a cosine verdict fifty
+    times its threshold because its raw number is larger; the A/A p-value breaks ties."""
+    ref = await fake()
+    proxy = await proxy_factory(make_settings(ref.url, redis_url))
+
+    def meta(name: str, candidate: str, metric: str, raw: float, norm: float, **kw: Any) -> Any:
+        out = {"output": "y", "metric": metric, "severity": raw, "severity_norm": norm}
+        return {
+            "id": name,
+            "ts": time.time(),
+            "request_id": name,
+            "candidate": candidate,
+            "model": "m",
+            "outcome": "compared",
+            "flagged": True,
+            "severity": raw,
+            "severity_norm": norm,
+            "reason": "",
+            "outputs": [{**out, "flagged": True}],
+            **kw,
+        }
+
+    for m in (
+        meta("tol", "distilled", "tolerance", 20.0, 20.0),
+        meta("cos-far", "int8", "cosine", 0.05, 50.0),
+        meta("cos-noisy", "int8", "cosine", 0.01, 10.0, noise_p=0.5),
+        meta("cos-clear", "int8", "cosine", 0.01, 10.0, noise_p=0.01),
+    ):
+        await proxy.store.record(m, {"request": b"{}"})
+    base = f"http://127.0.0.1:{proxy.admin_port}/api/samples?flagged=1"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as s:
+
+        async def ids(query: str) -> list[str]:
+            async with s.get(f"{base}&{query}") as r:
+                assert r.status == 200, await r.text()
+                return [i["id"] for i in await r.json()]
+
+        assert await ids("sort=severity") == ["cos-far", "tol", "cos-clear", "cos-noisy"]
+        assert (await ids("sort=severity&scale=raw"))[0] == "tol"
+        assert sorted(await ids("min_severity=15")) == ["cos-far", "tol"]
+        assert await ids("min_severity=15&scale=raw") == ["tol"]
+        async with s.get(f"{base}&sort=severity&scale=log") as r:
+            assert r.status == 400 and "scale" in (await r.json())["error"]

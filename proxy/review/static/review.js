@@ -115,6 +115,29 @@
       fmtNum(sev));
   }
 
+  /** Severity over the verdict's own threshold (1 = at it), one scale for every metric; the
+   * comparator's raw number beside it. Older samples without one show the raw number. */
+  function normSevClass(norm) {
+    if (norm <= 0) return "sev-zero";
+    if (norm < 1) return "sev-low";
+    if (norm < 3) return "sev-mid";
+    if (norm < 10) return "sev-high";
+    return "sev-severe";
+  }
+
+  function normSev(obj) {
+    const norm = obj && obj.severity_norm;
+    if (norm === null || norm === undefined) return sevBadge(obj ? obj.severity : null);
+    const raw = obj.severity;
+    return h("span", null,
+      h("span", { class: "sev " + normSevClass(norm),
+        title: `${norm} x its threshold; raw ${raw}` +
+          (obj.noise_p !== undefined ? `; A/A p ${obj.noise_p}` : "") },
+        fmtNum(norm) + "\u00d7"),
+      " ", h("span", { class: "muted raw-sev", title: "the comparator's own severity" },
+        fmtNum(raw)));
+  }
+
   function labelBadge(label) {
     if (!label) return h("span", { class: "badge unlabelled" }, "unlabelled");
     const title = `${label.verdict} by ${label.by || "?"} at ${fmtTime(label.at)}` +
@@ -122,10 +145,15 @@
     return h("span", { class: "badge verdict-" + label.verdict, title }, label.verdict);
   }
 
+  /** An output's severity on one scale: normalized where known, else raw. */
+  function sevKey(o) {
+    return (o.severity_norm !== undefined ? o.severity_norm : o.severity) || 0;
+  }
+
   /** The output a reviewer should look at first: flagged before not, then most severe. */
   function worstOutput(item) {
     const outs = (item.outputs || []).slice();
-    outs.sort((a, b) => (b.flagged - a.flagged) || ((b.severity || 0) - (a.severity || 0)));
+    outs.sort((a, b) => (b.flagged - a.flagged) || (sevKey(b) - sevKey(a)));
     return outs[0] || null;
   }
 
@@ -443,7 +471,7 @@
           h("span", { class: "muted" }, worst.metric || ""), " ",
           h("span", { class: "mono" }, headlineText(worst))]
         : h("span", { class: "muted" }, item.outcome || "")),
-      h("td", { class: "c-sev" }, sevBadge(item.severity)),
+      h("td", { class: "c-sev" }, normSev(item)),
       LLM && LLM.isLLMProtocol(item.protocol)
         // two lines more: the opening of both answers, read when the row comes into view
         ? h("td", { class: "c-reason llm-row", title: item.reason || "" },
@@ -596,7 +624,7 @@
   function renderSample(sm, tensors) {
     $("sample-sev").textContent = "";
     $("sample-sev").appendChild(h("span", { class: "muted" }, "severity "));
-    $("sample-sev").appendChild(sevBadge(sm.severity));
+    $("sample-sev").appendChild(normSev(sm));
     const title = $("sample-title");
     clear(title);
     append(title, [
@@ -677,7 +705,7 @@
   function renderScores(sm) {
     const box = clear($("scores"));
     const outs = (sm.outputs || []).slice().sort((a, b) =>
-      (b.flagged - a.flagged) || ((b.severity || 0) - (a.severity || 0)));
+      (b.flagged - a.flagged) || (sevKey(b) - sevKey(a)));
     if (!outs.length) {
       box.appendChild(h("p", { class: "muted" }, `No per-output scores (outcome: ${sm.outcome}).`));
       return;
@@ -689,7 +717,7 @@
           h("span", { class: "out-name" }, o.output), " ",
           h("span", { class: "muted" }, o.metric || ""), " ",
           o.flagged ? h("span", { class: "flag" }, "flagged") : h("span", { class: "okflag" }, "ok"),
-          " ", sevBadge(o.severity),
+          " ", normSev(o),
           o.validity && o.validity !== "ok" ? [" ", h("span", { class: "warn" }, "validity: " + o.validity)] : null));
       const body = h("tbody");
       const names = Object.keys(o.scores || {});
