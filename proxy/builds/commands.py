@@ -60,6 +60,7 @@ def _rate(e: dict[str, Any] | None) -> str:
 def render_list(rows: list[dict[str, Any]]) -> str:
     lines = []
     model = None
+    width = max((len(r["hardware"] or "-") for r in rows), default=1)
     for r in rows:
         if r["model"] != model:
             model = r["model"]
@@ -67,7 +68,7 @@ def render_list(rows: list[dict[str, Any]]) -> str:
         mark = "*" if r["current"] else " "
         lines.append(
             f" {mark} {r['id']}  {r['role']:9} {r['upstream']:12} v{r['version'] or '?':4} "
-            f"{r['hardware'] or '-':18} since {_when(r['first_seen'])}  "
+            f"{r['hardware'] or '-':{width}} since {_when(r['first_seen'])}  "
             f"flagged {_rate(r['evidence'])}"
         )
     lines.append("(* serves now)")

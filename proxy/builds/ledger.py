@@ -24,12 +24,14 @@ _RECORD = """
 local builds, current, events, build = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, slot, now, facts = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local upstream, model, role, max_events = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
+local serving = ARGV[9] == '1'
 local new = redis.call('ZADD', builds, 'NX', now, id) == 1
 if new then
   redis.call('HSET', build, 'facts', facts, 'upstream', upstream, 'model', model,
              'role', role, 'first_seen', now)
 end
 redis.call('HSET', build, 'last_seen', now)
+if not serving then return 0 end
 local previous = redis.call('HGET', current, slot)
 if previous == id then return 0 end
 redis.call('HSET', current, slot, id)
@@ -54,10 +56,17 @@ class BuildLedger:
         self._record = client.register_script(_RECORD)  # type: ignore[misc]
 
     async def record(
-        self, build_id: str, facts: Mapping[str, Any], role: str, now: float | None = None
+        self,
+        build_id: str,
+        facts: Mapping[str, Any],
+        role: str,
+        now: float | None = None,
+        *,
+        serving: bool = True,
     ) -> bool:
         """Record that ``build_id`` serves its (upstream, model) now; True when that is a change
-        (a new timeline event)."""
+        (a new timeline event). ``serving=False``: only add the build if it is new (a replay
+        against an explicitly chosen version says nothing about what serves live traffic)."""
         k = self._keys
         upstream, model = str(facts.get("upstream", "")), str(facts.get("model", ""))
         try:
@@ -72,6 +81,7 @@ class BuildLedger:
                     model,
                     role,
                     BUILD_EVENTS_MAX,
+                    "1" if serving else "0",
                 ],
             )
         except (RedisError, OSError) as exc:

@@ -302,7 +302,8 @@ async def record_replay(
                 model_map=model_map,
             )
             bid = build_id(facts)
-            await ledger.record(bid, facts, "candidate")
+            # Not "serves now": a replay may target any version, live traffic decides that.
+            await ledger.record(bid, facts, "candidate", serving=False)
             run = replay_run(
                 group, url=url, build=bid, golden=golden, golden_size=golden_size, ts=ts
             )

@@ -135,6 +135,10 @@ async def test_a_version_change_is_recorded_once_across_replicas(
             await t.close()
     events = await ledger.events()
     assert [(e["build"], e["previous"]) for e in events] == [(v2_build, v1), (v1, None)]
+    # A replay against version 1 (serving=False) records nothing about what serves now.
+    v1_facts = (await ledger.get(v1) or {})["facts"]
+    assert not await ledger.record(v1, v1_facts, "candidate", serving=False)
+    assert len(await ledger.events()) == 2 and (await ledger.current())["int8|m"] == v2_build
     facts = (await ledger.get(v2_build) or {})["facts"]
     assert facts["version"] == "2" and facts["hardware"] == "L4 x1, fp8"
     assert facts["gpus"]["count"] == 2 and facts["server"]["name"] == "triton"
