@@ -19,6 +19,7 @@ from comparators import OutputVerdict
 from ..buffer.connect import RedisClient
 from ..buffer.keys import KeySchema
 from ..errors import StoreError
+from ..settings import CanaryGates
 from ..shadow.analysis import Analysis, Exchange
 from ..shadow.guards import stop_task
 from ..telemetry import Telemetry
@@ -36,14 +37,22 @@ CanaryTag = tuple[str, int, int]
 _COMPARED_OUTCOMES = frozenset({"compared", "status_mismatch", "candidate_invalid"})
 
 
-def comparison_counters(analysis: Analysis, ref: Exchange, cand: Exchange) -> dict[str, int]:
-    """What one comparison of the canary candidate adds to its step's evidence."""
+def comparison_counters(
+    analysis: Analysis, ref: Exchange, cand: Exchange, gates: CanaryGates | None = None
+) -> dict[str, int]:
+    """What one comparison of the canary candidate adds to its step's evidence. With ``gates``:
+    whether the candidate was slower than the latency gate allows on this very request
+    (``ratio x the reference + slack``), for the paired latency test."""
     if analysis.outcome not in _COMPARED_OUTCOMES:
         return {}
     counters = {g.COMPARED: 1, g.FLAGGED: int(analysis.flagged)}
     if ref.status == 200 and cand.status == 200:
         counters[g.latency_field(g.LAT_REF, ref.latency_s)] = 1
         counters[g.latency_field(g.LAT_CAND, cand.latency_s)] = 1
+        if gates is not None:
+            allowed_ms = gates.max_latency_p99_ratio * ref.latency_s * 1000 + gates.latency_slack_ms
+            counters[g.LAT_PAIRS] = 1
+            counters[g.LAT_EXCEED] = int(cand.latency_s * 1000 > allowed_ms)
     first_ref = analysis.reference.texts.get("") if analysis.reference else None
     first_cand = analysis.candidate.texts.get("") if analysis.candidate else None
     if first_ref is not None and first_cand is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from statistics import NormalDist
 from typing import Any, Literal
 
@@ -56,6 +56,11 @@ FALLBACKS = "fallbacks"
 UNCOMPARED = "uncompared"  # canary answers whose reverse copy was dropped (overload, bounds)
 LAT_REF = "lat_ref"  # paired: both sides' timings of the same compared request
 LAT_CAND = "lat_cand"
+LAT_PAIRS = "lat_pairs"  # compared requests timed on both sides
+LAT_EXCEED = "lat_exceed"  # ... where the candidate took longer than ratio x reference + slack
+# The paired latency gate's limit: the share of requests allowed over their own bound (the p99
+# statement "at most 1 in 100 slower than allowed", made on the same requests).
+LATENCY_EXCEED_LIMIT = 0.01
 LIVE_LAT_REF = "live_lat_ref"  # live answers, timed by the live process
 LIVE_LAT_CAND = "live_lat_cand"
 TTFT_REF = "ttft_ref"  # LLM calls: time to first token of both sides of a compared request
@@ -280,6 +285,41 @@ def evaluate(
 
 
 def _latency_gate(evidence: Mapping[str, int], gates: CanaryGates, min_samples: int) -> GateResult:
+    pairs = evidence.get(LAT_PAIRS, 0)
+    if pairs >= min_samples:
+        return _paired_latency_gate(evidence.get(LAT_EXCEED, 0), pairs, gates, min_samples)
+    why = f"only {pairs}/{min_samples} requests timed on both sides, so unpaired quantiles"
+    result = _unpaired_latency_gate(evidence, gates, min_samples)
+    return replace(result, detail=f"{result.detail} [{why}]")
+
+
+def _paired_latency_gate(k: int, n: int, gates: CanaryGates, min_samples: int) -> GateResult:
+    """On the same requests: the share where the candidate took longer than
+    ``ratio x the reference's time + slack``. It fails by the sequential test (evidence that
+    more than 1% are over their bound reaches ``1 / (1 - confidence)``, so a sound candidate
+    is rolled back at most that often however many looks); it passes, as the unpaired p99 did,
+    once ``min_samples`` pairs show at most 1% over."""
+    bound = 1.0 / (1.0 - gates.confidence)
+    above, _ = sequential_evidence(k, n, LATENCY_EXCEED_LIMIT)
+    rate = k / n
+    shown = (
+        f"paired: {k} of {n} requests answered slower than "
+        f"{gates.max_latency_p99_ratio:g}x the reference's time on the same request + "
+        f"{gates.latency_slack_ms:g} ms ({rate:.2%}; at most {LATENCY_EXCEED_LIMIT:.0%} may be; "
+        f"evidence above {_fmt(above)}, fails at {bound:.3g})"
+    )
+    if above >= bound:
+        return GateResult("latency_p99", "fail", rate, LATENCY_EXCEED_LIMIT, shown)
+    if rate <= LATENCY_EXCEED_LIMIT:
+        return GateResult("latency_p99", "pass", rate, LATENCY_EXCEED_LIMIT, shown)
+    return GateResult(
+        "latency_p99", "wait", rate, LATENCY_EXCEED_LIMIT, f"{shown}: inconclusive, needs more"
+    )
+
+
+def _unpaired_latency_gate(
+    evidence: Mapping[str, int], gates: CanaryGates, min_samples: int
+) -> GateResult:
     # Live answers of each side, timed alike by the live process, are the fair comparison; at
     # low weights (or at 100%) one side has too few, and the paired timings of compared requests
     # stand in: those are taken by the mirror worker, which runs at low CPU priority, so on a

@@ -260,7 +260,9 @@ class Comparer:
             attrs = (cand.name, pair.model, v.output, v.metric, noise_floor)
             self._tel.divergence(attrs, v.severity, v.flagged)
         if self._evidence is not None and pair.canary is not None and self._is_canary(cand):
-            self._evidence.add(pair.canary, comparison_counters(analysis, pair.ref, pair.cand))
+            gates = self._settings.canary.gates if self._settings.canary else None
+            counters = comparison_counters(analysis, pair.ref, pair.cand, gates)
+            self._evidence.add(pair.canary, counters)
         self._store(cand, pair, analysis, ref_build, cand_build)
         self._tel.mirror(cand.name, analysis.outcome)  # after: one fate, even if storing broke
         return analysis

@@ -152,3 +152,22 @@ def test_semantic_gate_reads_a_low_quantile_of_the_cosine() -> None:
     r = semantic({g.semantic_field(0.99): 95, g.semantic_field(0.5): 5})
     assert r.status == "pass" and r.value == pytest.approx(0.99, abs=1e-3)
     assert semantic({g.semantic_field(0.99): 10}).status == "wait"
+
+
+def test_latency_is_judged_on_the_same_requests_where_there_are_enough() -> None:
+    # 300 requests timed on both sides, none over 1.5x its own reference time + 5 ms: pass, and
+    # the log says it was the paired data.
+    r = _evaluate({"compared": 300, "lat_pairs": 300, "lat_exceed": 0})["latency_p99"]
+    assert r.status == "pass" and r.detail.startswith("paired: 0 of 300 requests")
+    # 20 of 300 over their bound: evidence far above 20 that more than 1% are: rolled back.
+    r = _evaluate({"compared": 300, "lat_pairs": 300, "lat_exceed": 20})["latency_p99"]
+    assert r.status == "fail" and "paired: 20 of 300" in r.detail
+    # 4 of 300 (1.3%): not evidence of more than 1% yet, and over it: wait for more.
+    r = _evaluate({"compared": 300, "lat_pairs": 300, "lat_exceed": 4})["latency_p99"]
+    assert r.status == "wait" and "inconclusive" in r.detail
+    # Too few pairs (a step at a low weight): the unpaired quantiles decide, and say why.
+    evidence = {"compared": 100, "lat_pairs": 5}
+    for side in ("live_lat_ref", "live_lat_cand"):
+        evidence[g.latency_field(side, 0.010)] = 100
+    r = _evaluate(evidence)["latency_p99"]
+    assert r.status == "pass" and "only 5/60 requests timed on both sides" in r.detail
