@@ -112,11 +112,11 @@ def build_mirror_app(settings: Settings) -> web.Application:
     return app
 
 
-def build_compare_app(settings: Settings) -> web.Application:
-    """A compare worker's resources: the comparer (judge, store batches) and its threads."""
+def _compare_app(settings: Settings) -> web.Application:
+    """What every compare stage owns: telemetry, the store, canary evidence, the compare
+    threads and the comparer (judge, builds, store batches)."""
     app = web.Application()
     app[SETTINGS] = settings
-    app[STARVABLE] = True  # it runs at idle CPU priority
     app[STORES_VERDICTS] = True
     app.cleanup_ctx.append(_telemetry_ctx(None))
     app.cleanup_ctx.append(_store_ctx)
@@ -126,18 +126,18 @@ def build_compare_app(settings: Settings) -> web.Application:
     return app
 
 
+def build_compare_app(settings: Settings) -> web.Application:
+    """A compare worker process's resources (behind the mirror process)."""
+    app = _compare_app(settings)
+    app[STARVABLE] = True  # it runs at idle CPU priority
+    return app
+
+
 def build_worker_app(settings: Settings) -> web.Application:
     """A ``shadowproxy worker``: the copies stream's consumer with a compare stage of its own,
     and ``/healthz``, ``/readyz`` and ``/metrics`` for its orchestrator and Prometheus."""
-    app = web.Application()
-    app[SETTINGS] = settings
-    app[STORES_VERDICTS] = True
+    app = _compare_app(settings)
     app[IDEMPOTENT] = True
-    app.cleanup_ctx.append(_telemetry_ctx(None))
-    app.cleanup_ctx.append(_store_ctx)
-    app.cleanup_ctx.append(_evidence_ctx)
-    app.cleanup_ctx.append(_executor_ctx)
-    app.cleanup_ctx.append(_comparer_ctx)
     app.cleanup_ctx.append(_shadow_client_ctx)
     app.cleanup_ctx.append(_stream_worker_ctx)
     app.router.add_get("/healthz", _worker_health)

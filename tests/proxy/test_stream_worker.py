@@ -78,16 +78,26 @@ async def _eventually(check: Callable[[], Any], what: str, timeout_s: float = 10
         await asyncio.sleep(0.1)
 
 
+async def _proxy_and_worker(
+    fake: Callable[..., Any],
+    proxy_factory: Callable[..., Any],
+    worker: Callable[..., Any],
+    redis_url: str,
+) -> tuple[Any, web.Application, Any]:
+    """A live proxy in ``compare: redis`` mode, one worker, and the drifting candidate."""
+    ref, cand = await fake(), await fake(drift=0.5)
+    settings = _settings(ref.url, cand.url, redis_url)
+    proxy = await proxy_factory(settings)
+    return proxy, await worker(settings), cand
+
+
 async def test_copies_carry_the_candidates_own_credentials_never_the_clients(
     fake: Callable[..., Any],
     proxy_factory: Callable[..., Any],
     worker: Callable[..., Any],
     redis_url: str,
 ) -> None:
-    ref, cand = await fake(), await fake(drift=0.5)
-    settings = _settings(ref.url, cand.url, redis_url)
-    proxy = await proxy_factory(settings)
-    await worker(settings)
+    proxy, _, cand = await _proxy_and_worker(fake, proxy_factory, worker, redis_url)
     await _infer(proxy.data_port, 1, auth="Bearer client-secret-0123456789")
     r = aioredis.Redis.from_url(redis_url)
     try:
@@ -114,10 +124,7 @@ async def test_a_garbage_entry_is_skipped_counted_and_acknowledged(
     worker: Callable[..., Any],
     redis_url: str,
 ) -> None:
-    ref, cand = await fake(), await fake(drift=0.5)
-    settings = _settings(ref.url, cand.url, redis_url)
-    proxy = await proxy_factory(settings)
-    app = await worker(settings)
+    proxy, app, _ = await _proxy_and_worker(fake, proxy_factory, worker, redis_url)
     r = aioredis.Redis.from_url(redis_url)
     try:
         # Anyone with write access to Redis could add this: it is never unpickled or trusted.
