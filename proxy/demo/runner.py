@@ -16,6 +16,7 @@ builds ledger and the diff of the two versions.
 from __future__ import annotations
 
 import asyncio
+import signal
 import os
 import random
 import secrets
@@ -438,8 +439,12 @@ async def run_demo(n_requests: int, state_dir: Path, keep_running: bool) -> int:
                 )
             print(f"[demo] done in {time.monotonic() - started:.0f}s")
             if keep_running:
-                print("[demo] running until Ctrl-C ...")
-                await asyncio.Event().wait()
+                print("[demo] running until Ctrl-C (or SIGTERM) ...")
+                # SIGTERM too stops it through the finally blocks (the proxy, then Triton and
+                # Redis), not by the default handler that would leave them running.
+                stop = asyncio.Event()
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+                await stop.wait()
             return 0 if counts["failed"] == 0 else 1
         finally:
             await runner.stop()
