@@ -16,10 +16,10 @@ builds ledger and the diff of the two versions.
 from __future__ import annotations
 
 import asyncio
-import signal
 import os
 import random
 import secrets
+import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
