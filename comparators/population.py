@@ -273,6 +273,9 @@ class Cell:
 
 
 _COUNTERS = ("n", "flagged", "invalid", "pairs", "mc_b", "mc_c")
+# Paired differences a cell keeps (the newest): the Wilcoxon reservoir's size, so statistics
+# gathered while the store is away stay bounded.
+PAIRS_KEPT = 4096
 # The cell of whole copies (flagged when any output is, at its worst output's severity): per-copy
 # rates for the builds ledger, left out of the per-output summary rows.
 COPY_OUTPUT = "*"
@@ -315,6 +318,8 @@ class CellStats:
         diff = ab.severity - aa.severity
         if math.isfinite(diff):
             self.diffs.append((minute, diff))
+            if len(self.diffs) > 2 * PAIRS_KEPT:  # amortized: trim in halves, not every append
+                del self.diffs[:-PAIRS_KEPT]
 
     def merge(self, other: CellStats) -> None:
         for name in _COUNTERS:
@@ -322,6 +327,8 @@ class CellStats:
         self.severity.merge(other.severity)
         self.score.merge(other.score)
         self.diffs.extend(other.diffs)
+        if len(self.diffs) > PAIRS_KEPT:
+            del self.diffs[:-PAIRS_KEPT]
 
     def counters(self) -> dict[str, int]:
         """Everything but the differences, as integer fields to add (HINCRBY)."""

@@ -109,6 +109,7 @@ def build_mirror_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_evidence_ctx)
     app.cleanup_ctx.append(_shadow_client_ctx)
     app.cleanup_ctx.append(_scheduler_ctx(in_process=False))
+    app.cleanup_ctx.append(_population_ctx(gauges=True))
     return app
 
 
@@ -212,7 +213,12 @@ def create_apps(
     data.cleanup_ctx.append(_store_ctx)
     data.cleanup_ctx.append(_evidence_ctx)
     data.cleanup_ctx.append(_canary_ctx)
-    data.cleanup_ctx.append(_population_ctx)
+    # In-process shadow work (or none: compare=redis): the gauges are read here.
+    data.cleanup_ctx.append(
+        _population_ctx(
+            gauges=not settings.proxy.mirror_process or settings.proxy.compare == "redis"
+        )
+    )
     if settings.proxy.compare == "redis":
         # Copies go to the Redis stream; `shadowproxy worker` processes do the shadow's work.
         data.cleanup_ctx.append(_live_session_ctx)
@@ -406,16 +412,31 @@ async def _comparer_ctx(app: web.Application) -> AsyncIterator[None]:
     await probes.close()
 
 
-async def _population_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The population gauges of /metrics: every process's statistics as Redis has them, read
-    again every ``POPULATION_GAUGES_S`` (a scrape never waits for Redis)."""
-    settings = app[SETTINGS]
-    store = app[STORE]
-    latest = LatestPopulation(
-        PopulationStore(store.redis, store.keys, settings.buffer.stats_retention_min),
-        settings.noise.window_min,
-    )
-    app[POPULATION] = latest
+def _population_ctx(*, gauges: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The population statistics as Redis has them (``/api/summary`` reads them), and with
+    ``gauges`` the population gauges of /metrics, read again every ``POPULATION_GAUGES_S`` (a
+    scrape never waits for Redis). Reading a window of buckets costs CPU: the gauges are read
+    in the mirror process when there is one, not on the live loop."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        store = app[STORE]
+        latest = LatestPopulation(
+            PopulationStore(store.redis, store.keys, settings.buffer.stats_retention_min),
+            settings.noise.window_min,
+        )
+        app[POPULATION] = latest
+        if not gauges:
+            yield
+            return
+        async with _gauges_refreshed(app, latest):
+            yield
+
+    return ctx
+
+
+@contextlib.asynccontextmanager
+async def _gauges_refreshed(app: web.Application, latest: LatestPopulation) -> AsyncIterator[None]:
     app[TELEMETRY].gauge(
         "shadowproxy_population",
         "Population statistics per candidate, model and output over the noise window, merged "

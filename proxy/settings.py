@@ -286,8 +286,9 @@ class BufferSettings(_Model):
     """Minutes of population statistics (per-minute buckets in Redis) kept: the longest window
     ``/api/summary`` and the noise floor can look back over."""
     copies_maxlen: int = Field(10_000, ge=100)
-    """``proxy.compare: redis``: sampled copies the copies stream holds (approximate trim); a
-    copy trimmed before any worker read it is counted as lost by the workers."""
+    """``proxy.compare: redis``: the backlog of copies the stream may hold (workers delete what
+    they finished); at it, producers drop new copies and count them (``dropped_stream_full``),
+    and the stream's own MAXLEN trim is only the last resort."""
     copies_max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
     """And the bytes it may hold (Redis's own accounting of the stream): beyond it producers
     drop new copies and count them (``dropped_stream_full``) until workers catch up."""

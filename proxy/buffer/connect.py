@@ -78,9 +78,9 @@ def redis_client(url: str, **pool_options: Any) -> RedisClient:
     scheme = _scheme(url)
     if scheme in PLAIN_SCHEMES:
         try:
-            return aioredis.Redis.from_url(url, **pool_options)
-        except ValueError as exc:  # redis-py's messages name the part, never the password
-            raise ConfigError(f"invalid Redis URL {redacted(url)}: {exc}") from None
+            return aioredis.Redis.from_url(_encoded_userinfo(url), **pool_options)
+        except ValueError as exc:
+            raise ConfigError(f"invalid Redis URL {redacted(url)}: {_scrubbed(exc, url)}") from None
     target = parse_deployment(url)
     options = {**pool_options, **target.options}
     if target.kind == "cluster":
@@ -108,9 +108,9 @@ def check_url(url: str) -> None:
     """Raise ``ConfigError`` if ``url`` is not one ``redis_client`` takes (nothing connects)."""
     if _scheme(url) in PLAIN_SCHEMES:
         try:
-            parse_url(url)
+            parse_url(_encoded_userinfo(url))
         except ValueError as exc:
-            raise ConfigError(f"invalid Redis URL {redacted(url)}: {exc}") from None
+            raise ConfigError(f"invalid Redis URL {redacted(url)}: {_scrubbed(exc, url)}") from None
     else:
         parse_deployment(url)
 
@@ -133,17 +133,17 @@ def parse_deployment(url: str) -> Deployment:
         raise _invalid(url, f"unknown scheme {scheme!r}")
     sentinel = scheme in SENTINEL_SCHEMES
     tls = scheme.startswith("rediss")
-    rest = url.split("://", 1)[1]
-    rest, _, query = rest.partition("?")
-    authority, _, path = rest.partition("/")
-    userinfo, _, hostlist = authority.rpartition("@")
+    userinfo, after = _userinfo(url.split("://", 1)[1])
+    after, _, query = after.partition("?")
+    hostlist, _, path = after.partition("/")
     hosts = _hosts(url, hostlist, SENTINEL_PORT if sentinel else CLUSTER_PORT)
     try:
         # redis-py's own URL parsing for the credentials and the options.
-        stand_in = f"{'rediss' if tls else 'redis'}://{userinfo + '@' if userinfo else ''}host"
+        auth = quote(userinfo, safe=":%") + "@" if userinfo else ""
+        stand_in = f"{'rediss' if tls else 'redis'}://{auth}host"
         options: dict[str, Any] = dict(parse_url(f"{stand_in}?{query}" if query else stand_in))
     except ValueError as exc:
-        raise _invalid(url, str(exc)) from None
+        raise _invalid(url, _scrubbed(exc, url)) from None
     options.pop("host", None)
     if options.pop("connection_class", None) is SSLConnection:
         options["ssl"] = True
@@ -214,19 +214,49 @@ def _invalid(url: str, why: str) -> ConfigError:
     return ConfigError(f"invalid Redis URL {redacted(url)}: {why}; expected {shape}")
 
 
+def _userinfo(rest: str) -> tuple[str, str]:
+    """(the credentials, what follows them) of a URL's part after ``://``. The credentials end at
+    the *last* ``@``: a password often holds an unencoded ``/``, ``?`` or ``#`` (base64), and
+    splitting at the first ``/`` first would take part of it for the host list (and quote it
+    in an error). An ``@`` after the credentials is malformed anyway; this masks too much then,
+    never too little."""
+    userinfo, at, after = rest.rpartition("@")
+    return (userinfo, after) if at else ("", rest)
+
+
+def _encoded_userinfo(url: str) -> str:
+    """``url`` with reserved characters in its credentials percent-encoded, as redis-py's parser
+    needs them (it would otherwise split the password at a ``/`` and connect elsewhere)."""
+    head, sep, rest = url.partition("://")
+    userinfo, after = _userinfo(rest)
+    if not sep or not userinfo:
+        return url
+    return f"{head}{sep}{quote(userinfo, safe=':%')}@{after}"
+
+
+def _scrubbed(exc: Exception, url: str) -> str:
+    """An exception's text with any piece of the URL's password taken out (parsers quote what
+    they could not read)."""
+    text = str(exc)
+    password = _userinfo(url.partition("://")[2])[0].partition(":")[2]
+    for part in {password, quote(password, safe=""), *password.split("/")}:
+        if len(part) >= 2 and part in text:
+            text = text.replace(part, "***")
+    return text
+
+
 def redacted(url: str) -> str:
     """``url`` with its password and ``sentinel_password`` masked (for messages and logs)."""
     head, sep, rest = url.partition("://")
     if not sep:
         return "***" if "@" in url else url
-    rest, qsep, query = rest.partition("?")
-    authority, slash, path = rest.partition("/")
-    userinfo, at, hostlist = authority.rpartition("@")
-    if at:
+    userinfo, after = _userinfo(rest)
+    if userinfo:
         user = userinfo.partition(":")[0]
-        authority = f"{user}:***@{hostlist}" if ":" in userinfo else f"***@{hostlist}"
+        after = f"{user}:***@{after}" if ":" in userinfo else f"***@{after}"
+    after, qsep, query = after.partition("?")
     if qsep:
         pairs = parse_qsl(query, keep_blank_values=True)
         masked = [(k, "***" if "password" in k else v) for k, v in pairs]
         query = urlencode(masked, safe="*", quote_via=quote)
-    return f"{head}{sep}{authority}{slash}{path}{qsep}{query}"
+    return f"{head}{sep}{after}{qsep}{query}"

@@ -134,6 +134,10 @@ CANARY_EVIDENCE_TTL_S = 30 * 24 * 3600
 # A replayed verdict's mark must outlive the longest a spooled segment may wait to be replayed
 # again after a crash between writing it and deleting it (the next start of any process).
 REPLAY_MARKER_TTL_S = 7 * 24 * 3600
+# A stream worker's verdict can be written again only while its copy is still pending (a worker
+# died before acknowledging it): an hour covers many claim periods, and keeps one short-lived
+# mark per verdict rather than a week's worth.
+WORKER_MARKER_TTL_S = 3600
 # Paired differences kept per population cell for the Wilcoxon test (the newest).
 POPULATION_PAIRS_MAX = 4096
 # The consumer group of the comparison workers on the copies stream.

@@ -24,15 +24,16 @@ from typing import Any, TypeVar
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from ..errors import StoreError
-from .keys import spool_full_stat
+from .keys import REPLAY_MARKER_TTL_S, WORKER_MARKER_TTL_S, spool_full_stat
 from .records import Encoded
 from .spool import Spool
 
 log = logging.getLogger("shadowproxy.store")
 T = TypeVar("T")
 
-Write = Callable[[list[Encoded], bool, Counter[str]], Awaitable[None]]
-"""Writes a batch to Redis (replayed or not, with extra counters); raises ``StoreError``."""
+Write = Callable[[list[Encoded], int, Counter[str]], Awaitable[None]]
+"""Writes a batch to Redis (with the replay marks' TTL, 0 for none, and extra counters); raises
+``StoreError``."""
 
 # Records replayed per script call, and how often the replay task looks: soon while verdicts
 # wait on disk, rarely otherwise (for segments another process left behind).
@@ -85,7 +86,7 @@ class Outbox:
         self.start()
         if not self.down:
             try:
-                await self._write(batch, replay=idempotent)
+                await self._write(batch, replay=WORKER_MARKER_TTL_S if idempotent else 0)
                 return Counter()
             except StoreError as exc:
                 log.warning("redis refused %d verdicts (%s): spooling to disk", len(batch), exc)
@@ -106,7 +107,7 @@ class Outbox:
             await self._replay_all()
         return not self.down and not await self._on_disk(self.spool.pending)
 
-    async def _write(self, batch: list[Encoded], *, replay: bool) -> None:
+    async def _write(self, batch: list[Encoded], *, replay: int) -> None:
         full = +self._unflushed_full
         await self._write_redis(
             batch, replay, Counter({spool_full_stat(c): n for c, n in full.items()})
@@ -144,7 +145,7 @@ class Outbox:
             try:
                 records = [Encoded.from_bytes(b) for b in await self._on_disk(spool.read, claimed)]
                 for i in range(0, len(records), _REPLAY_BATCH):
-                    await self._write(records[i : i + _REPLAY_BATCH], replay=True)
+                    await self._write(records[i : i + _REPLAY_BATCH], replay=REPLAY_MARKER_TTL_S)
             except BaseException:
                 await self._on_disk(spool.release, claimed)
                 raise

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -26,6 +26,7 @@ from comparators.population import Cell, CellStats, summary_rows
 from ..errors import StoreError
 from .connect import RedisClient
 from .keys import POPULATION_PAIRS_MAX, KeySchema
+from .store import wait_running
 
 # Commands per pipeline when reading a window back (a day of minutes for many cells).
 _READ_CHUNK = 2000
@@ -45,8 +46,10 @@ class PopulationStore:
         retention_min: int,
         *,
         clock: Callable[[], float] = time.time,
+        timeout_s: float = 5.0,
     ) -> None:
         self._r = client
+        self._timeout = timeout_s
         self._keys = keys
         self.retention_min = retention_min
         self._clock = clock
@@ -78,15 +81,24 @@ class PopulationStore:
         for cid, cell in new_cells.items():
             pipe.hsetnx(self._keys.population_cells, cid, cell.to_json())
         try:
-            await pipe.execute()
+            await self._bounded(pipe.execute())
         except (RedisError, OSError) as exc:
             raise StoreError(f"population statistics not stored: {exc}") from exc
         self._registered.update(new_cells)
 
+    async def _bounded(self, aw: Awaitable[Any]) -> Any:
+        """A Redis call within the time limit (counting only time this process could run): a
+        Redis that stops answering without closing the connection must not stop statistics, or
+        the comparisons waiting on them."""
+        try:
+            return await wait_running(aw, self._timeout)
+        except TimeoutError as exc:
+            raise StoreError("redis did not answer in time") from exc
+
     async def cells(self) -> dict[str, Cell]:
         try:
-            raw: dict[Any, Any] = await self._r.hgetall(  # type: ignore[misc]
-                self._keys.population_cells
+            raw: dict[Any, Any] = await self._bounded(
+                self._r.hgetall(self._keys.population_cells)  # type: ignore[arg-type]
             )
         except (RedisError, OSError) as exc:
             raise StoreError(f"population statistics unreadable: {exc}") from exc
@@ -113,11 +125,11 @@ class PopulationStore:
                 pipe = self._r.pipeline(transaction=False)
                 for cid, m in wanted[i : i + _READ_CHUNK]:
                     pipe.hgetall(self._keys.population_bucket(cid, m))
-                replies += await pipe.execute()
+                replies += await self._bounded(pipe.execute())
             pipe = self._r.pipeline(transaction=False)
             for cid in cells:
                 pipe.lrange(self._keys.population_pairs(cid), 0, -1)
-            pairs = await pipe.execute()
+            pairs = await self._bounded(pipe.execute())
         except (RedisError, OSError) as exc:
             raise StoreError(f"population statistics unreadable: {exc}") from exc
         # Summing is CPU work proportional to the window: off the event loop.

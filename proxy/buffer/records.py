@@ -292,8 +292,11 @@ class RecordWriter:
             settings.flagged_index_max,
         ]
 
-    async def write(self, records: Sequence[Encoded], *, replay: bool, extra: Counter[str]) -> None:
-        """Write a batch; redis-py's errors propagate, for the caller to bound and translate."""
+    async def write(self, records: Sequence[Encoded], *, replay: int, extra: Counter[str]) -> None:
+        """Write a batch; redis-py's errors propagate, for the caller to bound and translate.
+        ``replay``: 0 for a direct write, else the seconds a verdict's replay mark lives (a
+        spool replay: ``REPLAY_MARKER_TTL_S``; a stream worker's write, which can only be
+        repeated while its copy is pending: ``WORKER_MARKER_TTL_S``)."""
         if self._split:
             await self.write_samples([r for r in records if r.meta is not None])
         trimmed = await self._script(keys=self._index_keys, args=self.args(records, replay, extra))
@@ -317,12 +320,12 @@ class RecordWriter:
         await pipe.execute()
 
     def args(
-        self, records: Sequence[Encoded], replay: bool, extra: Counter[str]
+        self, records: Sequence[Encoded], replay: int, extra: Counter[str]
     ) -> list[bytes | str | int | float]:
         args: list[bytes | str | int | float] = [
             *self._fixed,
             "1" if replay else "0",
-            REPLAY_MARKER_TTL_S,
+            replay or REPLAY_MARKER_TTL_S,
             TRIM_SCAN_MAX,
             "1" if self._split else "0",
             len(extra),

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from ..errors import ConfigError, StoreError
 from ..settings import BufferSettings
 from .connect import RedisClient, redacted, redis_client
-from .keys import FIELD_LABEL, FIELD_META, FIELD_SUMMARY, KeySchema
+from .keys import FIELD_LABEL, FIELD_META, FIELD_SUMMARY, WORKER_MARKER_TTL_S, KeySchema
 from .outbox import Outbox
 from .records import Encoded, RecordWriter, encode
 from .spool import Spool
@@ -136,11 +136,11 @@ class SampleStore:
         spool, a failure raises ``StoreError``."""
         batch = [encode(meta, payloads, self._settings, self.keys) for meta, payloads in records]
         if self.outbox is None:
-            await self._write(batch, idempotent, Counter())
+            await self._write(batch, WORKER_MARKER_TTL_S if idempotent else 0, Counter())
             return Counter()
         return await self.outbox.send(batch, idempotent=idempotent)
 
-    async def _write(self, batch: list[Encoded], replay: bool, extra: Counter[str]) -> None:
+    async def _write(self, batch: list[Encoded], replay: int, extra: Counter[str]) -> None:
         await self._guard(self._writer.write(batch, replay=replay, extra=extra))
 
     async def flush(self) -> bool:

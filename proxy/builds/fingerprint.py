@@ -116,7 +116,8 @@ async def probe(
     the one that answered, when the answer said)."""
     facts: dict[str, Any] = {
         "upstream": upstream,
-        "url": url,
+        # Credentials in the URL authenticate the probes; the ledger keeps the URL without them.
+        "url": _without_userinfo(url),
         "model": model,
         "served": served,
         "model_map": dict(sorted(model_map.items())),
@@ -124,14 +125,9 @@ async def probe(
     }
     if openai:
         models = await _get_json(session, f"{url}/v1/models")
-        entry = next(
-            (
-                m
-                for m in (models or {}).get("data", [])
-                if isinstance(m, dict) and m.get("id") == served
-            ),
-            None,
-        )
+        data = models.get("data") if isinstance(models, dict) else None
+        listed = data if isinstance(data, list) else []
+        entry = next((m for m in listed if isinstance(m, dict) and m.get("id") == served), None)
         facts["openai_model"] = (
             {k: entry.get(k) for k in ("id", "root", "owned_by", "max_model_len")}
             if entry
@@ -147,9 +143,8 @@ async def probe(
             else None
         )
         meta = await _get_json(session, f"{url}/v2/models/{served}")
-        versions = (
-            [str(v) for v in (meta or {}).get("versions") or []] if isinstance(meta, dict) else []
-        )
+        loaded = meta.get("versions") if isinstance(meta, dict) else None
+        versions = [str(v) for v in loaded] if isinstance(loaded, list) else []
         facts["version"] = version or (max(versions, key=_version_key) if versions else None)
         facts["platform"] = meta.get("platform") if isinstance(meta, dict) else None
         path = f"{url}/v2/models/{served}"
@@ -161,9 +156,17 @@ async def probe(
         text = await _get_text(session, metrics_url)
         try:
             facts["gpus"] = gpus_from_metrics(text) if text is not None else None
-        except ValueError:
+        except (ValueError, OverflowError):  # not the exposition format; an infinite memory
             facts["gpus"] = None
     return facts
+
+
+def _without_userinfo(url: str) -> str:
+    head, sep, rest = url.partition("://")
+    host = rest.split("/", 1)[0]
+    if "@" not in host:
+        return url
+    return f"{head}{sep}{rest[len(host.rpartition('@')[0]) + 1 :]}"
 
 
 def _version_key(v: str) -> tuple[int, str]:

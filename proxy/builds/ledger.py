@@ -18,7 +18,10 @@ from redis.exceptions import RedisError
 
 from ..buffer.connect import RedisClient
 from ..buffer.keys import BUILD_EVENTS_MAX, BUILD_REPLAYS_MAX, KeySchema
+from ..buffer.store import wait_running
 from ..errors import StoreError
+
+RECORD_TIMEOUT_S = 5.0
 
 _RECORD = """
 local builds, current, events, build = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -70,21 +73,26 @@ class BuildLedger:
         k = self._keys
         upstream, model = str(facts.get("upstream", "")), str(facts.get("model", ""))
         try:
-            changed = await self._record(
-                keys=[k.builds, k.builds_current, k.builds_events, k.build(build_id)],
-                args=[
-                    build_id,
-                    f"{upstream}|{model}",
-                    repr(time.time() if now is None else now),
-                    json.dumps(facts, sort_keys=True),
-                    upstream,
-                    model,
-                    role,
-                    BUILD_EVENTS_MAX,
-                    "1" if serving else "0",
-                ],
+            # Bounded: every comparison waits on its builds, so a Redis that stops answering
+            # must cost a retry later, not the compare stage.
+            changed = await wait_running(
+                self._record(
+                    keys=[k.builds, k.builds_current, k.builds_events, k.build(build_id)],
+                    args=[
+                        build_id,
+                        f"{upstream}|{model}",
+                        repr(time.time() if now is None else now),
+                        json.dumps(facts, sort_keys=True),
+                        upstream,
+                        model,
+                        role,
+                        BUILD_EVENTS_MAX,
+                        "1" if serving else "0",
+                    ],
+                ),
+                RECORD_TIMEOUT_S,
             )
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, TimeoutError) as exc:
             raise StoreError(f"build {build_id} not recorded: {exc}") from exc
         return bool(changed)
 

@@ -342,8 +342,11 @@ class CanaryStore:
             pubsub = self._r.pubsub()
             async with pubsub:
                 await pubsub.subscribe(self._keys.canary_channel(self.rollout))
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
+                while True:
+                    # An explicit timeout: listen() would wait under the connection's socket
+                    # timeout (seconds, in the live process), fail, and drop the subscription.
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is None or message.get("type") != "message":
                         continue
                     try:
                         yield RolloutState.from_json(message["data"])

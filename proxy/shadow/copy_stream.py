@@ -42,8 +42,10 @@ log = logging.getLogger("shadowproxy.copy_stream")
 # Entries appended in one pipeline at most; the first waits this long for company.
 _BATCH_MAX = 64
 _BATCH_DELAY_S = 0.005
-# How often the stream's memory is read against ``buffer.copies_max_bytes``.
+# How often the stream's backlog and memory are read against their bounds.
 _MEMORY_CHECK_S = 1.0
+# Pipelines to Redis in flight at once: a slow Redis must not gather copies without bound.
+_WRITES_MAX = 4
 ENTRY_VERSION = b"1"
 
 Fields = dict[FieldT, EncodableT]
@@ -92,6 +94,7 @@ class CopyStream:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._full = False
+        self._writing = 0
         self._watch: asyncio.Task[None] | None = None
         self._waiting = 0
 
@@ -134,10 +137,17 @@ class CopyStream:
         if len(req.body) + len(ref.body) > self._settings.proxy.max_copy_bytes:
             self._count(names, "dropped_copy_too_large")
             return
-        if self._full:
+        if self._full or self._writing >= _WRITES_MAX:
+            # Workers behind (or Redis slow): dropped here and counted, never trimmed unseen.
             self._count(names, "dropped_stream_full")
             return
-        self._batch.append((names, entry_fields(req, ref, names, self._settings)))
+        try:
+            fields = entry_fields(req, ref, names, self._settings)
+        except (TypeError, ValueError):
+            # A header that is not text (bytes aiohttp kept as surrogates): orjson refuses it.
+            self._count(names, "dropped_unencodable")
+            return
+        self._batch.append((names, fields))
         if len(self._batch) >= _BATCH_MAX:
             self._flush()
         elif self._timer is None:
@@ -159,6 +169,7 @@ class CopyStream:
 
     async def _write(self, batch: list[tuple[list[str], Fields]]) -> None:
         maxlen = self._settings.buffer.copies_maxlen
+        self._writing += 1
         try:
             async with self._r.pipeline(transaction=False) as pipe:
                 for _, fields in batch:
@@ -169,15 +180,22 @@ class CopyStream:
             for names, _ in batch:
                 self._count(names, "dropped_redis_unreachable")
             return
+        finally:
+            self._writing -= 1
         for names, _ in batch:
             self._count(names, "streamed")
 
     async def _watch_memory(self) -> None:
         limit = self._settings.buffer.copies_max_bytes
+        maxlen = self._settings.buffer.copies_maxlen
         while True:
             try:
+                # Workers delete what they finished, so the stream's length is the backlog: at
+                # copies_maxlen new copies are dropped here (counted) before MAXLEN would trim
+                # copies no worker has read yet (lost unseen).
+                backlog = await self._r.xlen(self._key)
                 used = await self._r.memory_usage(self._key) or 0
-                self._full = used > limit
+                self._full = used > limit or backlog >= maxlen
             except (RedisError, OSError) as exc:
                 log.debug("copies stream memory not read: %s", exc)
             await asyncio.sleep(_MEMORY_CHECK_S)

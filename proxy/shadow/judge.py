@@ -158,7 +158,9 @@ class Judge:
         taken = self.population.take()
         local = self.noise.take_local()
         try:
-            await self._store.add(taken)
+            # Shielded: a shutdown that cancels the periodic flush mid-write must not lose what
+            # was taken (the write completes; close() then flushes what came after).
+            await asyncio.shield(self._store.add(taken))
         except StoreError:
             self.population.put_back(taken)
             self.noise.put_back_local(local)

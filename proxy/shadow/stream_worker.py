@@ -25,7 +25,9 @@ import os
 import signal
 import socket
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from aiohttp import web
@@ -36,7 +38,7 @@ from redis.exceptions import RedisError, ResponseError
 from ..buffer.connect import RedisClient
 from ..buffer.keys import COPIES_GROUP
 from ..protocols.model_config import ModelConfigs
-from ..protocols.v2_rest.routes import Route, RouteKind
+from ..protocols.v2_rest.routes import MIRRORED, Route, RouteKind, classify
 from ..settings import Settings
 from ..telemetry import Telemetry
 from .analysis import Exchange
@@ -71,7 +73,7 @@ def copy_of(fields: Mapping[Any, Any], seq: int) -> tuple[MirrorRequest, list[st
         raise BadEntry(f"unknown entry version {f.get('v')!r}")
     try:
         meta = orjson.loads(f["meta"])
-        kind, model, version, suffix = meta["route"]
+        route = _route(meta["route"])
         r = meta["ref"]
         ref = Exchange(
             str(r["upstream"]),
@@ -86,7 +88,7 @@ def copy_of(fields: Mapping[Any, Any], seq: int) -> tuple[MirrorRequest, list[st
         future: asyncio.Future[Exchange | None] = asyncio.get_running_loop().create_future()
         future.set_result(ref)
         req = MirrorRequest(
-            route=Route(RouteKind(kind), model, version, str(suffix)),
+            route=route,
             query=str(meta["query"]),
             headers=CIMultiDict((str(k), str(v)) for k, v in meta["headers"]),
             body=bytes(f["body"]),
@@ -102,8 +104,26 @@ def copy_of(fields: Mapping[Any, Any], seq: int) -> tuple[MirrorRequest, list[st
             canary=(str(c[0]), int(c[1]), int(c[2])) if (c := meta["canary"]) else None,
         )
         return req, [str(c) for c in meta["candidates"]]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (LookupError, TypeError, ValueError) as exc:
         raise BadEntry(f"malformed copy entry: {type(exc).__name__}: {exc}") from None
+
+
+def _route(raw: Any) -> Route:
+    """The route an entry names, only if it is one a live proxy mirrors, re-derived from its
+    path: an entry cannot make a worker send a candidate anything else (an admin route, with
+    the candidate's own credentials)."""
+    kind, model, version, suffix = raw
+    if not isinstance(suffix, str) or not all(isinstance(x, str | None) for x in (model, version)):
+        raise ValueError("the route's parts are not strings")
+    claimed = Route(RouteKind(kind), model, version, suffix)
+    if claimed.kind is RouteKind.OPENAI:
+        path = suffix
+    else:
+        at = f"/versions/{version}" if version else ""
+        path = f"/v2/models/{quote(model or '', safe='')}{at}{suffix}"
+    if claimed.kind not in MIRRORED or classify("POST", path) != claimed:
+        raise ValueError(f"not a mirrored route: {kind} {path[:200]!r}")
+    return claimed
 
 
 def sample_id(entry_id: str, candidate: str) -> str:
@@ -134,6 +154,7 @@ class StreamWorker:
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
         self._seq = 0
+        self._in_hand: set[str] = set()
         self.claimed = 0
         """Entries this worker took over from another (dead) worker."""
         self.compared = 0
@@ -153,6 +174,7 @@ class StreamWorker:
             try:
                 if loop.time() >= claim_at:
                     claim_at = loop.time() + CLAIM_EVERY_S
+                    await self._keep_mine()
                     await self._claim()
                 await self._read()
             except (RedisError, OSError) as exc:
@@ -170,6 +192,15 @@ class StreamWorker:
             for entry_id, fields in entries:
                 await self._start(_text(entry_id), fields)
 
+    async def _keep_mine(self) -> None:
+        """Reset the idle time of the entries still in hand (a slow LLM candidate can take
+        longer than the claim idle time): otherwise this or another worker would claim and
+        compare them again while they are being compared."""
+        if self._in_hand:
+            await self._r.xclaim(
+                self._stream, COPIES_GROUP, self.consumer, 0, list(self._in_hand), justid=True
+            )
+
     async def _claim(self) -> None:
         start = "0-0"
         idle_ms = int(self._settings.buffer.copies_claim_idle_s * 1000)
@@ -178,30 +209,41 @@ class StreamWorker:
                 self._stream, COPIES_GROUP, self.consumer, idle_ms, start_id=start, count=100
             )
             start, entries = _text(reply[0]), reply[1]
-            deleted = reply[2] if len(reply) > 2 else []
-            if deleted:
-                # Trimmed from the stream while pending: nothing left to compare.
-                log.warning(
-                    "%d pending copies were trimmed before a worker compared them", len(deleted)
-                )
-                self._tel.mirror("*", "dropped_stream_trimmed", len(deleted))
-                await self._r.xack(self._stream, COPIES_GROUP, *deleted)
+            # Trimmed from the stream while pending: Redis 7 lists them apart, Redis 6.2 returns
+            # them without fields. Nothing is left to compare; acknowledged and counted.
+            gone = [_text(i) for i in (reply[2] if len(reply) > 2 else [])]
+            gone += [_text(i) for i, fields in entries if fields is None]
+            if gone:
+                log.warning("%d pending copies were trimmed before they were compared", len(gone))
+                self._tel.mirror("*", "dropped_stream_trimmed", len(gone))
+                await self._forget(*gone)
             for entry_id, fields in entries:
-                if fields is None:
+                eid = _text(entry_id)
+                if fields is None or eid in self._in_hand:
                     continue
                 self.claimed += 1
-                await self._start(_text(entry_id), fields)
+                await self._start(eid, fields)
             if start == "0-0":
                 return
 
+    async def _forget(self, *entry_ids: str) -> None:
+        """Acknowledge and delete: the stream then holds only what no worker finished, so its
+        length is the backlog the producers bound (``copy_stream``)."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.xack(self._stream, COPIES_GROUP, *entry_ids)
+            pipe.xdel(self._stream, *entry_ids)
+            await pipe.execute()
+
     async def _start(self, entry_id: str, fields: Mapping[Any, Any]) -> None:
         await self._slots.acquire()
+        self._in_hand.add(entry_id)
         task = asyncio.get_running_loop().create_task(self._handle(entry_id, fields))
         self._tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(lambda t: self._done(t, entry_id))
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[None], entry_id: str) -> None:
         self._tasks.discard(task)
+        self._in_hand.discard(entry_id)
         self._slots.release()
 
     async def _handle(self, entry_id: str, fields: Mapping[Any, Any]) -> None:
@@ -211,14 +253,26 @@ class StreamWorker:
         except BadEntry as exc:
             log.warning("copies stream entry %s skipped: %s", entry_id, exc)
             self._tel.skipped("bad_stream_entry")
-            await self._r.xack(self._stream, COPIES_GROUP, entry_id)
+            await self._forget(entry_id)
             return
-        copy = QueuedCopy(req, len(req.body))
-        await asyncio.gather(*(self._one(entry_id, copy, name) for name in names))
-        # Acknowledged once its verdicts are written or spooled: a worker that dies before
-        # leaves the entry pending, for another to claim.
-        await self._comparer.written()
-        await self._r.xack(self._stream, COPIES_GROUP, entry_id)
+        try:
+            copy = QueuedCopy(req, len(req.body))
+            if req.route.kind is RouteKind.OPENAI and req.route.model is None:
+                # The model is in the body: read it here, as the mirror scheduler does, so the
+                # candidates' models and model_map apply (and the checks are made once).
+                facts = self._checks.inspect(copy)
+                req.route = replace(req.route, model=(facts.model if facts else None) or "")
+            await asyncio.gather(*(self._one(entry_id, copy, name) for name in names))
+            # Acknowledged once its verdicts are written or spooled: a worker that dies before
+            # leaves the entry pending, for another to claim.
+            await self._comparer.written()
+        except (RedisError, OSError):
+            raise  # Redis away: the entry stays pending, for this or another worker
+        except Exception:
+            # A copy no comparison can make sense of must not come back every claim period.
+            log.exception("copies stream entry %s could not be compared", entry_id)
+            self._tel.skipped("bad_stream_entry")
+        await self._forget(entry_id)
 
     async def _one(self, entry_id: str, copy: QueuedCopy, name: str) -> None:
         cand = self._cands.get(name)

@@ -155,3 +155,27 @@ def test_a_malformed_redis_url_is_named_without_its_password(tmp_path: Path) -> 
     assert done.returncode == 1
     assert "buffer.redis_url" in done.stderr and "service name" in done.stderr
     assert "hunter2" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://user:ab/cd-hunter2@h1,h2/",  # a base64 password with a slash
+        "redis://:ab/cd-hunter2@localhost:70000/0",
+        "redis+cluster://:hunter2?x@h1:notaport",
+    ],
+)
+def test_a_password_with_reserved_characters_never_reaches_the_message(
+    tmp_path: Path, url: str
+) -> None:
+    path = write(
+        tmp_path,
+        f"""
+        admin: {{token: {TOKEN}}}
+        reference: {{name: fp32, url: "http://127.0.0.1:1"}}
+        buffer: {{redis_url: "{url}"}}
+        """,
+    )
+    done = run_cli(path)
+    assert done.returncode == 1 and "buffer.redis_url" in done.stderr
+    assert "hunter2" not in done.stderr + done.stdout, done.stderr

@@ -20,7 +20,7 @@ import redis
 from redis.asyncio.cluster import RedisCluster
 
 from proxy.buffer.connect import parse_deployment, redacted, redis_client
-from proxy.buffer.keys import KeySchema
+from proxy.buffer.keys import REPLAY_MARKER_TTL_S, KeySchema
 from proxy.buffer.records import RecordWriter, encode
 from proxy.buffer.store import SampleStore
 from proxy.canary.state import CanaryStore, Change, Decision, RolloutState, add_evidence
@@ -85,7 +85,7 @@ async def test_a_replayed_or_half_written_batch_is_stored_once(store: SampleStor
         # counted: the replay completes them.
         await writer.write_samples([r for r in batch if r.meta is not None])
     for _ in range(2):
-        await writer.write(batch, replay=True, extra=Counter())
+        await writer.write(batch, replay=REPLAY_MARKER_TTL_S, extra=Counter())
     assert len(await store.list_samples(flagged=True)) == 1
     assert len(await store.list_samples(flagged=False)) == 2
     assert await store.stats() == {"c|compared": 2}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -83,12 +84,13 @@ async def _proxy_and_worker(
     proxy_factory: Callable[..., Any],
     worker: Callable[..., Any],
     redis_url: str,
-) -> tuple[Any, web.Application, Any]:
-    """A live proxy in ``compare: redis`` mode, one worker, and the drifting candidate."""
+) -> tuple[Any, Callable[[], Any], Any]:
+    """A live proxy in ``compare: redis`` mode, a way to start its worker, and the drifting
+    candidate."""
     ref, cand = await fake(), await fake(drift=0.5)
     settings = _settings(ref.url, cand.url, redis_url)
     proxy = await proxy_factory(settings)
-    return proxy, await worker(settings), cand
+    return proxy, lambda: worker(settings), cand
 
 
 async def test_copies_carry_the_candidates_own_credentials_never_the_clients(
@@ -97,17 +99,20 @@ async def test_copies_carry_the_candidates_own_credentials_never_the_clients(
     worker: Callable[..., Any],
     redis_url: str,
 ) -> None:
-    proxy, _, cand = await _proxy_and_worker(fake, proxy_factory, worker, redis_url)
+    proxy, start_worker, cand = await _proxy_and_worker(fake, proxy_factory, worker, redis_url)
     await _infer(proxy.data_port, 1, auth="Bearer client-secret-0123456789")
     r = aioredis.Redis.from_url(redis_url)
     try:
+        # The stream entry holds no credentials (read before a worker takes and deletes it).
+        entries = await _eventually(lambda: r.xrange(KEYS.copies), "the copy appended")
+        assert len(entries) == 1 and b"client-secret" not in repr(entries).encode()
+        await start_worker()
         flagged = await _eventually(
             lambda: proxy.store.list_samples(flagged=True), "the worker's flagged sample"
         )
         assert cand.behaviour.seen_headers[0]["Authorization"] == "Bearer cand-secret-0123456789"
-        # The stream entry held no credentials; the stored sample holds neither secret.
-        entries = await r.xrange(KEYS.copies)
-        assert len(entries) == 1 and b"client-secret" not in repr(entries).encode()
+        # Compared, stored, acknowledged and deleted: the stream holds only the backlog.
+        assert await r.xlen(KEYS.copies) == 0
         sample = await proxy.store.get_sample(flagged[0]["id"])
         assert sample is not None and sample["request_id"] == "r1"
         stored = repr(sample).encode()
@@ -124,17 +129,41 @@ async def test_a_garbage_entry_is_skipped_counted_and_acknowledged(
     worker: Callable[..., Any],
     redis_url: str,
 ) -> None:
-    proxy, app, _ = await _proxy_and_worker(fake, proxy_factory, worker, redis_url)
+    proxy, start_worker, _ = await _proxy_and_worker(fake, proxy_factory, worker, redis_url)
+    app = await start_worker()
     r = aioredis.Redis.from_url(redis_url)
     try:
         # Anyone with write access to Redis could add this: it is never unpickled or trusted.
         await r.xadd(KEYS.copies, {"v": b"1", "meta": b"\x80\x04garbage", "body": b""})
         await r.xadd(KEYS.copies, {"v": b"9"})
+        # Well-formed, but naming a route no live proxy mirrors: a worker must never send a
+        # candidate (with its own credentials) an admin call because an entry says so.
+        meta = {
+            "route": ["openai", None, None, "/v2/repository/models/x/unload"],
+            "query": "",
+            "headers": [],
+            "received_at": 0.0,
+            "candidates": ["c"],
+            "served_by": None,
+            "canary": None,
+            "span": None,
+            "ref": {
+                "upstream": "ref",
+                "status": 200,
+                "headers": [],
+                "latency_s": 0.01,
+                "timeline": [],
+                "complete": True,
+            },
+        }
+        await r.xadd(
+            KEYS.copies, {"v": b"1", "meta": json.dumps(meta), "body": b"{}", "ref_body": b"{}"}
+        )
         await _infer(proxy.data_port, 2)
         await _eventually(lambda: proxy.store.list_samples(flagged=True), "the real copy")
         tally = app[TELEMETRY].tally
         await _eventually(
-            lambda: tally[("*", "skipped:bad_stream_entry")] == 2, "both entries counted"
+            lambda: tally[("*", "skipped:bad_stream_entry")] == 3, "all three entries counted"
         )
         await _eventually(lambda: _pending(r, 0), "every entry acknowledged")
     finally:
