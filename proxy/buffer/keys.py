@@ -79,10 +79,13 @@ they mark placeholders):
 ``<ns>:copies``              STREAM  sampled copies for the comparison workers
                                      (``proxy.compare: redis``): one entry per copy (request,
                                      redacted headers, the reference's answer and timing, canary
-                                     tag), bounded by ``buffer.copies_maxlen`` entries (approximate
-                                     trimming) and ``proxy.max_copy_bytes`` per entry. Consumer
-                                     group ``COPIES_GROUP``; a dead worker's pending entries are
-                                     claimed by the others (XAUTOCLAIM).
+                                     tag), at most ``proxy.max_copy_bytes`` each. Workers
+                                     acknowledge and delete what they finished, so its length is
+                                     the backlog: producers stop adding (and count the drops) at
+                                     ``buffer.copies_maxlen`` entries or
+                                     ``buffer.copies_max_bytes``; MAXLEN trimming is the last
+                                     resort. Consumer group ``COPIES_GROUP``; a dead worker's
+                                     pending entries are claimed by the others (XAUTOCLAIM).
 
 ``<ns>:builds:{ledger}``     ZSET    every build id, scored by when it was first seen.
 ``<ns>:builds:{ledger}:current``
