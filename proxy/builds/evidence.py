@@ -112,17 +112,26 @@ class BuildsView:
         return sorted(rows, key=lambda r: (r["model"], r["first_seen"]))
 
     async def show(self, build_id: str) -> dict[str, Any] | None:
+        return await self._show(build_id, await self._cells(), full=True)
+
+    async def _show(
+        self, build_id: str, cells: Mapping[Cell, CellStats], *, full: bool
+    ) -> dict[str, Any] | None:
+        """A build's detail from statistics already read; ``full``: with its labels and canary
+        attempts too (a diff shows neither, and reading every flagged sample twice for it was
+        the most expensive part)."""
         build = await self.ledger.get(build_id)
         if build is None:
             return None
-        cells = await self._cells()
         row = _brief(build, await self.ledger.current())
         row["facts"] = build["facts"]
         is_candidate = build["role"] == "candidate"
         row["evidence"] = _evidence(_copies(cells, build_id)) if is_candidate else None
         row["outputs"] = summary_rows({c: s for c, s in cells.items() if c.build == build_id})
-        row["labels"] = await self._labels(build_id)
         row["replays"] = await self.ledger.replays(build_id)
+        if not full:
+            return row
+        row["labels"] = await self._labels(build_id)
         row["timeline"] = [
             e
             for e in await self.ledger.events()
@@ -163,11 +172,13 @@ class BuildsView:
         return dict(labels)
 
     async def diff(self, a: str, b: str) -> dict[str, Any]:
-        """``a`` and ``b`` side by side; ``a`` is the baseline."""
-        left, right = await self.show(a), await self.show(b)
+        """``a`` and ``b`` side by side; ``a`` is the baseline. The statistics window is read
+        once for both builds and their tests."""
+        cells = await self._cells()
+        left = await self._show(a, cells, full=False)
+        right = await self._show(b, cells, full=False)
         if left is None or right is None:
             raise KeyError(a if left is None else b)
-        cells = await self._cells()
         ca, cb = _copies(cells, a), _copies(cells, b)
         return {
             "a": {k: left[k] for k in ("id", "upstream", "model", "version", "hardware")},
