@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +70,7 @@ from .reload import ReloadPlan, SettingsRef, plan_reload
 from .review import admin
 from .review.admin_tls import admin_ssl_context
 from .review.admin_worker import ADMIN_WORKER, AdminWorker
+from .review.auth import Authenticator
 from .settings import Settings
 from .shadow.compare_link import CompareLink
 from .shadow.compare_stage import Comparer, LocalCompareSink
@@ -157,6 +157,7 @@ async def _stream_worker_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await worker.ensure_group()
     app[WORKER] = worker
+    app[admin.AUTH] = Authenticator(lambda: settings.admin, store.redis, store.keys)
     task = asyncio.get_running_loop().create_task(worker.run())
     yield
     # Teardown drains this first: the comparer, store and sessions it uses close after it.
@@ -177,12 +178,11 @@ async def _worker_ready(request: web.Request) -> web.Response:
 
 async def _worker_metrics(request: web.Request) -> web.Response:
     """Any admin-plane token reads metrics (``admin.token`` or a user's of any role, as the
-    proxies' admin plane lets a viewer)."""
-    admin = request.app[SETTINGS].admin
-    tokens = [t for t in (admin.token, *(u.token for u in admin.users)) if t is not None]
-    given = request.headers.get("Authorization", "").encode()
-    if tokens and not any(
-        hmac.compare_digest(given, f"Bearer {t.get_secret_value()}".encode()) for t in tokens
+    proxies' admin plane lets a viewer), checked by the admin plane's own authenticator."""
+    plane = request.app[SETTINGS].admin
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if (plane.token is not None or plane.users) and (
+        scheme != "Bearer" or request.app[admin.AUTH].principal_for_token(token) is None
     ):
         return web.json_response({"error": "an admin-plane bearer token is required"}, status=401)
     body = request.app[TELEMETRY].prometheus_text()
